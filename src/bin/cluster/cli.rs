@@ -1,0 +1,117 @@
+//! Command-line parsing in two stages: raw flags (clap), then a validated
+//! configuration.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Run N copies of a server program behind listening sockets that this
+/// watcher owns; respawn them when they crash, stop them gracefully.
+///
+/// Signals: TERM, INT and QUIT stop gracefully (a second one kills the
+/// workers). The program finds the watcher through the `cluster` crate's
+/// `Cluster::server_socket_factory()`; any other program runs too, it just
+/// binds its own sockets.
+#[derive(Debug, Parser)]
+#[command(
+    name = "cluster",
+    version,
+    about,
+    after_help = "Put `--` before program arguments that look like cluster options:\n  cluster --workers 4 -- ./my-server --port 8080"
+)]
+pub struct Args {
+    /// Number of workers [default: the number of CPUs available]
+    #[arg(short = 'w', long, value_name = "N", value_parser = parse_workers)]
+    pub workers: Option<usize>,
+
+    /// Write the watcher's pid to FILE (locked while running, removed on exit)
+    #[arg(short = 'p', long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+
+    /// Seconds a worker has to exit when asked to stop before it is killed
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
+    pub shutdown_timeout: Duration,
+
+    /// listen(2) backlog of the sockets the watcher binds
+    #[arg(long, value_name = "N", default_value_t = cluster::DEFAULT_BACKLOG, value_parser = parse_backlog)]
+    pub backlog: u32,
+
+    /// Log level or filter for the watcher's log (error, warn, info, debug,
+    /// trace, or RUST_LOG-style directives) [default: $RUST_LOG, else info]
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// The program to run as each worker, and its arguments
+    #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
+    pub command: Vec<OsString>,
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of workers"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    if n > 4096 {
+        return Err("at most 4096 workers".into());
+    }
+    Ok(n)
+}
+
+fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || secs < 0.0 || secs > 86_400.0 {
+        return Err("must be between 0 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_backlog(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Args, clap::Error> {
+        Args::try_parse_from(std::iter::once("cluster").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn program_arguments_that_look_like_options_go_to_the_program() {
+        let a = parse(&["-w", "2", "./srv", "--port", "80"]).unwrap();
+        assert_eq!(a.workers, Some(2));
+        assert_eq!(a.command, ["./srv", "--port", "80"]);
+        let a = parse(&["--", "./srv", "-w", "3"]).unwrap();
+        assert_eq!(a.workers, None);
+        assert_eq!(a.command, ["./srv", "-w", "3"]);
+    }
+
+    #[test]
+    fn bad_input_is_refused() {
+        assert!(parse(&["--workers", "0", "./srv"]).is_err());
+        assert!(parse(&["--workers", "x", "./srv"]).is_err());
+        assert!(parse(&["--bogus", "./srv"]).is_err());
+        assert!(parse(&["--shutdown-timeout", "-1", "./srv"]).is_err());
+        assert!(parse(&["--backlog", "0", "./srv"]).is_err());
+        assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn defaults() {
+        let a = parse(&["./srv"]).unwrap();
+        assert_eq!(a.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!(a.backlog, cluster::DEFAULT_BACKLOG);
+        assert_eq!(a.pid_file, None);
+    }
+}

@@ -1,0 +1,90 @@
+//! The `cluster` command: parses the command line, sets up logging, and
+//! runs a [`cluster::ClusterWatcher`] until it stops.
+//!
+//! Exit status: 0 after a graceful stop, 1 when the watcher fails (or a
+//! second stop signal forced it), 2 for a usage error.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tracing_subscriber::EnvFilter;
+
+use cluster::{ClusterWatcher, Stopped};
+
+fn main() -> ExitCode {
+    let args = match cli::Args::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            use clap::error::ErrorKind;
+            if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            let rendered = e.render().to_string();
+            let line = rendered.lines().next().unwrap_or("invalid arguments");
+            let line = line.strip_prefix("error: ").unwrap_or(line);
+            eprintln!("cluster: error: {line} (see 'cluster --help')");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = match args.log_level.as_deref() {
+        Some(level) => EnvFilter::try_new(level),
+        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+    };
+    let filter = match filter {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("cluster: error: invalid --log-level: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let mut command = std::process::Command::new(&args.command[0]);
+    command.args(&args.command[1..]);
+    let mut builder = ClusterWatcher::builder(command)
+        .shutdown_timeout(args.shutdown_timeout)
+        .backlog(args.backlog);
+    if let Some(n) = args.workers {
+        builder = builder.workers(n);
+    }
+    if let Some(path) = &args.pid_file {
+        builder = builder.pid_file(path);
+    }
+    let watcher = match builder.build() {
+        Ok(w) => w,
+        Err(e) => return fail(&e),
+    };
+    // A current-thread runtime: the workers are forked from this thread,
+    // which lives as long as they do (PR_SET_PDEATHSIG follows the thread).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cluster: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(watcher.run()) {
+        Ok(Stopped::Graceful) => ExitCode::SUCCESS,
+        Ok(_) => {
+            eprintln!("cluster: workers were killed (forced stop)");
+            ExitCode::FAILURE
+        }
+        Err(e) => fail(&e),
+    }
+}
+
+fn fail(e: &cluster::Error) -> ExitCode {
+    eprintln!("cluster: error: {e}");
+    ExitCode::FAILURE
+}

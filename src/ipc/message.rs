@@ -1,0 +1,202 @@
+//! The wire protocol between the watcher and its workers.
+//!
+//! Two `#[non_exhaustive]` enums, one per direction, encoded with postcard;
+//! one message per `SOCK_SEQPACKET` datagram, file descriptors attached to
+//! the datagram that needs them. The protocol is private to the crate: it
+//! may change between versions, which is why both sides say [`VERSION`]
+//! first and refuse a peer that speaks another.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+
+/// Protocol version, sent in both `Hello` messages.
+pub(crate) const VERSION: u32 = 1;
+
+/// Largest encoded message, in bytes. A datagram longer than this is a
+/// protocol error on the receiving side and is refused on the sending side.
+pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Most file descriptors one message may carry.
+pub(crate) const MAX_FDS: usize = 4;
+
+/// Watcher to worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub(crate) enum ToWorker {
+    /// First message on every channel.
+    Hello {
+        version: u32,
+        context_id: u64,
+        slot: u32,
+    },
+    /// Answer to `SocketRequest { id }`; on `Ok` one listening socket is attached.
+    SocketReply { id: u64, result: Result<(), String> },
+    /// Stop gracefully; the watcher escalates after `deadline_ms`.
+    Stop { deadline_ms: u64 },
+    /// Heartbeat; answered with `Pong` by the worker's runtime.
+    Ping { seq: u64 },
+    /// A user message (postcard bytes, typed at the API edge).
+    Data(Vec<u8>),
+}
+
+/// Worker to watcher.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub(crate) enum ToWatcher {
+    /// First message on every channel.
+    Hello { version: u32, pid: u32 },
+    /// The worker is ready to serve.
+    Ready,
+    /// Please hand me the listening socket for `addr`.
+    SocketRequest { id: u64, addr: String },
+    /// Answer to `Ping { seq }`.
+    Pong { seq: u64 },
+    /// A user message (postcard bytes, typed at the API edge).
+    Data(Vec<u8>),
+}
+
+/// Why a datagram could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum DecodeError {
+    /// Not a valid encoding of the message type.
+    Malformed(String),
+    /// A valid message followed by extra bytes.
+    TrailingBytes(usize),
+}
+
+impl std::fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DecodeError::Malformed(e) => write!(f, "malformed message: {e}"),
+            DecodeError::TrailingBytes(n) => write!(f, "malformed message: {n} trailing bytes"),
+        }
+    }
+}
+
+/// Encodes `msg`, refusing anything over [`MAX_MESSAGE`].
+pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
+    let bytes = postcard::to_stdvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
+    if bytes.len() > MAX_MESSAGE {
+        return Err(EncodeError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Why a message could not be encoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum EncodeError {
+    Serialize(String),
+    TooLarge(usize),
+}
+
+impl std::fmt::Display for EncodeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EncodeError::Serialize(e) => write!(f, "cannot encode message: {e}"),
+            EncodeError::TooLarge(n) => write!(
+                f,
+                "message of {n} bytes exceeds the limit of {MAX_MESSAGE} bytes"
+            ),
+        }
+    }
+}
+
+/// Decodes one whole datagram. Never panics, whatever the bytes.
+pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    let (msg, rest) =
+        postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(DecodeError::TrailingBytes(rest.len()));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn round_trip_every_variant() {
+        let to_worker = [
+            ToWorker::Hello {
+                version: VERSION,
+                context_id: 7,
+                slot: 3,
+            },
+            ToWorker::SocketReply {
+                id: 1,
+                result: Err("in use".into()),
+            },
+            ToWorker::SocketReply {
+                id: 2,
+                result: Ok(()),
+            },
+            ToWorker::Stop { deadline_ms: 5000 },
+            ToWorker::Ping { seq: 9 },
+            ToWorker::Data(vec![1, 2, 3]),
+        ];
+        for m in to_worker {
+            assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
+        }
+        let to_watcher = [
+            ToWatcher::Hello {
+                version: VERSION,
+                pid: 42,
+            },
+            ToWatcher::Ready,
+            ToWatcher::SocketRequest {
+                id: 5,
+                addr: "127.0.0.1:80".into(),
+            },
+            ToWatcher::Pong { seq: 9 },
+            ToWatcher::Data(vec![]),
+        ];
+        for m in to_watcher {
+            assert_eq!(decode::<ToWatcher>(&encode(&m).unwrap()).unwrap(), m);
+        }
+    }
+
+    #[test]
+    fn oversize_is_refused_on_encode() {
+        let big = ToWatcher::Data(vec![0; MAX_MESSAGE]);
+        assert!(matches!(encode(&big), Err(EncodeError::TooLarge(_))));
+    }
+
+    #[test]
+    fn trailing_bytes_are_an_error() {
+        let mut bytes = encode(&ToWatcher::Ready).unwrap();
+        bytes.push(0);
+        assert_eq!(
+            decode::<ToWatcher>(&bytes),
+            Err(DecodeError::TrailingBytes(1))
+        );
+    }
+
+    #[test]
+    fn empty_datagram_is_an_error() {
+        assert!(decode::<ToWatcher>(&[]).is_err());
+        assert!(decode::<ToWorker>(&[]).is_err());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(20_000))]
+
+        /// Arbitrary bytes from a peer never panic the decoder.
+        #[test]
+        fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode::<ToWatcher>(&bytes);
+            let _ = decode::<ToWorker>(&bytes);
+        }
+
+        /// Mutating one byte of a valid message never panics either.
+        #[test]
+        fn decoder_never_panics_on_mutated_messages(
+            addr in ".{0,64}", id in any::<u64>(), pos in any::<usize>(), byte in any::<u8>()
+        ) {
+            let mut bytes = encode(&ToWatcher::SocketRequest { id, addr }).unwrap();
+            let i = pos % bytes.len();
+            bytes[i] = byte;
+            let _ = decode::<ToWatcher>(&bytes);
+        }
+    }
+}

@@ -1,0 +1,118 @@
+//! # cluster
+//!
+//! A pre-fork server and worker-cluster framework. A **watcher** process
+//! owns every listening socket and runs N copies of your server (the
+//! **workers**), respawning them when they crash and stopping them
+//! gracefully; the workers get their listening sockets from the watcher over
+//! a Unix socketpair, so they all share one accept queue that survives any
+//! worker's restart.
+//!
+//! Run any program under the `cluster` binary:
+//!
+//! ```text
+//! cluster --workers 4 --pid-file x.pid ./my-server 127.0.0.1:8080
+//! ```
+//!
+//! ## In a worker
+//!
+//! ```no_run
+//! use cluster::Cluster;
+//!
+//! #[tokio::main]
+//! async fn main() -> Result<(), cluster::Error> {
+//!     // From the watcher in a worker; bound here when run standalone.
+//!     let listener = Cluster::server_socket_factory().listen("127.0.0.1:8080").await?;
+//!     let server = tokio::spawn(async move {
+//!         while let Ok((stream, _peer)) = listener.accept().await {
+//!             // hand `stream` to hyper, axum, or your protocol
+//! #           drop(stream);
+//!         }
+//!     });
+//!     // Ready: now wait until the watcher (or a signal) says stop.
+//!     Cluster::await_termination().await;
+//!     server.abort();
+//!     Ok(())
+//! }
+//! ```
+//!
+//! * [`Cluster`]: `is_worker`, `context_id`, `slot`, `server_socket_factory`,
+//!   `ready`, `await_termination`.
+//! * [`Listener`] / [`Stream`]: what `listen` returns and `accept` yields;
+//!   `Listener::into_tcp` gives the tokio `TcpListener` (for `axum::serve`).
+//!
+//! ## Watching from code
+//!
+//! [`ClusterWatcher`] is the supervisor the CLI runs, with a builder,
+//! `start`, `stop`, `wait` and `workers`.
+//!
+//! ## Errors
+//!
+//! Every fallible call returns [`Error`], inspected with `is_*` predicates.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
+
+mod error;
+mod ipc;
+mod pidfile;
+mod signal;
+mod socket;
+mod sys;
+mod watcher;
+mod worker;
+
+pub use error::{Error, Result};
+pub use socket::{Listener, PeerAddr, Stream, DEFAULT_BACKLOG};
+pub use watcher::{ClusterWatcher, ClusterWatcherBuilder, Stopped, WorkerInfo, WorkerState};
+pub use worker::{Cluster, ServerSocketFactory};
+
+/// Internals exposed for the benchmarks in `benches/`; not a stable API.
+#[doc(hidden)]
+pub mod __bench {
+    use std::os::fd::{BorrowedFd, OwnedFd};
+
+    use crate::ipc::message::{ToWatcher, ToWorker};
+    use crate::ipc::Channel;
+
+    /// Both ends of one IPC socketpair, as the watcher and a worker hold them.
+    pub struct Pair {
+        watcher: Channel,
+        worker: Channel,
+        buf: Vec<u8>,
+    }
+
+    impl Pair {
+        /// A new pair; call within a tokio runtime.
+        pub fn new() -> std::io::Result<Pair> {
+            let (a, b) = crate::ipc::pair()?;
+            Ok(Pair {
+                watcher: Channel::new(a)?,
+                worker: Channel::new(b)?,
+                buf: Vec::new(),
+            })
+        }
+
+        /// Worker asks, watcher answers: one request/response round trip.
+        pub async fn round_trip(&mut self) {
+            let ping = ToWorker::Ping { seq: 1 };
+            self.watcher.send(&ping, &[]).await.expect("send");
+            let (_m, _): (ToWorker, _) = self.worker.recv(&mut self.buf).await.expect("recv");
+            self.worker
+                .send(&ToWatcher::Pong { seq: 1 }, &[])
+                .await
+                .expect("send");
+            let (_m, _): (ToWatcher, _) = self.watcher.recv(&mut self.buf).await.expect("recv");
+        }
+
+        /// Passes `fd` with a small payload from watcher to worker.
+        pub async fn pass_fd(&mut self, fd: BorrowedFd<'_>) -> OwnedFd {
+            let reply = ToWorker::SocketReply {
+                id: 1,
+                result: Ok(()),
+            };
+            self.watcher.send(&reply, &[fd]).await.expect("send");
+            let (_m, mut fds): (ToWorker, _) = self.worker.recv(&mut self.buf).await.expect("recv");
+            fds.pop().expect("one descriptor")
+        }
+    }
+}

@@ -1,0 +1,350 @@
+//! Listening addresses, binding with socket2, and the listener and stream
+//! types that workers serve from.
+
+use std::fmt;
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use socket2::{Domain, SockAddr, Socket, Type};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+
+use crate::error::{Error, Kind, Result};
+
+/// Default `listen(2)` backlog. std and mio hard-code 128, which overflows
+/// under a burst of connections while every worker is busy or restarting.
+pub const DEFAULT_BACKLOG: u32 = 2048;
+
+/// A parsed listening address.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum Address {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for Address {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Address::Tcp(a) => write!(f, "{a}"),
+            Address::Unix(p) => write!(f, "unix://{}", p.display()),
+        }
+    }
+}
+
+impl Address {
+    /// Parses `host:port`, `tcp://host:port`, `:port` (all interfaces) or
+    /// `unix:///absolute/path` (also `unix:relative/path`).
+    pub(crate) fn parse(s: &str) -> Result<Address> {
+        let invalid = |why: &str| {
+            Error::new(
+                Kind::InvalidAddress,
+                format!("invalid address {s:?}: {why}"),
+            )
+        };
+        if let Some(path) = s
+            .strip_prefix("unix://")
+            .or_else(|| s.strip_prefix("unix:"))
+        {
+            if path.is_empty() {
+                return Err(invalid("empty socket path"));
+            }
+            return Ok(Address::Unix(PathBuf::from(path)));
+        }
+        let hostport = s.strip_prefix("tcp://").unwrap_or(s);
+        if hostport.contains("://") {
+            return Err(invalid("unknown scheme (expected tcp:// or unix://)"));
+        }
+        if let Ok(addr) = hostport.parse::<SocketAddr>() {
+            return Ok(Address::Tcp(addr));
+        }
+        let hostport = if hostport.starts_with(':') {
+            format!("0.0.0.0{hostport}")
+        } else {
+            hostport.to_string()
+        };
+        let (_, port) = hostport
+            .rsplit_once(':')
+            .ok_or_else(|| invalid("expected host:port"))?;
+        port.parse::<u16>().map_err(|_| invalid("bad port"))?;
+        let mut addrs = hostport.to_socket_addrs().map_err(|e| {
+            Error::with_io(Kind::InvalidAddress, format!("cannot resolve {s:?}"), e)
+        })?;
+        addrs
+            .next()
+            .map(Address::Tcp)
+            .ok_or_else(|| invalid("host resolves to no address"))
+    }
+
+    /// Binds and listens, non-blocking and close-on-exec.
+    pub(crate) fn bind(&self, backlog: u32) -> Result<OwnedFd> {
+        let backlog = backlog.min(i32::MAX as u32) as i32;
+        let bind_err =
+            |e: io::Error| Error::with_io(Kind::Bind, format!("cannot listen on {self}"), e);
+        match self {
+            Address::Tcp(addr) => {
+                let socket = Socket::new(Domain::for_address(*addr), Type::STREAM, None)
+                    .map_err(bind_err)?;
+                socket.set_reuse_address(true).map_err(bind_err)?;
+                socket.set_nonblocking(true).map_err(bind_err)?;
+                socket.bind(&SockAddr::from(*addr)).map_err(bind_err)?;
+                socket.listen(backlog).map_err(bind_err)?;
+                Ok(socket.into())
+            }
+            Address::Unix(path) => {
+                remove_stale_unix_socket(path).map_err(bind_err)?;
+                let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(bind_err)?;
+                socket.set_nonblocking(true).map_err(bind_err)?;
+                socket
+                    .bind(&SockAddr::unix(path).map_err(bind_err)?)
+                    .map_err(bind_err)?;
+                socket.listen(backlog).map_err(bind_err)?;
+                Ok(socket.into())
+            }
+        }
+    }
+
+    /// Turns a listening descriptor for this address into a [`Listener`].
+    /// Must be called within a tokio runtime.
+    pub(crate) fn listener_from_fd(&self, fd: OwnedFd) -> io::Result<Listener> {
+        match self {
+            Address::Tcp(_) => {
+                let std = std::net::TcpListener::from(fd);
+                // tokio requires non-blocking descriptors (a debug build panics otherwise).
+                std.set_nonblocking(true)?;
+                Ok(Listener::Tcp(TcpListener::from_std(std)?))
+            }
+            Address::Unix(_) => {
+                let std = std::os::unix::net::UnixListener::from(fd);
+                std.set_nonblocking(true)?;
+                Ok(Listener::Unix(UnixListener::from_std(std)?))
+            }
+        }
+    }
+}
+
+/// Removes a Unix socket file left behind by a dead process. Refuses to
+/// touch a socket someone still listens on, or a file that is not a socket.
+fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::FileTypeExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e),
+    };
+    if !meta.file_type().is_socket() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "path exists and is not a socket",
+        ));
+    }
+    match std::os::unix::net::UnixStream::connect(path) {
+        Ok(_) => Err(io::Error::from(io::ErrorKind::AddrInUse)),
+        Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => std::fs::remove_file(path),
+        Err(e) => Err(e),
+    }
+}
+
+/// A listening socket handed out by [`ServerSocketFactory::listen`](crate::ServerSocketFactory::listen).
+///
+/// Serve from it directly (`accept` yields a [`Stream`] that implements
+/// tokio's `AsyncRead` and `AsyncWrite`, so `hyper_util::rt::TokioIo::new`
+/// wraps it), or take the tokio listener out of it with
+/// [`into_tcp`](Listener::into_tcp) / [`into_unix`](Listener::into_unix),
+/// for example for `axum::serve`.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Listener {
+    /// A TCP listener (`host:port`, `tcp://host:port`).
+    Tcp(TcpListener),
+    /// A Unix stream listener (`unix:///path`).
+    Unix(UnixListener),
+}
+
+/// The peer address of an accepted [`Stream`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PeerAddr {
+    /// A TCP peer.
+    Tcp(SocketAddr),
+    /// A Unix peer (usually unnamed).
+    Unix(tokio::net::unix::SocketAddr),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
+        match self {
+            Listener::Tcp(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Stream::Tcp(s), PeerAddr::Tcp(a)))
+            }
+            Listener::Unix(l) => {
+                let (s, a) = l.accept().await?;
+                Ok((Stream::Unix(s), PeerAddr::Unix(a)))
+            }
+        }
+    }
+
+    /// The local TCP address, if this is a TCP listener.
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
+    }
+
+    /// The tokio `TcpListener`, or `Err(self)` if this is not TCP.
+    pub fn into_tcp(self) -> std::result::Result<TcpListener, Listener> {
+        match self {
+            Listener::Tcp(l) => Ok(l),
+            other => Err(other),
+        }
+    }
+
+    /// The tokio `UnixListener`, or `Err(self)` if this is not a Unix socket.
+    pub fn into_unix(self) -> std::result::Result<UnixListener, Listener> {
+        match self {
+            Listener::Unix(l) => Ok(l),
+            other => Err(other),
+        }
+    }
+}
+
+/// A connection accepted from a [`Listener`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Stream {
+    /// A TCP connection.
+    Tcp(TcpStream),
+    /// A Unix stream connection.
+    Unix(UnixStream),
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Tcp(s) => s.is_write_vectored(),
+            Stream::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
+            Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_address_forms() {
+        assert_eq!(
+            Address::parse("127.0.0.1:80").unwrap(),
+            Address::Tcp("127.0.0.1:80".parse().unwrap())
+        );
+        assert_eq!(
+            Address::parse("tcp://[::1]:8080").unwrap(),
+            Address::Tcp("[::1]:8080".parse().unwrap())
+        );
+        assert_eq!(
+            Address::parse(":9000").unwrap(),
+            Address::Tcp("0.0.0.0:9000".parse().unwrap())
+        );
+        assert_eq!(
+            Address::parse("unix:///tmp/x.sock").unwrap(),
+            Address::Unix("/tmp/x.sock".into())
+        );
+        assert!(Address::parse("localhost:81").is_ok());
+    }
+
+    #[test]
+    fn rejects_bad_addresses() {
+        for bad in [
+            "",
+            "nohost",
+            "1.2.3.4:notaport",
+            "udp://1.2.3.4:5",
+            "unix://",
+            "127.0.0.1:70000",
+        ] {
+            let err = Address::parse(bad).unwrap_err();
+            assert!(err.is_invalid_address(), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn bind_reports_address_in_use() {
+        let a = Address::parse("127.0.0.1:0").unwrap();
+        let fd = a.bind(16).unwrap();
+        let port = std::net::TcpListener::from(fd).local_addr().unwrap().port();
+        let _keep = std::net::TcpListener::bind(("127.0.0.1", port + 0));
+        let b = Address::parse(&format!("127.0.0.1:{port}")).unwrap();
+        let err = b.bind(16).unwrap_err();
+        assert!(err.is_bind());
+    }
+
+    #[test]
+    fn unix_socket_refuses_live_and_replaces_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let addr = Address::Unix(path.clone());
+        let live = addr.bind(16).unwrap();
+        assert!(addr.bind(16).unwrap_err().is_bind());
+        drop(live); // the file stays: now stale
+        assert!(path.exists());
+        addr.bind(16).unwrap();
+        let file = dir.path().join("f");
+        std::fs::write(&file, b"").unwrap();
+        assert!(Address::Unix(file).bind(16).unwrap_err().is_bind());
+    }
+}

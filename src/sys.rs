@@ -1,0 +1,200 @@
+//! OS glue: the only module of the crate with `unsafe` code.
+//!
+//! Everything here is a thin, audited wrapper over a system call whose
+//! soundness argument is local: taking ownership of file descriptors that
+//! arrive with `SCM_RIGHTS` or through `exec`, probing an inherited
+//! descriptor without owning it, and the `pre_exec` hook that runs in the
+//! forked child between `fork` and `exec`.
+
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{self, ControlMessage, ControlMessageOwned, MsgFlags};
+
+/// The most descriptors the kernel passes in one message (`SCM_MAX_FD`).
+/// The control buffer is sized for this many so that `MSG_CTRUNC` cannot
+/// drop (and so leak) descriptors that a peer attached beyond our limit.
+const SCM_MAX_FD: usize = 253;
+
+/// What one `recvmsg` returned.
+pub(crate) struct Received {
+    /// Bytes of payload copied into the buffer.
+    pub len: usize,
+    /// The datagram was longer than the buffer (`MSG_TRUNC`).
+    pub truncated: bool,
+    /// The control data was cut (`MSG_CTRUNC`).
+    pub ctrunc: bool,
+    /// Every descriptor that arrived, owned (closed on drop, `O_CLOEXEC` set).
+    pub fds: Vec<OwnedFd>,
+}
+
+/// Sends one datagram carrying `bytes` and `fds` (`MSG_NOSIGNAL`, `MSG_DONTWAIT`).
+pub(crate) fn send_with_fds(
+    sock: BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[BorrowedFd<'_>],
+) -> io::Result<usize> {
+    let raw: Vec<RawFd> = fds.iter().map(|fd| fd.as_raw_fd()).collect();
+    let cmsgs: &[ControlMessage<'_>] = if raw.is_empty() {
+        &[]
+    } else {
+        &[ControlMessage::ScmRights(&raw)]
+    };
+    let iov = [IoSlice::new(bytes)];
+    socket::sendmsg::<()>(
+        sock.as_raw_fd(),
+        &iov,
+        cmsgs,
+        MsgFlags::MSG_NOSIGNAL | MsgFlags::MSG_DONTWAIT,
+        None,
+    )
+    .map_err(io::Error::from)
+}
+
+/// Receives one datagram with `MSG_CMSG_CLOEXEC` and `MSG_DONTWAIT`.
+pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg_buf),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let mut fds = Vec::new();
+    let ctrunc = msg.flags.contains(MsgFlags::MSG_CTRUNC);
+    if let Ok(cmsgs) = msg.cmsgs() {
+        for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmRights(raws) = cmsg {
+                for raw in raws {
+                    // SAFETY: the kernel has just installed `raw` in our
+                    // descriptor table for this SCM_RIGHTS message; nothing
+                    // else in the process knows the number, so we are its
+                    // sole owner and may close it when the OwnedFd drops.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(raw) });
+                }
+            }
+        }
+    }
+    Ok(Received {
+        len: msg.bytes,
+        truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
+        ctrunc,
+        fds,
+    })
+}
+
+/// Registers `fd` with the current tokio reactor for reads and writes.
+/// Must be called within a tokio runtime.
+pub(crate) fn register_async(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    use tokio::io::Interest;
+    // SAFETY: an OwnedFd is a valid open descriptor that it alone closes;
+    // the AsyncFd owns it, and OwnedFd::as_raw_fd always returns the same
+    // number, so it stays open and unchanged for the AsyncFd's lifetime.
+    unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(
+            fd,
+            Interest::READABLE | Interest::WRITABLE,
+        )
+    }
+    .map_err(io::Error::from)
+}
+
+/// The pid of the process that created the socket at `raw` (for a
+/// socketpair, the watcher), or an error when `raw` is not an open Unix
+/// socket. Does not take ownership of `raw`.
+pub(crate) fn inherited_socket_peer_pid(raw: RawFd) -> io::Result<i32> {
+    if raw < 0 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only reads the descriptor flags; on a closed number it
+    // fails with EBADF and touches nothing.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for writes of the sizes passed;
+    // getsockopt on a non-socket fails with ENOTSOCK without side effects.
+    let rc = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cred.pid)
+}
+
+/// Takes ownership of the IPC descriptor this process inherited through
+/// `exec`, and sets `FD_CLOEXEC` on it so that our own children do not
+/// inherit it in turn.
+///
+/// The caller (the worker module) guarantees this runs at most once per
+/// process, after [`inherited_socket_peer_pid`] confirmed the descriptor
+/// is the watcher's socket.
+pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: the watcher left this descriptor open across exec for us
+    // alone; the worker module takes it exactly once (guarded by a
+    // OnceLock), so no other OwnedFd will ever close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+/// Installs the hook that runs in the forked child before `exec`:
+///
+/// * clears `FD_CLOEXEC` on `keep_fd` (the worker's end of its socketpair)
+///   so it survives `exec`, while every other descriptor of the watcher
+///   (all opened with `O_CLOEXEC`) is closed;
+/// * asks for `SIGTERM` when the watcher dies (`PR_SET_PDEATHSIG`), and
+///   exits at once if the watcher is already gone;
+/// * moves the worker into its own process group, so a terminal's Ctrl-C
+///   reaches only the watcher, which then stops the workers in order.
+pub(crate) fn prepare_worker_exec(cmd: &mut tokio::process::Command, keep_fd: RawFd) {
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed. It calls getppid, fcntl,
+    // prctl, setpgid and _exit through libc: raw system calls that neither
+    // allocate nor take locks. It captures two integers by value.
+    let watcher_pid = std::process::id() as libc::pid_t;
+    unsafe {
+        cmd.pre_exec(move || {
+            let flags = libc::fcntl(keep_fd, libc::F_GETFD);
+            if flags < 0 || libc::fcntl(keep_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() != watcher_pid {
+                // The watcher died between fork and prctl: do not start.
+                libc::_exit(1);
+            }
+            if libc::setpgid(0, 0) < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}

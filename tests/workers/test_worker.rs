@@ -1,0 +1,135 @@
+//! A worker program driven by the integration tests (not a user example).
+//!
+//! `test_worker MODE [ADDR]`, with MODE one of:
+//!
+//! * `serve ADDR`: answer each connection with a tiny HTTP/1.1 response whose
+//!   headers name the worker (`x-worker-id`, `x-worker-slot`, `x-worker-pid`),
+//!   then close it. Exits when `Cluster::await_termination` returns.
+//! * `exit`: exit with status 3 at once.
+//! * `garbage ADDR`: like `serve`, but the worker in slot `TEST_GARBAGE_SLOT`
+//!   writes garbage to its IPC socket once (the first time, marked by the file
+//!   `TEST_GARBAGE_MARK`), which must get it replaced.
+//!
+//! Every start appends `spawn <context> <slot> <pid> <unix-ms> [port]` to the
+//! file named by `TEST_SPAWN_LOG`, if set.
+
+use std::io::Write;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cluster::Cluster;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+fn log_line(extra: &str) {
+    let Some(path) = std::env::var_os("TEST_SPAWN_LOG") else {
+        return;
+    };
+    let ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
+    let line = format!(
+        "spawn {} {} {} {ms} {extra}\n",
+        Cluster::context_id()
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "standalone".into()),
+        Cluster::slot().unwrap_or(0),
+        std::process::id(),
+    );
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+    {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
+
+fn main() {
+    let mode = std::env::args().nth(1).unwrap_or_default();
+    let addr = std::env::args()
+        .nth(2)
+        .unwrap_or_else(|| "127.0.0.1:0".into());
+    match mode.as_str() {
+        "exit" => {
+            log_line("");
+            std::process::exit(3);
+        }
+        "serve" | "garbage" => {}
+        other => {
+            eprintln!("test_worker: unknown mode {other:?}");
+            std::process::exit(2);
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async move {
+        let listener = match Cluster::server_socket_factory().listen(&addr).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("test_worker: {e}");
+                std::process::exit(1);
+            }
+        };
+        let port = listener.local_tcp_addr().map(|a| a.port().to_string()).unwrap_or_default();
+        log_line(&port);
+        if mode == "garbage" {
+            maybe_send_garbage();
+        }
+        let id = Cluster::context_id().map(|c| c.to_string()).unwrap_or_else(|| "standalone".into());
+        let head = format!(
+            "HTTP/1.1 200 OK\r\nx-worker-id: {id}\r\nx-worker-slot: {}\r\nx-worker-pid: {}\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+            Cluster::slot().unwrap_or(0),
+            std::process::id()
+        );
+        let server = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else { continue };
+                let head = head.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 4096];
+                    let mut seen = Vec::new();
+                    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => seen.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let _ = stream.write_all(head.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        Cluster::await_termination().await;
+        server.abort();
+    });
+}
+
+fn maybe_send_garbage() {
+    let wanted: u32 = std::env::var("TEST_GARBAGE_SLOT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1);
+    let Some(mark) = std::env::var_os("TEST_GARBAGE_MARK") else {
+        return;
+    };
+    if Cluster::slot() != Some(wanted) {
+        return;
+    }
+    if std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&mark)
+        .is_err()
+    {
+        return; // already done once: this is the replacement
+    }
+    let fd: i32 = std::env::var("CLUSTER_IPC_FD").unwrap().parse().unwrap();
+    let garbage = [0xffu8, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01, 0x02];
+    // SAFETY: writes from a valid buffer of the given length to the IPC
+    // descriptor this process inherited (owned by the cluster library, which
+    // keeps it open for the life of the process); a test-only misuse.
+    let n = unsafe { libc::write(fd, garbage.as_ptr().cast(), garbage.len()) };
+    assert_eq!(n, garbage.len() as isize, "garbage write failed");
+}
