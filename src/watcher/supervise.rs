@@ -138,7 +138,7 @@ impl Supervisor {
             }
         }
         let _ = started.send(Ok(()));
-        tracing::info!(
+        tracing::debug!(
             "started {} worker(s) of {}",
             self.slots.len(),
             std::path::Path::new(&self.config.program).display()
@@ -290,7 +290,7 @@ impl Supervisor {
     }
 
     fn begin_stop(&mut self, timeout: Duration) {
-        if !self.stopping {
+        if !self.stopping && self.failure.is_none() {
             tracing::info!("stopping {} worker(s)", self.workers.len());
         }
         self.stopping = true;
@@ -316,7 +316,8 @@ impl Supervisor {
     /// Stops with an error: used when start-up cannot succeed.
     fn fail(&mut self, kind: Kind, message: String) {
         if self.failure.is_none() {
-            tracing::error!("{message}");
+            // The caller (the CLI) reports the failure once, as its last line.
+            tracing::debug!("fatal: {message}");
             self.failure = Some((kind, message));
         }
         self.begin_stop(self.config.shutdown_timeout);

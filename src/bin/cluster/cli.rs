@@ -79,6 +79,35 @@ fn parse_backlog(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
+/// Checks a `--log-level` value: a level, or comma-separated
+/// `target=level` / `target` / `level` directives. tracing's own parser
+/// accepts almost anything as a target name, so a typo would silently
+/// filter everything out.
+pub fn check_log_filter(spec: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |s: &str| LEVELS.contains(&s.to_ascii_lowercase().as_str());
+    let is_target = |s: &str| {
+        !s.is_empty()
+            && s.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
+    };
+    if spec.trim().is_empty() {
+        return Err("empty log level".into());
+    }
+    for part in spec.split(',').map(str::trim) {
+        let ok = match part.split_once('=') {
+            Some((target, level)) => is_target(target) && is_level(level),
+            None => is_level(part) || is_target(part),
+        };
+        if !ok {
+            return Err(format!(
+                "'{part}' is not a level (trace, debug, info, warn, error, off) or target=level"
+            ));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -105,6 +134,16 @@ mod tests {
         assert!(parse(&["--shutdown-timeout", "-1", "./srv"]).is_err());
         assert!(parse(&["--backlog", "0", "./srv"]).is_err());
         assert!(parse(&[]).is_err());
+    }
+
+    #[test]
+    fn log_filters() {
+        for good in ["info", "DEBUG", "cluster=debug,warn", "off"] {
+            assert!(check_log_filter(good).is_ok(), "{good}");
+        }
+        for bad in ["", "not a level!!", "x=loud", "info,,"] {
+            assert!(check_log_filter(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

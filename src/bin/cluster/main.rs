@@ -23,15 +23,24 @@ fn main() -> ExitCode {
                 return ExitCode::SUCCESS;
             }
             let rendered = e.render().to_string();
-            let line = rendered.lines().next().unwrap_or("invalid arguments");
-            let line = line.strip_prefix("error: ").unwrap_or(line);
+            let mut lines = rendered.lines().map(str::trim).filter(|l| !l.is_empty());
+            let mut line = lines.next().unwrap_or("invalid arguments").to_string();
+            if line.ends_with(':') {
+                // "the following required arguments were not provided:" + the list
+                if let Some(next) = lines.next() {
+                    line = format!("{line} {next}");
+                }
+            }
+            let line = line.strip_prefix("error: ").unwrap_or(&line);
             eprintln!("cluster: error: {line} (see 'cluster --help')");
             return ExitCode::from(2);
         }
     };
     let filter = match args.log_level.as_deref() {
-        Some(level) => EnvFilter::try_new(level),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
+        Some(level) => cli::check_log_filter(level).and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string())),
+        None => EnvFilter::try_from_default_env()
+            .or_else(|_| EnvFilter::try_new("info"))
+            .map_err(|e| e.to_string()),
     };
     let filter = match filter {
         Ok(f) => f,

@@ -1,0 +1,266 @@
+//! Helpers for the integration tests: start the real `cluster` binary and
+//! real worker programs, talk HTTP to them on 127.0.0.1, wait on conditions
+//! with deadlines, and kill whatever was started even when a test fails.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `cluster` binary under test.
+pub fn cluster_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_cluster"))
+}
+
+/// An example binary (cargo builds examples before running tests).
+pub fn example(name: &str) -> PathBuf {
+    let path = cluster_bin()
+        .parent()
+        .expect("target dir")
+        .join("examples")
+        .join(name);
+    assert!(path.exists(), "{} missing: run the tests with `cargo test`, which builds the examples", path.display());
+    path
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A parsed HTTP response.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: HashMap<String, String>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(&name.to_ascii_lowercase()).map(|s| s.as_str())
+    }
+}
+
+/// One `GET /` on a new connection (`Connection: close`).
+pub fn http_get(port: u16) -> std::io::Result<Response> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
+    let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
+    let text = String::from_utf8_lossy(raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let mut lines = head.lines();
+    let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
+    let status = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| bad("bad status line"))?;
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Ok(Response {
+        status,
+        headers,
+        body: body.to_string(),
+    })
+}
+
+/// Whether `pid` is a live (not zombie) process.
+pub fn alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Every live descendant of `pid`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = HashMap::new();
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
+            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next().unwrap_or("");
+            let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
+            if state != "Z" {
+                parent_of.insert(p, ppid);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut frontier = vec![pid];
+    while let Some(p) = frontier.pop() {
+        for (&child, &parent) in &parent_of {
+            if parent == p {
+                out.push(child);
+                frontier.push(child);
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+}
+
+/// A running `cluster` watcher with its own temp dir; killed with all its
+/// descendants when dropped.
+pub struct Running {
+    pub child: Option<Child>,
+    pub pid: u32,
+    pub dir: tempfile::TempDir,
+    /// Every worker pid ever seen, so they can be killed on drop.
+    seen: Vec<u32>,
+}
+
+impl Running {
+    /// Starts `cluster ARGS...` with stdout and stderr captured to files in
+    /// a fresh temp dir, and `envs` set.
+    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Running {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, args, envs)
+    }
+
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str], envs: &[(&str, &str)]) -> Running {
+        let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
+        let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
+        let mut cmd = Command::new(cluster_bin());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .env("RUST_LOG", "debug");
+        for (k, v) in envs {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().expect("spawn cluster");
+        Running {
+            pid: child.id(),
+            child: Some(child),
+            dir,
+            seen: Vec::new(),
+        }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.path("stderr")).unwrap_or_default()
+    }
+
+    /// The watcher's live children (the workers).
+    pub fn workers(&mut self) -> Vec<u32> {
+        let mut kids = descendants(self.pid);
+        kids.retain(|&p| alive(p));
+        for &k in &kids {
+            if !self.seen.contains(&k) {
+                self.seen.push(k);
+            }
+        }
+        kids
+    }
+
+    /// Waits until exactly `n` workers run, returning their pids.
+    pub fn wait_workers(&mut self, n: usize, timeout: Duration) -> Vec<u32> {
+        match wait_for(timeout, || {
+            let w = self.workers();
+            (w.len() == n).then_some(w)
+        }) {
+            Some(w) => w,
+            None => panic!(
+                "expected {n} workers, have {:?}; stderr:\n{}",
+                self.workers(),
+                self.stderr()
+            ),
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        signal(self.pid, sig);
+    }
+
+    /// Waits for the watcher to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let child = self.child.as_mut()?;
+        wait_for(timeout, || child.try_wait().ok().flatten())
+    }
+
+    pub fn seen_workers(&self) -> Vec<u32> {
+        self.seen.clone()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let mut all = descendants(self.pid);
+        all.extend(self.seen.iter().copied());
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        for p in all {
+            if alive(p) {
+                signal(p, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// Runs `cluster ARGS...` to completion (for bad-input cases), with a
+/// deadline; returns (status, stderr).
+pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
+    let mut running = Running::start(args, &[]);
+    let status = running
+        .wait_exit(timeout)
+        .unwrap_or_else(|| panic!("cluster {args:?} did not exit; stderr:\n{}", running.stderr()));
+    (status, running.stderr())
+}
+
+/// Lines of a spawn log written by `test_worker` (`spawn ctx slot pid ms [port]`).
+pub fn spawn_log(path: &Path) -> Vec<Vec<String>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split_whitespace().map(str::to_string).collect())
+        .collect()
+}
