@@ -324,13 +324,11 @@ mod tests {
 
     #[test]
     fn bind_reports_address_in_use() {
-        let a = Address::parse("127.0.0.1:0").unwrap();
-        let fd = a.bind(16).unwrap();
-        let port = std::net::TcpListener::from(fd).local_addr().unwrap().port();
-        let _keep = std::net::TcpListener::bind(("127.0.0.1", port + 0));
-        let b = Address::parse(&format!("127.0.0.1:{port}")).unwrap();
-        let err = b.bind(16).unwrap_err();
-        assert!(err.is_bind());
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = Address::parse(&taken.local_addr().unwrap().to_string()).unwrap();
+        let err = addr.bind(16).unwrap_err();
+        assert!(err.is_bind(), "{err}");
+        assert!(err.to_string().contains("in use"), "{err}");
     }
 
     #[test]

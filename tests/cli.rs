@@ -11,9 +11,16 @@ use common::*;
 fn refused(args: &[&str], code: i32, needle: &str) {
     let (status, stderr) = run_to_end(args, Duration::from_secs(10));
     assert_eq!(status.code(), Some(code), "{args:?}: {stderr}");
-    assert_eq!(stderr.trim().lines().count(), 1, "{args:?}: one line expected, got:\n{stderr}");
+    assert_eq!(
+        stderr.trim().lines().count(),
+        1,
+        "{args:?}: one line expected, got:\n{stderr}"
+    );
     assert!(stderr.starts_with("cluster: error: "), "{stderr}");
-    assert!(stderr.contains(needle), "{args:?}: {stderr:?} lacks {needle:?}");
+    assert!(
+        stderr.contains(needle),
+        "{args:?}: {stderr:?} lacks {needle:?}"
+    );
 }
 
 #[test]
@@ -28,8 +35,16 @@ fn zero_workers() {
 
 #[test]
 fn missing_program() {
-    refused(&["--workers", "1", "/nonexistent/program"], 1, "program not found");
-    refused(&["--workers", "1", "no-such-program-in-path-xyz"], 1, "program not found");
+    refused(
+        &["--workers", "1", "/nonexistent/program"],
+        1,
+        "program not found",
+    );
+    refused(
+        &["--workers", "1", "no-such-program-in-path-xyz"],
+        1,
+        "program not found",
+    );
 }
 
 #[test]
@@ -43,13 +58,24 @@ fn non_executable_program() {
     let file = dir.path().join("script");
     std::fs::write(&file, "#!/bin/sh\n").unwrap();
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
-    refused(&["--workers", "1", file.to_str().unwrap()], 1, "not executable");
+    refused(
+        &["--workers", "1", file.to_str().unwrap()],
+        1,
+        "not executable",
+    );
 }
 
 #[test]
 fn unwritable_pid_file_location() {
     refused(
-        &["--workers", "1", "--pid-file", "/nonexistent-dir/x.pid", "/bin/sleep", "10"],
+        &[
+            "--workers",
+            "1",
+            "--pid-file",
+            "/nonexistent-dir/x.pid",
+            "/bin/sleep",
+            "10",
+        ],
         1,
         "cannot create pid file /nonexistent-dir/x.pid",
     );
@@ -57,17 +83,33 @@ fn unwritable_pid_file_location() {
 
 #[test]
 fn bad_log_level() {
-    refused(&["--log-level", "not a level!!", "/bin/true"], 2, "--log-level");
+    refused(
+        &["--log-level", "not a level!!", "/bin/true"],
+        2,
+        "--log-level",
+    );
 }
 
 #[test]
 fn help_and_version_succeed() {
-    let out = std::process::Command::new(cluster_bin()).arg("--help").output().unwrap();
+    let out = std::process::Command::new(cluster_bin())
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
-    for flag in ["--workers", "--pid-file", "--shutdown-timeout", "--backlog", "--log-level"] {
+    for flag in [
+        "--workers",
+        "--pid-file",
+        "--shutdown-timeout",
+        "--backlog",
+        "--log-level",
+    ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
-    let out = std::process::Command::new(cluster_bin()).arg("--version").output().unwrap();
+    let out = std::process::Command::new(cluster_bin())
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }

@@ -38,7 +38,12 @@ fn all_workers_serve_one_port() {
     let mut c = Running::start(&["--workers", "4", hello.to_str().unwrap(), &addr], &[]);
     c.wait_workers(4, START);
     let ids = distinct_worker_ids(port, 4, Duration::from_secs(20));
-    assert_eq!(ids.len(), 4, "distinct x-worker-id values: {ids:?}\n{}", c.stderr());
+    assert_eq!(
+        ids.len(),
+        4,
+        "distinct x-worker-id values: {ids:?}\n{}",
+        c.stderr()
+    );
     assert!(!ids.contains("standalone"));
     // The watcher owns the listening socket: its own descriptor table has it.
     let r = http_get(port).unwrap();
@@ -70,7 +75,11 @@ fn killed_worker_is_replaced_while_others_serve() {
     for p in kept {
         assert!(after.contains(p), "worker {p} should have kept running");
     }
-    assert!(c.stderr().contains("was killed by SIGKILL"), "{}", c.stderr());
+    assert!(
+        c.stderr().contains("was killed by SIGKILL"),
+        "{}",
+        c.stderr()
+    );
 }
 
 #[test]
@@ -82,12 +91,23 @@ fn sigterm_stops_everything_and_removes_the_pid_file() {
     let pid_file = dir.path().join("x.pid");
     let mut c = Running::start_in(
         dir,
-        &["--workers", "2", "--pid-file", pid_file.to_str().unwrap(), hello.to_str().unwrap(), &addr],
+        &[
+            "--workers",
+            "2",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            hello.to_str().unwrap(),
+            &addr,
+        ],
         &[],
     );
     let workers = c.wait_workers(2, START);
     wait_for(START, || http_get(port).ok()).expect("serving");
-    let recorded: u32 = std::fs::read_to_string(&pid_file).unwrap().trim().parse().unwrap();
+    let recorded: u32 = std::fs::read_to_string(&pid_file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert_eq!(recorded, c.pid);
     c.signal(Signal::SIGTERM);
     let status = c.wait_exit(Duration::from_secs(15)).expect("watcher exits");
@@ -111,7 +131,10 @@ fn killed_watcher_leaves_no_worker_behind() {
     c.wait_exit(Duration::from_secs(5)).expect("watcher dies");
     std::thread::sleep(Duration::from_secs(2));
     let survivors: Vec<_> = workers.iter().filter(|&&w| alive(w)).collect();
-    assert!(survivors.is_empty(), "workers alive 2 s after the watcher died: {survivors:?}");
+    assert!(
+        survivors.is_empty(),
+        "workers alive 2 s after the watcher died: {survivors:?}"
+    );
 }
 
 #[test]
@@ -122,7 +145,9 @@ fn killed_watcher_takes_down_workers_that_do_not_use_the_library() {
     let workers = c.wait_workers(2, START);
     c.signal(Signal::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("watcher dies");
-    let gone = wait_for(Duration::from_secs(2), || workers.iter().all(|&w| !alive(w)).then_some(()));
+    let gone = wait_for(Duration::from_secs(2), || {
+        workers.iter().all(|&w| !alive(w)).then_some(())
+    });
     assert!(gone.is_some(), "workers outlived the watcher: {workers:?}");
 }
 
@@ -134,21 +159,45 @@ fn second_watcher_on_the_same_pid_file_refuses() {
     let dir = tempfile::tempdir().unwrap();
     let pid_file = dir.path().join("x.pid");
     let pf = pid_file.to_str().unwrap().to_string();
-    let mut first = Running::start_in(dir, &["--workers", "1", "--pid-file", &pf, hello.to_str().unwrap(), &addr], &[]);
+    let mut first = Running::start_in(
+        dir,
+        &[
+            "--workers",
+            "1",
+            "--pid-file",
+            &pf,
+            hello.to_str().unwrap(),
+            &addr,
+        ],
+        &[],
+    );
     first.wait_workers(1, START);
     let other_port = format!("127.0.0.1:{}", free_port());
     let (status, stderr) = run_to_end(
-        &["--workers", "1", "--pid-file", &pf, hello.to_str().unwrap(), &other_port],
+        &[
+            "--workers",
+            "1",
+            "--pid-file",
+            &pf,
+            hello.to_str().unwrap(),
+            &other_port,
+        ],
         Duration::from_secs(10),
     );
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
-        stderr.contains(&format!("another watcher (pid {}) is running with pid file", first.pid)),
+        stderr.contains(&format!(
+            "another watcher (pid {}) is running with pid file",
+            first.pid
+        )),
         "{stderr}"
     );
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     // The first watcher is untouched and its pid file intact.
-    assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), first.pid.to_string());
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        first.pid.to_string()
+    );
     assert_eq!(first.workers().len(), 1);
 }
 
@@ -160,10 +209,23 @@ fn stale_pid_file_is_replaced() {
     let pf = pid_file.to_str().unwrap().to_string();
     let port = format!("127.0.0.1:{}", free_port());
     let hello = example("hello_http");
-    let mut c = Running::start_in(dir, &["--workers", "1", "--pid-file", &pf, hello.to_str().unwrap(), &port], &[]);
+    let mut c = Running::start_in(
+        dir,
+        &[
+            "--workers",
+            "1",
+            "--pid-file",
+            &pf,
+            hello.to_str().unwrap(),
+            &port,
+        ],
+        &[],
+    );
     c.wait_workers(1, START);
     let pid = wait_for(START, || {
-        std::fs::read_to_string(&pid_file).ok().filter(|s| s.trim() != "999999")
+        std::fs::read_to_string(&pid_file)
+            .ok()
+            .filter(|s| s.trim() != "999999")
     });
     assert_eq!(pid.unwrap().trim(), c.pid.to_string());
 }
@@ -266,7 +328,13 @@ fn port_zero_gives_every_worker_the_same_port() {
     let log = dir.path().join("spawns");
     let worker = example("test_worker");
     let _c = Running::start(
-        &["--workers", "3", worker.to_str().unwrap(), "serve", "127.0.0.1:0"],
+        &[
+            "--workers",
+            "3",
+            worker.to_str().unwrap(),
+            "serve",
+            "127.0.0.1:0",
+        ],
         &[("TEST_SPAWN_LOG", log.to_str().unwrap())],
     );
     let spawns = wait_for(START, || {
@@ -290,14 +358,21 @@ fn unix_socket_address_is_shared_and_removed_on_exit() {
     let hello = example("hello_http");
     let mut c = Running::start(&["--workers", "2", hello.to_str().unwrap(), &addr], &[]);
     c.wait_workers(2, START);
-    let mut s = wait_for(START, || std::os::unix::net::UnixStream::connect(&sock).ok()).expect("socket");
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
+    let mut s = wait_for(START, || {
+        std::os::unix::net::UnixStream::connect(&sock).ok()
+    })
+    .expect("socket");
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let r = parse_response(&raw).unwrap();
     assert_eq!(r.status, 200);
     c.signal(Signal::SIGTERM);
-    assert_eq!(c.wait_exit(Duration::from_secs(15)).unwrap().code(), Some(0));
+    assert_eq!(
+        c.wait_exit(Duration::from_secs(15)).unwrap().code(),
+        Some(0)
+    );
     assert!(!sock.exists(), "socket file removed on exit");
 }
 
@@ -305,15 +380,29 @@ fn unix_socket_address_is_shared_and_removed_on_exit() {
 fn second_sigint_forces_the_stop() {
     // Workers that ignore the stop request and SIGTERM.
     let mut c = Running::start(
-        &["--workers", "2", "--shutdown-timeout", "60", "--", "/bin/sh", "-c", "trap '' TERM; while :; do sleep 0.1; done"],
+        &[
+            "--workers",
+            "2",
+            "--shutdown-timeout",
+            "60",
+            "--",
+            "/bin/sh",
+            "-c",
+            "trap '' TERM; while :; do sleep 0.1; done",
+        ],
         &[],
     );
     let workers = c.wait_workers(2, START);
     c.signal(Signal::SIGINT);
     std::thread::sleep(Duration::from_millis(300));
-    assert!(c.wait_exit(Duration::from_millis(10)).is_none(), "waits for the workers");
+    assert!(
+        c.wait_exit(Duration::from_millis(10)).is_none(),
+        "waits for the workers"
+    );
     c.signal(Signal::SIGINT);
-    let status = c.wait_exit(Duration::from_secs(5)).expect("forced stop exits");
+    let status = c
+        .wait_exit(Duration::from_secs(5))
+        .expect("forced stop exits");
     assert_eq!(status.code(), Some(1));
     for w in workers {
         assert!(!alive(w));

@@ -172,7 +172,6 @@ impl Channel {
 mod tests {
     use super::message::{ToWatcher, ToWorker};
     use super::*;
-    use std::os::fd::AsRawFd;
 
     #[tokio::test]
     async fn message_and_fd_round_trip() {
@@ -205,7 +204,6 @@ mod tests {
         nix::unistd::write(&w, b"x").unwrap();
         let mut one = [0u8; 1];
         assert_eq!(nix::unistd::read(&fds[0], &mut one).unwrap(), 1);
-        assert_eq!(fds[0].as_raw_fd() >= 0, true);
     }
 
     #[tokio::test]

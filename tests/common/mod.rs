@@ -23,7 +23,11 @@ pub fn example(name: &str) -> PathBuf {
         .expect("target dir")
         .join("examples")
         .join(name);
-    assert!(path.exists(), "{} missing: run the tests with `cargo test`, which builds the examples", path.display());
+    assert!(
+        path.exists(),
+        "{} missing: run the tests with `cargo test`, which builds the examples",
+        path.display()
+    );
     path
 }
 
@@ -59,7 +63,9 @@ pub struct Response {
 
 impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(&name.to_ascii_lowercase()).map(|s| s.as_str())
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|s| s.as_str())
     }
 }
 
@@ -77,7 +83,9 @@ pub fn http_get(port: u16) -> std::io::Result<Response> {
 pub fn parse_response(raw: &[u8]) -> std::io::Result<Response> {
     let bad = |why: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, why.to_string());
     let text = String::from_utf8_lossy(raw);
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| bad("no header end"))?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| bad("no header end"))?;
     let mut lines = head.lines();
     let status_line = lines.next().ok_or_else(|| bad("empty response"))?;
     let status = status_line
@@ -112,9 +120,15 @@ pub fn descendants(pid: u32) -> Vec<u32> {
     let mut parent_of = HashMap::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
-            let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else { continue };
-            let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+            let Ok(p) = entry.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
+                continue;
+            };
+            let Some((_, rest)) = stat.rsplit_once(')') else {
+                continue;
+            };
             let mut fields = rest.split_whitespace();
             let state = fields.next().unwrap_or("");
             let ppid: u32 = fields.next().and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -250,9 +264,12 @@ impl Drop for Running {
 /// deadline; returns (status, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
     let mut running = Running::start(args, &[]);
-    let status = running
-        .wait_exit(timeout)
-        .unwrap_or_else(|| panic!("cluster {args:?} did not exit; stderr:\n{}", running.stderr()));
+    let status = running.wait_exit(timeout).unwrap_or_else(|| {
+        panic!(
+            "cluster {args:?} did not exit; stderr:\n{}",
+            running.stderr()
+        )
+    });
     (status, running.stderr())
 }
 

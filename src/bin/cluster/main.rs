@@ -37,7 +37,8 @@ fn main() -> ExitCode {
         }
     };
     let filter = match args.log_level.as_deref() {
-        Some(level) => cli::check_log_filter(level).and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string())),
+        Some(level) => cli::check_log_filter(level)
+            .and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string())),
         None => EnvFilter::try_from_default_env()
             .or_else(|_| EnvFilter::try_new("info"))
             .map_err(|e| e.to_string()),
