@@ -55,6 +55,7 @@
 mod error;
 mod ipc;
 mod pidfile;
+mod pipe;
 mod signal;
 mod socket;
 mod sys;
@@ -62,6 +63,10 @@ mod watcher;
 mod worker;
 
 pub use error::{Error, Result};
+pub use pipe::{
+    pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,
+    TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
+};
 pub use socket::{Listener, PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use watcher::{ClusterWatcher, ClusterWatcherBuilder, Stopped, WorkerInfo, WorkerState};
 pub use worker::{Cluster, ServerSocketFactory};
