@@ -30,8 +30,11 @@ pub(crate) enum Kind {
     PidFile,
     /// The worker program could not be started.
     Spawn,
-    /// Invalid configuration (for example zero workers).
+    /// Invalid configuration (for example zero workers), or a request the
+    /// watcher cannot take in its current state.
     Config,
+    /// A rolling restart failed (a replacement was not ready in time).
+    Reload,
     /// Any other I/O error.
     Io,
 }
@@ -93,9 +96,16 @@ impl Error {
         self.kind == Kind::Spawn
     }
 
-    /// The configuration was invalid.
+    /// The configuration was invalid, or the watcher could not take the
+    /// request in its current state (stopping, already started, ...).
     pub fn is_config(&self) -> bool {
         self.kind == Kind::Config
+    }
+
+    /// A rolling restart failed: a replacement exited or was not ready in
+    /// time. The old workers keep serving.
+    pub fn is_reload(&self) -> bool {
+        self.kind == Kind::Reload
     }
 
     /// The underlying OS error, if any.

@@ -15,6 +15,10 @@ pub(crate) enum WatcherSignal {
     Stop(&'static str),
     /// SIGUSR1 or SIGHUP: rolling restart.
     Reload(&'static str),
+    /// SIGTTIN: one more worker.
+    ScaleUp,
+    /// SIGTTOU: one worker less.
+    ScaleDown,
 }
 
 /// The signals a watcher listens to.
@@ -24,6 +28,8 @@ pub(crate) struct WatcherSignals {
     quit: Signal,
     usr1: Signal,
     hup: Signal,
+    ttin: Signal,
+    ttou: Signal,
 }
 
 impl WatcherSignals {
@@ -35,6 +41,8 @@ impl WatcherSignals {
             quit: signal(SignalKind::quit())?,
             usr1: signal(SignalKind::user_defined1())?,
             hup: signal(SignalKind::hangup())?,
+            ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
+            ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
         })
     }
 
@@ -46,6 +54,8 @@ impl WatcherSignals {
             _ = self.quit.recv() => WatcherSignal::Stop("SIGQUIT"),
             _ = self.usr1.recv() => WatcherSignal::Reload("SIGUSR1"),
             _ = self.hup.recv() => WatcherSignal::Reload("SIGHUP"),
+            _ = self.ttin.recv() => WatcherSignal::ScaleUp,
+            _ = self.ttou.recv() => WatcherSignal::ScaleDown,
         }
     }
 }

@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -105,9 +105,24 @@ impl Cluster {
         match link() {
             Some(link) => {
                 let mut stop = link.stop.clone();
-                tokio::select! {
-                    _ = stop.wait_for(|s| *s) => {}
-                    _ = signal::termination() => {}
+                let mut pings = link.pings.latest.subscribe();
+                link.pings.awaiters.fetch_add(1, Ordering::SeqCst);
+                let _guard = AwaiterGuard(&link.pings);
+                let termination = signal::termination();
+                tokio::pin!(termination);
+                loop {
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => break,
+                        _ = &mut termination => break,
+                        changed = pings.changed() => {
+                            if changed.is_err() {
+                                // The IPC thread is gone; `stop` fires next.
+                                std::future::pending::<()>().await;
+                            }
+                            let seq = *pings.borrow_and_update();
+                            let _ = link.tx.send(Outgoing::Message(ToWatcher::Pong { seq }));
+                        }
+                    }
                 }
             }
             None => {
@@ -166,6 +181,24 @@ struct WorkerLink {
     tx: mpsc::UnboundedSender<Outgoing>,
     stop: watch::Receiver<bool>,
     ready_sent: AtomicBool,
+    pings: Arc<Pings>,
+}
+
+/// Heartbeat routing: while some task awaits `Cluster::await_termination()`
+/// on the user's runtime, that future answers the watcher's pings, so a
+/// blocked event loop stops answering. Otherwise the IPC thread answers.
+struct Pings {
+    awaiters: AtomicUsize,
+    latest: watch::Sender<u64>,
+}
+
+/// Decrements the awaiter count when `await_termination` ends or is dropped.
+struct AwaiterGuard<'a>(&'a Pings);
+
+impl Drop for AwaiterGuard<'_> {
+    fn drop(&mut self) {
+        self.0.awaiters.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl WorkerLink {
@@ -221,6 +254,11 @@ fn connect() -> Option<Arc<WorkerLink>> {
     let grace = Duration::from_millis(env_num(env::SHUTDOWN_TIMEOUT_MS).unwrap_or(10_000));
     let (tx, rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = watch::channel(false);
+    let pings = Arc::new(Pings {
+        awaiters: AtomicUsize::new(0),
+        latest: watch::channel(0).0,
+    });
+    let thread_pings = pings.clone();
     let spawned = std::thread::Builder::new()
         .name("cluster-ipc".into())
         .spawn(move || {
@@ -234,7 +272,7 @@ fn connect() -> Option<Arc<WorkerLink>> {
                     std::process::exit(70);
                 }
             };
-            rt.block_on(ipc_main(fd, rx, stop_tx, grace));
+            rt.block_on(ipc_main(fd, rx, stop_tx, thread_pings, grace));
         });
     if let Err(e) = spawned {
         eprintln!("cluster: cannot start the IPC thread: {e}");
@@ -246,6 +284,7 @@ fn connect() -> Option<Arc<WorkerLink>> {
         tx,
         stop: stop_rx,
         ready_sent: AtomicBool::new(false),
+        pings,
     }))
 }
 
@@ -254,6 +293,7 @@ async fn ipc_main(
     fd: OwnedFd,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
     stop: watch::Sender<bool>,
+    pings: Arc<Pings>,
     grace: Duration,
 ) {
     let channel = match Channel::new(fd) {
@@ -291,7 +331,7 @@ async fn ipc_main(
                 }
                 msg = channel.recv::<ToWorker>(&mut buf) => match msg {
                     Ok((msg, fds)) => {
-                        if let Err(why) = handle(&channel, msg, fds, &mut pending, &stop).await {
+                        if let Err(why) = handle(&channel, msg, fds, &mut pending, &stop, &pings).await {
                             break why;
                         }
                     }
@@ -322,6 +362,7 @@ async fn handle(
     mut fds: Vec<OwnedFd>,
     pending: &mut HashMap<u64, oneshot::Sender<Result<OwnedFd>>>,
     stop: &watch::Sender<bool>,
+    pings: &Pings,
 ) -> std::result::Result<(), String> {
     match msg {
         ToWorker::Hello { version, .. } if version != VERSION => {
@@ -343,6 +384,9 @@ async fn handle(
         }
         ToWorker::Stop { .. } => {
             let _ = stop.send(true);
+        }
+        ToWorker::Ping { seq } if pings.awaiters.load(Ordering::SeqCst) > 0 => {
+            pings.latest.send_replace(seq);
         }
         ToWorker::Ping { seq } => {
             channel

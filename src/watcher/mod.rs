@@ -5,6 +5,7 @@
 //! supervisor task owns all state (`supervise.rs`); the handle here talks to
 //! it over a channel.
 
+mod poll;
 mod process;
 mod supervise;
 
@@ -18,7 +19,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{Error, Kind, Result};
 use crate::signal::WatcherSignal;
 use crate::socket::DEFAULT_BACKLOG;
-use supervise::{Command, Outcome, Supervisor};
+use supervise::{Command, Outcome, Scale, Supervisor};
 
 /// What the watcher knows about one running worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +33,10 @@ pub struct WorkerInfo {
     pub pid: u32,
     /// Where the worker is in its life.
     pub state: WorkerState,
-    /// How many times this slot has been respawned.
+    /// Workers started for this slot after the first (respawns and reloads).
     pub restarts: u32,
+    /// How long this worker has been running.
+    pub uptime: Duration,
 }
 
 /// The life of a worker: starting → ready → stopping → gone.
@@ -82,6 +85,14 @@ pub(crate) struct Config {
     pub respawn_delay_max: Duration,
     pub backoff_reset: Duration,
     pub pid_file: Option<PathBuf>,
+    pub ready_timeout: Duration,
+    pub reload_batch: usize,
+    pub heartbeat_timeout: Option<Duration>,
+    pub assume_ready_after: Duration,
+    pub watch: Vec<PathBuf>,
+    pub watch_debounce: Duration,
+    pub reload_on_deploy: bool,
+    pub control_socket: Option<PathBuf>,
 }
 
 /// Builds a [`ClusterWatcher`]; get one with [`ClusterWatcher::builder`].
@@ -126,9 +137,69 @@ impl ClusterWatcherBuilder {
         self
     }
 
-    /// Write, lock and (on exit) remove a pid file at `path`.
+    /// Write, lock and (on exit) remove a pid file at `path`. Unless
+    /// [`control_socket`](ClusterWatcherBuilder::control_socket) says
+    /// otherwise, the control socket goes beside it (`x.pid` → `x.sock`).
     pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
         self.config.pid_file = Some(path.into());
+        self
+    }
+
+    /// Serve the control socket (for `cluster status`, `reload`, `stop`,
+    /// `scale`) at `path`, mode 0600.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.control_socket = Some(path.into());
+        self
+    }
+
+    /// How long a replacement started by a rolling restart has to become
+    /// ready before it is killed and the restart fails (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How many slots a rolling restart replaces at once (default 1).
+    pub fn reload_batch(mut self, n: usize) -> Self {
+        self.config.reload_batch = n.max(1);
+        self
+    }
+
+    /// Kill and replace a ready worker that does not answer the watcher's
+    /// pings for this long (default 30 s); `None` disables the heartbeat.
+    /// Pings are answered by the worker's `Cluster::await_termination()`
+    /// future, so a blocked event loop stops answering.
+    pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.heartbeat_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// A worker that never contacts the watcher (a program that does not
+    /// use the library) counts as ready once it has run this long
+    /// (default 1 s).
+    pub fn assume_ready_after(mut self, after: Duration) -> Self {
+        self.config.assume_ready_after = after;
+        self
+    }
+
+    /// Rolling-restart when something under `path` (a file or a directory,
+    /// recursively) changes; changes are debounced. May be called repeatedly.
+    pub fn watch(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.watch.push(path.into());
+        self
+    }
+
+    /// How long the watched paths must stay unchanged before a reload
+    /// starts (default 300 ms).
+    pub fn watch_debounce(mut self, quiet: Duration) -> Self {
+        self.config.watch_debounce = quiet;
+        self
+    }
+
+    /// Rolling-restart when the program's path resolves to a new target,
+    /// as when a deploy switches `/srv/app/current` to a new release.
+    pub fn reload_on_deploy(mut self, enabled: bool) -> Self {
+        self.config.reload_on_deploy = enabled;
         self
     }
 
@@ -146,6 +217,15 @@ impl ClusterWatcherBuilder {
             ));
         }
         process::check_program(&self.config.program, self.config.current_dir.as_deref())?;
+        for path in &self.config.watch {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(Error::with_io(
+                    Kind::Config,
+                    format!("cannot watch {}", path.display()),
+                    e,
+                ));
+            }
+        }
         let (state_tx, state_rx) = watch::channel(None);
         Ok(ClusterWatcher {
             config: self.config,
@@ -207,6 +287,14 @@ impl ClusterWatcher {
                 respawn_delay_max: Duration::from_secs(30),
                 backoff_reset: Duration::from_secs(30),
                 pid_file: None,
+                ready_timeout: Duration::from_secs(30),
+                reload_batch: 1,
+                heartbeat_timeout: Some(Duration::from_secs(30)),
+                assume_ready_after: Duration::from_secs(1),
+                watch: Vec::new(),
+                watch_debounce: Duration::from_millis(300),
+                reload_on_deploy: false,
+                control_socket: None,
             },
         }
     }
@@ -230,8 +318,10 @@ impl ClusterWatcher {
             .ok_or_else(|| Error::new(Kind::Config, "the watcher was already started"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = oneshot::channel();
-        let supervisor = Supervisor::new(self.config.clone(), rx)?;
+        let supervisor = Supervisor::new(self.config.clone(), rx);
+        let pollers = poll::start(&self.config, supervisor.events());
         tokio::spawn(async move {
+            let _pollers = pollers; // aborted when the supervisor ends
             let outcome = supervisor.run(started_tx).await;
             let _ = state_tx.send(Some(outcome));
         });
@@ -278,6 +368,47 @@ impl ClusterWatcher {
         self.wait().await
     }
 
+    /// Rolling restart: replaces every worker, one slot at a time (see
+    /// [`reload_batch`](ClusterWatcherBuilder::reload_batch)), starting each
+    /// replacement and waiting until it is ready before the old worker is
+    /// asked to drain. A restart asked for while one runs is queued.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_reload`] when a replacement exits or is not ready within
+    /// the ready timeout (it is killed; the old workers keep serving);
+    /// [`Error::is_config`] when the watcher is stopping or not started.
+    pub async fn restart(&self) -> Result<()> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Restart {
+            reason: "restart requested".into(),
+            done: Some(tx),
+        }) {
+            return Err(Error::new(Kind::Config, "the watcher is not running"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::new(Kind::Config, "the watcher stopped")))
+    }
+
+    /// Changes the number of workers to `n` (at least 1): new slots start at
+    /// once, removed slots (the highest) stop gracefully. Returns the new count.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_config`] for 0 workers or when the watcher is stopping.
+    pub async fn scale(&self, n: usize) -> Result<usize> {
+        self.scale_with(Scale::To(n)).await
+    }
+
+    async fn scale_with(&self, to: Scale) -> Result<usize> {
+        let (tx, rx) = oneshot::channel();
+        if !self.send(Command::Scale { to, done: Some(tx) }) {
+            return Err(Error::new(Kind::Config, "the watcher is not running"));
+        }
+        rx.await
+            .unwrap_or_else(|_| Err(Error::new(Kind::Config, "the watcher stopped")))
+    }
+
     /// Kills every worker with SIGKILL at once and stops.
     pub fn kill(&self) {
         self.send(Command::Kill);
@@ -304,9 +435,9 @@ impl ClusterWatcher {
 
     /// Starts the watcher and runs it as the `cluster` CLI does, until it
     /// stops: SIGTERM, SIGINT or SIGQUIT stop it gracefully (a second one
-    /// kills the workers at once), SIGUSR1 and SIGHUP are logged (rolling
-    /// restart is not implemented yet). Signal handlers are installed before
-    /// the first worker starts.
+    /// kills the workers at once), SIGUSR1 and SIGHUP start a rolling
+    /// restart, SIGTTIN adds a worker and SIGTTOU removes one. Signal
+    /// handlers are installed before the first worker starts.
     ///
     /// # Errors
     ///
@@ -335,7 +466,19 @@ impl ClusterWatcher {
                         self.kill();
                     }
                     WatcherSignal::Reload(name) => {
-                        tracing::warn!("{name}: rolling restart is not implemented yet; ignored");
+                        self.send(Command::Restart { reason: name.to_string(), done: None });
+                    }
+                    WatcherSignal::ScaleUp => {
+                        self.send(Command::Scale { to: Scale::Up, done: None });
+                    }
+                    WatcherSignal::ScaleDown => {
+                        let (tx, rx) = oneshot::channel();
+                        self.send(Command::Scale { to: Scale::Down, done: Some(tx) });
+                        tokio::spawn(async move {
+                            if let Ok(Err(e)) = rx.await {
+                                tracing::warn!("SIGTTOU: {e}");
+                            }
+                        });
                     }
                 },
             }

@@ -2,10 +2,18 @@
 //!
 //! All state changes happen here, in response to one event at a time:
 //! a message or failure on a worker's channel, a worker's exit, a command
-//! from the [`ClusterWatcher`](super::ClusterWatcher) handle, or a timer
-//! (a respawn that is due, a stop deadline that passed).
+//! from the [`ClusterWatcher`](super::ClusterWatcher) handle, a reload asked
+//! for by a file watcher, or a timer (a respawn that is due, a stop, ready
+//! or heartbeat deadline).
+//!
+//! Rolling restart: for each slot in turn (`reload_batch` at a time) a
+//! replacement is spawned beside the serving worker; once it is ready it
+//! takes the slot and the old worker is asked to drain. A replacement that
+//! exits or is not ready within `ready_timeout` is killed, the old worker
+//! keeps serving, and the reload stops there with an error. A reload asked
+//! for while one runs is queued (several queued requests merge into one).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
 use std::time::Duration;
@@ -17,13 +25,14 @@ use tokio::time::Instant;
 
 use super::process::{self, Outbound};
 use super::{Config, WorkerInfo, WorkerState};
+use crate::control::{self, Action};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::ipc::RecvError;
 use crate::pidfile::PidFile;
 use crate::socket::Address;
 
-/// Something that happened to a worker, reported by its tasks.
+/// Something that happened, reported by a worker's tasks or a poller.
 pub(crate) enum Event {
     Message {
         context_id: u64,
@@ -38,13 +47,35 @@ pub(crate) enum Event {
         context_id: u64,
         status: Option<ExitStatus>,
     },
+    /// A file watcher or the deploy-link poller asks for a rolling restart.
+    ReloadRequested(String),
+    /// A request that arrived on the control socket.
+    Control(Action),
+}
+
+/// A change in the number of workers.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Scale {
+    Up,
+    Down,
+    To(usize),
 }
 
 /// A request from the handle.
 pub(crate) enum Command {
-    Stop { timeout: Duration },
+    Stop {
+        timeout: Duration,
+    },
     Kill,
     Status(oneshot::Sender<Vec<WorkerInfo>>),
+    Restart {
+        reason: String,
+        done: Option<oneshot::Sender<Result<()>>>,
+    },
+    Scale {
+        to: Scale,
+        done: Option<oneshot::Sender<Result<usize>>>,
+    },
 }
 
 /// How the supervisor ended.
@@ -60,8 +91,42 @@ struct Worker {
     state: WorkerState,
     started: Instant,
     outbound: mpsc::UnboundedSender<Outbound>,
-    /// When to send SIGKILL if the worker is still alive.
+    /// Said `Hello`: uses the library, so it reports readiness and answers pings.
+    hello: bool,
+    /// When to send SIGKILL if the worker is still alive (stopping).
     kill_at: Option<Instant>,
+    /// A replacement must be ready by then.
+    ready_by: Option<Instant>,
+    /// Heartbeat: when to check and ping next, and the last answer.
+    next_ping_at: Option<Instant>,
+    last_pong: Instant,
+    ping_seq: u64,
+    /// Why the watcher killed it, for the exit log.
+    killed_for: Option<String>,
+}
+
+impl Worker {
+    fn stop(&mut self, deadline_ms: u64, kill_at: Instant) {
+        if self.state == WorkerState::Stopping {
+            return;
+        }
+        self.state = WorkerState::Stopping;
+        self.next_ping_at = None;
+        self.ready_by = None;
+        let _ = self.outbound.send(Outbound {
+            msg: ToWorker::Stop { deadline_ms },
+            fds: Vec::new(),
+        });
+        signal(self.pid, Signal::SIGTERM);
+        self.kill_at = Some(kill_at);
+    }
+
+    fn kill(&mut self, why: impl Into<String>) {
+        self.killed_for.get_or_insert_with(|| why.into());
+        self.next_ping_at = None;
+        self.ready_by = None;
+        signal(self.pid, Signal::SIGKILL);
+    }
 }
 
 #[derive(Default)]
@@ -72,7 +137,19 @@ struct Slot {
     failures: u32,
     /// When the next spawn is due, if one is scheduled.
     respawn_at: Option<Instant>,
+    /// Workers started for this slot after the first one.
     restarts: u32,
+}
+
+struct Reload {
+    reason: String,
+    started: Instant,
+    pending: VecDeque<u32>,
+    /// slot -> context id of its replacement, not yet ready.
+    in_flight: HashMap<u32, u64>,
+    failure: Option<String>,
+    done: Vec<oneshot::Sender<Result<()>>>,
+    replaced: usize,
 }
 
 pub(crate) struct Supervisor {
@@ -89,16 +166,17 @@ pub(crate) struct Supervisor {
     stopping: bool,
     failure: Option<(Kind, String)>,
     pid_file: Option<PidFile>,
+    control: Option<control::Server>,
+    reload: Option<Reload>,
+    /// A reload asked for while one runs: its reasons and waiters.
+    queued: Option<(String, Vec<oneshot::Sender<Result<()>>>)>,
 }
 
 impl Supervisor {
-    pub(crate) fn new(
-        config: Config,
-        commands: mpsc::UnboundedReceiver<Command>,
-    ) -> Result<Supervisor> {
+    pub(crate) fn new(config: Config, commands: mpsc::UnboundedReceiver<Command>) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
-        Ok(Supervisor {
+        Supervisor {
             config,
             commands,
             events_tx,
@@ -111,7 +189,15 @@ impl Supervisor {
             stopping: false,
             failure: None,
             pid_file: None,
-        })
+            control: None,
+            reload: None,
+            queued: None,
+        }
+    }
+
+    /// A sender for events, for pollers that ask for reloads.
+    pub(crate) fn events(&self) -> mpsc::UnboundedSender<Event> {
+        self.events_tx.clone()
     }
 
     /// Runs until every worker has exited after a stop (or a fatal error).
@@ -126,15 +212,40 @@ impl Supervisor {
                 }
             }
         }
-        for index in 0..self.slots.len() {
-            if let Err(e) = self.spawn(index as u32 + 1) {
-                if index == 0 {
+        let control_path = self.config.control_socket.clone().or_else(|| {
+            self.config
+                .pid_file
+                .as_deref()
+                .map(control::socket_for_pid_file)
+        });
+        if let Some(path) = control_path {
+            let (tx, mut rx) = mpsc::unbounded_channel();
+            match control::Server::bind(&path, tx) {
+                Ok(server) => self.control = Some(server),
+                Err(e) => {
+                    let outcome = Outcome::Failed(e.kind(), e.to_string());
+                    let _ = started.send(Err(e));
+                    return outcome;
+                }
+            }
+            let events = self.events_tx.clone();
+            tokio::spawn(async move {
+                while let Some(action) = rx.recv().await {
+                    if events.send(Event::Control(action)).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        for slot in 1..=self.slots.len() as u32 {
+            if let Err(e) = self.spawn(slot, false) {
+                if slot == 1 {
                     // Nothing runs yet: report and stop.
                     let outcome = Outcome::Failed(e.kind(), e.to_string());
                     let _ = started.send(Err(e));
                     return outcome;
                 }
-                self.schedule_respawn(index as u32 + 1, &e.to_string());
+                self.schedule_respawn(slot, &format!("could not be started ({e})"));
             }
         }
         let _ = started.send(Ok(()));
@@ -164,6 +275,7 @@ impl Supervisor {
             }
         }
         self.shutdown_listeners();
+        drop(self.control.take());
         drop(self.pid_file.take());
         match self.failure.take() {
             Some((kind, message)) => Outcome::Failed(kind, message),
@@ -176,11 +288,22 @@ impl Supervisor {
 
     fn next_deadline(&self) -> Option<Instant> {
         let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
-        let kills = self.workers.values().filter_map(|w| w.kill_at);
-        respawns.chain(kills).min()
+        let assume = self.config.assume_ready_after;
+        let workers = self.workers.values().flat_map(|w| {
+            let assumed =
+                (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
+            [w.kill_at, w.ready_by, w.next_ping_at, assumed]
+        });
+        respawns.chain(workers.flatten()).min()
     }
 
-    fn spawn(&mut self, slot: u32) -> Result<()> {
+    fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        self.slots.get_mut(slot as usize - 1)
+    }
+
+    /// Spawns a worker for `slot`. A replacement (during a reload) does not
+    /// take the slot until it is ready.
+    fn spawn(&mut self, slot: u32, replacement: bool) -> Result<u64> {
         let context_id = self.next_context_id;
         self.next_context_id += 1;
         let spawned = process::spawn(&self.config, slot, context_id, &self.events_tx)?;
@@ -188,31 +311,38 @@ impl Supervisor {
             "worker {slot} started: pid {}, context {context_id}",
             spawned.pid
         );
+        let now = Instant::now();
         self.workers.insert(
             context_id,
             Worker {
                 slot,
                 pid: spawned.pid,
                 state: WorkerState::Starting,
-                started: Instant::now(),
+                started: now,
                 outbound: spawned.outbound,
+                hello: false,
                 kill_at: None,
+                ready_by: replacement.then(|| now + self.config.ready_timeout),
+                next_ping_at: None,
+                last_pong: now,
+                ping_seq: 0,
+                killed_for: None,
             },
         );
-        let s = &mut self.slots[slot as usize - 1];
-        s.current = Some(context_id);
-        s.respawn_at = None;
-        Ok(())
+        if let Some(s) = self.slot_mut(slot) {
+            s.respawn_at = None;
+            if !replacement {
+                s.current = Some(context_id);
+            }
+        }
+        Ok(context_id)
     }
 
     fn schedule_respawn(&mut self, slot: u32, why: &str) {
-        let config = &self.config;
-        let s = &mut self.slots[slot as usize - 1];
+        let (first, max) = (self.config.respawn_delay, self.config.respawn_delay_max);
+        let Some(s) = self.slot_mut(slot) else { return };
         let factor = 2u32.saturating_pow(s.failures.min(30));
-        let delay = config
-            .respawn_delay
-            .saturating_mul(factor)
-            .min(config.respawn_delay_max);
+        let delay = first.saturating_mul(factor).min(max);
         s.failures = s.failures.saturating_add(1);
         s.current = None;
         s.respawn_at = Some(Instant::now() + delay);
@@ -229,30 +359,82 @@ impl Supervisor {
     fn on_timer(&mut self) {
         let now = Instant::now();
         if !self.stopping {
-            let due: Vec<u32> = self
-                .slots
-                .iter()
-                .enumerate()
-                .filter(|(_, s)| s.respawn_at.is_some_and(|t| t <= now))
-                .map(|(i, _)| i as u32 + 1)
+            let due: Vec<u32> = (1..=self.slots.len() as u32)
+                .filter(|&slot| {
+                    self.slots[slot as usize - 1]
+                        .respawn_at
+                        .is_some_and(|t| t <= now)
+                })
                 .collect();
             for slot in due {
                 self.slots[slot as usize - 1].restarts += 1;
-                if let Err(e) = self.spawn(slot) {
+                if let Err(e) = self.spawn(slot, false) {
                     self.schedule_respawn(slot, &format!("could not be started ({e})"));
                 }
             }
         }
-        for w in self.workers.values_mut() {
+        let timeout = self.config.shutdown_timeout;
+        let mut became_ready = Vec::new();
+        let mut not_ready = Vec::new();
+        for (&id, w) in self.workers.iter_mut() {
             if w.kill_at.is_some_and(|t| t <= now) {
                 tracing::warn!(
-                    "worker {} (pid {}) did not stop within {:?}; killing it",
+                    "worker {} (pid {}) did not stop within {timeout:?}; killing it",
                     w.slot,
-                    w.pid,
-                    self.config.shutdown_timeout
+                    w.pid
                 );
-                signal(w.pid, Signal::SIGKILL);
                 w.kill_at = None;
+                signal(w.pid, Signal::SIGKILL);
+            }
+            if w.ready_by.is_some_and(|t| t <= now) && w.state == WorkerState::Starting {
+                not_ready.push(id);
+            }
+            if w.state == WorkerState::Starting
+                && !w.hello
+                && w.started + self.config.assume_ready_after <= now
+            {
+                became_ready.push(id);
+            }
+            if let (Some(at), Some(limit)) = (w.next_ping_at, self.config.heartbeat_timeout) {
+                if at <= now {
+                    if now.duration_since(w.last_pong) > limit {
+                        tracing::error!(
+                            "worker {} (pid {}) did not answer heartbeats for {limit:?} (its event loop may be blocked); killing it",
+                            w.slot,
+                            w.pid
+                        );
+                        w.kill("missed heartbeats");
+                    } else {
+                        w.ping_seq += 1;
+                        let _ = w.outbound.send(Outbound {
+                            msg: ToWorker::Ping { seq: w.ping_seq },
+                            fds: Vec::new(),
+                        });
+                        w.next_ping_at = Some(now + heartbeat_interval(limit));
+                    }
+                }
+            }
+        }
+        for id in became_ready {
+            if let Some(w) = self.workers.get(&id) {
+                tracing::debug!(
+                    "worker {} (pid {}) has not contacted the watcher; assumed ready",
+                    w.slot,
+                    w.pid
+                );
+            }
+            self.on_ready(id);
+        }
+        for id in not_ready {
+            let ready_timeout = self.config.ready_timeout;
+            if let Some(w) = self.workers.get_mut(&id) {
+                let why = format!(
+                    "the replacement for worker {} (pid {}) was not ready within {ready_timeout:?}",
+                    w.slot, w.pid
+                );
+                w.state = WorkerState::Stopping;
+                w.kill("not ready in time");
+                self.replacement_failed(id, why);
             }
         }
     }
@@ -261,32 +443,44 @@ impl Supervisor {
         match cmd {
             Command::Stop { timeout } => self.begin_stop(timeout),
             Command::Kill => {
-                self.stopping = true;
-                for s in &mut self.slots {
-                    s.respawn_at = None;
-                }
+                self.begin_stop(self.config.shutdown_timeout);
                 for w in self.workers.values_mut() {
-                    signal(w.pid, Signal::SIGKILL);
-                    w.state = WorkerState::Stopping;
                     w.kill_at = None;
+                    w.kill("forced stop");
                 }
             }
             Command::Status(reply) => {
-                let mut list: Vec<WorkerInfo> = self
-                    .workers
-                    .iter()
-                    .map(|(&context_id, w)| WorkerInfo {
-                        slot: w.slot,
-                        context_id,
-                        pid: w.pid,
-                        state: w.state,
-                        restarts: self.slots[w.slot as usize - 1].restarts,
-                    })
-                    .collect();
-                list.sort_by_key(|w| (w.slot, w.context_id));
-                let _ = reply.send(list);
+                let _ = reply.send(self.status());
+            }
+            Command::Restart { reason, done } => self.request_reload(reason, done),
+            Command::Scale { to, done } => {
+                let result = self.scale(to);
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
             }
         }
+    }
+
+    fn status(&self) -> Vec<WorkerInfo> {
+        let mut list: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .map(|(&context_id, w)| WorkerInfo {
+                slot: w.slot,
+                context_id,
+                pid: w.pid,
+                state: w.state,
+                restarts: self
+                    .slots
+                    .get(w.slot as usize - 1)
+                    .map(|s| s.restarts)
+                    .unwrap_or(0),
+                uptime: w.started.elapsed(),
+            })
+            .collect();
+        list.sort_by_key(|w| (w.slot, w.context_id));
+        list
     }
 
     fn begin_stop(&mut self, timeout: Duration) {
@@ -297,19 +491,27 @@ impl Supervisor {
         for s in &mut self.slots {
             s.respawn_at = None;
         }
+        if let Some(mut reload) = self.reload.take() {
+            reload.failure = Some("the watcher is stopping".into());
+            finish_reload(reload);
+        }
+        if let Some((_, waiters)) = self.queued.take() {
+            for w in waiters {
+                let _ = w.send(Err(Error::new(Kind::Config, "the watcher is stopping")));
+            }
+        }
         let deadline_ms = timeout.as_millis().min(u64::MAX as u128) as u64;
         let kill_at = Instant::now() + timeout;
         for w in self.workers.values_mut() {
-            if w.state == WorkerState::Stopping {
-                continue;
-            }
-            w.state = WorkerState::Stopping;
-            let _ = w.outbound.send(Outbound {
-                msg: ToWorker::Stop { deadline_ms },
-                fds: Vec::new(),
-            });
-            signal(w.pid, Signal::SIGTERM);
-            w.kill_at = Some(kill_at);
+            w.stop(deadline_ms, kill_at);
+        }
+    }
+
+    fn stop_worker(&mut self, context_id: u64) {
+        let timeout = self.config.shutdown_timeout;
+        let deadline_ms = timeout.as_millis().min(u64::MAX as u128) as u64;
+        if let Some(w) = self.workers.get_mut(&context_id) {
+            w.stop(deadline_ms, Instant::now() + timeout);
         }
     }
 
@@ -323,6 +525,205 @@ impl Supervisor {
         self.begin_stop(self.config.shutdown_timeout);
     }
 
+    // ----- rolling restart -------------------------------------------------
+
+    fn request_reload(&mut self, reason: String, done: Option<oneshot::Sender<Result<()>>>) {
+        if self.stopping {
+            if let Some(done) = done {
+                let _ = done.send(Err(Error::new(Kind::Config, "the watcher is stopping")));
+            }
+            return;
+        }
+        if self.reload.is_some() {
+            tracing::info!("{reason}: a rolling restart is running; queued");
+            let queued = self
+                .queued
+                .get_or_insert_with(|| (String::new(), Vec::new()));
+            if queued.0.is_empty() {
+                queued.0 = reason;
+            } else if !queued.0.contains(&reason) {
+                queued.0 = format!("{}, {reason}", queued.0);
+            }
+            queued.1.extend(done);
+            return;
+        }
+        tracing::info!(
+            "{reason}: rolling restart of {} worker(s)",
+            self.slots.len()
+        );
+        self.reload = Some(Reload {
+            reason,
+            started: Instant::now(),
+            pending: (1..=self.slots.len() as u32).collect(),
+            in_flight: HashMap::new(),
+            failure: None,
+            done: done.into_iter().collect(),
+            replaced: 0,
+        });
+        self.reload_step();
+    }
+
+    fn reload_step(&mut self) {
+        let batch = self.config.reload_batch.max(1);
+        loop {
+            let Some(reload) = self.reload.as_mut() else {
+                return;
+            };
+            if reload.failure.is_some() {
+                reload.pending.clear();
+                // Kill replacements that are still starting; old workers stay.
+                let in_flight: Vec<u64> = reload.in_flight.drain().map(|(_, id)| id).collect();
+                for id in in_flight {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.state = WorkerState::Stopping;
+                        w.kill("rolling restart aborted");
+                    }
+                }
+            }
+            let reload = self.reload.as_mut().expect("checked above");
+            if reload.in_flight.len() >= batch || reload.pending.is_empty() {
+                if reload.pending.is_empty() && reload.in_flight.is_empty() {
+                    let reload = self.reload.take().expect("checked above");
+                    finish_reload(reload);
+                    if let Some((reason, done)) = self.queued.take() {
+                        self.request_reload(reason, None);
+                        if let Some(r) = self.reload.as_mut() {
+                            r.done.extend(done);
+                        }
+                    }
+                }
+                return;
+            }
+            let slot = reload.pending.pop_front().expect("not empty");
+            if slot as usize > self.slots.len() {
+                continue; // scaled down meanwhile
+            }
+            match self.spawn(slot, true) {
+                Ok(id) => {
+                    self.slots[slot as usize - 1].restarts += 1;
+                    if let Some(r) = self.reload.as_mut() {
+                        r.in_flight.insert(slot, id);
+                    }
+                }
+                Err(e) => {
+                    if let Some(r) = self.reload.as_mut() {
+                        r.failure =
+                            Some(format!("cannot start a replacement for worker {slot}: {e}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// A replacement exited or timed out before it was ready.
+    fn replacement_failed(&mut self, context_id: u64, why: String) {
+        let Some(reload) = self.reload.as_mut() else {
+            return;
+        };
+        let Some((&slot, _)) = reload.in_flight.iter().find(|(_, &id)| id == context_id) else {
+            return;
+        };
+        reload.in_flight.remove(&slot);
+        tracing::error!("{why}; the old worker keeps serving");
+        reload.failure.get_or_insert(why);
+        // A slot left without any worker (its old one died meanwhile) respawns.
+        if self
+            .slots
+            .get(slot as usize - 1)
+            .is_some_and(|s| s.current.is_none())
+        {
+            self.schedule_respawn(slot, "has no worker after a failed replacement");
+        }
+        self.reload_step();
+    }
+
+    fn on_ready(&mut self, context_id: u64) {
+        let heartbeat = self.config.heartbeat_timeout;
+        let Some(w) = self.workers.get_mut(&context_id) else {
+            return;
+        };
+        if w.state != WorkerState::Starting {
+            return;
+        }
+        w.state = WorkerState::Ready;
+        w.ready_by = None;
+        let now = Instant::now();
+        if w.hello {
+            tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
+            if let Some(limit) = heartbeat {
+                w.last_pong = now;
+                w.next_ping_at = Some(now + heartbeat_interval(limit));
+            }
+        }
+        let slot = w.slot;
+        self.ever_ready = true;
+        let Some(reload) = self.reload.as_mut() else {
+            return;
+        };
+        if reload.in_flight.get(&slot) != Some(&context_id) {
+            return;
+        }
+        reload.in_flight.remove(&slot);
+        reload.replaced += 1;
+        let old = self.slots[slot as usize - 1].current.replace(context_id);
+        if let Some(old) = old.filter(|&o| o != context_id) {
+            self.stop_worker(old);
+        }
+        self.reload_step();
+    }
+
+    // ----- scaling ---------------------------------------------------------
+
+    fn scale(&mut self, to: Scale) -> Result<usize> {
+        if self.stopping {
+            return Err(Error::new(Kind::Config, "the watcher is stopping"));
+        }
+        let target = match to {
+            Scale::Up => self.slots.len() + 1,
+            Scale::Down => self.slots.len().saturating_sub(1),
+            Scale::To(n) => n,
+        };
+        if target == 0 {
+            return Err(Error::new(
+                Kind::Config,
+                "a cluster keeps at least 1 worker",
+            ));
+        }
+        if target > 4096 {
+            return Err(Error::new(Kind::Config, "at most 4096 workers"));
+        }
+        while self.slots.len() < target {
+            self.slots.push(Slot::default());
+            let slot = self.slots.len() as u32;
+            if let Err(e) = self.spawn(slot, false) {
+                self.schedule_respawn(slot, &format!("could not be started ({e})"));
+            }
+        }
+        while self.slots.len() > target {
+            let slot = self.slots.len() as u32;
+            let removed = self.slots.pop().expect("more than target");
+            if let Some(reload) = self.reload.as_mut() {
+                reload.pending.retain(|&s| s != slot);
+                if let Some(id) = reload.in_flight.remove(&slot) {
+                    if let Some(w) = self.workers.get_mut(&id) {
+                        w.state = WorkerState::Stopping;
+                        w.kill("scaled down");
+                    }
+                }
+            }
+            if let Some(id) = removed.current {
+                self.stop_worker(id);
+            }
+        }
+        tracing::info!("now running {} worker(s)", self.slots.len());
+        if self.reload.is_some() {
+            self.reload_step();
+        }
+        Ok(self.slots.len())
+    }
+
+    // ----- events ----------------------------------------------------------
+
     fn on_event(&mut self, event: Event) {
         match event {
             Event::Message {
@@ -331,7 +732,7 @@ impl Supervisor {
                 fds,
             } => self.on_message(context_id, msg, fds),
             Event::ChannelClosed { context_id, error } => {
-                let Some(w) = self.workers.get(&context_id) else {
+                let Some(w) = self.workers.get_mut(&context_id) else {
                     return;
                 };
                 match error {
@@ -343,30 +744,75 @@ impl Supervisor {
                             w.slot,
                             w.pid
                         );
-                        signal(w.pid, Signal::SIGKILL);
+                        w.kill("protocol error");
                     }
                 }
             }
-            Event::Exited { context_id, status } => {
-                let Some(w) = self.workers.remove(&context_id) else {
-                    return;
-                };
-                let how = process::describe_exit(status);
-                let slot = w.slot;
-                let s = &mut self.slots[slot as usize - 1];
-                if s.current == Some(context_id) {
-                    s.current = None;
+            Event::Exited { context_id, status } => self.on_exit(context_id, status),
+            Event::ReloadRequested(reason) => self.request_reload(reason, None),
+            Event::Control(action) => match action {
+                Action::Status(reply) => {
+                    let _ = reply.send((self.status(), self.slots.len()));
                 }
-                if self.stopping || w.state == WorkerState::Stopping {
-                    tracing::debug!("worker {slot} (pid {}) {how}", w.pid);
-                    return;
+                Action::Reload(done) => {
+                    self.request_reload("reload requested".into(), Some(done));
                 }
-                if w.started.elapsed() >= self.config.backoff_reset {
-                    s.failures = 0;
+                Action::Stop => {
+                    tracing::info!("stop requested");
+                    self.begin_stop(self.config.shutdown_timeout);
                 }
-                self.schedule_respawn(slot, &format!("(pid {}) {how}", w.pid));
-            }
+                Action::Scale(n, done) => {
+                    let _ = done.send(self.scale(Scale::To(n)));
+                }
+            },
         }
+    }
+
+    fn on_exit(&mut self, context_id: u64, status: Option<ExitStatus>) {
+        let Some(w) = self.workers.remove(&context_id) else {
+            return;
+        };
+        let mut how = process::describe_exit(status);
+        if let Some(why) = &w.killed_for {
+            how = format!("{how} ({why})");
+        }
+        let slot = w.slot;
+        let in_flight = self
+            .reload
+            .as_ref()
+            .and_then(|r| r.in_flight.get(&slot).copied());
+        if in_flight == Some(context_id) {
+            let why = format!(
+                "the replacement for worker {slot} (pid {}) {how} before it was ready",
+                w.pid
+            );
+            self.replacement_failed(context_id, why);
+            return;
+        }
+        let Some(s) = self.slots.get_mut(slot as usize - 1) else {
+            tracing::debug!("worker {slot} (pid {}) {how} (slot retired)", w.pid);
+            return;
+        };
+        let was_current = s.current == Some(context_id);
+        if was_current {
+            s.current = None;
+        }
+        if self.stopping || w.state == WorkerState::Stopping || !was_current {
+            tracing::debug!("worker {slot} (pid {}) {how}", w.pid);
+            return;
+        }
+        if w.started.elapsed() >= self.config.backoff_reset {
+            s.failures = 0;
+        }
+        if in_flight.is_some() {
+            // Its replacement is starting and will take the slot.
+            tracing::warn!(
+                "worker {slot} (pid {}) {how}; its replacement is starting",
+                w.pid
+            );
+            return;
+        }
+        self.schedule_respawn(slot, &format!("(pid {}) {how}", w.pid));
     }
 
     fn on_message(&mut self, context_id: u64, msg: ToWatcher, fds: Vec<OwnedFd>) {
@@ -380,7 +826,7 @@ impl Supervisor {
                 w.pid,
                 fds.len()
             );
-            signal(w.pid, Signal::SIGKILL);
+            w.kill("protocol error");
             return;
         }
         match msg {
@@ -390,9 +836,10 @@ impl Supervisor {
                         "worker {} (pid {pid}) speaks protocol {version}, the watcher {VERSION}; replacing it",
                         w.slot
                     );
-                    signal(w.pid, Signal::SIGKILL);
+                    w.kill("protocol version mismatch");
                     return;
                 }
+                w.hello = true;
                 let _ = w.outbound.send(Outbound {
                     msg: ToWorker::Hello {
                         version: VERSION,
@@ -403,14 +850,12 @@ impl Supervisor {
                 });
             }
             ToWatcher::Ready => {
-                if w.state == WorkerState::Starting {
-                    w.state = WorkerState::Ready;
-                    tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
-                }
-                self.ever_ready = true;
+                w.hello = true;
+                self.on_ready(context_id);
             }
             ToWatcher::SocketRequest { id, addr } => self.on_socket_request(context_id, id, addr),
-            ToWatcher::Pong { .. } | ToWatcher::Data(_) => {}
+            ToWatcher::Pong { .. } => w.last_pong = Instant::now(),
+            ToWatcher::Data(_) => {}
         }
     }
 
@@ -470,6 +915,45 @@ impl Supervisor {
             }
         }
     }
+}
+
+fn finish_reload(reload: Reload) {
+    let took = reload.started.elapsed();
+    let result = match reload.failure {
+        None => {
+            tracing::info!(
+                "rolling restart ({}) done: {} worker(s) replaced in {took:.1?}",
+                reload.reason,
+                reload.replaced
+            );
+            Ok(())
+        }
+        Some(why) => {
+            tracing::error!(
+                "rolling restart ({}) failed after replacing {} worker(s): {why}",
+                reload.reason,
+                reload.replaced
+            );
+            Err(Error::new(Kind::Reload, why))
+        }
+    };
+    let mut done = reload.done.into_iter();
+    if let Some(last) = done.next_back() {
+        for d in done {
+            let _ = d.send(
+                result
+                    .as_ref()
+                    .map(|_| ())
+                    .map_err(|e| Error::new(Kind::Reload, e.to_string())),
+            );
+        }
+        let _ = last.send(result);
+    }
+}
+
+/// How often to ping: a quarter of the timeout, between 50 ms and 5 s.
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

@@ -10,6 +10,11 @@
 //!   writes garbage to its IPC socket once (the first time, marked by the file
 //!   `TEST_GARBAGE_MARK`), which must get it replaced.
 //!
+//! * `hang ADDR`: takes the listener, then never becomes ready (never calls
+//!   `ready` or `await_termination`) if the file `TEST_HANG_MARK` exists.
+//! * `block ADDR`: like `serve`, but when the file `TEST_BLOCK_MARK` does not
+//!   exist yet, creates it and blocks its runtime thread 300 ms after ready.
+//!
 //! Every start appends `spawn <context> <slot> <pid> <unix-ms> [port]` to the
 //! file named by `TEST_SPAWN_LOG`, if set.
 
@@ -54,7 +59,7 @@ fn main() {
             log_line("");
             std::process::exit(3);
         }
-        "serve" | "garbage" => {}
+        "serve" | "garbage" | "hang" | "block" => {}
         other => {
             eprintln!("test_worker: unknown mode {other:?}");
             std::process::exit(2);
@@ -76,6 +81,22 @@ fn main() {
         log_line(&port);
         if mode == "garbage" {
             maybe_send_garbage();
+        }
+        if mode == "hang" && std::env::var_os("TEST_HANG_MARK").is_some_and(|m| std::path::Path::new(&m).exists()) {
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(1000));
+            }
+        }
+        if mode == "block" {
+            if let Some(mark) = std::env::var_os("TEST_BLOCK_MARK") {
+                if std::fs::OpenOptions::new().write(true).create_new(true).open(&mark).is_ok() {
+                    tokio::spawn(async {
+                        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+                        // Blocks the only runtime thread: heartbeats go unanswered.
+                        std::thread::sleep(std::time::Duration::from_secs(1000));
+                    });
+                }
+            }
         }
         let id = Cluster::context_id().map(|c| c.to_string()).unwrap_or_else(|| "standalone".into());
         let head = format!(

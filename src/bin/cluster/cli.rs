@@ -8,20 +8,26 @@ use std::time::Duration;
 use clap::Parser;
 
 /// Run N copies of a server program behind listening sockets that this
-/// watcher owns; respawn them when they crash, stop them gracefully.
+/// watcher owns; respawn them when they crash, restart them without
+/// dropping a connection, stop them gracefully.
 ///
 /// Signals: TERM, INT and QUIT stop gracefully (a second one kills the
-/// workers). The program finds the watcher through the `cluster` crate's
-/// `Cluster::server_socket_factory()`; any other program runs too, it just
-/// binds its own sockets.
+/// workers); USR1 and HUP restart the workers one by one; TTIN adds a
+/// worker, TTOU removes one.
 #[derive(Debug, Parser)]
 #[command(
     name = "cluster",
     version,
     about,
-    after_help = "Put `--` before program arguments that look like cluster options:\n  cluster --workers 4 -- ./my-server --port 8080"
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true,
+    after_help = "Put `--` before program arguments that look like cluster options:\n  cluster --workers 4 -- ./my-server --port 8080\nA program named like a subcommand runs as ./status or after --."
 )]
 pub struct Args {
+    /// Talk to a running watcher instead of starting one
+    #[command(subcommand)]
+    pub control: Option<Control>,
+
     /// Number of workers [default: the number of CPUs available]
     #[arg(short = 'w', long, value_name = "N", value_parser = parse_workers)]
     pub workers: Option<usize>,
@@ -43,9 +49,97 @@ pub struct Args {
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Seconds a replacement started by a rolling restart has to become
+    /// ready before it is killed (the old worker keeps serving)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
+    pub ready_timeout: Duration,
+
+    /// How many workers a rolling restart replaces at once
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_workers)]
+    pub reload_batch: usize,
+
+    /// Seconds a ready worker may leave the watcher's pings unanswered
+    /// before it is killed and replaced (0 disables)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
+    pub heartbeat_timeout: Duration,
+
+    /// Rolling-restart when a file under PATH changes (repeatable; files or
+    /// directories, debounced)
+    #[arg(long, value_name = "PATH")]
+    pub watch: Vec<PathBuf>,
+
+    /// Rolling-restart when the program's path resolves to a new target
+    /// (a deploy switched a `current -> releases/vN` symlink)
+    #[arg(long)]
+    pub reload_on_deploy: bool,
+
+    /// Control socket path [default: beside the pid file, x.pid -> x.sock]
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+
     /// The program to run as each worker, and its arguments
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
+}
+
+/// Subcommands that talk to a running watcher through its control socket.
+#[derive(Debug, clap::Subcommand)]
+pub enum Control {
+    /// Show the workers (exit 0 when a watcher runs, 3 when none does)
+    Status {
+        #[command(flatten)]
+        target: Target,
+        /// Print JSON instead of a table
+        #[arg(long)]
+        json: bool,
+        /// Print nothing; only the exit status tells
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Restart the workers one by one; fails if a replacement is not ready
+    Reload {
+        #[command(flatten)]
+        target: Target,
+    },
+    /// Stop the watcher gracefully and wait until it has exited
+    Stop {
+        #[command(flatten)]
+        target: Target,
+        /// Seconds to wait for the watcher to exit
+        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
+        timeout: Duration,
+    },
+    /// Set the number of workers
+    Scale {
+        #[command(flatten)]
+        target: Target,
+        /// The new number of workers
+        #[arg(value_name = "N", value_parser = parse_workers)]
+        workers: usize,
+    },
+}
+
+/// Which watcher to talk to.
+#[derive(Debug, clap::Args)]
+#[group(required = true, multiple = false)]
+pub struct Target {
+    /// The watcher's pid file (its control socket is beside it)
+    #[arg(short = 'p', long, value_name = "FILE")]
+    pub pid_file: Option<PathBuf>,
+    /// The watcher's control socket
+    #[arg(long, value_name = "PATH")]
+    pub control_socket: Option<PathBuf>,
+}
+
+impl Target {
+    /// The control socket to connect to.
+    pub fn socket(&self) -> Result<PathBuf, String> {
+        match (&self.control_socket, &self.pid_file) {
+            (Some(s), _) => Ok(s.clone()),
+            (None, Some(p)) => Ok(cluster::control::socket_for_pid_file(p)),
+            (None, None) => Err("give --pid-file or --control-socket".into()),
+        }
+    }
 }
 
 fn parse_workers(s: &str) -> Result<usize, String> {
@@ -144,6 +238,25 @@ mod tests {
         for bad in ["", "not a level!!", "x=loud", "info,,"] {
             assert!(check_log_filter(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn subcommands() {
+        let a = parse(&["status", "--pid-file", "x.pid", "--json"]).unwrap();
+        assert!(matches!(
+            a.control,
+            Some(Control::Status { json: true, .. })
+        ));
+        let a = parse(&["scale", "-p", "x.pid", "3"]).unwrap();
+        assert!(matches!(a.control, Some(Control::Scale { workers: 3, .. })));
+        assert!(parse(&["reload"]).is_err(), "needs a target");
+        assert!(parse(&["scale", "-p", "x.pid", "0"]).is_err());
+        // A program named like a subcommand, after `--` or as a path.
+        let a = parse(&["--", "status"]).unwrap();
+        assert!(a.control.is_none());
+        assert_eq!(a.command, ["status"]);
+        let a = parse(&["./reload", "x"]).unwrap();
+        assert_eq!(a.command, ["./reload", "x"]);
     }
 
     #[test]

@@ -2,9 +2,11 @@
 //! runs a [`cluster::ClusterWatcher`] until it stops.
 //!
 //! Exit status: 0 after a graceful stop, 1 when the watcher fails (or a
-//! second stop signal forced it), 2 for a usage error.
+//! second stop signal forced it), 2 for a usage error; `cluster status`
+//! exits 3 when no watcher runs.
 
 mod cli;
+mod control;
 
 use std::process::ExitCode;
 
@@ -36,6 +38,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(cmd) = args.control {
+        return control::run(cmd);
+    }
     let filter = match args.log_level.as_deref() {
         Some(level) => cli::check_log_filter(level)
             .and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string())),
@@ -59,9 +64,20 @@ fn main() -> ExitCode {
 
     let mut command = std::process::Command::new(&args.command[0]);
     command.args(&args.command[1..]);
+    let heartbeat = (!args.heartbeat_timeout.is_zero()).then_some(args.heartbeat_timeout);
     let mut builder = ClusterWatcher::builder(command)
         .shutdown_timeout(args.shutdown_timeout)
-        .backlog(args.backlog);
+        .backlog(args.backlog)
+        .ready_timeout(args.ready_timeout)
+        .reload_batch(args.reload_batch)
+        .heartbeat_timeout(heartbeat)
+        .reload_on_deploy(args.reload_on_deploy);
+    for path in &args.watch {
+        builder = builder.watch(path);
+    }
+    if let Some(path) = &args.control_socket {
+        builder = builder.control_socket(path);
+    }
     if let Some(n) = args.workers {
         builder = builder.workers(n);
     }

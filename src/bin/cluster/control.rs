@@ -1,0 +1,157 @@
+//! The subcommands that talk to a running watcher: status, reload, stop, scale.
+
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use cluster::control::{request, Request, Response};
+
+use crate::cli::Control;
+
+/// Exit status of `status` when no watcher runs (LSB: "program is not running").
+const NOT_RUNNING: u8 = 3;
+
+pub fn run(cmd: Control) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cluster: error: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(dispatch(cmd))
+}
+
+fn error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("cluster: error: {message}");
+    ExitCode::FAILURE
+}
+
+async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, ExitCode> {
+    let socket = target.socket().map_err(error)?;
+    match request(&socket, &req).await {
+        Ok(r) if r.ok => Ok(r),
+        Ok(r) => Err(error(
+            r.error.unwrap_or_else(|| "the watcher refused".into()),
+        )),
+        Err(e) => Err(error(e)),
+    }
+}
+
+async fn dispatch(cmd: Control) -> ExitCode {
+    match cmd {
+        Control::Status {
+            target,
+            json,
+            quiet,
+        } => {
+            let socket = match target.socket() {
+                Ok(s) => s,
+                Err(e) => return error(e),
+            };
+            match request(&socket, &Request::Status).await {
+                Ok(r) if r.ok => {
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                    } else if !quiet {
+                        print_table(&r);
+                    }
+                    ExitCode::SUCCESS
+                }
+                Ok(r) => error(r.error.unwrap_or_default()),
+                Err(e) => {
+                    if !quiet {
+                        eprintln!("cluster: {e}");
+                    }
+                    ExitCode::from(NOT_RUNNING)
+                }
+            }
+        }
+        Control::Reload { target } => match ask(&target, Request::Reload).await {
+            Ok(_) => {
+                println!("reloaded");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        Control::Scale { target, workers } => {
+            match ask(&target, Request::Scale { workers }).await {
+                Ok(r) => {
+                    println!("{} worker(s)", r.workers_wanted.unwrap_or(workers));
+                    ExitCode::SUCCESS
+                }
+                Err(code) => code,
+            }
+        }
+        Control::Stop { target, timeout } => {
+            let response = match ask(&target, Request::Stop).await {
+                Ok(r) => r,
+                Err(code) => return code,
+            };
+            // Wait until the watcher process is gone.
+            let pid = nix::unistd::Pid::from_raw(response.pid as i32);
+            let deadline = Instant::now() + timeout;
+            while running(pid) {
+                if Instant::now() >= deadline {
+                    return error(format!(
+                        "the watcher (pid {}) is still running after {timeout:?}",
+                        response.pid
+                    ));
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!("stopped");
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+/// Whether `pid` is a live process (a zombie waiting for its parent to
+/// reap it has exited).
+fn running(pid: nix::unistd::Pid) -> bool {
+    if nix::sys::signal::kill(pid, None).is_err() {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+fn print_table(r: &Response) {
+    println!(
+        "watcher pid {}: {} worker(s) running, {} wanted",
+        r.pid,
+        r.workers.len(),
+        r.workers_wanted.unwrap_or(0)
+    );
+    println!(
+        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}",
+        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS"
+    );
+    for w in &r.workers {
+        println!(
+            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}",
+            w.slot,
+            w.context_id,
+            w.pid,
+            w.state,
+            human(w.uptime_secs),
+            w.restarts
+        );
+    }
+}
+
+fn human(secs: f64) -> String {
+    let s = secs as u64;
+    match s {
+        0..=59 => format!("{secs:.1}s"),
+        60..=3599 => format!("{}m{:02}s", s / 60, s % 60),
+        _ => format!("{}h{:02}m", s / 3600, (s % 3600) / 60),
+    }
+}
