@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use socket2::{Domain, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpStream, UnixStream};
 
@@ -163,6 +163,7 @@ pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
 /// [`Stream`] accepted from a [`crate::Listener`], or an [`OwnedFd`] that
 /// holds a connected stream socket. Anything else (a listening socket, a
 /// datagram socket, a file) is refused by the receiver, not by the sender.
+/// An unconnected stream socket is not detected; reads on it fail.
 ///
 /// Dropping it closes the socket (a tokio stream is deregistered first).
 #[derive(Debug)]
@@ -417,7 +418,7 @@ impl ClientSocketReceivePipe {
     /// when a datagram is malformed: larger than the protocol allows, with
     /// no descriptor or more than one, with undecodable or trailing bytes,
     /// with data that is not a valid `T`, or with a descriptor that is not
-    /// a TCP or Unix stream socket.
+    /// a TCP or Unix stream socket (or is a listening one).
     pub async fn receive<T: DeserializeOwned>(&self) -> Result<Option<TransferredSocket<T>>> {
         let mut guard = BufGuard {
             home: &self.buf,
@@ -460,7 +461,8 @@ impl ClientSocketReceivePipe {
 }
 
 /// Turns a received descriptor into a tokio stream, after checking that it
-/// is a TCP or Unix stream socket and making it non-blocking.
+/// is a TCP or Unix stream socket, not a listening one, and making it
+/// non-blocking.
 fn into_stream(fd: OwnedFd) -> Result<Stream> {
     let err = |e| {
         Error::with_io(
@@ -470,28 +472,44 @@ fn into_stream(fd: OwnedFd) -> Result<Stream> {
         )
     };
     let sock = Socket::from(fd);
-    if sock.r#type().map_err(err)? != Type::STREAM {
+    // One getsockopt for the common case: only TCP (and MPTCP) sockets,
+    // which are always AF_INET/AF_INET6 and SOCK_STREAM, say IPPROTO_TCP.
+    let protocol = sock.protocol().map_err(err)?;
+    let tcp = match protocol {
+        Some(p) if p == Protocol::TCP || p == Protocol::MPTCP => true,
+        Some(_) => {
+            return Err(Error::new(
+                Kind::Ipc,
+                "the handed-off socket is neither TCP nor a Unix stream socket",
+            ))
+        }
+        None => {
+            if sock.domain().map_err(err)? != Domain::UNIX
+                || sock.r#type().map_err(err)? != Type::STREAM
+            {
+                return Err(Error::new(
+                    Kind::Ipc,
+                    "the handed-off socket is neither TCP nor a Unix stream socket",
+                ));
+            }
+            false
+        }
+    };
+    if sock.is_listener().map_err(err)? {
         return Err(Error::new(
             Kind::Ipc,
-            "the handed-off descriptor is not a stream socket",
-        ));
-    }
-    let domain = sock.domain().map_err(err)?;
-    if domain != Domain::IPV4 && domain != Domain::IPV6 && domain != Domain::UNIX {
-        return Err(Error::new(
-            Kind::Ipc,
-            "the handed-off socket is neither TCP nor Unix",
+            "the handed-off socket is a listening socket, not a connection",
         ));
     }
     // tokio requires non-blocking descriptors. The flag lives in the open
     // file description, which the sender shares, so it is usually set already.
     sock.set_nonblocking(true).map_err(err)?;
-    if domain == Domain::UNIX {
-        let std = std::os::unix::net::UnixStream::from(sock);
-        UnixStream::from_std(std).map(Stream::Unix).map_err(err)
-    } else {
+    if tcp {
         let std = std::net::TcpStream::from(sock);
         TcpStream::from_std(std).map(Stream::Tcp).map_err(err)
+    } else {
+        let std = std::os::unix::net::UnixStream::from(sock);
+        UnixStream::from_std(std).map(Stream::Unix).map_err(err)
     }
 }
 
