@@ -547,6 +547,9 @@ fn malformed_datagrams_are_errors_and_their_descriptors_closed() {
         let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
         let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
         let tcp_listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let unix_dgram = std::os::unix::net::UnixDatagram::unbound().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let unix_listener = std::os::unix::net::UnixListener::bind(dir.path().join("l")).unwrap();
 
         let cases: Vec<(&str, Vec<u8>, Vec<&dyn AsFd>)> = vec![
             ("no descriptor", envelope(&seq_5), vec![]),
@@ -590,6 +593,16 @@ fn malformed_datagrams_are_errors_and_their_descriptors_closed() {
             ("a pipe, not a socket", envelope(&seq_5), vec![&pipe_r]),
             ("a datagram socket", envelope(&seq_5), vec![&udp]),
             ("a listening socket", envelope(&seq_5), vec![&tcp_listener]),
+            (
+                "a Unix datagram socket",
+                envelope(&seq_5),
+                vec![&unix_dgram],
+            ),
+            (
+                "a listening Unix socket",
+                envelope(&seq_5),
+                vec![&unix_listener],
+            ),
         ];
         for (what, bytes, fds) in &cases {
             send_raw(&raw_tx, bytes, fds);
@@ -615,6 +628,7 @@ fn malformed_datagrams_are_errors_and_their_descriptors_closed() {
             "pipe read end still open"
         );
         drop((client, pipe_w, udp, tcp_listener, raw_tx, rx));
+        drop((unix_dgram, unix_listener, dir));
         assert_same_fds(&before);
     });
 }
