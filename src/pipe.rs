@@ -472,8 +472,9 @@ fn into_stream(fd: OwnedFd) -> Result<Stream> {
         )
     };
     let sock = Socket::from(fd);
-    // One getsockopt for the common case: only TCP (and MPTCP) sockets,
-    // which are always AF_INET/AF_INET6 and SOCK_STREAM, say IPPROTO_TCP.
+    // One getsockopt classifies the common case: only TCP (and MPTCP)
+    // sockets, always AF_INET/AF_INET6 and SOCK_STREAM, say IPPROTO_TCP.
+    // Unix sockets say 0 and need two more (domain, type).
     let protocol = sock.protocol().map_err(err)?;
     let tcp = match protocol {
         Some(p) if p == Protocol::TCP || p == Protocol::MPTCP => true,

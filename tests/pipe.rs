@@ -9,9 +9,10 @@ mod common;
 use std::future::Future;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard};
+use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -81,6 +82,34 @@ fn assert_same_fds(before: &[String]) {
     };
     let (before, after) = (skip(before), skip(&open_fds()));
     assert_eq!(after, before, "descriptors leaked or lost");
+}
+
+/// The `client_handoff` example binary. `cargo test --test pipe` does not
+/// build examples (a plain `cargo test` does), so build it here; cargo
+/// returns at once when it is up to date, and a stale binary never runs.
+fn client_handoff_bin() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo.args([
+            "build",
+            "--quiet",
+            "--example",
+            "client_handoff",
+            "--manifest-path",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+        ]);
+        if !cfg!(debug_assertions) {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("run cargo");
+        assert!(
+            status.success(),
+            "cargo build --example client_handoff: {status}"
+        );
+        common::example("client_handoff")
+    })
+    .clone()
 }
 
 /// A connected TCP pair on 127.0.0.1: (client, server).
@@ -368,7 +397,7 @@ fn killed_receiver_process_gives_the_sender_an_error_without_leaks() {
         let before = open_fds();
         let listener = ClientSocketPipeListener::bind(dir.path().join("pipe.sock")).unwrap();
         let mut child = Reaped(
-            Command::new(common::example("client_handoff"))
+            Command::new(client_handoff_bin())
                 .arg("child")
                 .arg(listener.path())
                 .stdin(Stdio::null())
@@ -679,7 +708,7 @@ fn client_handoff_example_serves_from_several_children_and_stops_on_sigterm() {
     let _serial = serial();
     const CHILDREN: usize = 3;
     let port = common::free_port();
-    let child = Command::new(common::example("client_handoff"))
+    let child = Command::new(client_handoff_bin())
         .arg(format!("127.0.0.1:{port}"))
         .arg(CHILDREN.to_string())
         .stdin(Stdio::null())
