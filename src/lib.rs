@@ -55,6 +55,7 @@
 pub mod control;
 mod error;
 mod ipc;
+mod log;
 mod pidfile;
 mod pipe;
 mod signal;
@@ -64,13 +65,17 @@ mod watcher;
 mod worker;
 
 pub use error::{Error, Result};
+pub use log::{ClusterLogLayer, LogFilter};
 pub use pipe::{
     pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,
     TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
 };
 pub use socket::{Listener, PeerAddr, Stream, DEFAULT_BACKLOG};
-pub use watcher::{ClusterWatcher, ClusterWatcherBuilder, Stopped, WorkerInfo, WorkerState};
-pub use worker::{Cluster, ServerSocketFactory};
+pub use watcher::{
+    ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
+    WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
+};
+pub use worker::{Cluster, MessageChannel, ServerSocketFactory, MAX_MESSAGE_SIZE};
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

@@ -14,13 +14,16 @@ use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+
+use serde::{de::DeserializeOwned, Serialize};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
+use crate::ipc::message::{ToWatcher, ToWorker, MAX_MESSAGE, VERSION};
 use crate::ipc::{Channel, RecvError};
+use crate::log::{ClusterLogLayer, LogRecord, WorkerLogQueue, WORKER_QUEUE};
 use crate::socket::{Address, Listener, DEFAULT_BACKLOG};
 use crate::{signal, sys};
 
@@ -84,6 +87,45 @@ impl Cluster {
         ServerSocketFactory { _private: () }
     }
 
+    /// A `tracing_subscriber` layer that forwards every event (level,
+    /// target, message, fields, span names, timestamp) to the watcher, which
+    /// writes it to its log stream tagged with this worker's slot and pid.
+    /// Standalone, it writes the same lines to stderr.
+    ///
+    /// Forwarding never blocks: events go through a bounded queue (16,384
+    /// records); when it is full they are dropped and counted, and the
+    /// watcher logs how many.
+    ///
+    /// ```no_run
+    /// use tracing_subscriber::prelude::*;
+    /// tracing_subscriber::registry().with(cluster::Cluster::log_layer()).init();
+    /// tracing::info!(user = "ann", "logged in");
+    /// ```
+    pub fn log_layer() -> ClusterLogLayer {
+        ClusterLogLayer::new(link().map(|l| &l.logs))
+    }
+
+    /// A typed channel to the watcher: [`send`](MessageChannel::send)
+    /// messages to it and [`recv`](MessageChannel::recv) what it sends
+    /// (`ClusterWatcher::send`, `broadcast`, or a reply). Every channel of
+    /// one process shares one inbox: call it once and keep it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_ipc`] when the process is not a worker (standalone).
+    pub fn channel<T: Serialize + DeserializeOwned>() -> Result<MessageChannel<T>> {
+        match link() {
+            Some(link) => Ok(MessageChannel {
+                link,
+                _type: std::marker::PhantomData,
+            }),
+            None => Err(Error::new(
+                Kind::Ipc,
+                "not running under a cluster watcher: there is no one to send messages to",
+            )),
+        }
+    }
+
     /// Tells the watcher that this worker is ready to serve. Idempotent;
     /// a no-op when standalone. [`await_termination`](Cluster::await_termination)
     /// calls it too, so most programs never need to.
@@ -129,6 +171,79 @@ impl Cluster {
                 signal::termination().await;
             }
         }
+    }
+}
+
+/// Largest user message, encoded, that [`MessageChannel::send`] and the
+/// watcher's `send`/`broadcast` accept.
+pub const MAX_MESSAGE_SIZE: usize = MAX_MESSAGE - 16;
+
+pub(crate) fn encode_user_message<T: Serialize>(msg: &T) -> Result<Vec<u8>> {
+    let bytes = postcard::to_stdvec(msg)
+        .map_err(|e| Error::new(Kind::Ipc, format!("cannot encode the message: {e}")))?;
+    if bytes.len() > MAX_MESSAGE_SIZE {
+        return Err(Error::new(
+            Kind::TooLarge,
+            format!(
+                "message of {} bytes exceeds the limit of {MAX_MESSAGE_SIZE} bytes",
+                bytes.len()
+            ),
+        ));
+    }
+    Ok(bytes)
+}
+
+pub(crate) fn decode_user_message<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
+    postcard::from_bytes(bytes)
+        .map_err(|e| Error::new(Kind::Ipc, format!("cannot decode the message: {e}")))
+}
+
+/// A typed channel between a worker and its watcher; see [`Cluster::channel`].
+pub struct MessageChannel<T> {
+    link: &'static WorkerLink,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for MessageChannel<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageChannel")
+            .field("context_id", &self.link.context_id)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> MessageChannel<T> {
+    /// Sends `msg` to the watcher. Never blocks; messages keep their order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_too_large`] when the encoded message exceeds
+    /// [`MAX_MESSAGE_SIZE`] (nothing is sent); [`Error::is_ipc`] when the
+    /// watcher is gone.
+    pub fn send(&self, msg: &T) -> Result<()> {
+        let bytes = encode_user_message(msg)?;
+        self.link
+            .tx
+            .send(Outgoing::Message(ToWatcher::Data(bytes)))
+            .map_err(|_| Error::new(Kind::Ipc, "the connection to the watcher is closed"))
+    }
+
+    /// Waits for the next message from the watcher.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_ipc`] when the watcher is gone, or when a message is not
+    /// a `T` (that message is consumed).
+    pub async fn recv(&self) -> Result<T> {
+        let bytes = self
+            .link
+            .inbox
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or_else(|| Error::new(Kind::Ipc, "the connection to the watcher is closed"))?;
+        decode_user_message(&bytes)
     }
 }
 
@@ -182,6 +297,8 @@ struct WorkerLink {
     stop: watch::Receiver<bool>,
     ready_sent: AtomicBool,
     pings: Arc<Pings>,
+    logs: WorkerLogQueue,
+    inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
 }
 
 /// Heartbeat routing: while some task awaits `Cluster::await_termination()`
@@ -215,9 +332,9 @@ impl WorkerLink {
     }
 }
 
-static LINK: OnceLock<Option<Arc<WorkerLink>>> = OnceLock::new();
+static LINK: OnceLock<Option<WorkerLink>> = OnceLock::new();
 
-fn link() -> Option<&'static Arc<WorkerLink>> {
+fn link() -> Option<&'static WorkerLink> {
     LINK.get_or_init(connect).as_ref()
 }
 
@@ -227,7 +344,7 @@ fn env_num<T: std::str::FromStr>(name: &str) -> Option<T> {
 
 /// Connects to the watcher if the environment names a valid IPC socket
 /// whose creator is the watcher; otherwise this process is standalone.
-fn connect() -> Option<Arc<WorkerLink>> {
+fn connect() -> Option<WorkerLink> {
     let raw: i32 = env_num(env::IPC_FD)?;
     let watcher_pid: i32 = env_num(env::WATCHER_PID)?;
     let context_id: u64 = env_num(env::CONTEXT_ID)?;
@@ -259,6 +376,16 @@ fn connect() -> Option<Arc<WorkerLink>> {
         latest: watch::channel(0).0,
     });
     let thread_pings = pings.clone();
+    let (logs_tx, logs_rx) = mpsc::channel(WORKER_QUEUE);
+    let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
+    let ipc = Ipc {
+        rx,
+        stop: stop_tx,
+        pings: thread_pings,
+        logs: logs_rx,
+        inbox: inbox_tx,
+        grace,
+    };
     let spawned = std::thread::Builder::new()
         .name("cluster-ipc".into())
         .spawn(move || {
@@ -272,30 +399,43 @@ fn connect() -> Option<Arc<WorkerLink>> {
                     std::process::exit(70);
                 }
             };
-            rt.block_on(ipc_main(fd, rx, stop_tx, thread_pings, grace));
+            rt.block_on(ipc_main(fd, ipc));
         });
     if let Err(e) = spawned {
         eprintln!("cluster: cannot start the IPC thread: {e}");
         std::process::exit(70);
     }
-    Some(Arc::new(WorkerLink {
+    Some(WorkerLink {
         context_id,
         slot,
         tx,
         stop: stop_rx,
         ready_sent: AtomicBool::new(false),
         pings,
-    }))
+        logs: WorkerLogQueue {
+            tx: logs_tx,
+            dropped: AtomicU64::new(0),
+        },
+        inbox: tokio::sync::Mutex::new(inbox_rx),
+    })
 }
 
-/// The IPC thread: owns the channel, forwards requests, dispatches replies.
-async fn ipc_main(
-    fd: OwnedFd,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+/// What the IPC thread owns besides the socket.
+struct Ipc {
+    rx: mpsc::UnboundedReceiver<Outgoing>,
     stop: watch::Sender<bool>,
     pings: Arc<Pings>,
+    logs: mpsc::Receiver<LogRecord>,
+    inbox: mpsc::UnboundedSender<Vec<u8>>,
     grace: Duration,
-) {
+}
+
+/// Most records packed into one datagram.
+const LOG_BATCH: usize = 256;
+
+/// The IPC thread: owns the channel, forwards requests and log records,
+/// dispatches replies and messages.
+async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
     let channel = match Channel::new(fd) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -310,12 +450,13 @@ async fn ipc_main(
         pid: std::process::id(),
     };
     let mut buf = Vec::new();
+    let mut batch = Vec::with_capacity(LOG_BATCH);
     let reason = if let Err(e) = channel.send(&hello, &[]).await {
         format!("cannot greet the watcher: {e}")
     } else {
         loop {
             tokio::select! {
-                out = rx.recv() => {
+                out = ipc.rx.recv() => {
                     let Some(out) = out else { break "the worker API was dropped".to_string() };
                     let result = match out {
                         Outgoing::Message(m) => channel.send(&m, &[]).await,
@@ -329,9 +470,23 @@ async fn ipc_main(
                         break format!("cannot write to the watcher: {e}");
                     }
                 }
+                n = ipc.logs.recv_many(&mut batch, LOG_BATCH) => {
+                    if n == 0 {
+                        continue;
+                    }
+                    if let Err(e) = send_logs(&channel, std::mem::take(&mut batch)).await {
+                        break format!("cannot write to the watcher: {e}");
+                    }
+                    let dropped = link().map(|l| l.logs.dropped.swap(0, Ordering::Relaxed)).unwrap_or(0);
+                    if dropped > 0 {
+                        if let Err(e) = channel.send(&ToWatcher::LogsDropped(dropped), &[]).await {
+                            break format!("cannot write to the watcher: {e}");
+                        }
+                    }
+                }
                 msg = channel.recv::<ToWorker>(&mut buf) => match msg {
                     Ok((msg, fds)) => {
-                        if let Err(why) = handle(&channel, msg, fds, &mut pending, &stop, &pings).await {
+                        if let Err(why) = handle(&channel, msg, fds, &mut pending, &ipc).await {
                             break why;
                         }
                     }
@@ -349,11 +504,56 @@ async fn ipc_main(
             format!("no answer from the watcher: {reason}"),
         )));
     }
+    drop(ipc.inbox);
     tracing::warn!("cluster worker: {reason}; stopping");
-    let _ = stop.send(true);
-    tokio::time::sleep(grace).await;
-    eprintln!("cluster worker: still running {grace:?} after the watcher left; exiting");
+    let _ = ipc.stop.send(true);
+    tokio::time::sleep(ipc.grace).await;
+    eprintln!(
+        "cluster worker: still running {:?} after the watcher left; exiting",
+        ipc.grace
+    );
     std::process::exit(1);
+}
+
+/// Sends records in as few datagrams as fit; a single record too large
+/// even alone is dropped and counted.
+async fn send_logs(
+    channel: &Channel,
+    records: Vec<LogRecord>,
+) -> std::result::Result<(), crate::ipc::SendError> {
+    let mut stack = vec![records];
+    while let Some(records) = stack.pop() {
+        let msg = ToWatcher::Logs(records);
+        match crate::ipc::message::encode(&msg) {
+            Ok(bytes) => channel
+                .send_bytes(&bytes, &[])
+                .await
+                .map_err(crate::ipc::SendError::Io)?,
+            Err(crate::ipc::message::EncodeError::TooLarge(_)) => {
+                let ToWatcher::Logs(mut records) = msg else {
+                    unreachable_logs()
+                };
+                if records.len() == 1 {
+                    if let Some(l) = link() {
+                        l.logs.dropped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    continue;
+                }
+                let second = records.split_off(records.len() / 2);
+                // Pushed in reverse so the first half is sent first.
+                stack.push(second);
+                stack.push(records);
+            }
+            Err(e) => return Err(crate::ipc::SendError::Encode(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cold]
+fn unreachable_logs() -> ! {
+    // `msg` was built as `ToWatcher::Logs` two lines above.
+    std::process::abort()
 }
 
 async fn handle(
@@ -361,9 +561,9 @@ async fn handle(
     msg: ToWorker,
     mut fds: Vec<OwnedFd>,
     pending: &mut HashMap<u64, oneshot::Sender<Result<OwnedFd>>>,
-    stop: &watch::Sender<bool>,
-    pings: &Pings,
+    ipc: &Ipc,
 ) -> std::result::Result<(), String> {
+    let (stop, pings) = (&ipc.stop, &ipc.pings);
     match msg {
         ToWorker::Hello { version, .. } if version != VERSION => {
             return Err(format!(
@@ -394,7 +594,9 @@ async fn handle(
                 .await
                 .map_err(|e| format!("cannot write to the watcher: {e}"))?;
         }
-        ToWorker::Data(_) => {}
+        ToWorker::Data(bytes) => {
+            let _ = ipc.inbox.send(bytes);
+        }
     }
     // Descriptors that no message asked for are closed as `fds` drops.
     Ok(())

@@ -8,6 +8,8 @@
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
+use crate::log::LogRecord;
+
 /// Protocol version, sent in both `Hello` messages.
 pub(crate) const VERSION: u32 = 1;
 
@@ -52,6 +54,10 @@ pub(crate) enum ToWatcher {
     Pong { seq: u64 },
     /// A user message (postcard bytes, typed at the API edge).
     Data(Vec<u8>),
+    /// Forwarded log records, oldest first.
+    Logs(Vec<LogRecord>),
+    /// Records the worker dropped because its queue was full.
+    LogsDropped(u64),
 }
 
 /// Why a datagram could not be decoded.
@@ -150,6 +156,15 @@ mod tests {
             },
             ToWatcher::Pong { seq: 9 },
             ToWatcher::Data(vec![]),
+            ToWatcher::Logs(vec![LogRecord {
+                level: 3,
+                target: "t".into(),
+                message: "m".into(),
+                fields: vec![("k".into(), "v".into())],
+                spans: vec!["s".into()],
+                ts_nanos: 1,
+            }]),
+            ToWatcher::LogsDropped(7),
         ];
         for m in to_watcher {
             assert_eq!(decode::<ToWatcher>(&encode(&m).unwrap()).unwrap(), m);

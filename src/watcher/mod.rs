@@ -5,9 +5,12 @@
 //! supervisor task owns all state (`supervise.rs`); the handle here talks to
 //! it over a channel.
 
+mod output;
 mod poll;
 mod process;
 mod supervise;
+
+pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 
 use std::ffi::OsString;
 use std::path::PathBuf;
@@ -61,6 +64,102 @@ impl std::fmt::Display for WorkerState {
     }
 }
 
+/// The stream of [`WorkerMessage`]s; see [`ClusterWatcher::messages`].
+#[derive(Debug)]
+pub struct Messages<'a> {
+    watcher: &'a ClusterWatcher,
+}
+
+impl Messages<'_> {
+    /// The next message, or `None` once the watcher has stopped (or before
+    /// it started).
+    pub async fn next(&mut self) -> Option<WorkerMessage> {
+        let mut guard = self.watcher.messages.lock().await;
+        let incoming = guard.as_mut()?.recv().await?;
+        let commands = self.watcher.commands.lock().ok()?.clone()?;
+        Some(WorkerMessage {
+            worker: WorkerRef {
+                slot: incoming.slot,
+                context_id: incoming.context_id,
+                pid: incoming.pid,
+                commands,
+            },
+            bytes: incoming.bytes,
+        })
+    }
+}
+
+/// A message from a worker.
+#[derive(Debug)]
+pub struct WorkerMessage {
+    worker: WorkerRef,
+    bytes: Vec<u8>,
+}
+
+impl WorkerMessage {
+    /// The worker that sent it, to reply to.
+    pub fn worker(&self) -> &WorkerRef {
+        &self.worker
+    }
+
+    /// Decodes the message as `T` (postcard, as the worker encoded it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_ipc`] when the bytes are not a `T`.
+    pub fn decode<T: serde::de::DeserializeOwned>(&self) -> Result<T> {
+        crate::worker::decode_user_message(&self.bytes)
+    }
+
+    /// The encoded bytes.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// A worker as seen from the watcher, to send messages to.
+#[derive(Debug, Clone)]
+pub struct WorkerRef {
+    slot: u32,
+    context_id: u64,
+    pid: u32,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+impl WorkerRef {
+    /// The worker's slot.
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// The worker's context id.
+    pub fn context_id(&self) -> u64 {
+        self.context_id
+    }
+
+    /// The worker's pid.
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// Sends `msg` to this worker (dropped if it has exited meanwhile).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_too_large`] when the encoded message exceeds
+    /// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE); [`Error::is_config`]
+    /// when the watcher has stopped.
+    pub fn send<T: serde::Serialize>(&self, msg: &T) -> Result<()> {
+        let bytes = crate::worker::encode_user_message(msg)?;
+        self.commands
+            .send(Command::Send {
+                to: Some(self.context_id),
+                bytes,
+            })
+            .map_err(|_| Error::new(Kind::Config, "the watcher has stopped"))
+    }
+}
+
 /// How [`ClusterWatcher::run`] ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -93,6 +192,7 @@ pub(crate) struct Config {
     pub watch_debounce: Duration,
     pub reload_on_deploy: bool,
     pub control_socket: Option<PathBuf>,
+    pub output: LogOutput,
 }
 
 /// Builds a [`ClusterWatcher`]; get one with [`ClusterWatcher::builder`].
@@ -203,6 +303,14 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Where the watcher writes its log stream: worker records, worker
+    /// stdout/stderr lines and (through [`LogOutput::layer`]) its own
+    /// events (default: text on stderr at `info`).
+    pub fn log_output(mut self, output: LogOutput) -> Self {
+        self.config.output = output;
+        self
+    }
+
     /// Validates the settings and returns the watcher (not yet started).
     ///
     /// # Errors
@@ -230,6 +338,7 @@ impl ClusterWatcherBuilder {
         Ok(ClusterWatcher {
             config: self.config,
             commands: Mutex::new(None),
+            messages: tokio::sync::Mutex::new(None),
             state_tx: Mutex::new(Some(state_tx)),
             state: state_rx,
         })
@@ -260,6 +369,7 @@ impl ClusterWatcherBuilder {
 pub struct ClusterWatcher {
     config: Config,
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
+    messages: tokio::sync::Mutex<Option<mpsc::Receiver<supervise::Incoming>>>,
     state_tx: Mutex<Option<watch::Sender<Option<Outcome>>>>,
     state: watch::Receiver<Option<Outcome>>,
 }
@@ -295,6 +405,7 @@ impl ClusterWatcher {
                 watch_debounce: Duration::from_millis(300),
                 reload_on_deploy: false,
                 control_socket: None,
+                output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
             },
         }
     }
@@ -318,7 +429,9 @@ impl ClusterWatcher {
             .ok_or_else(|| Error::new(Kind::Config, "the watcher was already started"))?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = oneshot::channel();
-        let supervisor = Supervisor::new(self.config.clone(), rx);
+        let (messages_tx, messages_rx) = mpsc::channel(supervise::MESSAGE_QUEUE);
+        *self.messages.lock().await = Some(messages_rx);
+        let supervisor = Supervisor::new(self.config.clone(), rx, messages_tx);
         let pollers = poll::start(&self.config, supervisor.events());
         tokio::spawn(async move {
             let _pollers = pollers; // aborted when the supervisor ends
@@ -340,7 +453,7 @@ impl ClusterWatcher {
         }
     }
 
-    fn send(&self, cmd: Command) -> bool {
+    fn command(&self, cmd: Command) -> bool {
         match self.commands.lock() {
             Ok(guard) => guard
                 .as_ref()
@@ -354,7 +467,7 @@ impl ClusterWatcher {
     /// those still running after `timeout`. Returns at once; see
     /// [`stop`](ClusterWatcher::stop) to wait for the end.
     pub fn request_stop(&self, timeout: Duration) {
-        self.send(Command::Stop { timeout });
+        self.command(Command::Stop { timeout });
     }
 
     /// Stops gracefully (as [`request_stop`](ClusterWatcher::request_stop))
@@ -380,7 +493,7 @@ impl ClusterWatcher {
     /// [`Error::is_config`] when the watcher is stopping or not started.
     pub async fn restart(&self) -> Result<()> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::Restart {
+        if !self.command(Command::Restart {
             reason: "restart requested".into(),
             done: Some(tx),
         }) {
@@ -402,16 +515,57 @@ impl ClusterWatcher {
 
     async fn scale_with(&self, to: Scale) -> Result<usize> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::Scale { to, done: Some(tx) }) {
+        if !self.command(Command::Scale { to, done: Some(tx) }) {
             return Err(Error::new(Kind::Config, "the watcher is not running"));
         }
         rx.await
             .unwrap_or_else(|_| Err(Error::new(Kind::Config, "the watcher stopped")))
     }
 
+    /// Sends `msg` to every running worker (see [`Cluster::channel`](crate::Cluster::channel)).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_too_large`] when the encoded message exceeds
+    /// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE) (nothing is sent);
+    /// [`Error::is_config`] when the watcher is not running.
+    pub fn broadcast<T: serde::Serialize>(&self, msg: &T) -> Result<()> {
+        let bytes = crate::worker::encode_user_message(msg)?;
+        self.send_command(Command::Send { to: None, bytes })
+    }
+
+    /// Sends `msg` to the worker with `context_id`. A message to a worker
+    /// that has exited is dropped (and logged at debug level).
+    ///
+    /// # Errors
+    ///
+    /// As [`broadcast`](ClusterWatcher::broadcast).
+    pub fn send<T: serde::Serialize>(&self, context_id: u64, msg: &T) -> Result<()> {
+        let bytes = crate::worker::encode_user_message(msg)?;
+        self.send_command(Command::Send {
+            to: Some(context_id),
+            bytes,
+        })
+    }
+
+    fn send_command(&self, cmd: Command) -> Result<()> {
+        if self.command(cmd) {
+            Ok(())
+        } else {
+            Err(Error::new(Kind::Config, "the watcher is not running"))
+        }
+    }
+
+    /// The messages workers send, in arrival order (each worker's in the
+    /// order it sent them), with a handle to reply to the sender. Messages
+    /// queue (up to 4096) until read; beyond that they are dropped and logged.
+    pub fn messages(&self) -> Messages<'_> {
+        Messages { watcher: self }
+    }
+
     /// Kills every worker with SIGKILL at once and stops.
     pub fn kill(&self) {
-        self.send(Command::Kill);
+        self.command(Command::Kill);
     }
 
     /// Waits until the watcher has stopped: after [`stop`](ClusterWatcher::stop),
@@ -466,14 +620,14 @@ impl ClusterWatcher {
                         self.kill();
                     }
                     WatcherSignal::Reload(name) => {
-                        self.send(Command::Restart { reason: name.to_string(), done: None });
+                        self.command(Command::Restart { reason: name.to_string(), done: None });
                     }
                     WatcherSignal::ScaleUp => {
-                        self.send(Command::Scale { to: Scale::Up, done: None });
+                        self.command(Command::Scale { to: Scale::Up, done: None });
                     }
                     WatcherSignal::ScaleDown => {
                         let (tx, rx) = oneshot::channel();
-                        self.send(Command::Scale { to: Scale::Down, done: Some(tx) });
+                        self.command(Command::Scale { to: Scale::Down, done: Some(tx) });
                         tokio::spawn(async move {
                             if let Ok(Err(e)) = rx.await {
                                 tracing::warn!("SIGTTOU: {e}");
@@ -488,7 +642,7 @@ impl ClusterWatcher {
     /// The workers running now, by slot.
     pub async fn workers(&self) -> Vec<WorkerInfo> {
         let (tx, rx) = oneshot::channel();
-        if !self.send(Command::Status(tx)) {
+        if !self.command(Command::Status(tx)) {
             return Vec::new();
         }
         rx.await.unwrap_or_default()

@@ -9,11 +9,13 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
+use super::output::{LogOutput, Source};
 use super::supervise::Event;
 use super::Config;
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::ToWorker;
 use crate::ipc::{self, Channel};
+use crate::log::{now_nanos, LogRecord};
 use crate::sys;
 use crate::worker::env;
 
@@ -99,11 +101,30 @@ pub(crate) fn spawn(
             config.shutdown_timeout.as_millis().to_string(),
         )
         .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .kill_on_drop(false);
     sys::prepare_worker_exec(&mut cmd, theirs.as_raw_fd());
     let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);
+    // Tasks whose work must be done before the exit is reported, so that
+    // every line and message a worker sent is handled before its exit.
+    let mut drained = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        drained.push(capture(
+            out,
+            config.output.clone(),
+            Source::Stdout { slot, pid },
+        ));
+    }
+    if let Some(err) = child.stderr.take() {
+        drained.push(capture(
+            err,
+            config.output.clone(),
+            Source::Stderr { slot, pid },
+        ));
+    }
     let channel = match Channel::new(ours) {
         Ok(c) => Arc::new(c),
         Err(e) => {
@@ -112,20 +133,10 @@ pub(crate) fn spawn(
         }
     };
 
-    // Exit watcher.
-    let tx = events.clone();
-    tokio::spawn(async move {
-        let status = child.wait().await;
-        let _ = tx.send(Event::Exited {
-            context_id,
-            status: status.ok(),
-        });
-    });
-
     // Reader: every message or failure becomes an event.
     let tx = events.clone();
     let reader = channel.clone();
-    tokio::spawn(async move {
+    drained.push(tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {
             match reader.recv(&mut buf).await {
@@ -147,6 +158,23 @@ pub(crate) fn spawn(
                 }
             }
         }
+    }));
+
+    // Exit watcher: reports the exit after the worker's channel and output
+    // reached EOF (bounded: a grandchild may hold them open).
+    let tx = events.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
+            for task in drained {
+                let _ = task.await;
+            }
+        })
+        .await;
+        let _ = tx.send(Event::Exited {
+            context_id,
+            status: status.ok(),
+        });
     });
 
     // Writer: ends when the supervisor drops the sender. A write error means
@@ -164,6 +192,81 @@ pub(crate) fn spawn(
     });
 
     Ok(Spawned { pid, outbound })
+}
+
+/// How long a worker's output and messages may still arrive after it exited.
+const DRAIN_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Longest captured line; the rest of a longer line is cut with a note.
+const MAX_LINE: usize = 16 * 1024;
+
+/// Forwards each line a worker writes on `stream` to the log output.
+/// Lines are never split: an over-long line is cut at [`MAX_LINE`] bytes
+/// with a note, invalid UTF-8 is replaced, and a last line without a
+/// newline is still forwarded at EOF.
+fn capture(
+    stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
+    output: LogOutput,
+    source: Source,
+) -> tokio::task::JoinHandle<()> {
+    use tokio::io::AsyncBufReadExt;
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::with_capacity(MAX_LINE, stream);
+        let mut line = Vec::with_capacity(256);
+        loop {
+            line.clear();
+            let mut cut = 0usize;
+            let mut eof = false;
+            loop {
+                let buf = match reader.fill_buf().await {
+                    Ok(b) => b,
+                    Err(_) => {
+                        eof = true;
+                        break;
+                    }
+                };
+                if buf.is_empty() {
+                    eof = true;
+                    break;
+                }
+                let (take, done) = match buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => (i + 1, true),
+                    None => (buf.len(), false),
+                };
+                let content = if done { &buf[..take - 1] } else { &buf[..take] };
+                let room = MAX_LINE.saturating_sub(line.len());
+                line.extend_from_slice(&content[..content.len().min(room)]);
+                cut += content.len().saturating_sub(room);
+                reader.consume(take);
+                if done {
+                    break;
+                }
+            }
+            if !line.is_empty() || cut > 0 || !eof {
+                if line.last() == Some(&b'\r') {
+                    line.pop();
+                }
+                let mut message = String::from_utf8_lossy(&line).into_owned();
+                if cut > 0 {
+                    message.push_str(&format!("… [{cut} bytes cut]"));
+                }
+                output.emit(
+                    source,
+                    LogRecord {
+                        level: 3,
+                        target: String::new(),
+                        message,
+                        fields: Vec::new(),
+                        spans: Vec::new(),
+                        ts_nanos: now_nanos(),
+                    },
+                );
+            }
+            if eof {
+                return;
+            }
+        }
+    })
 }
 
 /// Describes how a worker ended, for logs.

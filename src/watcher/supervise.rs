@@ -23,6 +23,7 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
+use super::output::Source;
 use super::process::{self, Outbound};
 use super::{Config, WorkerInfo, WorkerState};
 use crate::control::{self, Action};
@@ -76,6 +77,22 @@ pub(crate) enum Command {
         to: Scale,
         done: Option<oneshot::Sender<Result<usize>>>,
     },
+    /// A user message to one worker, or to all.
+    Send {
+        to: Option<u64>,
+        bytes: Vec<u8>,
+    },
+}
+
+/// Messages from workers that may wait for `ClusterWatcher::messages`.
+pub(crate) const MESSAGE_QUEUE: usize = 4096;
+
+/// A user message from a worker, before the handle attaches a reply path.
+pub(crate) struct Incoming {
+    pub slot: u32,
+    pub context_id: u64,
+    pub pid: u32,
+    pub bytes: Vec<u8>,
 }
 
 /// How the supervisor ended.
@@ -170,10 +187,16 @@ pub(crate) struct Supervisor {
     reload: Option<Reload>,
     /// A reload asked for while one runs: its reasons and waiters.
     queued: Option<(String, Vec<oneshot::Sender<Result<()>>>)>,
+    messages: mpsc::Sender<Incoming>,
+    messages_dropped: u64,
 }
 
 impl Supervisor {
-    pub(crate) fn new(config: Config, commands: mpsc::UnboundedReceiver<Command>) -> Supervisor {
+    pub(crate) fn new(
+        config: Config,
+        commands: mpsc::UnboundedReceiver<Command>,
+        messages: mpsc::Sender<Incoming>,
+    ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
         Supervisor {
@@ -192,6 +215,8 @@ impl Supervisor {
             control: None,
             reload: None,
             queued: None,
+            messages,
+            messages_dropped: 0,
         }
     }
 
@@ -457,6 +482,25 @@ impl Supervisor {
                 let result = self.scale(to);
                 if let Some(done) = done {
                     let _ = done.send(result);
+                }
+            }
+            Command::Send { to, bytes } => {
+                let targets: Vec<&Worker> = match to {
+                    Some(id) => self.workers.get(&id).into_iter().collect(),
+                    None => self
+                        .workers
+                        .values()
+                        .filter(|w| w.state != WorkerState::Stopping)
+                        .collect(),
+                };
+                if targets.is_empty() {
+                    tracing::debug!("message to {to:?} dropped: no such worker");
+                }
+                for w in targets {
+                    let _ = w.outbound.send(Outbound {
+                        msg: ToWorker::Data(bytes.clone()),
+                        fds: Vec::new(),
+                    });
                 }
             }
         }
@@ -855,7 +899,44 @@ impl Supervisor {
             }
             ToWatcher::SocketRequest { id, addr } => self.on_socket_request(context_id, id, addr),
             ToWatcher::Pong { .. } => w.last_pong = Instant::now(),
-            ToWatcher::Data(_) => {}
+            ToWatcher::Logs(records) => {
+                let source = Source::Worker {
+                    slot: w.slot,
+                    pid: w.pid,
+                };
+                for record in records {
+                    self.config.output.emit(source, record);
+                }
+            }
+            ToWatcher::LogsDropped(n) => {
+                let source = Source::Worker {
+                    slot: w.slot,
+                    pid: w.pid,
+                };
+                self.config.output.note(
+                    source,
+                    2,
+                    "",
+                    format!("{n} log record(s) dropped by the worker: its log queue was full"),
+                );
+            }
+            ToWatcher::Data(bytes) => {
+                let incoming = Incoming {
+                    slot: w.slot,
+                    context_id,
+                    pid: w.pid,
+                    bytes,
+                };
+                if self.messages.try_send(incoming).is_err() {
+                    self.messages_dropped += 1;
+                    if self.messages_dropped.is_power_of_two() {
+                        tracing::warn!(
+                            "{} message(s) from workers dropped: nobody reads ClusterWatcher::messages() fast enough",
+                            self.messages_dropped
+                        );
+                    }
+                }
+            }
         }
     }
 

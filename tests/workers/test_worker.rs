@@ -15,6 +15,17 @@
 //! * `block ADDR`: like `serve`, but when the file `TEST_BLOCK_MARK` does not
 //!   exist yet, creates it and blocks its runtime thread 300 ms after ready.
 //!
+//! * `log N PACE_MS`: logs N records through `Cluster::log_layer()`
+//!   (`record` with fields `i`, `slot`, `pid`), sleeping PACE_MS after every
+//!   100, then `done`, then waits for termination.
+//! * `flood N ADDR`: serves like `serve` while a thread logs N records as
+//!   fast as it can.
+//! * `messages`: answers every `(u64, String)` message from the watcher
+//!   with `(n, "slot:pid")`; on `(0, "burst")` sends 1,000 numbered messages;
+//!   on `(0, "oversize")` tries a message over the limit and reports
+//!   `(0, "too large: <bool>")`.
+//! * `print`: writes test lines on stdout and stderr, then waits.
+//!
 //! Every start appends `spawn <context> <slot> <pid> <unix-ms> [port]` to the
 //! file named by `TEST_SPAWN_LOG`, if set.
 
@@ -54,12 +65,21 @@ fn main() {
     let addr = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "127.0.0.1:0".into());
+    if matches!(mode.as_str(), "log" | "flood") {
+        use tracing_subscriber::prelude::*;
+        tracing_subscriber::registry()
+            .with(Cluster::log_layer())
+            .init();
+    }
     match mode.as_str() {
+        "log" => return log_records(&addr),
+        "messages" => return messages(),
+        "print" => return print_lines(),
         "exit" => {
             log_line("");
             std::process::exit(3);
         }
-        "serve" | "garbage" | "hang" | "block" => {}
+        "serve" | "garbage" | "hang" | "block" | "flood" => {}
         other => {
             eprintln!("test_worker: unknown mode {other:?}");
             std::process::exit(2);
@@ -81,6 +101,15 @@ fn main() {
         log_line(&port);
         if mode == "garbage" {
             maybe_send_garbage();
+        }
+        if mode == "flood" {
+            let n: u64 = std::env::args().nth(3).and_then(|s| s.parse().ok()).unwrap_or(100_000);
+            std::thread::spawn(move || {
+                for i in 0..n {
+                    tracing::info!(i, "flood");
+                }
+                tracing::info!("flood done");
+            });
         }
         if mode == "hang" && std::env::var_os("TEST_HANG_MARK").is_some_and(|m| std::path::Path::new(&m).exists()) {
             loop {
@@ -125,6 +154,81 @@ fn main() {
         Cluster::await_termination().await;
         server.abort();
     });
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn log_records(n: &str) {
+    let n: u64 = n.parse().unwrap_or(10);
+    let pace: u64 = std::env::args()
+        .nth(3)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let slot = Cluster::slot().unwrap_or(0);
+    let pid = std::process::id();
+    runtime().block_on(async move {
+        let span = tracing::info_span!("job", kind = "test");
+        for i in 0..n {
+            span.in_scope(|| tracing::info!(i, slot, pid, "record"));
+            if pace > 0 && i % 100 == 99 {
+                tokio::time::sleep(std::time::Duration::from_millis(pace)).await;
+            }
+        }
+        tracing::warn!(slot, pid, "done");
+        Cluster::await_termination().await;
+    });
+}
+
+fn messages() {
+    runtime().block_on(async {
+        let chan = Cluster::channel::<(u64, String)>().expect("a worker");
+        let me = format!("{}:{}", Cluster::slot().unwrap_or(0), std::process::id());
+        Cluster::ready();
+        loop {
+            tokio::select! {
+                msg = chan.recv() => match msg {
+                    Ok((0, cmd)) if cmd == "burst" => {
+                        for i in 1..=1000u64 {
+                            chan.send(&(i, me.clone())).unwrap();
+                        }
+                    }
+                    Ok((0, cmd)) if cmd == "oversize" => {
+                        let too_large = chan
+                            .send(&(0, "x".repeat(cluster::MAX_MESSAGE_SIZE + 1)))
+                            .is_err_and(|e| e.is_too_large());
+                        chan.send(&(0, format!("too large: {too_large}"))).unwrap();
+                    }
+                    Ok((n, _)) => chan.send(&(n, me.clone())).unwrap(),
+                    Err(_) => return,
+                },
+                _ = Cluster::await_termination() => return,
+            }
+        }
+    });
+}
+
+fn print_lines() {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    for i in 0..2000 {
+        writeln!(out, "line-{i}-{}", "0".repeat(100)).unwrap();
+    }
+    writeln!(out, "{}", "x".repeat(20_000)).unwrap();
+    out.write_all(b"bad \xff\xfe utf8\n").unwrap();
+    out.flush().unwrap();
+    drop(out);
+    let mut err = std::io::stderr().lock();
+    for i in 0..2000 {
+        writeln!(err, "err-{i}-{}", "1".repeat(100)).unwrap();
+    }
+    write!(err, "last line without newline").unwrap();
+    drop(err);
+    runtime().block_on(Cluster::await_termination());
 }
 
 fn maybe_send_garbage() {

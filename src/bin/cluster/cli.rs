@@ -49,6 +49,11 @@ pub struct Args {
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
 
+    /// Format of the log stream (the watcher's records, the workers'
+    /// forwarded records and their stdout/stderr lines)
+    #[arg(long, value_name = "FORMAT", value_enum, default_value = "text")]
+    pub log_format: Format,
+
     /// Seconds a replacement started by a rolling restart has to become
     /// ready before it is killed (the old worker keeps serving)
     #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_seconds)]
@@ -173,33 +178,22 @@ fn parse_backlog(s: &str) -> Result<u32, String> {
     Ok(n)
 }
 
-/// Checks a `--log-level` value: a level, or comma-separated
-/// `target=level` / `target` / `level` directives. tracing's own parser
-/// accepts almost anything as a target name, so a typo would silently
-/// filter everything out.
-pub fn check_log_filter(spec: &str) -> Result<(), String> {
-    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
-    let is_level = |s: &str| LEVELS.contains(&s.to_ascii_lowercase().as_str());
-    let is_target = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.'))
-    };
-    if spec.trim().is_empty() {
-        return Err("empty log level".into());
-    }
-    for part in spec.split(',').map(str::trim) {
-        let ok = match part.split_once('=') {
-            Some((target, level)) => is_target(target) && is_level(level),
-            None => is_level(part) || is_target(part),
-        };
-        if !ok {
-            return Err(format!(
-                "'{part}' is not a level (trace, debug, info, warn, error, off) or target=level"
-            ));
+/// `--log-format` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Human-readable lines
+    Text,
+    /// One JSON object per line
+    Json,
+}
+
+impl From<Format> for cluster::LogFormat {
+    fn from(f: Format) -> Self {
+        match f {
+            Format::Text => cluster::LogFormat::Text,
+            Format::Json => cluster::LogFormat::Json,
         }
     }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -228,35 +222,6 @@ mod tests {
         assert!(parse(&["--shutdown-timeout", "-1", "./srv"]).is_err());
         assert!(parse(&["--backlog", "0", "./srv"]).is_err());
         assert!(parse(&[]).is_err());
-    }
-
-    #[test]
-    fn log_filters() {
-        for good in ["info", "DEBUG", "cluster=debug,warn", "off"] {
-            assert!(check_log_filter(good).is_ok(), "{good}");
-        }
-        for bad in ["", "not a level!!", "x=loud", "info,,"] {
-            assert!(check_log_filter(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn subcommands() {
-        let a = parse(&["status", "--pid-file", "x.pid", "--json"]).unwrap();
-        assert!(matches!(
-            a.control,
-            Some(Control::Status { json: true, .. })
-        ));
-        let a = parse(&["scale", "-p", "x.pid", "3"]).unwrap();
-        assert!(matches!(a.control, Some(Control::Scale { workers: 3, .. })));
-        assert!(parse(&["reload"]).is_err(), "needs a target");
-        assert!(parse(&["scale", "-p", "x.pid", "0"]).is_err());
-        // A program named like a subcommand, after `--` or as a path.
-        let a = parse(&["--", "status"]).unwrap();
-        assert!(a.control.is_none());
-        assert_eq!(a.command, ["status"]);
-        let a = parse(&["./reload", "x"]).unwrap();
-        assert_eq!(a.command, ["./reload", "x"]);
     }
 
     #[test]

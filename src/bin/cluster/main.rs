@@ -10,10 +10,12 @@ mod control;
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use tracing_subscriber::EnvFilter;
+use std::time::Duration;
 
-use cluster::{ClusterWatcher, Stopped};
+use clap::Parser;
+use tracing_subscriber::prelude::*;
+
+use cluster::{ClusterWatcher, LogFilter, LogOutput, Stopped};
 
 fn main() -> ExitCode {
     let args = match cli::Args::try_parse() {
@@ -41,31 +43,28 @@ fn main() -> ExitCode {
     if let Some(cmd) = args.control {
         return control::run(cmd);
     }
-    let filter = match args.log_level.as_deref() {
-        Some(level) => cli::check_log_filter(level)
-            .and_then(|()| EnvFilter::try_new(level).map_err(|e| e.to_string())),
-        None => EnvFilter::try_from_default_env()
-            .or_else(|_| EnvFilter::try_new("info"))
-            .map_err(|e| e.to_string()),
+    let spec = match &args.log_level {
+        Some(level) => level.clone(),
+        None => std::env::var("RUST_LOG")
+            .ok()
+            .filter(|s| !s.trim().is_empty())
+            .unwrap_or_else(|| "info".into()),
     };
-    let filter = match filter {
+    let filter = match LogFilter::parse(&spec) {
         Ok(f) => f,
         Err(e) => {
             eprintln!("cluster: error: invalid --log-level: {e}");
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr)
-        .init();
+    let output = LogOutput::stderr(args.log_format.into(), filter);
+    tracing_subscriber::registry().with(output.layer()).init();
 
     let mut command = std::process::Command::new(&args.command[0]);
     command.args(&args.command[1..]);
     let heartbeat = (!args.heartbeat_timeout.is_zero()).then_some(args.heartbeat_timeout);
     let mut builder = ClusterWatcher::builder(command)
+        .log_output(output.clone())
         .shutdown_timeout(args.shutdown_timeout)
         .backlog(args.backlog)
         .ready_timeout(args.ready_timeout)
@@ -86,7 +85,7 @@ fn main() -> ExitCode {
     }
     let watcher = match builder.build() {
         Ok(w) => w,
-        Err(e) => return fail(&e),
+        Err(e) => return fail(&output, &e),
     };
     // A current-thread runtime: the workers are forked from this thread,
     // which lives as long as they do (PR_SET_PDEATHSIG follows the thread).
@@ -100,17 +99,42 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(watcher.run()) {
-        Ok(Stopped::Graceful) => ExitCode::SUCCESS,
+    let result = runtime.block_on(async {
+        // The CLI logs the messages workers send it.
+        let log_messages = async {
+            let mut messages = watcher.messages();
+            while let Some(m) = messages.next().await {
+                let w = m.worker();
+                tracing::info!(
+                    "message from worker {} (pid {}): {} bytes",
+                    w.slot(),
+                    w.pid(),
+                    m.bytes().len()
+                );
+            }
+            std::future::pending::<std::convert::Infallible>().await
+        };
+        tokio::select! {
+            result = watcher.run() => result,
+            never = log_messages => match never {},
+        }
+    });
+    match result {
+        Ok(Stopped::Graceful) => {
+            output.flush(Duration::from_secs(2));
+            ExitCode::SUCCESS
+        }
         Ok(_) => {
+            output.flush(Duration::from_secs(2));
             eprintln!("cluster: workers were killed (forced stop)");
             ExitCode::FAILURE
         }
-        Err(e) => fail(&e),
+        Err(e) => fail(&output, &e),
     }
 }
 
-fn fail(e: &cluster::Error) -> ExitCode {
+fn fail(output: &LogOutput, e: &cluster::Error) -> ExitCode {
+    output.flush(Duration::from_secs(2));
     eprintln!("cluster: error: {e}");
     ExitCode::FAILURE
 }

@@ -1,0 +1,387 @@
+//! The watcher's single log stream: its own events, records forwarded by
+//! workers, and the lines workers print on stdout and stderr, each tagged
+//! with the worker's slot and pid, as text or JSON lines.
+//!
+//! Producers (the supervisor, the stdout/stderr readers, the watcher's own
+//! tracing layer) never block: they filter, then push an entry into a
+//! bounded queue; a full queue drops the entry and counts it. One writer
+//! thread formats and writes entries, one `write` per line, so lines are
+//! never split or interleaved, and reports how many were dropped.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::Arc;
+
+use serde::Serialize;
+use tracing::{Event, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::Layer;
+
+use crate::log::{
+    format_text, format_timestamp, level_name, now_nanos, record_from_event, LogFilter, LogRecord,
+};
+
+/// Entries the writer may lag behind before producers drop.
+const QUEUE: usize = 64 * 1024;
+
+/// How the watcher writes its log stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum LogFormat {
+    /// `2026-11-23T10:00:00.000000Z  INFO [w2 1234] target: message k=v`
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Where an entry came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    Watcher,
+    Worker { slot: u32, pid: u32 },
+    Stdout { slot: u32, pid: u32 },
+    Stderr { slot: u32, pid: u32 },
+}
+
+struct Entry {
+    source: Source,
+    record: LogRecord,
+}
+
+enum Msg {
+    Entry(Entry),
+    /// Acknowledge once everything queued before it is written.
+    Flush(SyncSender<()>),
+}
+
+struct Shared {
+    tx: SyncSender<Msg>,
+    filter: LogFilter,
+    dropped: AtomicU64,
+}
+
+/// The watcher's log stream (see the module docs). Cheap to clone.
+///
+/// ```no_run
+/// use cluster::{LogFilter, LogFormat, LogOutput};
+/// use tracing_subscriber::prelude::*;
+///
+/// let output = LogOutput::stderr(LogFormat::Json, LogFilter::parse("info").unwrap());
+/// tracing_subscriber::registry().with(output.layer()).init();
+/// // ClusterWatcher::builder(cmd).log_output(output) ...
+/// ```
+#[derive(Clone)]
+pub struct LogOutput {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for LogOutput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogOutput")
+            .field("filter", &self.shared.filter)
+            .finish()
+    }
+}
+
+impl LogOutput {
+    /// A stream to the process's stderr.
+    pub fn stderr(format: LogFormat, filter: LogFilter) -> LogOutput {
+        Self::to_writer(Box::new(std::io::stderr()), format, filter)
+    }
+
+    /// A stream to any writer (a file, a pipe).
+    pub fn to_writer(
+        writer: Box<dyn Write + Send>,
+        format: LogFormat,
+        filter: LogFilter,
+    ) -> LogOutput {
+        let (tx, rx) = sync_channel(QUEUE);
+        let shared = Arc::new(Shared {
+            tx,
+            filter,
+            dropped: AtomicU64::new(0),
+        });
+        let weak = Arc::downgrade(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("cluster-log".into())
+            .spawn(move || write_loop(rx, writer, format, weak));
+        if let Err(e) = spawned {
+            eprintln!("cluster: cannot start the log writer thread: {e}");
+        }
+        LogOutput { shared }
+    }
+
+    /// A `tracing_subscriber` layer that writes the watcher's own events to
+    /// this stream (tagged `watcher`), filtered like everything else.
+    pub fn layer(&self) -> WatcherLogLayer {
+        WatcherLogLayer {
+            output: self.clone(),
+        }
+    }
+
+    /// Whether a record at `level` from `target` passes the filter.
+    pub(crate) fn enabled(&self, target: &str, level: u8) -> bool {
+        self.shared.filter.enabled(target, level)
+    }
+
+    /// Queues a record; never blocks.
+    pub(crate) fn emit(&self, source: Source, record: LogRecord) {
+        if !self.enabled(&record.target, record.level) {
+            return;
+        }
+        match self
+            .shared
+            .tx
+            .try_send(Msg::Entry(Entry { source, record }))
+        {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Waits (up to `timeout`) until everything queued so far is written.
+    pub fn flush(&self, timeout: std::time::Duration) {
+        let (tx, rx) = sync_channel(1);
+        if self.shared.tx.send(Msg::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(timeout);
+        }
+    }
+
+    /// Queues a watcher record with `message`.
+    pub(crate) fn note(&self, source: Source, level: u8, target: &str, message: String) {
+        self.emit(
+            source,
+            LogRecord {
+                level,
+                target: target.to_string(),
+                message,
+                fields: Vec::new(),
+                spans: Vec::new(),
+                ts_nanos: now_nanos(),
+            },
+        );
+    }
+}
+
+/// The layer returned by [`LogOutput::layer`].
+pub struct WatcherLogLayer {
+    output: LogOutput,
+}
+
+impl<S> Layer<S> for WatcherLogLayer
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _ctx: Context<'_, S>) -> bool {
+        self.output.enabled(
+            metadata.target(),
+            crate::log::level_number(metadata.level()),
+        )
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        use tracing::level_filters::LevelFilter;
+        Some(match self.output.shared.filter.max_level() {
+            0 => LevelFilter::OFF,
+            1 => LevelFilter::ERROR,
+            2 => LevelFilter::WARN,
+            3 => LevelFilter::INFO,
+            4 => LevelFilter::DEBUG,
+            _ => LevelFilter::TRACE,
+        })
+    }
+
+    fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+        let mut record = record_from_event(event, &ctx);
+        // The watcher's own target is an implementation detail.
+        if record.target.starts_with("cluster") {
+            record.target.clear();
+        }
+        self.output.emit(Source::Watcher, record);
+    }
+}
+
+fn write_loop(
+    rx: Receiver<Msg>,
+    writer: Box<dyn Write + Send>,
+    format: LogFormat,
+    shared: std::sync::Weak<Shared>,
+) {
+    let mut out = std::io::BufWriter::with_capacity(64 * 1024, writer);
+    let mut line = String::with_capacity(256);
+    let watcher_pid = std::process::id();
+    loop {
+        // Block for one entry, then take whatever else is queued before flushing.
+        let first = match rx.recv() {
+            Ok(e) => e,
+            Err(_) => break,
+        };
+        let mut next = Some(first);
+        let mut acks = Vec::new();
+        while let Some(msg) = next {
+            match msg {
+                Msg::Entry(entry) => {
+                    line.clear();
+                    format_entry(&entry, format, watcher_pid, &mut line);
+                    line.push('\n');
+                    // A failing output (closed pipe) loses the line; nothing
+                    // else can be done with it.
+                    let _ = out.write_all(line.as_bytes());
+                }
+                Msg::Flush(ack) => acks.push(ack),
+            }
+            if !acks.is_empty() {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if let Some(shared) = shared.upgrade() {
+            let dropped = shared.dropped.swap(0, Ordering::Relaxed);
+            if dropped > 0 {
+                line.clear();
+                let record = LogRecord {
+                    level: 2,
+                    target: String::new(),
+                    message: format!(
+                        "{dropped} log record(s) dropped: the log output could not keep up"
+                    ),
+                    fields: Vec::new(),
+                    spans: Vec::new(),
+                    ts_nanos: now_nanos(),
+                };
+                format_entry(
+                    &Entry {
+                        source: Source::Watcher,
+                        record,
+                    },
+                    format,
+                    watcher_pid,
+                    &mut line,
+                );
+                line.push('\n');
+                let _ = out.write_all(line.as_bytes());
+            }
+        }
+        let _ = out.flush();
+        for ack in acks {
+            let _ = ack.send(());
+        }
+    }
+    let _ = out.flush();
+}
+
+#[derive(Serialize)]
+struct JsonLine<'a> {
+    ts: &'a str,
+    level: &'static str,
+    source: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slot: Option<u32>,
+    pid: u32,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    target: &'a str,
+    message: &'a str,
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    fields: serde_json::Map<String, serde_json::Value>,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    spans: &'a [String],
+}
+
+fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut String) {
+    let (source, slot, pid) = match entry.source {
+        Source::Watcher => ("watcher", None, watcher_pid),
+        Source::Worker { slot, pid } => ("worker", Some(slot), pid),
+        Source::Stdout { slot, pid } => ("stdout", Some(slot), pid),
+        Source::Stderr { slot, pid } => ("stderr", Some(slot), pid),
+    };
+    match format {
+        LogFormat::Text => {
+            let tag = match (entry.source, slot) {
+                (Source::Watcher, _) => "watcher".to_string(),
+                (Source::Worker { .. }, Some(slot)) => format!("w{slot} {pid}"),
+                (_, Some(slot)) => format!("w{slot} {pid} {source}"),
+                (_, None) => String::new(),
+            };
+            format_text(&entry.record, &tag, out);
+        }
+        LogFormat::Json => {
+            let mut ts = String::with_capacity(32);
+            format_timestamp(entry.record.ts_nanos, &mut ts);
+            let line = JsonLine {
+                ts: &ts,
+                level: level_name(entry.record.level),
+                source,
+                slot,
+                pid,
+                target: &entry.record.target,
+                message: &entry.record.message,
+                fields: entry
+                    .record
+                    .fields
+                    .iter()
+                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
+                    .collect(),
+                spans: &entry.record.spans,
+            };
+            match serde_json::to_string(&line) {
+                Ok(s) => out.push_str(&s),
+                Err(e) => out.push_str(&format!(
+                    "{{\"level\":\"ERROR\",\"message\":\"unencodable record: {e}\"}}"
+                )),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(message: &str) -> LogRecord {
+        LogRecord {
+            level: 3,
+            target: "app".into(),
+            message: message.into(),
+            fields: vec![("user".into(), "ann \"a\"".into())],
+            spans: vec!["request".into()],
+            ts_nanos: 0,
+        }
+    }
+
+    #[test]
+    fn json_lines_parse() {
+        let mut s = String::new();
+        let entry = Entry {
+            source: Source::Stderr { slot: 2, pid: 77 },
+            record: record("he said \"hi\"\nbye"),
+        };
+        format_entry(&entry, LogFormat::Json, 1, &mut s);
+        assert!(!s.contains('\n'));
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["source"], "stderr");
+        assert_eq!(v["slot"], 2);
+        assert_eq!(v["pid"], 77);
+        assert_eq!(v["message"], "he said \"hi\"\nbye");
+        assert_eq!(v["fields"]["user"], "ann \"a\"");
+        assert_eq!(v["spans"][0], "request");
+    }
+
+    #[test]
+    fn text_tags() {
+        let mut s = String::new();
+        let entry = Entry {
+            source: Source::Worker { slot: 3, pid: 9 },
+            record: record("hello"),
+        };
+        format_entry(&entry, LogFormat::Text, 1, &mut s);
+        assert!(
+            s.contains(" INFO [w3 9] request: app: hello user=ann \"a\""),
+            "{s}"
+        );
+    }
+}
