@@ -156,6 +156,15 @@ pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Registers `f` to run when the process exits normally (returning from
+/// `main` or `std::process::exit`). Returns false if registration failed.
+pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: atexit only stores the function pointer; `f` is a plain
+    // `extern "C" fn()` that never unwinds (it only sends on channels and
+    // waits with a timeout), as atexit handlers must.
+    unsafe { libc::atexit(f) == 0 }
+}
+
 /// Installs the hook that runs in the forked child before `exec`:
 ///
 /// * clears `FD_CLOEXEC` on `keep_fd` (the worker's end of its socketpair)

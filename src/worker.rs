@@ -105,6 +105,21 @@ impl Cluster {
         ClusterLogLayer::new(link().map(|l| &l.logs))
     }
 
+    /// A `slog::Drain` that forwards records (level, module or tag, message,
+    /// key-value pairs) to the watcher like [`log_layer`](Cluster::log_layer)
+    /// does; standalone it writes to stderr. Requires the `slog` feature.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "slog")] {
+    /// let log = slog::Logger::root(cluster::Cluster::slog_drain(), slog::o!("app" => "demo"));
+    /// slog::info!(log, "logged in"; "user" => "ann");
+    /// # }
+    /// ```
+    #[cfg(feature = "slog")]
+    pub fn slog_drain() -> crate::log::ClusterSlogDrain {
+        crate::log::ClusterSlogDrain::new(link().map(|l| &l.logs))
+    }
+
     /// A typed channel to the watcher: [`send`](MessageChannel::send)
     /// messages to it and [`recv`](MessageChannel::recv) what it sends
     /// (`ClusterWatcher::send`, `broadcast`, or a reply). Every channel of
@@ -288,6 +303,26 @@ enum Outgoing {
         addr: String,
         reply: oneshot::Sender<Result<OwnedFd>>,
     },
+    /// Send every queued log record, then acknowledge (at process exit).
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// How long process exit may wait for queued records and messages to reach
+/// the watcher.
+const EXIT_FLUSH: Duration = Duration::from_millis(500);
+
+/// Registered with `atexit`: when the program returns from `main` or calls
+/// `std::process::exit`, queued log records and messages (for example the
+/// "stopping" line logged after `await_termination`) still reach the watcher.
+extern "C" fn flush_at_exit() {
+    let Some(Some(link)) = LINK.get() else { return };
+    if std::thread::current().name() == Some("cluster-ipc") {
+        return; // the IPC thread itself is exiting
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if link.tx.send(Outgoing::Flush(tx)).is_ok() {
+        let _ = rx.recv_timeout(EXIT_FLUSH);
+    }
 }
 
 struct WorkerLink {
@@ -386,6 +421,7 @@ fn connect() -> Option<WorkerLink> {
         inbox: inbox_tx,
         grace,
     };
+    sys::at_exit(flush_at_exit);
     let spawned = std::thread::Builder::new()
         .name("cluster-ipc".into())
         .spawn(move || {
@@ -465,6 +501,15 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                             pending.insert(id, reply);
                             channel.send(&ToWatcher::SocketRequest { id, addr }, &[]).await
                         }
+                        Outgoing::Flush(ack) => {
+                            let mut rest = std::mem::take(&mut batch);
+                            while let Ok(r) = ipc.logs.try_recv() {
+                                rest.push(r);
+                            }
+                            let sent = if rest.is_empty() { Ok(()) } else { send_logs(&channel, rest).await };
+                            let _ = ack.send(());
+                            sent
+                        }
                     };
                     if let Err(e) = result {
                         break format!("cannot write to the watcher: {e}");
@@ -507,7 +552,20 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
     drop(ipc.inbox);
     tracing::warn!("cluster worker: {reason}; stopping");
     let _ = ipc.stop.send(true);
-    tokio::time::sleep(ipc.grace).await;
+    // Until the grace period ends, answer exit flushes at once (nothing can
+    // be delivered any more).
+    let grace = tokio::time::sleep(ipc.grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = &mut grace => break,
+            out = ipc.rx.recv() => match out {
+                Some(Outgoing::Flush(ack)) => { let _ = ack.send(()); }
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            },
+        }
+    }
     eprintln!(
         "cluster worker: still running {:?} after the watcher left; exiting",
         ipc.grace
