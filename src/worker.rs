@@ -487,6 +487,8 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
     };
     let mut buf = Vec::new();
     let mut batch = Vec::with_capacity(LOG_BATCH);
+    let mut drop_check = tokio::time::interval(Duration::from_secs(1));
+    drop_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = if let Err(e) = channel.send(&hello, &[]).await {
         format!("cannot greet the watcher: {e}")
     } else {
@@ -506,7 +508,10 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                             while let Ok(r) = ipc.logs.try_recv() {
                                 rest.push(r);
                             }
-                            let sent = if rest.is_empty() { Ok(()) } else { send_logs(&channel, rest).await };
+                            let mut sent = if rest.is_empty() { Ok(()) } else { send_logs(&channel, rest).await };
+                            if sent.is_ok() {
+                                sent = report_drops(&channel).await;
+                            }
                             let _ = ack.send(());
                             sent
                         }
@@ -522,11 +527,15 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                     if let Err(e) = send_logs(&channel, std::mem::take(&mut batch)).await {
                         break format!("cannot write to the watcher: {e}");
                     }
-                    let dropped = link().map(|l| l.logs.dropped.swap(0, Ordering::Relaxed)).unwrap_or(0);
-                    if dropped > 0 {
-                        if let Err(e) = channel.send(&ToWatcher::LogsDropped(dropped), &[]).await {
-                            break format!("cannot write to the watcher: {e}");
-                        }
+                    if let Err(e) = report_drops(&channel).await {
+                        break format!("cannot write to the watcher: {e}");
+                    }
+                }
+                _ = drop_check.tick() => {
+                    // Drops that happened after the last batch (the queue
+                    // filled up, then logging stopped) are reported too.
+                    if let Err(e) = report_drops(&channel).await {
+                        break format!("cannot write to the watcher: {e}");
                     }
                 }
                 msg = channel.recv::<ToWorker>(&mut buf) => match msg {
@@ -571,6 +580,17 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
         ipc.grace
     );
     std::process::exit(1);
+}
+
+/// Tells the watcher how many records the queue dropped since the last report.
+async fn report_drops(channel: &Channel) -> std::result::Result<(), crate::ipc::SendError> {
+    let dropped = link()
+        .map(|l| l.logs.dropped.swap(0, Ordering::Relaxed))
+        .unwrap_or(0);
+    if dropped > 0 {
+        channel.send(&ToWatcher::LogsDropped(dropped), &[]).await?;
+    }
+    Ok(())
 }
 
 /// Sends records in as few datagrams as fit; a single record too large
