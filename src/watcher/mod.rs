@@ -5,11 +5,13 @@
 //! supervisor task owns all state (`supervise.rs`); the handle here talks to
 //! it over a channel.
 
+mod balance;
 mod output;
 mod poll;
 mod process;
 mod supervise;
 
+pub use balance::Balance;
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 
 use std::ffi::OsString;
@@ -193,6 +195,7 @@ pub(crate) struct Config {
     pub reload_on_deploy: bool,
     pub control_socket: Option<PathBuf>,
     pub output: LogOutput,
+    pub balance: Balance,
 }
 
 /// Builds a [`ClusterWatcher`]; get one with [`ClusterWatcher::builder`].
@@ -256,6 +259,12 @@ impl ClusterWatcherBuilder {
     /// ready before it is killed and the restart fails (default 30 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How connections reach the workers (default [`Balance::Shared`]).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.config.balance = balance;
         self
     }
 
@@ -406,6 +415,7 @@ impl ClusterWatcher {
                 reload_on_deploy: false,
                 control_socket: None,
                 output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
+                balance: Balance::Shared,
             },
         }
     }
