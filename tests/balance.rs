@@ -122,6 +122,37 @@ fn ip_hash_survives_kill_and_reload() {
     mode_survives_kill_and_reload("ip-hash");
 }
 
+/// `cluster --workers N --balance MODE hello_http` on a free port, serving.
+fn start_hello(workers: usize, mode: &str) -> (Running, u16) {
+    let port = free_port();
+    let hello = example("hello_http");
+    let mut c = Running::start(
+        &[
+            "--workers",
+            &workers.to_string(),
+            "--balance",
+            mode,
+            hello.to_str().unwrap(),
+            &format!("127.0.0.1:{port}"),
+        ],
+        &[],
+    );
+    c.wait_workers(workers, START);
+    wait_for(START, || http_get(port).ok()).expect("serving");
+    (c, port)
+}
+
+/// A keep-alive connection after one request: the id of the worker that
+/// answered, and the connection (held open by the caller).
+fn held_connection(port: u16) -> (String, BufReader<TcpStream>) {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut w = s.try_clone().unwrap();
+    w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(s);
+    (read_worker_id(&mut reader), reader)
+}
+
 /// A GET on a connection from source address `from`.
 fn get_from(from: [u8; 4], port: u16) -> std::io::Result<Response> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
@@ -140,21 +171,7 @@ fn get_from(from: [u8; 4], port: u16) -> std::io::Result<Response> {
 
 #[test]
 fn ip_hash_keeps_a_client_on_one_worker() {
-    let port = free_port();
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "3",
-            "--balance",
-            "ip-hash",
-            hello.to_str().unwrap(),
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
-    c.wait_workers(3, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    let (_c, port) = start_hello(3, "ip-hash");
     let mut worker_of: HashMap<u8, HashSet<String>> = HashMap::new();
     for round in 0..5 {
         for last in 1..=24u8 {
@@ -175,31 +192,12 @@ fn ip_hash_keeps_a_client_on_one_worker() {
 
 #[test]
 fn reuseport_spreads_keep_alive_connections() {
-    let port = free_port();
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--balance",
-            "reuseport",
-            hello.to_str().unwrap(),
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
-    c.wait_workers(2, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    let (_c, port) = start_hello(2, "reuseport");
     // 40 keep-alive connections held open at once, one request each.
     let mut conns = Vec::new();
     let mut per_worker: HashMap<String, usize> = HashMap::new();
     for _ in 0..40 {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut reader = BufReader::new(s);
-        let id = read_worker_id(&mut reader);
+        let (id, reader) = held_connection(port);
         *per_worker.entry(id).or_default() += 1;
         conns.push(reader);
     }
@@ -241,39 +239,17 @@ fn read_worker_id(reader: &mut BufReader<TcpStream>) -> String {
 
 #[test]
 fn least_connections_sends_new_connections_to_the_idlest_worker() {
-    let port = free_port();
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--balance",
-            "least-connections",
-            hello.to_str().unwrap(),
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
-    c.wait_workers(2, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    let (_c, port) = start_hello(2, "least-connections");
     // Hold two keep-alive connections on the busy worker X: open until two
     // land on the same worker (the counts are then X=2, Y<=1... so keep
     // opening until one worker holds 2 more than the other).
     let mut held: Vec<(String, BufReader<TcpStream>)> = Vec::new();
-    let open_one = || {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-        let mut w = s.try_clone().unwrap();
-        w.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
-        let mut reader = BufReader::new(s);
-        (read_worker_id(&mut reader), reader)
-    };
     // Let the worker report the warm-up request's connection closed.
     std::thread::sleep(Duration::from_millis(200));
     // Least-connections alternates while counts are equal: 4 connections
     // split 2/2. Close both of one worker's: now X holds 2, Y holds 0.
     for _ in 0..4 {
-        held.push(open_one());
+        held.push(held_connection(port));
     }
     let x = held[0].0.clone();
     held.retain(|(id, _)| *id == x);
