@@ -451,6 +451,25 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "slog")]
+    #[test]
+    fn slog_records_carry_level_message_and_pairs() {
+        let (tx, mut rx) = mpsc::channel(8);
+        let queue: &'static WorkerLogQueue = Box::leak(Box::new(WorkerLogQueue {
+            tx,
+            dropped: AtomicU64::new(0),
+        }));
+        let log = slog::Logger::root(ClusterSlogDrain::new(Some(queue)), slog::o!("app" => "demo"));
+        slog::warn!(log, "disk {}", "full"; "free" => 3);
+        let r = rx.try_recv().unwrap();
+        assert_eq!(r.level, 2);
+        assert_eq!(r.message, "disk full");
+        assert_eq!(
+            r.fields,
+            vec![("free".to_string(), "3".to_string()), ("app".to_string(), "demo".to_string())]
+        );
+    }
+
     #[test]
     fn clip_cuts_on_a_char_boundary() {
         let s = clip("é".repeat(MAX_TEXT));
