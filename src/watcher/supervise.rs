@@ -20,11 +20,13 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::metrics::{self, Snapshot};
 use super::output::Source;
 use super::process::{self, Outbound};
+use super::systemd::{self, Notifier};
 use super::{Config, WorkerInfo, WorkerState};
 use crate::control::{self, Action};
 use crate::error::{Error, Kind, Result};
@@ -52,6 +54,8 @@ pub(crate) enum Event {
     ReloadRequested(String),
     /// A request that arrived on the control socket.
     Control(Action),
+    /// The metrics responder wants the counters.
+    Metrics(oneshot::Sender<Snapshot>),
 }
 
 /// A change in the number of workers.
@@ -156,6 +160,10 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// Workers started for this slot after the first one.
     restarts: u32,
+    /// Serving workers that exited without being asked to.
+    crashes: u32,
+    /// How the slot's last worker ended.
+    last_exit: Option<String>,
 }
 
 struct Reload {
@@ -189,6 +197,27 @@ pub(crate) struct Supervisor {
     queued: Option<(String, Vec<oneshot::Sender<Result<()>>>)>,
     messages: mpsc::Sender<Incoming>,
     messages_dropped: u64,
+    /// Sockets passed by systemd's socket activation, handed out for
+    /// matching addresses instead of binding.
+    activated: Vec<systemd::Activated>,
+    notifier: Option<Notifier>,
+    /// When `WATCHDOG=1` is due next.
+    watchdog_at: Option<Instant>,
+    metrics: Option<metrics::Server>,
+    counters: Counters,
+    /// Every initial worker has been ready (`READY=1` was sent).
+    ready: watch::Sender<bool>,
+}
+
+/// Counters for `--metrics` that have no other home.
+#[derive(Default)]
+struct Counters {
+    reloads_ok: u64,
+    reloads_failed: u64,
+    messages_in: u64,
+    messages_out: u64,
+    /// Records workers reported dropping from their own queues.
+    worker_log_drops: u64,
 }
 
 impl Supervisor {
@@ -196,6 +225,7 @@ impl Supervisor {
         config: Config,
         commands: mpsc::UnboundedReceiver<Command>,
         messages: mpsc::Sender<Incoming>,
+        ready: watch::Sender<bool>,
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
@@ -217,6 +247,12 @@ impl Supervisor {
             queued: None,
             messages,
             messages_dropped: 0,
+            activated: Vec::new(),
+            notifier: None,
+            watchdog_at: None,
+            metrics: None,
+            counters: Counters::default(),
+            ready,
         }
     }
 
@@ -262,6 +298,29 @@ impl Supervisor {
                 }
             });
         }
+        if let Some(addr) = self.config.metrics {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!("serving metrics on http://{addr}/metrics");
+                    self.metrics = Some(metrics::Server::start(listener, self.events_tx.clone()));
+                }
+                Err(e) => {
+                    let e =
+                        Error::with_io(Kind::Bind, format!("cannot serve metrics on {addr}"), e);
+                    let outcome = Outcome::Failed(e.kind(), e.to_string());
+                    let _ = started.send(Err(e));
+                    return outcome;
+                }
+            }
+        }
+        if self.config.systemd {
+            self.activated = systemd::listen_fds();
+            self.notifier = Notifier::from_env();
+            if let Some(every) = self.notifier.as_ref().and_then(|n| n.watchdog) {
+                tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
+                self.watchdog_at = Some(Instant::now());
+            }
+        }
         for slot in 1..=self.slots.len() as u32 {
             if let Err(e) = self.spawn(slot, false) {
                 if slot == 1 {
@@ -300,6 +359,7 @@ impl Supervisor {
             }
         }
         self.shutdown_listeners();
+        drop(self.metrics.take());
         drop(self.control.take());
         drop(self.pid_file.take());
         match self.failure.take() {
@@ -319,7 +379,29 @@ impl Supervisor {
                 (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
             [w.kill_at, w.ready_by, w.next_ping_at, assumed]
         });
-        respawns.chain(workers.flatten()).min()
+        respawns
+            .chain(workers.flatten())
+            .chain(self.watchdog_at)
+            .min()
+    }
+
+    /// Sends `lines` to systemd, if it listens.
+    fn notify(&self, lines: &[String]) {
+        if let Some(n) = &self.notifier {
+            n.notify(lines);
+        }
+    }
+
+    /// Number of slots whose worker is ready.
+    fn ready_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count()
     }
 
     fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
@@ -383,6 +465,11 @@ impl Supervisor {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.watchdog_at.is_some_and(|t| t <= now) {
+            let every = self.notifier.as_ref().and_then(|n| n.watchdog);
+            self.notify(&["WATCHDOG=1".into()]);
+            self.watchdog_at = every.map(|d| now + d);
+        }
         if !self.stopping {
             let due: Vec<u32> = (1..=self.slots.len() as u32)
                 .filter(|&slot| {
@@ -496,6 +583,7 @@ impl Supervisor {
                 if targets.is_empty() {
                     tracing::debug!("message to {to:?} dropped: no such worker");
                 }
+                self.counters.messages_out += targets.len() as u64;
                 for w in targets {
                     let _ = w.outbound.send(Outbound {
                         msg: ToWorker::Data(bytes.clone()),
@@ -521,15 +609,48 @@ impl Supervisor {
                     .map(|s| s.restarts)
                     .unwrap_or(0),
                 uptime: w.started.elapsed(),
+                rss_bytes: None,
+                cpu_time: None,
+                last_exit: self
+                    .slots
+                    .get(w.slot as usize - 1)
+                    .and_then(|s| s.last_exit.clone()),
             })
             .collect();
         list.sort_by_key(|w| (w.slot, w.context_id));
         list
     }
 
+    /// The counters and workers for one metrics scrape.
+    fn snapshot(&self) -> Snapshot {
+        let mut workers: Vec<(u32, u32, WorkerState)> = self
+            .workers
+            .values()
+            .map(|w| (w.slot, w.pid, w.state))
+            .collect();
+        workers.sort_by_key(|w| (w.0, w.1));
+        let (log_records, output_drops) = self.config.output.counts();
+        Snapshot {
+            workers,
+            slots: (1..=self.slots.len() as u32)
+                .zip(&self.slots)
+                .map(|(n, s)| (n, u64::from(s.restarts), u64::from(s.crashes)))
+                .collect(),
+            reloads_ok: self.counters.reloads_ok,
+            reloads_failed: self.counters.reloads_failed,
+            log_records,
+            log_dropped: output_drops + self.counters.worker_log_drops,
+            messages_in: self.counters.messages_in,
+            messages_out: self.counters.messages_out,
+        }
+    }
+
     fn begin_stop(&mut self, timeout: Duration) {
         if !self.stopping && self.failure.is_none() {
             tracing::info!("stopping {} worker(s)", self.workers.len());
+        }
+        if !self.stopping {
+            self.notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         }
         self.stopping = true;
         for s in &mut self.slots {
@@ -538,6 +659,7 @@ impl Supervisor {
         if let Some(mut reload) = self.reload.take() {
             reload.failure = Some("the watcher is stopping".into());
             finish_reload(reload);
+            self.counters.reloads_failed += 1;
         }
         if let Some((_, waiters)) = self.queued.take() {
             for w in waiters {
@@ -595,6 +717,11 @@ impl Supervisor {
             "{reason}: rolling restart of {} worker(s)",
             self.slots.len()
         );
+        self.notify(&[
+            "RELOADING=1".into(),
+            format!("MONOTONIC_USEC={}", systemd::monotonic_usec()),
+            format!("STATUS=rolling restart ({reason})"),
+        ]);
         self.reload = Some(Reload {
             reason,
             started: Instant::now(),
@@ -628,7 +755,22 @@ impl Supervisor {
             if reload.in_flight.len() >= batch || reload.pending.is_empty() {
                 if reload.pending.is_empty() && reload.in_flight.is_empty() {
                     let reload = self.reload.take().expect("checked above");
+                    let failed = reload.failure.is_some();
                     finish_reload(reload);
+                    if failed {
+                        self.counters.reloads_failed += 1;
+                    } else {
+                        self.counters.reloads_ok += 1;
+                    }
+                    let status = if failed {
+                        format!(
+                            "STATUS={} worker(s) ready; the last rolling restart failed",
+                            self.ready_slots()
+                        )
+                    } else {
+                        format!("STATUS={} worker(s) ready", self.ready_slots())
+                    };
+                    self.notify(&["READY=1".into(), status]);
                     if let Some((reason, done)) = self.queued.take() {
                         self.request_reload(reason, None);
                         if let Some(r) = self.reload.as_mut() {
@@ -701,6 +843,15 @@ impl Supervisor {
         }
         let slot = w.slot;
         self.ever_ready = true;
+        if !*self.ready.borrow() && self.ready_slots() == self.slots.len() {
+            tracing::debug!("every worker is ready");
+            self.ready.send_replace(true);
+            self.notify(&[
+                "READY=1".into(),
+                format!("MAINPID={}", std::process::id()),
+                format!("STATUS={} worker(s) ready", self.slots.len()),
+            ]);
+        }
         let Some(reload) = self.reload.as_mut() else {
             return;
         };
@@ -794,6 +945,9 @@ impl Supervisor {
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
             Event::ReloadRequested(reason) => self.request_reload(reason, None),
+            Event::Metrics(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
             Event::Control(action) => match action {
                 Action::Status(reply) => {
                     let _ = reply.send((self.status(), self.slots.len()));
@@ -821,6 +975,13 @@ impl Supervisor {
             how = format!("{how} ({why})");
         }
         let slot = w.slot;
+        if let Some(s) = self.slots.get_mut(slot as usize - 1) {
+            let mut last = how.strip_prefix("was ").unwrap_or(&how).to_string();
+            if w.killed_for.is_none() && w.state == WorkerState::Stopping {
+                last.push_str(" (asked to stop)");
+            }
+            s.last_exit = Some(last);
+        }
         let in_flight = self
             .reload
             .as_ref()
@@ -848,6 +1009,7 @@ impl Supervisor {
         if w.started.elapsed() >= self.config.backoff_reset {
             s.failures = 0;
         }
+        s.crashes = s.crashes.saturating_add(1);
         if in_flight.is_some() {
             // Its replacement is starting and will take the slot.
             tracing::warn!(
@@ -909,6 +1071,7 @@ impl Supervisor {
                 }
             }
             ToWatcher::LogsDropped(n) => {
+                self.counters.worker_log_drops += n;
                 let source = Source::Worker {
                     slot: w.slot,
                     pid: w.pid,
@@ -921,6 +1084,7 @@ impl Supervisor {
                 );
             }
             ToWatcher::Data(bytes) => {
+                self.counters.messages_in += 1;
                 let incoming = Incoming {
                     slot: w.slot,
                     context_id,
@@ -973,6 +1137,19 @@ impl Supervisor {
     /// The listener for `addr`, bound on first request, duplicated for each caller.
     fn listener_for(&mut self, addr: &str) -> Result<OwnedFd> {
         let parsed = Address::parse(addr)?;
+        if let Some(a) = self
+            .activated
+            .iter()
+            .find(|a| systemd::matches(&parsed, &a.addr))
+        {
+            return a.fd.try_clone().map_err(|e| {
+                Error::with_io(
+                    Kind::Io,
+                    format!("cannot duplicate the socket-activated listener for {parsed}"),
+                    e,
+                )
+            });
+        }
         if !self.listeners.contains_key(&parsed) {
             let fd = parsed.bind(self.config.backlog)?;
             tracing::info!("listening on {parsed}");
