@@ -174,7 +174,9 @@ impl LogFilter {
             }
         }
         // Longest prefix first.
-        filter.directives.sort_by_key(|d| std::cmp::Reverse(d.0.len()));
+        filter
+            .directives
+            .sort_by_key(|d| std::cmp::Reverse(d.0.len()));
         Ok(filter)
     }
 
