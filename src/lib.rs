@@ -66,6 +66,8 @@ mod watcher;
 mod worker;
 
 pub use error::{Error, Result};
+#[cfg(feature = "slog")]
+pub use log::ClusterSlogDrain;
 pub use log::{ClusterLogLayer, LogFilter};
 pub use pipe::{
     pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,

@@ -307,26 +307,99 @@ impl ClusterLogLayer {
     }
 }
 
+/// Hands a record to the watcher (worker) or writes it to stderr
+/// (standalone). Never blocks in a worker.
+pub(crate) fn deliver(queue: Option<&WorkerLogQueue>, record: LogRecord) {
+    match queue {
+        Some(queue) => {
+            if queue.tx.try_send(record).is_err() {
+                queue.dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        None => {
+            let mut line = String::with_capacity(128);
+            format_text(&record, "", &mut line);
+            line.push('\n');
+            use std::io::Write;
+            let _ = std::io::stderr().lock().write_all(line.as_bytes());
+        }
+    }
+}
+
 impl<S> Layer<S> for ClusterLogLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
-        let record = record_from_event(event, &ctx);
-        match self.queue {
-            Some(queue) => {
-                if queue.tx.try_send(record).is_err() {
-                    queue.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-            None => {
-                let mut line = String::with_capacity(128);
-                format_text(&record, "", &mut line);
-                line.push('\n');
-                use std::io::Write;
-                let _ = std::io::stderr().lock().write_all(line.as_bytes());
-            }
-        }
+        deliver(self.queue, record_from_event(event, &ctx));
+    }
+}
+
+/// The `slog::Drain` returned by [`Cluster::slog_drain`](crate::Cluster::slog_drain)
+/// (feature `slog`): forwards records to the watcher in a worker, writes
+/// them to stderr when standalone. Never blocks; never fails.
+#[cfg(feature = "slog")]
+pub struct ClusterSlogDrain {
+    queue: Option<&'static WorkerLogQueue>,
+}
+
+#[cfg(feature = "slog")]
+impl ClusterSlogDrain {
+    pub(crate) fn new(queue: Option<&'static WorkerLogQueue>) -> Self {
+        ClusterSlogDrain { queue }
+    }
+}
+
+#[cfg(feature = "slog")]
+struct SlogFields(Vec<(String, String)>);
+
+#[cfg(feature = "slog")]
+impl slog::Serializer for SlogFields {
+    fn emit_arguments(&mut self, key: slog::Key, val: &std::fmt::Arguments<'_>) -> slog::Result {
+        self.0.push((key.to_string(), clip(val.to_string())));
+        Ok(())
+    }
+}
+
+#[cfg(feature = "slog")]
+impl slog::Drain for ClusterSlogDrain {
+    type Ok = ();
+    type Err = slog::Never;
+
+    fn log(
+        &self,
+        record: &slog::Record<'_>,
+        values: &slog::OwnedKVList,
+    ) -> Result<(), slog::Never> {
+        use slog::KV;
+        let level = match record.level() {
+            slog::Level::Critical | slog::Level::Error => 1,
+            slog::Level::Warning => 2,
+            slog::Level::Info => 3,
+            slog::Level::Debug => 4,
+            slog::Level::Trace => 5,
+        };
+        let mut fields = SlogFields(Vec::new());
+        // Record pairs first, then the logger's context.
+        let _ = record.kv().serialize(record, &mut fields);
+        let _ = values.serialize(record, &mut fields);
+        let target = if record.tag().is_empty() {
+            record.module()
+        } else {
+            record.tag()
+        };
+        deliver(
+            self.queue,
+            LogRecord {
+                level,
+                target: target.to_string(),
+                message: clip(record.msg().to_string()),
+                fields: fields.0,
+                spans: Vec::new(),
+                ts_nanos: now_nanos(),
+            },
+        );
+        Ok(())
     }
 }
 

@@ -157,6 +157,15 @@ pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Registers `f` to run when the process exits normally (returning from
+/// `main` or `std::process::exit`). Returns false if registration failed.
+pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
+    // SAFETY: atexit only stores the function pointer; `f` is a plain
+    // `extern "C" fn()` that never unwinds (it only sends on channels and
+    // waits with a timeout), as atexit handlers must.
+    unsafe { libc::atexit(f) == 0 }
+}
+
 /// User and group ids a worker runs as (`--user`, `--group`), resolved
 /// before any fork: the `pre_exec` hook may not look names up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

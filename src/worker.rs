@@ -105,6 +105,21 @@ impl Cluster {
         ClusterLogLayer::new(link().map(|l| &l.logs))
     }
 
+    /// A `slog::Drain` that forwards records (level, module or tag, message,
+    /// key-value pairs) to the watcher like [`log_layer`](Cluster::log_layer)
+    /// does; standalone it writes to stderr. Requires the `slog` feature.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "slog")] {
+    /// let log = slog::Logger::root(cluster::Cluster::slog_drain(), slog::o!("app" => "demo"));
+    /// slog::info!(log, "logged in"; "user" => "ann");
+    /// # }
+    /// ```
+    #[cfg(feature = "slog")]
+    pub fn slog_drain() -> crate::log::ClusterSlogDrain {
+        crate::log::ClusterSlogDrain::new(link().map(|l| &l.logs))
+    }
+
     /// A typed channel to the watcher: [`send`](MessageChannel::send)
     /// messages to it and [`recv`](MessageChannel::recv) what it sends
     /// (`ClusterWatcher::send`, `broadcast`, or a reply). Every channel of
@@ -288,6 +303,26 @@ enum Outgoing {
         addr: String,
         reply: oneshot::Sender<Result<OwnedFd>>,
     },
+    /// Send every queued log record, then acknowledge (at process exit).
+    Flush(std::sync::mpsc::SyncSender<()>),
+}
+
+/// How long process exit may wait for queued records and messages to reach
+/// the watcher.
+const EXIT_FLUSH: Duration = Duration::from_millis(500);
+
+/// Registered with `atexit`: when the program returns from `main` or calls
+/// `std::process::exit`, queued log records and messages (for example the
+/// "stopping" line logged after `await_termination`) still reach the watcher.
+extern "C" fn flush_at_exit() {
+    let Some(Some(link)) = LINK.get() else { return };
+    if std::thread::current().name() == Some("cluster-ipc") {
+        return; // the IPC thread itself is exiting
+    }
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    if link.tx.send(Outgoing::Flush(tx)).is_ok() {
+        let _ = rx.recv_timeout(EXIT_FLUSH);
+    }
 }
 
 struct WorkerLink {
@@ -386,6 +421,7 @@ fn connect() -> Option<WorkerLink> {
         inbox: inbox_tx,
         grace,
     };
+    sys::at_exit(flush_at_exit);
     let spawned = std::thread::Builder::new()
         .name("cluster-ipc".into())
         .spawn(move || {
@@ -451,6 +487,8 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
     };
     let mut buf = Vec::new();
     let mut batch = Vec::with_capacity(LOG_BATCH);
+    let mut drop_check = tokio::time::interval(Duration::from_secs(1));
+    drop_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = if let Err(e) = channel.send(&hello, &[]).await {
         format!("cannot greet the watcher: {e}")
     } else {
@@ -465,6 +503,18 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                             pending.insert(id, reply);
                             channel.send(&ToWatcher::SocketRequest { id, addr }, &[]).await
                         }
+                        Outgoing::Flush(ack) => {
+                            let mut rest = std::mem::take(&mut batch);
+                            while let Ok(r) = ipc.logs.try_recv() {
+                                rest.push(r);
+                            }
+                            let mut sent = if rest.is_empty() { Ok(()) } else { send_logs(&channel, rest).await };
+                            if sent.is_ok() {
+                                sent = report_drops(&channel).await;
+                            }
+                            let _ = ack.send(());
+                            sent
+                        }
                     };
                     if let Err(e) = result {
                         break format!("cannot write to the watcher: {e}");
@@ -477,11 +527,15 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                     if let Err(e) = send_logs(&channel, std::mem::take(&mut batch)).await {
                         break format!("cannot write to the watcher: {e}");
                     }
-                    let dropped = link().map(|l| l.logs.dropped.swap(0, Ordering::Relaxed)).unwrap_or(0);
-                    if dropped > 0 {
-                        if let Err(e) = channel.send(&ToWatcher::LogsDropped(dropped), &[]).await {
-                            break format!("cannot write to the watcher: {e}");
-                        }
+                    if let Err(e) = report_drops(&channel).await {
+                        break format!("cannot write to the watcher: {e}");
+                    }
+                }
+                _ = drop_check.tick() => {
+                    // Drops that happened after the last batch (the queue
+                    // filled up, then logging stopped) are reported too.
+                    if let Err(e) = report_drops(&channel).await {
+                        break format!("cannot write to the watcher: {e}");
                     }
                 }
                 msg = channel.recv::<ToWorker>(&mut buf) => match msg {
@@ -507,12 +561,36 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
     drop(ipc.inbox);
     tracing::warn!("cluster worker: {reason}; stopping");
     let _ = ipc.stop.send(true);
-    tokio::time::sleep(ipc.grace).await;
+    // Until the grace period ends, answer exit flushes at once (nothing can
+    // be delivered any more).
+    let grace = tokio::time::sleep(ipc.grace);
+    tokio::pin!(grace);
+    loop {
+        tokio::select! {
+            _ = &mut grace => break,
+            out = ipc.rx.recv() => match out {
+                Some(Outgoing::Flush(ack)) => { let _ = ack.send(()); }
+                Some(_) => {}
+                None => std::future::pending::<()>().await,
+            },
+        }
+    }
     eprintln!(
         "cluster worker: still running {:?} after the watcher left; exiting",
         ipc.grace
     );
     std::process::exit(1);
+}
+
+/// Tells the watcher how many records the queue dropped since the last report.
+async fn report_drops(channel: &Channel) -> std::result::Result<(), crate::ipc::SendError> {
+    let dropped = link()
+        .map(|l| l.logs.dropped.swap(0, Ordering::Relaxed))
+        .unwrap_or(0);
+    if dropped > 0 {
+        channel.send(&ToWatcher::LogsDropped(dropped), &[]).await?;
+    }
+    Ok(())
 }
 
 /// Sends records in as few datagrams as fit; a single record too large

@@ -70,6 +70,34 @@ fn records_arrive_tagged_with_slot_and_pid_as_json_lines() {
 }
 
 #[test]
+fn records_logged_while_exiting_still_arrive() {
+    let worker = example("test_worker");
+    let mut c = Running::start(
+        &[
+            "--workers",
+            "3",
+            "--log-format",
+            "json",
+            "--log-level",
+            "info",
+            worker.to_str().unwrap(),
+            "log",
+            "1",
+        ],
+        &[],
+    );
+    wait_for(START, || {
+        (c.stderr().matches("\"message\":\"done\"").count() == 3).then_some(())
+    })
+    .expect("workers logged");
+    c.signal(nix::sys::signal::Signal::SIGTERM);
+    assert_eq!(c.wait_exit(START).unwrap().code(), Some(0));
+    let text = c.stderr();
+    let lines = json_lines(&text);
+    assert_eq!(records(&lines, "bye").len(), 3, "{text}");
+}
+
+#[test]
 fn text_format_tags_records() {
     let worker = example("test_worker");
     let mut c = Running::start(

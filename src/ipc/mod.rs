@@ -127,6 +127,7 @@ impl Channel {
     ) -> Result<(usize, Vec<OwnedFd>), RecvError> {
         // One byte more than the limit: a datagram that fills it is too large.
         buf.resize(MAX_MESSAGE + 1, 0);
+        let mut resets = 0;
         loop {
             let mut guard = self.fd.readable().await.map_err(RecvError::Io)?;
             let received = match guard
@@ -135,7 +136,14 @@ impl Channel {
                 Ok(Ok(r)) => r,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionReset => {
-                    return Err(RecvError::Closed)
+                    // The peer closed with unread data in its own queue.
+                    // Linux reports that error before the datagrams still
+                    // queued for us (and clears it): read those first.
+                    resets += 1;
+                    if resets > 1 {
+                        return Err(RecvError::Closed);
+                    }
+                    continue;
                 }
                 Ok(Err(e)) => return Err(RecvError::Io(e)),
                 Err(_would_block) => continue,
@@ -204,6 +212,24 @@ mod tests {
         nix::unistd::write(&w, b"x").unwrap();
         let mut one = [0u8; 1];
         assert_eq!(nix::unistd::read(&fds[0], &mut one).unwrap(), 1);
+    }
+
+    #[tokio::test]
+    async fn messages_queued_before_a_reset_are_still_delivered() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        // b leaves a message unread in its queue, then a sends and b closes:
+        // a's next read reports ECONNRESET before the queued message.
+        b.send(&ToWatcher::Ready, &[]).await.unwrap();
+        a.send(&ToWorker::Ping { seq: 1 }, &[]).await.unwrap();
+        drop(b);
+        let mut buf = Vec::new();
+        let (msg, _): (ToWatcher, _) = a.recv(&mut buf).await.unwrap();
+        assert_eq!(msg, ToWatcher::Ready);
+        assert!(matches!(
+            a.recv::<ToWatcher>(&mut buf).await,
+            Err(RecvError::Closed)
+        ));
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@
 //!
 //! * `log N PACE_MS`: logs N records through `Cluster::log_layer()`
 //!   (`record` with fields `i`, `slot`, `pid`), sleeping PACE_MS after every
-//!   100, then `done`, then waits for termination.
+//!   100, then `done`, then waits for termination and logs `bye`.
 //! * `flood N ADDR`: serves like `serve` while a thread logs N records as
 //!   fast as it can.
 //! * `messages`: answers every `(u64, String)` message from the watcher
@@ -181,6 +181,8 @@ fn log_records(n: &str) {
         }
         tracing::warn!(slot, pid, "done");
         Cluster::await_termination().await;
+        // Logged while exiting: must still reach the watcher.
+        tracing::info!(slot, pid, "bye");
     });
 }
 
