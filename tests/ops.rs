@@ -312,13 +312,10 @@ fn socket_activation_serves_from_the_adopted_socket() {
     let r = wait_for(START, || http_get(port).ok())
         .unwrap_or_else(|| panic!("not serving:\n{}", c.stderr()));
     assert_eq!(r.status, 200);
-    assert!(
-        c.stderr().contains(&format!(
-            "socket activation: adopted fd 3 (web) listening on 127.0.0.1:{port}"
-        )),
-        "{}",
-        c.stderr()
-    );
+    // The log stream is written by its own thread: wait for the line.
+    let adopted = format!("socket activation: adopted fd 3 (web) listening on 127.0.0.1:{port}");
+    wait_for(START, || c.stderr().contains(&adopted).then_some(()))
+        .unwrap_or_else(|| panic!("no {adopted:?} in:\n{}", c.stderr()));
     // The watcher marked it close-on-exec; workers do not see LISTEN_*.
     let fdinfo = std::fs::read_to_string(format!("/proc/{}/fdinfo/3", c.pid)).unwrap();
     let flags = fdinfo
