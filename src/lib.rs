@@ -75,10 +75,10 @@ pub use pipe::{
 };
 pub use socket::{Listener, PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use watcher::{
-    ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
+    Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
     WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
 };
-pub use worker::{Cluster, MessageChannel, ServerSocketFactory, MAX_MESSAGE_SIZE};
+pub use worker::{Cluster, HandoffListener, MessageChannel, ServerSocketFactory, MAX_MESSAGE_SIZE};
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

@@ -107,6 +107,31 @@ impl Address {
         }
     }
 
+    /// Binds a TCP listener with `SO_REUSEPORT` (and `SO_REUSEADDR`), for the
+    /// `reuseport` balancing mode: one per slot on the same address. `port`
+    /// replaces the address's port (so every slot of a port-0 address gets
+    /// the port the first one drew).
+    pub(crate) fn bind_reuseport(&self, backlog: u32, port: Option<u16>) -> Result<OwnedFd> {
+        let Address::Tcp(addr) = self else {
+            return self.bind(backlog);
+        };
+        let mut addr = *addr;
+        if let Some(port) = port {
+            addr.set_port(port);
+        }
+        let backlog = backlog.min(i32::MAX as u32) as i32;
+        let bind_err =
+            |e: io::Error| Error::with_io(Kind::Bind, format!("cannot listen on {self}"), e);
+        let socket =
+            Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(bind_err)?;
+        socket.set_reuse_address(true).map_err(bind_err)?;
+        socket.set_reuse_port(true).map_err(bind_err)?;
+        socket.set_nonblocking(true).map_err(bind_err)?;
+        socket.bind(&SockAddr::from(addr)).map_err(bind_err)?;
+        socket.listen(backlog).map_err(bind_err)?;
+        Ok(socket.into())
+    }
+
     /// Turns a listening descriptor for this address into a [`Listener`].
     /// Must be called within a tokio runtime.
     pub(crate) fn listener_from_fd(&self, fd: OwnedFd) -> io::Result<Listener> {
@@ -162,6 +187,9 @@ pub enum Listener {
     Tcp(TcpListener),
     /// A Unix stream listener (`unix:///path`).
     Unix(UnixListener),
+    /// Connections the watcher accepts and hands to this worker (the
+    /// `round-robin`, `least-connections` and `ip-hash` balancing modes).
+    Handoff(crate::worker::HandoffListener),
 }
 
 /// The peer address of an accepted [`Stream`].
@@ -186,6 +214,7 @@ impl Listener {
                 let (s, a) = l.accept().await?;
                 Ok((Stream::Unix(s), PeerAddr::Unix(a)))
             }
+            Listener::Handoff(l) => l.accept().await,
         }
     }
 
@@ -194,10 +223,12 @@ impl Listener {
         match self {
             Listener::Tcp(l) => l.local_addr().ok(),
             Listener::Unix(_) => None,
+            Listener::Handoff(l) => l.local_addr().parse().ok(),
         }
     }
 
-    /// The tokio `TcpListener`, or `Err(self)` if this is not TCP.
+    /// The tokio `TcpListener`, or `Err(self)` if this is not TCP (or the
+    /// watcher hands off connections: serve with [`accept`](Listener::accept)).
     pub fn into_tcp(self) -> std::result::Result<TcpListener, Listener> {
         match self {
             Listener::Tcp(l) => Ok(l),

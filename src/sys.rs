@@ -157,6 +157,22 @@ pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
+/// Device and inode of the file open at descriptor number `raw`, or `None`
+/// when nothing is open there. Does not take ownership of `raw`.
+pub(crate) fn inode_of(raw: RawFd) -> Option<(u64, u64)> {
+    let mut st = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a full `struct stat` into the valid buffer on
+    // success and nothing on failure (EBADF for a closed number); the buffer
+    // is read only after success.
+    let rc = unsafe { libc::fstat(raw, st.as_mut_ptr()) };
+    if rc != 0 {
+        return None;
+    }
+    // SAFETY: fstat returned 0, so it initialised the whole struct.
+    let st = unsafe { st.assume_init() };
+    Some((st.st_dev, st.st_ino))
+}
+
 /// Registers `f` to run when the process exits normally (returning from
 /// `main` or `std::process::exit`). Returns false if registration failed.
 pub(crate) fn at_exit(f: extern "C" fn()) -> bool {

@@ -289,7 +289,10 @@ impl ServerSocketFactory {
         let parsed = Address::parse(addr)?;
         let fd = match link() {
             None => parsed.bind(DEFAULT_BACKLOG)?,
-            Some(link) => link.request_socket(addr).await?,
+            Some(link) => match link.request_socket(addr).await? {
+                Granted::Fd(fd) => fd,
+                Granted::Handoff(h) => return Ok(HandoffListener::register(link, parsed, h)),
+            },
         };
         parsed.listener_from_fd(fd).map_err(|e| {
             Error::with_io(Kind::Io, format!("cannot use the listener for {parsed}"), e)
@@ -297,14 +300,154 @@ impl ServerSocketFactory {
     }
 }
 
+/// What the watcher granted for a `listen` request.
+enum Granted {
+    /// The listening socket itself (shared and reuseport modes).
+    Fd(OwnedFd),
+    /// Connections will be handed off (round-robin, least-connections, ip-hash).
+    Handoff(crate::ipc::message::Handoff),
+}
+
+/// A connection handed off by the watcher, not yet accepted.
+type Handed = (OwnedFd, String);
+
+/// A handed-off connection accepted by user code, watched for closing.
+struct Tracked {
+    listener: u64,
+    raw: std::os::fd::RawFd,
+    inode: (u64, u64),
+}
+
+/// The listener behind [`Listener::Handoff`](crate::Listener::Handoff): in
+/// the watcher's `round-robin`, `least-connections` and `ip-hash` modes the
+/// watcher accepts and hands each connection to a worker; `accept` yields
+/// them. The watcher counts a connection closed once its socket is closed
+/// here (dropped).
+#[derive(Debug)]
+pub struct HandoffListener {
+    id: u64,
+    address: Address,
+    local: String,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Handed>>,
+}
+
+impl HandoffListener {
+    fn register(
+        link: &'static WorkerLink,
+        address: Address,
+        h: crate::ipc::message::Handoff,
+    ) -> Listener {
+        let (tx, rx) = mpsc::unbounded_channel();
+        if let Ok(mut map) = link.handoffs.lock() {
+            map.insert(h.listener, tx);
+        }
+        Listener::Handoff(HandoffListener {
+            id: h.listener,
+            address,
+            local: h.local,
+            rx: tokio::sync::Mutex::new(rx),
+        })
+    }
+
+    /// The watcher's listening address.
+    pub fn local_addr(&self) -> &str {
+        &self.local
+    }
+
+    /// Waits for the next connection the watcher hands to this worker.
+    ///
+    /// # Errors
+    ///
+    /// An error of kind `ConnectionAborted` once the watcher is gone.
+    pub async fn accept(&self) -> std::io::Result<(crate::Stream, crate::PeerAddr)> {
+        let (fd, peer) = self.rx.lock().await.recv().await.ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "the watcher is gone")
+        })?;
+        let raw = std::os::fd::AsRawFd::as_raw_fd(&fd);
+        let inode = sys::inode_of(raw);
+        let accepted = match self.address {
+            Address::Tcp(_) => {
+                let std = std::net::TcpStream::from(fd);
+                std.set_nonblocking(true)?;
+                let peer = peer
+                    .parse()
+                    .or_else(|_| std.peer_addr())
+                    .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0)));
+                let stream = tokio::net::TcpStream::from_std(std)?;
+                (crate::Stream::Tcp(stream), crate::PeerAddr::Tcp(peer))
+            }
+            Address::Unix(_) => {
+                let std = std::os::unix::net::UnixStream::from(fd);
+                std.set_nonblocking(true)?;
+                let stream = tokio::net::UnixStream::from_std(std)?;
+                let peer = stream.peer_addr()?;
+                (crate::Stream::Unix(stream), crate::PeerAddr::Unix(peer))
+            }
+        };
+        if let (Some(link), Some(inode)) = (link(), inode) {
+            if let Ok(mut tracked) = link.tracked.lock() {
+                tracked.push(Tracked {
+                    listener: self.id,
+                    raw,
+                    inode,
+                });
+            }
+        }
+        Ok(accepted)
+    }
+}
+
+impl Drop for HandoffListener {
+    fn drop(&mut self) {
+        // Stop taking connections, and give back those handed to us but not
+        // accepted yet (a draining worker drops its listener): the watcher
+        // hands them to another worker, so none is lost. Connections that
+        // arrive later are given back by the IPC thread.
+        let Some(link) = link() else { return };
+        if let Ok(mut map) = link.handoffs.lock() {
+            map.remove(&self.id);
+        }
+        let rx = self.rx.get_mut();
+        rx.close();
+        while let Ok((fd, peer)) = rx.try_recv() {
+            let _ = link.tx.send(Outgoing::Return {
+                listener: self.id,
+                fd,
+                peer,
+            });
+        }
+    }
+}
+
+/// Finds tracked connections whose socket is closed, per listener.
+fn closed_connections(link: &WorkerLink) -> HashMap<u64, u32> {
+    let mut closed = HashMap::new();
+    if let Ok(mut tracked) = link.tracked.lock() {
+        tracked.retain(|t| {
+            let open = sys::inode_of(t.raw) == Some(t.inode);
+            if !open {
+                *closed.entry(t.listener).or_insert(0) += 1;
+            }
+            open
+        });
+    }
+    closed
+}
+
 enum Outgoing {
     Message(ToWatcher),
     Socket {
         addr: String,
-        reply: oneshot::Sender<Result<OwnedFd>>,
+        reply: oneshot::Sender<Result<Granted>>,
     },
     /// Send every queued log record, then acknowledge (at process exit).
     Flush(std::sync::mpsc::SyncSender<()>),
+    /// Give a handed-off connection back to the watcher.
+    Return {
+        listener: u64,
+        fd: OwnedFd,
+        peer: String,
+    },
 }
 
 /// How long process exit may wait for queued records and messages to reach
@@ -334,6 +477,8 @@ struct WorkerLink {
     pings: Arc<Pings>,
     logs: WorkerLogQueue,
     inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
+    handoffs: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<Handed>>>,
+    tracked: std::sync::Mutex<Vec<Tracked>>,
 }
 
 /// Heartbeat routing: while some task awaits `Cluster::await_termination()`
@@ -354,7 +499,7 @@ impl Drop for AwaiterGuard<'_> {
 }
 
 impl WorkerLink {
-    async fn request_socket(&self, addr: &str) -> Result<OwnedFd> {
+    async fn request_socket(&self, addr: &str) -> Result<Granted> {
         let (reply, rx) = oneshot::channel();
         self.tx
             .send(Outgoing::Socket {
@@ -453,6 +598,8 @@ fn connect() -> Option<WorkerLink> {
             dropped: AtomicU64::new(0),
         },
         inbox: tokio::sync::Mutex::new(inbox_rx),
+        handoffs: std::sync::Mutex::new(HashMap::new()),
+        tracked: std::sync::Mutex::new(Vec::new()),
     })
 }
 
@@ -480,13 +627,17 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
         }
     };
     let next_id = AtomicU64::new(1);
-    let mut pending: HashMap<u64, oneshot::Sender<Result<OwnedFd>>> = HashMap::new();
+    let mut pending: HashMap<u64, oneshot::Sender<Result<Granted>>> = HashMap::new();
     let hello = ToWatcher::Hello {
         version: VERSION,
         pid: std::process::id(),
     };
     let mut buf = Vec::new();
     let mut batch = Vec::with_capacity(LOG_BATCH);
+    // Handed-off connections are checked for closing this often (a few
+    // fstat calls; cheap, and only when there are any).
+    let mut close_check = tokio::time::interval(Duration::from_millis(20));
+    close_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drop_check = tokio::time::interval(Duration::from_secs(1));
     drop_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let reason = if let Err(e) = channel.send(&hello, &[]).await {
@@ -502,6 +653,11 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                             let id = next_id.fetch_add(1, Ordering::Relaxed);
                             pending.insert(id, reply);
                             channel.send(&ToWatcher::SocketRequest { id, addr }, &[]).await
+                        }
+                        Outgoing::Return { listener, fd, peer } => {
+                            channel
+                                .send(&ToWatcher::ConnectionReturned { listener, peer }, &[std::os::fd::AsFd::as_fd(&fd)])
+                                .await
                         }
                         Outgoing::Flush(ack) => {
                             let mut rest = std::mem::take(&mut batch);
@@ -528,6 +684,19 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                         break format!("cannot write to the watcher: {e}");
                     }
                     if let Err(e) = report_drops(&channel).await {
+                        break format!("cannot write to the watcher: {e}");
+                    }
+                }
+                _ = close_check.tick() => {
+                    let Some(link) = link() else { continue };
+                    let mut failed = None;
+                    for (listener, count) in closed_connections(link) {
+                        if let Err(e) = channel.send(&ToWatcher::ConnectionsClosed { listener, count }, &[]).await {
+                            failed = Some(e);
+                            break;
+                        }
+                    }
+                    if let Some(e) = failed {
                         break format!("cannot write to the watcher: {e}");
                     }
                 }
@@ -638,7 +807,7 @@ async fn handle(
     channel: &Channel,
     msg: ToWorker,
     mut fds: Vec<OwnedFd>,
-    pending: &mut HashMap<u64, oneshot::Sender<Result<OwnedFd>>>,
+    pending: &mut HashMap<u64, oneshot::Sender<Result<Granted>>>,
     ipc: &Ipc,
 ) -> std::result::Result<(), String> {
     let (stop, pings) = (&ipc.stop, &ipc.pings);
@@ -654,11 +823,46 @@ async fn handle(
                 return Err(format!("a reply to unknown request {id}"));
             };
             let answer = match result {
-                Ok(()) if fds.len() == 1 => Ok(fds.remove(0)),
+                Ok(()) if fds.len() == 1 => Ok(Granted::Fd(fds.remove(0))),
                 Ok(()) => return Err(format!("a socket reply with {} descriptors", fds.len())),
                 Err(why) => Err(Error::new(Kind::Bind, why)),
             };
             let _ = reply.send(answer);
+        }
+        ToWorker::HandoffReply { id, result } => {
+            let Some(reply) = pending.remove(&id) else {
+                return Err(format!("a reply to unknown request {id}"));
+            };
+            let _ = reply.send(
+                result
+                    .map(Granted::Handoff)
+                    .map_err(|why| Error::new(Kind::Bind, why)),
+            );
+        }
+        ToWorker::Connection {
+            listener,
+            conn: _,
+            peer,
+        } => {
+            let Some(fd) = fds.pop().filter(|_| fds.is_empty()) else {
+                return Err("a handed-off connection without exactly one descriptor".into());
+            };
+            let target = link().and_then(|l| l.handoffs.lock().ok()?.get(&listener).cloned());
+            let undelivered = match target {
+                Some(tx) => tx.send((fd, peer)).err().map(|e| e.0),
+                None => Some((fd, peer)),
+            };
+            if let Some((fd, peer)) = undelivered {
+                // Nobody accepts on that listener any more: give it back,
+                // the watcher hands it to another worker.
+                channel
+                    .send(
+                        &ToWatcher::ConnectionReturned { listener, peer },
+                        &[std::os::fd::AsFd::as_fd(&fd)],
+                    )
+                    .await
+                    .map_err(|e| format!("cannot write to the watcher: {e}"))?;
+            }
         }
         ToWorker::Stop { .. } => {
             let _ = stop.send(true);

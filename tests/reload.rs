@@ -5,124 +5,14 @@
 mod common;
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal;
 
 const START: Duration = Duration::from_secs(15);
-
-/// Counts of a load generator.
-#[derive(Default)]
-struct Load {
-    ok: AtomicU64,
-    failed: AtomicU64,
-    errors: Mutex<Vec<String>>,
-    stop: AtomicBool,
-}
-
-impl Load {
-    fn fail(&self, what: String) {
-        self.failed.fetch_add(1, Ordering::Relaxed);
-        let mut e = self.errors.lock().unwrap();
-        if e.len() < 20 {
-            e.push(what);
-        }
-    }
-}
-
-/// One request on a fresh connection per iteration.
-fn new_connection_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        while !load.stop.load(Ordering::Relaxed) {
-            match http_get(port) {
-                Ok(r) if r.status == 200 => {
-                    load.ok.fetch_add(1, Ordering::Relaxed);
-                }
-                Ok(r) => load.fail(format!("status {}", r.status)),
-                Err(e) => load.fail(format!("new connection: {e}")),
-            }
-        }
-    })
-}
-
-/// Reads one response with a Content-Length body; returns whether the
-/// server asked to close the connection.
-fn read_response(reader: &mut BufReader<TcpStream>) -> std::io::Result<bool> {
-    let mut line = String::new();
-    if reader.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "connection closed before a response",
-        ));
-    }
-    if !line.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("bad status line {line:?}")));
-    }
-    let (mut length, mut close) = (0usize, false);
-    loop {
-        line.clear();
-        reader.read_line(&mut line)?;
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        let lower = l.to_ascii_lowercase();
-        if let Some(v) = lower.strip_prefix("content-length:") {
-            length = v.trim().parse().unwrap_or(0);
-        }
-        if lower.starts_with("connection:") && lower.contains("close") {
-            close = true;
-        }
-    }
-    let mut body = vec![0; length];
-    reader.read_exact(&mut body)?;
-    Ok(close)
-}
-
-/// Keep-alive requests on one connection, reconnecting when the server
-/// says `Connection: close`. A request that gets no response is a failure.
-fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<()> {
-    std::thread::spawn(move || {
-        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-        'outer: while !load.stop.load(Ordering::Relaxed) {
-            let stream = match TcpStream::connect_timeout(&addr, Duration::from_secs(2)) {
-                Ok(s) => s,
-                Err(e) => {
-                    load.fail(format!("keep-alive connect: {e}"));
-                    continue;
-                }
-            };
-            stream
-                .set_read_timeout(Some(Duration::from_secs(5)))
-                .unwrap();
-            let mut writer = stream.try_clone().unwrap();
-            let mut reader = BufReader::new(stream);
-            while !load.stop.load(Ordering::Relaxed) {
-                if let Err(e) = writer.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n") {
-                    load.fail(format!("keep-alive write: {e}"));
-                    continue 'outer;
-                }
-                match read_response(&mut reader) {
-                    Ok(close) => {
-                        load.ok.fetch_add(1, Ordering::Relaxed);
-                        if close {
-                            continue 'outer;
-                        }
-                    }
-                    Err(e) => {
-                        load.fail(format!("keep-alive read: {e}"));
-                        continue 'outer;
-                    }
-                }
-            }
-        }
-    })
-}
 
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()

@@ -36,6 +36,19 @@ pub(crate) enum ToWorker {
     Stop { deadline_ms: u64 },
     /// Heartbeat; answered with `Pong` by the worker's runtime.
     Ping { seq: u64 },
+    /// Answer to `SocketRequest { id }` in a handoff balancing mode: the
+    /// watcher accepts on `addr` and sends `Connection`s tagged `listener`.
+    HandoffReply {
+        id: u64,
+        result: Result<Handoff, String>,
+    },
+    /// One accepted client connection for handoff listener `listener`; the
+    /// connected socket is attached.
+    Connection {
+        listener: u64,
+        conn: u64,
+        peer: String,
+    },
     /// A user message (postcard bytes, typed at the API edge).
     Data(Vec<u8>),
 }
@@ -58,6 +71,19 @@ pub(crate) enum ToWatcher {
     Logs(Vec<LogRecord>),
     /// Records the worker dropped because its queue was full.
     LogsDropped(u64),
+    /// `count` connections handed off on `listener` have been closed.
+    ConnectionsClosed { listener: u64, count: u32 },
+    /// A handed-off connection the worker will not serve (its listener is
+    /// gone), attached, for the watcher to give to another worker.
+    ConnectionReturned { listener: u64, peer: String },
+}
+
+/// A handoff listener granted to a worker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Handoff {
+    pub listener: u64,
+    /// The watcher's listening address (with the real port for port 0).
+    pub local: String,
 }
 
 /// Why a datagram could not be decoded.
@@ -140,6 +166,18 @@ mod tests {
             ToWorker::Stop { deadline_ms: 5000 },
             ToWorker::Ping { seq: 9 },
             ToWorker::Data(vec![1, 2, 3]),
+            ToWorker::HandoffReply {
+                id: 3,
+                result: Ok(Handoff {
+                    listener: 1,
+                    local: "127.0.0.1:80".into(),
+                }),
+            },
+            ToWorker::Connection {
+                listener: 1,
+                conn: 2,
+                peer: "127.0.0.1:5000".into(),
+            },
         ];
         for m in to_worker {
             assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
@@ -165,6 +203,14 @@ mod tests {
                 ts_nanos: 1,
             }]),
             ToWatcher::LogsDropped(7),
+            ToWatcher::ConnectionsClosed {
+                listener: 1,
+                count: 3,
+            },
+            ToWatcher::ConnectionReturned {
+                listener: 1,
+                peer: "127.0.0.1:9".into(),
+            },
         ];
         for m in to_watcher {
             assert_eq!(decode::<ToWatcher>(&encode(&m).unwrap()).unwrap(), m);

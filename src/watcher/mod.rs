@@ -5,6 +5,7 @@
 //! supervisor task owns all state (`supervise.rs`); the handle here talks to
 //! it over a channel.
 
+mod balance;
 mod metrics;
 mod output;
 mod poll;
@@ -13,6 +14,7 @@ pub(crate) mod procfs;
 mod supervise;
 mod systemd;
 
+pub use balance::Balance;
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 
 use std::ffi::OsString;
@@ -215,6 +217,7 @@ pub(crate) struct Config {
     pub reload_on_deploy: bool,
     pub control_socket: Option<PathBuf>,
     pub output: LogOutput,
+    pub balance: Balance,
     pub metrics: Option<SocketAddr>,
     /// Socket activation and `sd_notify` when systemd's variables are set.
     pub systemd: bool,
@@ -285,6 +288,12 @@ impl ClusterWatcherBuilder {
     /// ready before it is killed and the restart fails (default 30 s).
     pub fn ready_timeout(mut self, timeout: Duration) -> Self {
         self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How connections reach the workers (default [`Balance::Shared`]).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.config.balance = balance;
         self
     }
 
@@ -532,6 +541,7 @@ impl ClusterWatcher {
                 reload_on_deploy: false,
                 control_socket: None,
                 output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
+                balance: Balance::Shared,
                 metrics: None,
                 systemd: true,
                 user: None,

@@ -16,6 +16,8 @@
 use std::collections::{HashMap, VecDeque};
 use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
@@ -23,6 +25,7 @@ use nix::unistd::Pid;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
+use super::balance::{Balance, Balancer};
 use super::metrics::{self, Snapshot};
 use super::output::Source;
 use super::process::{self, Outbound};
@@ -99,6 +102,12 @@ pub(crate) struct Incoming {
     pub bytes: Vec<u8>,
 }
 
+/// What a worker's `listen` request gets.
+enum Grant {
+    Fd(OwnedFd),
+    Handoff(crate::ipc::message::Handoff),
+}
+
 /// How the supervisor ended.
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
@@ -124,6 +133,8 @@ struct Worker {
     ping_seq: u64,
     /// Why the watcher killed it, for the exit log.
     killed_for: Option<String>,
+    /// Whether balancers may hand it connections (cleared on stop and kill).
+    accepting: Arc<AtomicBool>,
 }
 
 impl Worker {
@@ -132,6 +143,7 @@ impl Worker {
             return;
         }
         self.state = WorkerState::Stopping;
+        self.accepting.store(false, Ordering::Relaxed);
         self.next_ping_at = None;
         self.ready_by = None;
         let _ = self.outbound.send(Outbound {
@@ -144,6 +156,7 @@ impl Worker {
 
     fn kill(&mut self, why: impl Into<String>) {
         self.killed_for.get_or_insert_with(|| why.into());
+        self.accepting.store(false, Ordering::Relaxed);
         self.next_ping_at = None;
         self.ready_by = None;
         signal(self.pid, Signal::SIGKILL);
@@ -197,6 +210,11 @@ pub(crate) struct Supervisor {
     queued: Option<(String, Vec<oneshot::Sender<Result<()>>>)>,
     messages: mpsc::Sender<Incoming>,
     messages_dropped: u64,
+    /// Handoff modes: the watcher's accept loop per address.
+    balancers: HashMap<Address, Balancer>,
+    /// Reuseport mode: one listener per address and slot.
+    reuseport: HashMap<(Address, u32), OwnedFd>,
+    next_listener_id: u64,
     /// Sockets passed by systemd's socket activation, handed out for
     /// matching addresses instead of binding.
     activated: Vec<systemd::Activated>,
@@ -247,6 +265,9 @@ impl Supervisor {
             queued: None,
             messages,
             messages_dropped: 0,
+            balancers: HashMap::new(),
+            reuseport: HashMap::new(),
+            next_listener_id: 1,
             activated: Vec::new(),
             notifier: None,
             watchdog_at: None,
@@ -434,6 +455,7 @@ impl Supervisor {
                 last_pong: now,
                 ping_seq: 0,
                 killed_for: None,
+                accepting: Arc::new(AtomicBool::new(true)),
             },
         );
         if let Some(s) = self.slot_mut(slot) {
@@ -897,6 +919,9 @@ impl Supervisor {
         while self.slots.len() > target {
             let slot = self.slots.len() as u32;
             let removed = self.slots.pop().expect("more than target");
+            // A retired slot's reuseport listeners close; connections still
+            // queued in them are reset (Linux does not migrate them by default).
+            self.reuseport.retain(|(_, s), _| *s != slot);
             if let Some(reload) = self.reload.as_mut() {
                 reload.pending.retain(|&s| s != slot);
                 if let Some(id) = reload.in_flight.remove(&slot) {
@@ -970,6 +995,7 @@ impl Supervisor {
         let Some(w) = self.workers.remove(&context_id) else {
             return;
         };
+        w.accepting.store(false, Ordering::Relaxed);
         let mut how = process::describe_exit(status);
         if let Some(why) = &w.killed_for {
             how = format!("{how} ({why})");
@@ -1025,6 +1051,20 @@ impl Supervisor {
         let Some(w) = self.workers.get_mut(&context_id) else {
             return;
         };
+        if let ToWatcher::ConnectionReturned { listener, peer } = &msg {
+            match (
+                fds.len(),
+                self.balancers.values().find(|b| b.id == *listener),
+            ) {
+                (1, Some(b)) => {
+                    let fd = fds.into_iter().next().expect("one descriptor");
+                    b.returned(context_id, fd, peer);
+                    return;
+                }
+                (1, None) => return, // the listener is gone: the connection closes
+                _ => {}              // malformed: handled below
+            }
+        }
         if !fds.is_empty() {
             tracing::error!(
                 "worker {} (pid {}) sent {} unexpected descriptor(s); replacing it",
@@ -1083,6 +1123,19 @@ impl Supervisor {
                     format!("{n} log record(s) dropped by the worker: its log queue was full"),
                 );
             }
+            ToWatcher::ConnectionReturned { .. } => {
+                tracing::error!(
+                    "worker {} (pid {}) returned a connection without exactly one descriptor; replacing it",
+                    w.slot,
+                    w.pid
+                );
+                w.kill("protocol error");
+            }
+            ToWatcher::ConnectionsClosed { listener, count } => {
+                if let Some(b) = self.balancers.values().find(|b| b.id == listener) {
+                    b.closed(context_id, count);
+                }
+            }
             ToWatcher::Data(bytes) => {
                 self.counters.messages_in += 1;
                 let incoming = Incoming {
@@ -1105,51 +1158,135 @@ impl Supervisor {
     }
 
     fn on_socket_request(&mut self, context_id: u64, id: u64, addr: String) {
-        let result = self.listener_for(&addr);
+        let Some(slot) = self.workers.get(&context_id).map(|w| w.slot) else {
+            return;
+        };
+        let handoff = self.config.balance.hands_off();
+        let granted = Address::parse(&addr).and_then(|parsed| match parsed {
+            parsed if handoff => self.handoff_for(&parsed, context_id).map(Grant::Handoff),
+            // A socket-activated address has one socket: shared by all slots.
+            parsed @ Address::Tcp(_)
+                if self.config.balance == Balance::Reuseport
+                    && self.activated_for(&parsed).is_none() =>
+            {
+                self.reuseport_for(&parsed, slot).map(Grant::Fd)
+            }
+            parsed => self.listener_for(&parsed).map(Grant::Fd),
+        });
         let Some(w) = self.workers.get(&context_id) else {
             return;
         };
-        let (result, fds) = match result {
-            Ok(fd) => (Ok(()), vec![fd]),
+        let (msg, fds) = match granted {
+            Ok(Grant::Fd(fd)) => (ToWorker::SocketReply { id, result: Ok(()) }, vec![fd]),
+            Ok(Grant::Handoff(h)) => (ToWorker::HandoffReply { id, result: Ok(h) }, Vec::new()),
             Err(e) => {
                 let message = e.to_string();
+                let reply = if handoff {
+                    ToWorker::HandoffReply {
+                        id,
+                        result: Err(message.clone()),
+                    }
+                } else {
+                    ToWorker::SocketReply {
+                        id,
+                        result: Err(message.clone()),
+                    }
+                };
+                let _ = w.outbound.send(Outbound {
+                    msg: reply,
+                    fds: Vec::new(),
+                });
                 if !self.ever_ready && (e.is_bind() || e.is_invalid_address()) {
-                    let _ = w.outbound.send(Outbound {
-                        msg: ToWorker::SocketReply {
-                            id,
-                            result: Err(message.clone()),
-                        },
-                        fds: Vec::new(),
-                    });
                     self.fail(e.kind(), message);
-                    return;
+                } else {
+                    tracing::error!("worker {} asked for {addr:?}: {message}", w.slot);
                 }
-                tracing::error!("worker {} asked for {addr:?}: {message}", w.slot);
-                (Err(message), Vec::new())
+                return;
             }
         };
-        let _ = w.outbound.send(Outbound {
-            msg: ToWorker::SocketReply { id, result },
-            fds,
-        });
+        let _ = w.outbound.send(Outbound { msg, fds });
+    }
+
+    /// Handoff modes: the balancer for `addr` (bound and started on first
+    /// request); registers the worker as a consumer.
+    fn handoff_for(
+        &mut self,
+        addr: &Address,
+        context_id: u64,
+    ) -> Result<crate::ipc::message::Handoff> {
+        if !self.balancers.contains_key(addr) {
+            let fd = match self.activated_for(addr) {
+                Some(fd) => fd?,
+                None => addr.bind(self.config.backlog)?,
+            };
+            let id = self.next_listener_id;
+            self.next_listener_id += 1;
+            let balancer = Balancer::start(id, self.config.balance, addr, fd)
+                .map_err(|e| Error::with_io(Kind::Bind, format!("cannot listen on {addr}"), e))?;
+            tracing::info!(
+                "listening on {addr} ({:?}: the watcher accepts)",
+                self.config.balance
+            );
+            self.balancers.insert(addr.clone(), balancer);
+        }
+        let b = &self.balancers[addr];
+        if let Some(w) = self.workers.get(&context_id) {
+            b.add(context_id, w.outbound.clone(), w.accepting.clone());
+        }
+        Ok(crate::ipc::message::Handoff {
+            listener: b.id,
+            local: b.local.clone(),
+        })
+    }
+
+    /// Reuseport mode: the listener of `slot` for `addr`, bound on first
+    /// request and kept for the slot's replacements.
+    fn reuseport_for(&mut self, addr: &Address, slot: u32) -> Result<OwnedFd> {
+        let key = (addr.clone(), slot);
+        if !self.reuseport.contains_key(&key) {
+            // Every slot of a port-0 address shares the port the first drew.
+            let port = self
+                .reuseport
+                .iter()
+                .find(|((a, _), _)| a == addr)
+                .and_then(|(_, fd)| socket2::SockRef::from(fd).local_addr().ok())
+                .and_then(|a| a.as_socket())
+                .map(|a| a.port());
+            let fd = addr.bind_reuseport(self.config.backlog, port)?;
+            tracing::info!("listening on {addr} (reuseport, slot {slot})");
+            self.reuseport.insert(key.clone(), fd);
+        }
+        self.reuseport[&key].try_clone().map_err(|e| {
+            Error::with_io(
+                Kind::Io,
+                format!("cannot duplicate the listener for {addr}"),
+                e,
+            )
+        })
+    }
+
+    /// A duplicate of the socket-activated listener matching `addr`, if
+    /// systemd passed one.
+    fn activated_for(&self, addr: &Address) -> Option<Result<OwnedFd>> {
+        let a = self
+            .activated
+            .iter()
+            .find(|a| systemd::matches(addr, &a.addr))?;
+        Some(a.fd.try_clone().map_err(|e| {
+            Error::with_io(
+                Kind::Io,
+                format!("cannot duplicate the socket-activated listener for {addr}"),
+                e,
+            )
+        }))
     }
 
     /// The listener for `addr`, bound on first request, duplicated for each caller.
-    fn listener_for(&mut self, addr: &str) -> Result<OwnedFd> {
-        let parsed = Address::parse(addr)?;
-        if let Some(a) = self
-            .activated
-            .iter()
-            .find(|a| systemd::matches(&parsed, &a.addr))
-        {
-            return a.fd.try_clone().map_err(|e| {
-                Error::with_io(
-                    Kind::Io,
-                    format!("cannot duplicate the socket-activated listener for {parsed}"),
-                    e,
-                )
-            });
+    fn listener_for(&mut self, parsed: &Address) -> Result<OwnedFd> {
+        if let Some(fd) = self.activated_for(parsed) {
+            return fd;
         }
+        let parsed = parsed.clone();
         if !self.listeners.contains_key(&parsed) {
             let fd = parsed.bind(self.config.backlog)?;
             tracing::info!("listening on {parsed}");
@@ -1166,6 +1303,13 @@ impl Supervisor {
     }
 
     fn shutdown_listeners(&mut self) {
+        self.reuseport.clear();
+        let handed: Vec<Address> = self.balancers.drain().map(|(a, _)| a).collect();
+        for addr in handed {
+            if let Address::Unix(path) = addr {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         for (addr, fd) in self.listeners.drain() {
             drop(fd);
             if let Address::Unix(path) = addr {

@@ -79,6 +79,12 @@ pub struct Args {
     #[arg(long)]
     pub reload_on_deploy: bool,
 
+    /// How connections reach the workers: shared (one accept queue),
+    /// reuseport (one SO_REUSEPORT listener per slot), round-robin,
+    /// least-connections or ip-hash (the watcher accepts and hands off)
+    #[arg(long, value_name = "MODE", default_value = "shared")]
+    pub balance: cluster::Balance,
+
     /// Control socket path [default: beside the pid file, x.pid -> x.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,

@@ -91,7 +91,8 @@ fn main() -> ExitCode {
         .ready_timeout(args.ready_timeout)
         .reload_batch(args.reload_batch)
         .heartbeat_timeout(heartbeat)
-        .reload_on_deploy(args.reload_on_deploy);
+        .reload_on_deploy(args.reload_on_deploy)
+        .balance(args.balance);
     for path in &args.watch {
         builder = builder.watch(path);
     }
