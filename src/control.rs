@@ -19,10 +19,14 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::error::{Error, Kind, Result};
+use crate::watcher::procfs;
 use crate::watcher::WorkerInfo;
 
 /// Largest request line accepted.
 const MAX_REQUEST: usize = 4096;
+
+/// How long `status` samples CPU use.
+const CPU_SAMPLE: Duration = Duration::from_millis(200);
 
 /// The control socket path that goes with a pid file: `x.pid` → `x.sock`.
 pub fn socket_for_pid_file(pid_file: &Path) -> PathBuf {
@@ -63,6 +67,19 @@ pub struct WorkerStatus {
     pub uptime_secs: f64,
     /// Workers started for this slot after the first.
     pub restarts: u32,
+    /// Resident memory in bytes (`VmRSS`).
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// CPU time used since the worker started (user + system), in seconds.
+    #[serde(default)]
+    pub cpu_seconds: Option<f64>,
+    /// CPU use in percent of one core, sampled over 200 ms while the
+    /// request was answered.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+    /// How the previous worker of this slot ended, if one did.
+    #[serde(default)]
+    pub last_exit: Option<String>,
 }
 
 /// The watcher's answer.
@@ -198,17 +215,24 @@ async fn handle(request: Request, actions: &mpsc::UnboundedSender<Action>) -> Re
             let Ok((workers, wanted)) = rx.await else {
                 return gone();
             };
+            let pids: Vec<u32> = workers.iter().map(|w| w.pid).collect();
+            let cpu = procfs::cpu_percent(&pids, CPU_SAMPLE).await;
             Response {
                 workers_wanted: Some(wanted),
                 workers: workers
                     .into_iter()
-                    .map(|w| WorkerStatus {
+                    .zip(cpu)
+                    .map(|(w, cpu_percent)| WorkerStatus {
                         slot: w.slot,
                         context_id: w.context_id,
                         pid: w.pid,
                         state: w.state.to_string(),
                         uptime_secs: w.uptime.as_secs_f64(),
                         restarts: w.restarts,
+                        rss_bytes: procfs::rss_bytes(w.pid),
+                        cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
+                        cpu_percent,
+                        last_exit: w.last_exit,
                     })
                     .collect(),
                 ..success()

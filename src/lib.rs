@@ -53,6 +53,7 @@
 #![warn(missing_docs)]
 
 pub mod control;
+pub mod daemon;
 mod error;
 mod ipc;
 mod log;

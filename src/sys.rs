@@ -2,9 +2,10 @@
 //!
 //! Everything here is a thin, audited wrapper over a system call whose
 //! soundness argument is local: taking ownership of file descriptors that
-//! arrive with `SCM_RIGHTS` or through `exec`, probing an inherited
-//! descriptor without owning it, and the `pre_exec` hook that runs in the
-//! forked child between `fork` and `exec`.
+//! arrive with `SCM_RIGHTS`, through `exec` or from systemd's socket
+//! activation, probing an inherited descriptor without owning it, the
+//! `pre_exec` hook that runs in the forked child between `fork` and `exec`,
+//! and the daemon's `fork` while the process is still single-threaded.
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
@@ -181,8 +182,22 @@ pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
     unsafe { libc::atexit(f) == 0 }
 }
 
+/// User and group ids a worker runs as (`--user`, `--group`), resolved
+/// before any fork: the `pre_exec` hook may not look names up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Credentials {
+    /// `setuid` to this user, if set.
+    pub uid: Option<libc::uid_t>,
+    /// `setgid` to this group, if set.
+    pub gid: Option<libc::gid_t>,
+}
+
 /// Installs the hook that runs in the forked child before `exec`:
 ///
+/// * with `creds`, drops privileges: clears the supplementary groups
+///   (`setgroups(0)`), then `setgid`, then `setuid` (in that order: once
+///   the uid changes, the group calls are no longer permitted). This comes
+///   first because a credential change clears `PR_SET_PDEATHSIG`;
 /// * clears `FD_CLOEXEC` on `keep_fd` (the worker's end of its socketpair)
 ///   so it survives `exec`, while every other descriptor of the watcher
 ///   (all opened with `O_CLOEXEC`) is closed;
@@ -190,14 +205,36 @@ pub(crate) fn at_exit(f: extern "C" fn()) -> bool {
 ///   exits at once if the watcher is already gone;
 /// * moves the worker into its own process group, so a terminal's Ctrl-C
 ///   reaches only the watcher, which then stops the workers in order.
-pub(crate) fn prepare_worker_exec(cmd: &mut tokio::process::Command, keep_fd: RawFd) {
+pub(crate) fn prepare_worker_exec(
+    cmd: &mut tokio::process::Command,
+    keep_fd: RawFd,
+    creds: Option<Credentials>,
+) {
     // SAFETY: the closure runs in the child between fork and exec, where
-    // only async-signal-safe calls are allowed. It calls getppid, fcntl,
-    // prctl, setpgid and _exit through libc: raw system calls that neither
-    // allocate nor take locks. It captures two integers by value.
+    // only async-signal-safe calls are allowed. It calls setgroups, setgid,
+    // setuid, getppid, fcntl, prctl, setpgid and _exit through libc: system
+    // call wrappers that neither allocate nor take locks (the child has a
+    // single thread, so glibc's set*id need not signal other threads). It
+    // captures integers and `Option`s of integers by value; the null pointer
+    // passed to setgroups with a count of 0 is never read.
     let watcher_pid = std::process::id() as libc::pid_t;
     unsafe {
         cmd.pre_exec(move || {
+            if let Some(creds) = creds {
+                if libc::setgroups(0, std::ptr::null()) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if let Some(gid) = creds.gid {
+                    if libc::setgid(gid) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                if let Some(uid) = creds.uid {
+                    if libc::setuid(uid) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+            }
             let flags = libc::fcntl(keep_fd, libc::F_GETFD);
             if flags < 0 || libc::fcntl(keep_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
                 return Err(io::Error::last_os_error());
@@ -222,4 +259,64 @@ pub(crate) fn prepare_worker_exec(cmd: &mut tokio::process::Command, keep_fd: Ra
             Ok(())
         });
     }
+}
+
+/// Takes ownership of a listening socket that systemd passed at `raw`
+/// (socket activation: `LISTEN_FDS`, descriptors from 3 on), and sets
+/// `FD_CLOEXEC` on it so that workers do not inherit it: they get their own
+/// duplicate over IPC, like any other listener.
+///
+/// The caller (`watcher::systemd::listen_fds`) guarantees this runs at most
+/// once per descriptor number and process, after checking `LISTEN_PID` is
+/// this process.
+pub(crate) fn take_listen_fd(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    // SAFETY: F_GETFD only reads the descriptor flags; on a closed number it
+    // fails with EBADF and touches nothing.
+    if unsafe { libc::fcntl(raw, libc::F_GETFD) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the descriptor is open (checked above) and was passed to this
+    // process by its service manager for this process alone (LISTEN_PID is
+    // ours); the caller takes each number once (guarded by a process-wide
+    // flag), so no other OwnedFd will ever close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(fd)
+}
+
+/// Number of threads of this process (entries of `/proc/self/task`).
+fn thread_count() -> io::Result<usize> {
+    Ok(std::fs::read_dir("/proc/self/task")?.count())
+}
+
+/// `fork(2)`, only while the process has a single thread: the child is a
+/// full copy that may do anything the parent could (allocate, take locks,
+/// start a runtime). Used to daemonize before any runtime or log thread
+/// exists.
+///
+/// # Errors
+///
+/// An error when more than one thread runs (the fork is not attempted), or
+/// the error of `fork` itself.
+pub(crate) fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
+    let threads = thread_count()?;
+    if threads != 1 {
+        return Err(io::Error::other(format!(
+            "cannot fork: the process already runs {threads} threads"
+        )));
+    }
+    // SAFETY: fork is unsafe because, in a multi-threaded process, the child
+    // inherits locks (of the allocator, of stdio) that other threads may hold
+    // and can then only make async-signal-safe calls. We checked just above
+    // that this process runs exactly one thread (this one), and nothing in
+    // this function starts another, so no lock can be held by a thread that
+    // does not exist in the child: the child may do everything the parent may.
+    unsafe { nix::unistd::fork() }.map_err(io::Error::from)
 }

@@ -378,7 +378,10 @@ fn unix_socket_address_is_shared_and_removed_on_exit() {
 
 #[test]
 fn second_sigint_forces_the_stop() {
-    // Workers that ignore the stop request and SIGTERM.
+    // Workers that ignore the stop request and SIGTERM. `exec` keeps each
+    // worker one process (an ignored signal stays ignored across exec): a
+    // `sleep` child per worker would make the count of descendants that
+    // `wait_workers` waits for flicker between 2 and 4.
     let mut c = Running::start(
         &[
             "--workers",
@@ -388,7 +391,7 @@ fn second_sigint_forces_the_stop() {
             "--",
             "/bin/sh",
             "-c",
-            "trap '' TERM; while :; do sleep 0.1; done",
+            "trap '' TERM; exec sleep 3600",
         ],
         &[],
     );

@@ -6,15 +6,19 @@
 //! it over a channel.
 
 mod balance;
+mod metrics;
 mod output;
 mod poll;
 mod process;
+pub(crate) mod procfs;
 mod supervise;
+mod systemd;
 
 pub use balance::Balance;
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -42,6 +46,24 @@ pub struct WorkerInfo {
     pub restarts: u32,
     /// How long this worker has been running.
     pub uptime: Duration,
+    /// Resident memory in bytes (`VmRSS` of `/proc/PID/status`), when it
+    /// could be read.
+    pub rss_bytes: Option<u64>,
+    /// CPU time used so far, user plus system (`/proc/PID/stat`), when it
+    /// could be read.
+    pub cpu_time: Option<Duration>,
+    /// How the previous worker of this slot ended, if one did: for example
+    /// `exited with status 1` or `killed by SIGKILL (missed heartbeats)`.
+    pub last_exit: Option<String>,
+}
+
+impl WorkerInfo {
+    /// Reads the worker's memory and CPU time from `/proc`.
+    fn read_proc(mut self) -> WorkerInfo {
+        self.rss_bytes = procfs::rss_bytes(self.pid);
+        self.cpu_time = procfs::cpu_time(self.pid);
+        self
+    }
 }
 
 /// The life of a worker: starting → ready → stopping → gone.
@@ -196,6 +218,13 @@ pub(crate) struct Config {
     pub control_socket: Option<PathBuf>,
     pub output: LogOutput,
     pub balance: Balance,
+    pub metrics: Option<SocketAddr>,
+    /// Socket activation and `sd_notify` when systemd's variables are set.
+    pub systemd: bool,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// `user` and `group` resolved by `build`.
+    pub credentials: Option<crate::sys::Credentials>,
 }
 
 /// Builds a [`ClusterWatcher`]; get one with [`ClusterWatcher::builder`].
@@ -320,13 +349,50 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (see the
+    /// README for the series). An address that cannot be bound makes
+    /// [`start`](ClusterWatcher::start) fail.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+
+    /// Whether to honour systemd's environment (default `true`): adopt the
+    /// listening sockets of socket activation (`LISTEN_PID`, `LISTEN_FDS`)
+    /// and send `sd_notify` messages (`NOTIFY_SOCKET`, `WATCHDOG_USEC`).
+    /// Workers never see these variables either way.
+    pub fn systemd(mut self, enabled: bool) -> Self {
+        self.config.systemd = enabled;
+        self
+    }
+
+    /// Run the workers as the user `name` (and, unless
+    /// [`group`](ClusterWatcherBuilder::group) says otherwise, its primary
+    /// group), with no supplementary groups. The watcher keeps its own
+    /// privileges to bind the listeners; it must run as root.
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.config.user = Some(name.into());
+        self
+    }
+
+    /// Run the workers with the group `name`, with no supplementary groups.
+    /// The watcher must run as root.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.config.group = Some(name.into());
+        self
+    }
+
     /// Validates the settings and returns the watcher (not yet started).
     ///
     /// # Errors
     ///
-    /// [`Error::is_config`] for zero workers; [`Error::is_spawn`] when the
-    /// program does not exist or is not executable.
-    pub fn build(self) -> Result<ClusterWatcher> {
+    /// [`Error::is_config`] for zero workers, or a user or group that does
+    /// not exist or that the watcher cannot switch to (not root);
+    /// [`Error::is_spawn`] when the program does not exist or is not
+    /// executable.
+    pub fn build(mut self) -> Result<ClusterWatcher> {
+        self.config.credentials =
+            resolve_credentials(self.config.user.as_deref(), self.config.group.as_deref())?;
         if self.config.workers == 0 {
             return Err(Error::new(
                 Kind::Config,
@@ -344,14 +410,71 @@ impl ClusterWatcherBuilder {
             }
         }
         let (state_tx, state_rx) = watch::channel(None);
+        let (ready_tx, ready_rx) = watch::channel(false);
         Ok(ClusterWatcher {
             config: self.config,
             commands: Mutex::new(None),
             messages: tokio::sync::Mutex::new(None),
-            state_tx: Mutex::new(Some(state_tx)),
+            state_tx: Mutex::new(Some((state_tx, ready_tx))),
             state: state_rx,
+            ready: ready_rx,
         })
     }
+}
+
+/// Resolves `user` and `group` names to ids (before any fork: the child
+/// between fork and exec may not look names up).
+fn resolve_credentials(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<crate::sys::Credentials>> {
+    use nix::unistd::{geteuid, Group, User};
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let who = match (user, group) {
+        (Some(u), Some(g)) => format!("user {u} and group {g}"),
+        (Some(u), None) => format!("user {u}"),
+        (None, Some(g)) => format!("group {g}"),
+        (None, None) => unreachable!(),
+    };
+    if !geteuid().is_root() {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "cannot run the workers as {who}: that needs the watcher to run as root (it runs as uid {})",
+                geteuid()
+            ),
+        ));
+    }
+    let lookup_err = |what: &str, name: &str, e: nix::errno::Errno| {
+        Error::with_io(
+            Kind::Config,
+            format!("cannot look up {what} {name}"),
+            e.into(),
+        )
+    };
+    let user = match user {
+        Some(name) => Some(
+            User::from_name(name)
+                .map_err(|e| lookup_err("user", name, e))?
+                .ok_or_else(|| Error::new(Kind::Config, format!("no such user: {name}")))?,
+        ),
+        None => None,
+    };
+    let gid = match group {
+        Some(name) => Some(
+            Group::from_name(name)
+                .map_err(|e| lookup_err("group", name, e))?
+                .ok_or_else(|| Error::new(Kind::Config, format!("no such group: {name}")))?
+                .gid,
+        ),
+        None => user.as_ref().map(|u| u.gid),
+    };
+    Ok(Some(crate::sys::Credentials {
+        uid: user.map(|u| u.uid.as_raw()),
+        gid: gid.map(|g| g.as_raw()),
+    }))
 }
 
 /// A watcher built from code: the same supervisor the `cluster` CLI runs.
@@ -379,8 +502,11 @@ pub struct ClusterWatcher {
     config: Config,
     commands: Mutex<Option<mpsc::UnboundedSender<Command>>>,
     messages: tokio::sync::Mutex<Option<mpsc::Receiver<supervise::Incoming>>>,
-    state_tx: Mutex<Option<watch::Sender<Option<Outcome>>>>,
+    #[allow(clippy::type_complexity)]
+    state_tx: Mutex<Option<(watch::Sender<Option<Outcome>>, watch::Sender<bool>)>>,
     state: watch::Receiver<Option<Outcome>>,
+    /// Every initial worker has been ready.
+    ready: watch::Receiver<bool>,
 }
 
 impl ClusterWatcher {
@@ -416,6 +542,11 @@ impl ClusterWatcher {
                 control_socket: None,
                 output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
                 balance: Balance::Shared,
+                metrics: None,
+                systemd: true,
+                user: None,
+                group: None,
+                credentials: None,
             },
         }
     }
@@ -431,7 +562,7 @@ impl ClusterWatcher {
     /// when the first worker cannot be started; in each case nothing is left
     /// running. Calling `start` twice is a [`Error::is_config`] error.
     pub async fn start(&self) -> Result<()> {
-        let state_tx = self
+        let (state_tx, ready_tx) = self
             .state_tx
             .lock()
             .map_err(|_| Error::new(Kind::Config, "watcher state poisoned"))?
@@ -441,7 +572,7 @@ impl ClusterWatcher {
         let (started_tx, started_rx) = oneshot::channel();
         let (messages_tx, messages_rx) = mpsc::channel(supervise::MESSAGE_QUEUE);
         *self.messages.lock().await = Some(messages_rx);
-        let supervisor = Supervisor::new(self.config.clone(), rx, messages_tx);
+        let supervisor = Supervisor::new(self.config.clone(), rx, messages_tx, ready_tx);
         let pollers = poll::start(&self.config, supervisor.events());
         tokio::spawn(async move {
             let _pollers = pollers; // aborted when the supervisor ends
@@ -461,6 +592,28 @@ impl ClusterWatcher {
                 }))
             }
         }
+    }
+
+    /// Waits until every worker started by [`start`](ClusterWatcher::start)
+    /// has been ready (the moment a systemd `Type=notify` service reports
+    /// `READY=1`).
+    ///
+    /// # Errors
+    ///
+    /// The error that stopped the watcher (for example an address that
+    /// cannot be bound), or [`Error::is_config`] when it stopped, or was
+    /// never started, before that.
+    pub async fn wait_ready(&self) -> Result<()> {
+        let mut ready = self.ready.clone();
+        if ready.wait_for(|r| *r).await.is_ok() {
+            return Ok(());
+        }
+        // The supervisor is gone without being ready.
+        self.outcome().await?;
+        Err(Error::new(
+            Kind::Config,
+            "the watcher stopped before its workers were ready",
+        ))
     }
 
     fn command(&self, cmd: Command) -> bool {
@@ -649,12 +802,17 @@ impl ClusterWatcher {
         }
     }
 
-    /// The workers running now, by slot.
+    /// The workers running now, by slot, with their memory and CPU time
+    /// read from `/proc`.
     pub async fn workers(&self) -> Vec<WorkerInfo> {
         let (tx, rx) = oneshot::channel();
         if !self.command(Command::Status(tx)) {
             return Vec::new();
         }
-        rx.await.unwrap_or_default()
+        rx.await
+            .unwrap_or_default()
+            .into_iter()
+            .map(WorkerInfo::read_proc)
+            .collect()
     }
 }

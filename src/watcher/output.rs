@@ -61,6 +61,9 @@ struct Shared {
     tx: SyncSender<Msg>,
     filter: LogFilter,
     dropped: AtomicU64,
+    /// For metrics: entries from workers queued, and entries dropped, ever.
+    from_workers: AtomicU64,
+    dropped_total: AtomicU64,
 }
 
 /// The watcher's log stream (see the module docs). Cheap to clone.
@@ -103,6 +106,8 @@ impl LogOutput {
             tx,
             filter,
             dropped: AtomicU64::new(0),
+            from_workers: AtomicU64::new(0),
+            dropped_total: AtomicU64::new(0),
         });
         let weak = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new()
@@ -137,11 +142,25 @@ impl LogOutput {
             .tx
             .try_send(Msg::Entry(Entry { source, record }))
         {
-            Ok(()) => {}
+            Ok(()) => {
+                if source != Source::Watcher {
+                    self.shared.from_workers.fetch_add(1, Ordering::Relaxed);
+                }
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 self.shared.dropped.fetch_add(1, Ordering::Relaxed);
+                self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
             }
         }
+    }
+
+    /// Entries from workers (records, stdout and stderr lines) queued for
+    /// the stream so far, and entries dropped because the queue was full.
+    pub(crate) fn counts(&self) -> (u64, u64) {
+        (
+            self.shared.from_workers.load(Ordering::Relaxed),
+            self.shared.dropped_total.load(Ordering::Relaxed),
+        )
     }
 
     /// Waits (up to `timeout`) until everything queued so far is written.

@@ -92,6 +92,10 @@ pub(crate) fn spawn(
     if let Some(dir) = &config.current_dir {
         cmd.current_dir(dir);
     }
+    // Socket activation and notification are the watcher's business.
+    for var in super::systemd::ENV_VARS {
+        cmd.env_remove(var);
+    }
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
@@ -104,7 +108,7 @@ pub(crate) fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    sys::prepare_worker_exec(&mut cmd, theirs.as_raw_fd());
+    sys::prepare_worker_exec(&mut cmd, theirs.as_raw_fd(), config.credentials);
     let mut child = cmd.spawn().map_err(spawn_err)?;
     drop(theirs);
     let pid = child.id().unwrap_or(0);

@@ -22,12 +22,14 @@ use std::time::Duration;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
 use super::balance::{Balance, Balancer};
+use super::metrics::{self, Snapshot};
 use super::output::Source;
 use super::process::{self, Outbound};
+use super::systemd::{self, Notifier};
 use super::{Config, WorkerInfo, WorkerState};
 use crate::control::{self, Action};
 use crate::error::{Error, Kind, Result};
@@ -55,6 +57,8 @@ pub(crate) enum Event {
     ReloadRequested(String),
     /// A request that arrived on the control socket.
     Control(Action),
+    /// The metrics responder wants the counters.
+    Metrics(oneshot::Sender<Snapshot>),
 }
 
 /// A change in the number of workers.
@@ -169,6 +173,10 @@ struct Slot {
     respawn_at: Option<Instant>,
     /// Workers started for this slot after the first one.
     restarts: u32,
+    /// Serving workers that exited without being asked to.
+    crashes: u32,
+    /// How the slot's last worker ended.
+    last_exit: Option<String>,
 }
 
 struct Reload {
@@ -207,6 +215,27 @@ pub(crate) struct Supervisor {
     /// Reuseport mode: one listener per address and slot.
     reuseport: HashMap<(Address, u32), OwnedFd>,
     next_listener_id: u64,
+    /// Sockets passed by systemd's socket activation, handed out for
+    /// matching addresses instead of binding.
+    activated: Vec<systemd::Activated>,
+    notifier: Option<Notifier>,
+    /// When `WATCHDOG=1` is due next.
+    watchdog_at: Option<Instant>,
+    metrics: Option<metrics::Server>,
+    counters: Counters,
+    /// Every initial worker has been ready (`READY=1` was sent).
+    ready: watch::Sender<bool>,
+}
+
+/// Counters for `--metrics` that have no other home.
+#[derive(Default)]
+struct Counters {
+    reloads_ok: u64,
+    reloads_failed: u64,
+    messages_in: u64,
+    messages_out: u64,
+    /// Records workers reported dropping from their own queues.
+    worker_log_drops: u64,
 }
 
 impl Supervisor {
@@ -214,6 +243,7 @@ impl Supervisor {
         config: Config,
         commands: mpsc::UnboundedReceiver<Command>,
         messages: mpsc::Sender<Incoming>,
+        ready: watch::Sender<bool>,
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let slots = (0..config.workers).map(|_| Slot::default()).collect();
@@ -238,6 +268,12 @@ impl Supervisor {
             balancers: HashMap::new(),
             reuseport: HashMap::new(),
             next_listener_id: 1,
+            activated: Vec::new(),
+            notifier: None,
+            watchdog_at: None,
+            metrics: None,
+            counters: Counters::default(),
+            ready,
         }
     }
 
@@ -283,6 +319,29 @@ impl Supervisor {
                 }
             });
         }
+        if let Some(addr) = self.config.metrics {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => {
+                    tracing::info!("serving metrics on http://{addr}/metrics");
+                    self.metrics = Some(metrics::Server::start(listener, self.events_tx.clone()));
+                }
+                Err(e) => {
+                    let e =
+                        Error::with_io(Kind::Bind, format!("cannot serve metrics on {addr}"), e);
+                    let outcome = Outcome::Failed(e.kind(), e.to_string());
+                    let _ = started.send(Err(e));
+                    return outcome;
+                }
+            }
+        }
+        if self.config.systemd {
+            self.activated = systemd::listen_fds();
+            self.notifier = Notifier::from_env();
+            if let Some(every) = self.notifier.as_ref().and_then(|n| n.watchdog) {
+                tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
+                self.watchdog_at = Some(Instant::now());
+            }
+        }
         for slot in 1..=self.slots.len() as u32 {
             if let Err(e) = self.spawn(slot, false) {
                 if slot == 1 {
@@ -321,6 +380,7 @@ impl Supervisor {
             }
         }
         self.shutdown_listeners();
+        drop(self.metrics.take());
         drop(self.control.take());
         drop(self.pid_file.take());
         match self.failure.take() {
@@ -340,7 +400,29 @@ impl Supervisor {
                 (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
             [w.kill_at, w.ready_by, w.next_ping_at, assumed]
         });
-        respawns.chain(workers.flatten()).min()
+        respawns
+            .chain(workers.flatten())
+            .chain(self.watchdog_at)
+            .min()
+    }
+
+    /// Sends `lines` to systemd, if it listens.
+    fn notify(&self, lines: &[String]) {
+        if let Some(n) = &self.notifier {
+            n.notify(lines);
+        }
+    }
+
+    /// Number of slots whose worker is ready.
+    fn ready_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count()
     }
 
     fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
@@ -405,6 +487,11 @@ impl Supervisor {
 
     fn on_timer(&mut self) {
         let now = Instant::now();
+        if self.watchdog_at.is_some_and(|t| t <= now) {
+            let every = self.notifier.as_ref().and_then(|n| n.watchdog);
+            self.notify(&["WATCHDOG=1".into()]);
+            self.watchdog_at = every.map(|d| now + d);
+        }
         if !self.stopping {
             let due: Vec<u32> = (1..=self.slots.len() as u32)
                 .filter(|&slot| {
@@ -518,6 +605,7 @@ impl Supervisor {
                 if targets.is_empty() {
                     tracing::debug!("message to {to:?} dropped: no such worker");
                 }
+                self.counters.messages_out += targets.len() as u64;
                 for w in targets {
                     let _ = w.outbound.send(Outbound {
                         msg: ToWorker::Data(bytes.clone()),
@@ -543,15 +631,48 @@ impl Supervisor {
                     .map(|s| s.restarts)
                     .unwrap_or(0),
                 uptime: w.started.elapsed(),
+                rss_bytes: None,
+                cpu_time: None,
+                last_exit: self
+                    .slots
+                    .get(w.slot as usize - 1)
+                    .and_then(|s| s.last_exit.clone()),
             })
             .collect();
         list.sort_by_key(|w| (w.slot, w.context_id));
         list
     }
 
+    /// The counters and workers for one metrics scrape.
+    fn snapshot(&self) -> Snapshot {
+        let mut workers: Vec<(u32, u32, WorkerState)> = self
+            .workers
+            .values()
+            .map(|w| (w.slot, w.pid, w.state))
+            .collect();
+        workers.sort_by_key(|w| (w.0, w.1));
+        let (log_records, output_drops) = self.config.output.counts();
+        Snapshot {
+            workers,
+            slots: (1..=self.slots.len() as u32)
+                .zip(&self.slots)
+                .map(|(n, s)| (n, u64::from(s.restarts), u64::from(s.crashes)))
+                .collect(),
+            reloads_ok: self.counters.reloads_ok,
+            reloads_failed: self.counters.reloads_failed,
+            log_records,
+            log_dropped: output_drops + self.counters.worker_log_drops,
+            messages_in: self.counters.messages_in,
+            messages_out: self.counters.messages_out,
+        }
+    }
+
     fn begin_stop(&mut self, timeout: Duration) {
         if !self.stopping && self.failure.is_none() {
             tracing::info!("stopping {} worker(s)", self.workers.len());
+        }
+        if !self.stopping {
+            self.notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         }
         self.stopping = true;
         for s in &mut self.slots {
@@ -560,6 +681,7 @@ impl Supervisor {
         if let Some(mut reload) = self.reload.take() {
             reload.failure = Some("the watcher is stopping".into());
             finish_reload(reload);
+            self.counters.reloads_failed += 1;
         }
         if let Some((_, waiters)) = self.queued.take() {
             for w in waiters {
@@ -617,6 +739,11 @@ impl Supervisor {
             "{reason}: rolling restart of {} worker(s)",
             self.slots.len()
         );
+        self.notify(&[
+            "RELOADING=1".into(),
+            format!("MONOTONIC_USEC={}", systemd::monotonic_usec()),
+            format!("STATUS=rolling restart ({reason})"),
+        ]);
         self.reload = Some(Reload {
             reason,
             started: Instant::now(),
@@ -650,7 +777,22 @@ impl Supervisor {
             if reload.in_flight.len() >= batch || reload.pending.is_empty() {
                 if reload.pending.is_empty() && reload.in_flight.is_empty() {
                     let reload = self.reload.take().expect("checked above");
+                    let failed = reload.failure.is_some();
                     finish_reload(reload);
+                    if failed {
+                        self.counters.reloads_failed += 1;
+                    } else {
+                        self.counters.reloads_ok += 1;
+                    }
+                    let status = if failed {
+                        format!(
+                            "STATUS={} worker(s) ready; the last rolling restart failed",
+                            self.ready_slots()
+                        )
+                    } else {
+                        format!("STATUS={} worker(s) ready", self.ready_slots())
+                    };
+                    self.notify(&["READY=1".into(), status]);
                     if let Some((reason, done)) = self.queued.take() {
                         self.request_reload(reason, None);
                         if let Some(r) = self.reload.as_mut() {
@@ -723,6 +865,15 @@ impl Supervisor {
         }
         let slot = w.slot;
         self.ever_ready = true;
+        if !*self.ready.borrow() && self.ready_slots() == self.slots.len() {
+            tracing::debug!("every worker is ready");
+            self.ready.send_replace(true);
+            self.notify(&[
+                "READY=1".into(),
+                format!("MAINPID={}", std::process::id()),
+                format!("STATUS={} worker(s) ready", self.slots.len()),
+            ]);
+        }
         let Some(reload) = self.reload.as_mut() else {
             return;
         };
@@ -819,6 +970,9 @@ impl Supervisor {
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
             Event::ReloadRequested(reason) => self.request_reload(reason, None),
+            Event::Metrics(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
             Event::Control(action) => match action {
                 Action::Status(reply) => {
                     let _ = reply.send((self.status(), self.slots.len()));
@@ -847,6 +1001,13 @@ impl Supervisor {
             how = format!("{how} ({why})");
         }
         let slot = w.slot;
+        if let Some(s) = self.slots.get_mut(slot as usize - 1) {
+            let mut last = how.strip_prefix("was ").unwrap_or(&how).to_string();
+            if w.killed_for.is_none() && w.state == WorkerState::Stopping {
+                last.push_str(" (asked to stop)");
+            }
+            s.last_exit = Some(last);
+        }
         let in_flight = self
             .reload
             .as_ref()
@@ -874,6 +1035,7 @@ impl Supervisor {
         if w.started.elapsed() >= self.config.backoff_reset {
             s.failures = 0;
         }
+        s.crashes = s.crashes.saturating_add(1);
         if in_flight.is_some() {
             // Its replacement is starting and will take the slot.
             tracing::warn!(
@@ -949,6 +1111,7 @@ impl Supervisor {
                 }
             }
             ToWatcher::LogsDropped(n) => {
+                self.counters.worker_log_drops += n;
                 let source = Source::Worker {
                     slot: w.slot,
                     pid: w.pid,
@@ -974,6 +1137,7 @@ impl Supervisor {
                 }
             }
             ToWatcher::Data(bytes) => {
+                self.counters.messages_in += 1;
                 let incoming = Incoming {
                     slot: w.slot,
                     context_id,
@@ -1000,7 +1164,11 @@ impl Supervisor {
         let handoff = self.config.balance.hands_off();
         let granted = Address::parse(&addr).and_then(|parsed| match parsed {
             parsed if handoff => self.handoff_for(&parsed, context_id).map(Grant::Handoff),
-            parsed @ Address::Tcp(_) if self.config.balance == Balance::Reuseport => {
+            // A socket-activated address has one socket: shared by all slots.
+            parsed @ Address::Tcp(_)
+                if self.config.balance == Balance::Reuseport
+                    && self.activated_for(&parsed).is_none() =>
+            {
                 self.reuseport_for(&parsed, slot).map(Grant::Fd)
             }
             parsed => self.listener_for(&parsed).map(Grant::Fd),
@@ -1047,7 +1215,10 @@ impl Supervisor {
         context_id: u64,
     ) -> Result<crate::ipc::message::Handoff> {
         if !self.balancers.contains_key(addr) {
-            let fd = addr.bind(self.config.backlog)?;
+            let fd = match self.activated_for(addr) {
+                Some(fd) => fd?,
+                None => addr.bind(self.config.backlog)?,
+            };
             let id = self.next_listener_id;
             self.next_listener_id += 1;
             let balancer = Balancer::start(id, self.config.balance, addr, fd)
@@ -1094,8 +1265,27 @@ impl Supervisor {
         })
     }
 
+    /// A duplicate of the socket-activated listener matching `addr`, if
+    /// systemd passed one.
+    fn activated_for(&self, addr: &Address) -> Option<Result<OwnedFd>> {
+        let a = self
+            .activated
+            .iter()
+            .find(|a| systemd::matches(addr, &a.addr))?;
+        Some(a.fd.try_clone().map_err(|e| {
+            Error::with_io(
+                Kind::Io,
+                format!("cannot duplicate the socket-activated listener for {addr}"),
+                e,
+            )
+        }))
+    }
+
     /// The listener for `addr`, bound on first request, duplicated for each caller.
     fn listener_for(&mut self, parsed: &Address) -> Result<OwnedFd> {
+        if let Some(fd) = self.activated_for(parsed) {
+            return fd;
+        }
         let parsed = parsed.clone();
         if !self.listeners.contains_key(&parsed) {
             let fd = parsed.bind(self.config.backlog)?;

@@ -406,3 +406,59 @@ impl Load {
         )
     }
 }
+
+impl Running {
+    /// Wraps a `cluster` process the test spawned itself (for example
+    /// through `sh` with extra descriptors), so it is killed with its
+    /// descendants on drop like one from [`Running::start`].
+    pub fn adopt(child: Child, dir: tempfile::TempDir) -> Running {
+        Running {
+            pid: child.id(),
+            child: Some(child),
+            dir,
+            seen: Vec::new(),
+        }
+    }
+}
+
+/// Runs `cluster ARGS...` with a deadline and returns (status, stdout,
+/// stderr); kills it on timeout.
+pub fn cluster_output(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let out_path = dir.path().join("out");
+    let err_path = dir.path().join("err");
+    let mut child = Command::new(cluster_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .expect("spawn cluster");
+    let status = wait_for(timeout, || child.try_wait().ok().flatten());
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+    match status {
+        Some(status) => (status, read(&out_path), read(&err_path)),
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "cluster {args:?} did not exit within {timeout:?}; stderr:\n{}",
+                read(&err_path)
+            );
+        }
+    }
+}
+
+/// One `GET path` on a new connection; returns the raw response text.
+pub fn http_get_path(port: u16, path: &str) -> std::io::Result<Response> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}

@@ -2,6 +2,7 @@
 //! configuration.
 
 use std::ffi::OsString;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -87,6 +88,28 @@ pub struct Args {
     /// Control socket path [default: beside the pid file, x.pid -> x.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
+
+    /// Serve Prometheus metrics on http://ADDR/metrics (host:port or :port)
+    #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
+    pub metrics: Option<SocketAddr>,
+
+    /// Run the workers as this user (the watcher must run as root; it
+    /// keeps root to bind the listeners)
+    #[arg(long, value_name = "NAME")]
+    pub user: Option<String>,
+
+    /// Run the workers with this group [default: the user's primary group]
+    #[arg(long, value_name = "NAME")]
+    pub group: Option<String>,
+
+    /// Detach and run in the background (needs --pid-file); returns once
+    /// the workers are ready, exit 1 with the error otherwise
+    #[arg(long)]
+    pub daemon: bool,
+
+    /// With --daemon: append the log stream to FILE [default: /dev/null]
+    #[arg(long, value_name = "FILE", requires = "daemon")]
+    pub log_file: Option<PathBuf>,
 
     /// The program to run as each worker, and its arguments
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
@@ -176,6 +199,18 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
+fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
+    let full = if s.starts_with(':') {
+        format!("0.0.0.0{s}")
+    } else {
+        s.to_string()
+    };
+    full.to_socket_addrs()
+        .map_err(|e| format!("'{s}' is not a host:port address ({e})"))?
+        .next()
+        .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
 fn parse_backlog(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if n == 0 {
@@ -228,6 +263,17 @@ mod tests {
         assert!(parse(&["--shutdown-timeout", "-1", "./srv"]).is_err());
         assert!(parse(&["--backlog", "0", "./srv"]).is_err());
         assert!(parse(&[]).is_err());
+        assert!(parse(&["--metrics", "nope", "./srv"]).is_err());
+        assert!(parse(&["--log-file", "x.log", "./srv"]).is_err());
+    }
+
+    #[test]
+    fn operations_options() {
+        let a = parse(&["--metrics", ":9100", "--daemon", "-p", "x.pid", "./srv"]).unwrap();
+        assert_eq!(a.metrics, Some("0.0.0.0:9100".parse().unwrap()));
+        assert!(a.daemon);
+        let a = parse(&["--metrics", "127.0.0.1:9100", "./srv"]).unwrap();
+        assert_eq!(a.metrics, Some("127.0.0.1:9100".parse().unwrap()));
     }
 
     #[test]

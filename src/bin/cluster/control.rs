@@ -131,19 +131,40 @@ fn print_table(r: &Response) {
         r.workers_wanted.unwrap_or(0)
     );
     println!(
-        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}",
-        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS"
+        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  LAST EXIT",
+        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     for w in &r.workers {
         println!(
-            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}",
+            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {}",
             w.slot,
             w.context_id,
             w.pid,
             w.state,
             human(w.uptime_secs),
-            w.restarts
+            w.restarts,
+            w.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
+            w.cpu_percent
+                .map(|p| format!("{p:.1}"))
+                .unwrap_or_else(|| "-".into()),
+            w.last_exit.as_deref().unwrap_or("-")
         );
+    }
+}
+
+/// `12.3M`-style sizes (binary units).
+fn bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "K", "M", "G", "T"];
+    let mut value = n as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n}B")
+    } else {
+        format!("{value:.1}{}", UNITS[unit])
     }
 }
 

@@ -15,6 +15,7 @@ use std::time::Duration;
 use clap::Parser;
 use tracing_subscriber::prelude::*;
 
+use cluster::daemon::{daemonize, Daemon};
 use cluster::{ClusterWatcher, LogFilter, LogOutput, Stopped};
 
 fn main() -> ExitCode {
@@ -43,6 +44,12 @@ fn main() -> ExitCode {
     if let Some(cmd) = args.control {
         return control::run(cmd);
     }
+    if args.daemon && args.pid_file.is_none() {
+        eprintln!(
+            "cluster: error: --daemon needs --pid-file (cluster status and cluster stop find the daemon through it)"
+        );
+        return ExitCode::from(2);
+    }
     let spec = match &args.log_level {
         Some(level) => level.clone(),
         None => std::env::var("RUST_LOG")
@@ -57,6 +64,20 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Detach now, while this process has a single thread (no runtime and
+    // no log writer yet). Past this point errors also go to the launcher.
+    let daemon = if args.daemon {
+        match daemonize(args.log_file.as_deref()) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("cluster: error: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let daemon = daemon.as_ref();
     let output = LogOutput::stderr(args.log_format.into(), filter);
     tracing_subscriber::registry().with(output.layer()).init();
 
@@ -84,9 +105,18 @@ fn main() -> ExitCode {
     if let Some(path) = &args.pid_file {
         builder = builder.pid_file(path);
     }
+    if let Some(addr) = args.metrics {
+        builder = builder.metrics(addr);
+    }
+    if let Some(user) = &args.user {
+        builder = builder.user(user);
+    }
+    if let Some(group) = &args.group {
+        builder = builder.group(group);
+    }
     let watcher = match builder.build() {
         Ok(w) => w,
-        Err(e) => return fail(&output, &e),
+        Err(e) => return fail(&output, &e, daemon),
     };
     // A current-thread runtime: the workers are forked from this thread,
     // which lives as long as they do (PR_SET_PDEATHSIG follows the thread).
@@ -96,10 +126,15 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("cluster: error: cannot start the runtime: {e}");
+            let line = format!("cluster: error: cannot start the runtime: {e}");
+            eprintln!("{line}");
+            if let Some(d) = daemon {
+                d.report_error(&line);
+            }
             return ExitCode::FAILURE;
         }
     };
+    let patience = args.ready_timeout;
     let result = runtime.block_on(async {
         // The CLI logs the messages workers send it.
         let log_messages = async {
@@ -118,6 +153,7 @@ fn main() -> ExitCode {
         tokio::select! {
             result = watcher.run() => result,
             never = log_messages => match never {},
+            never = report_when_ready(&watcher, daemon, patience) => match never {},
         }
     });
     match result {
@@ -130,12 +166,44 @@ fn main() -> ExitCode {
             eprintln!("cluster: workers were killed (forced stop)");
             ExitCode::FAILURE
         }
-        Err(e) => fail(&output, &e),
+        Err(e) => fail(&output, &e, daemon),
     }
 }
 
-fn fail(output: &LogOutput, e: &cluster::Error) -> ExitCode {
+fn fail(output: &LogOutput, e: &cluster::Error, daemon: Option<&Daemon>) -> ExitCode {
     output.flush(Duration::from_secs(2));
-    eprintln!("cluster: error: {e}");
+    let line = format!("cluster: error: {e}");
+    eprintln!("{line}");
+    if let Some(d) = daemon {
+        d.report_error(&line);
+    }
     ExitCode::FAILURE
+}
+
+/// With `--daemon`: tells the launching process once every worker is
+/// ready, so that it exits 0 (or, when they are not ready after
+/// `patience`, exits 0 with a warning while the daemon goes on). Failures
+/// are reported by `fail`.
+async fn report_when_ready(
+    watcher: &ClusterWatcher,
+    daemon: Option<&Daemon>,
+    patience: Duration,
+) -> std::convert::Infallible {
+    if let Some(daemon) = daemon {
+        tokio::select! {
+            ready = watcher.wait_ready() => {
+                if ready.is_ok() {
+                    daemon.report_ready(None);
+                }
+            }
+            _ = tokio::time::sleep(patience) => {
+                daemon.report_ready(Some(&format!(
+                    "cluster: warning: the workers are not ready after {}s; the daemon (pid {}) keeps running and restarting them (see its log)",
+                    patience.as_secs_f64(),
+                    std::process::id()
+                )));
+            }
+        }
+    }
+    std::future::pending().await
 }

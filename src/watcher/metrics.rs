@@ -1,0 +1,346 @@
+//! `--metrics ADDR`: Prometheus text exposition (format 0.0.4) on
+//! `GET /metrics`, served by a small HTTP/1.1 responder.
+//!
+//! The supervisor owns the counters; for each scrape the responder asks it
+//! for a [`Snapshot`] (an event on its queue, answered at once), then reads
+//! each worker's memory and CPU time from `/proc` itself and renders the
+//! text. One request per connection (`Connection: close`); requests are
+//! bounded in size and time, and at most [`MAX_CONNECTIONS`] are served at
+//! once.
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use super::procfs;
+use super::supervise::Event;
+use super::WorkerState;
+
+/// Largest request head read.
+const MAX_REQUEST: usize = 8 * 1024;
+/// Connections served at once; more are closed at once.
+const MAX_CONNECTIONS: usize = 64;
+/// Time a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the supervisor reports for one scrape.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Snapshot {
+    /// Every worker process: slot, pid, state.
+    pub workers: Vec<(u32, u32, WorkerState)>,
+    /// Per slot: (slot, restarts, crashes).
+    pub slots: Vec<(u32, u64, u64)>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub log_records: u64,
+    pub log_dropped: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+}
+
+/// The running responder; stops when dropped.
+pub(crate) struct Server {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Server {
+    /// Serves scrapes on `listener`, asking the supervisor through `events`.
+    pub(crate) fn start(listener: TcpListener, events: mpsc::UnboundedSender<Event>) -> Server {
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    // EMFILE and friends: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    continue; // dropping the stream closes it
+                };
+                let events = events.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, events).await;
+                    drop(permit);
+                });
+            }
+        });
+        Server { task }
+    }
+}
+
+async fn serve(mut stream: TcpStream, events: mpsc::UnboundedSender<Event>) -> std::io::Result<()> {
+    let mut head = Vec::with_capacity(512);
+    let mut buf = [0u8; 1024];
+    let read = tokio::time::timeout(READ_TIMEOUT, async {
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+            if head.len() >= MAX_REQUEST {
+                return Err(std::io::Error::other("request too large"));
+            }
+            let n = stream.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            head.extend_from_slice(&buf[..n]);
+        }
+        Ok(())
+    })
+    .await;
+    let (status, body, extra) = match read {
+        Ok(Ok(())) => respond(&head, &events).await,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+        Ok(Err(_)) => ("431 Request Header Fields Too Large", String::new(), ""),
+        Err(_) => ("408 Request Timeout", String::new(), ""),
+    };
+    let head_only = head.starts_with(b"HEAD ");
+    let response = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{}",
+        body.len(),
+        if head_only { "" } else { body.as_str() }
+    );
+    stream.write_all(response.as_bytes()).await?;
+    stream.shutdown().await
+}
+
+async fn respond(
+    head: &[u8],
+    events: &mpsc::UnboundedSender<Event>,
+) -> (&'static str, String, &'static str) {
+    let text = String::from_utf8_lossy(head);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return ("400 Bad Request", "bad request line\n".into(), "");
+    };
+    if !version.starts_with("HTTP/1.") {
+        return ("400 Bad Request", "HTTP/1.x only\n".into(), "");
+    }
+    let path = target.split('?').next().unwrap_or("");
+    if path != "/metrics" {
+        return ("404 Not Found", "metrics are at /metrics\n".into(), "");
+    }
+    if method != "GET" && method != "HEAD" {
+        return (
+            "405 Method Not Allowed",
+            "GET or HEAD only\n".into(),
+            "Allow: GET, HEAD\r\n",
+        );
+    }
+    let (tx, rx) = oneshot::channel();
+    if events.send(Event::Metrics(tx)).is_err() {
+        return (
+            "503 Service Unavailable",
+            "the watcher is stopping\n".into(),
+            "",
+        );
+    }
+    match rx.await {
+        Ok(snapshot) => ("200 OK", render(&snapshot), ""),
+        Err(_) => (
+            "503 Service Unavailable",
+            "the watcher is stopping\n".into(),
+            "",
+        ),
+    }
+}
+
+/// The exposition text for `s`, with each worker's memory and CPU time
+/// read from `/proc` now (a worker that exited meanwhile is left out).
+pub(crate) fn render(s: &Snapshot) -> String {
+    let mut out = String::with_capacity(2048);
+    fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    }
+
+    family(
+        &mut out,
+        "cluster_workers",
+        "gauge",
+        "Worker processes by state.",
+    );
+    for state in [
+        WorkerState::Starting,
+        WorkerState::Ready,
+        WorkerState::Stopping,
+    ] {
+        let n = s.workers.iter().filter(|w| w.2 == state).count();
+        let _ = writeln!(out, "cluster_workers{{state=\"{state}\"}} {n}");
+    }
+
+    family(
+        &mut out,
+        "cluster_worker_restarts_total",
+        "counter",
+        "Workers started for a slot after its first one (respawns and rolling restarts).",
+    );
+    for (slot, restarts, _) in &s.slots {
+        let _ = writeln!(
+            out,
+            "cluster_worker_restarts_total{{slot=\"{slot}\"}} {restarts}"
+        );
+    }
+    family(
+        &mut out,
+        "cluster_worker_crashes_total",
+        "counter",
+        "Serving workers of a slot that exited without being asked to stop.",
+    );
+    for (slot, _, crashes) in &s.slots {
+        let _ = writeln!(
+            out,
+            "cluster_worker_crashes_total{{slot=\"{slot}\"}} {crashes}"
+        );
+    }
+
+    family(
+        &mut out,
+        "cluster_reloads_total",
+        "counter",
+        "Rolling restarts by result.",
+    );
+    let _ = writeln!(
+        out,
+        "cluster_reloads_total{{result=\"ok\"}} {}",
+        s.reloads_ok
+    );
+    let _ = writeln!(
+        out,
+        "cluster_reloads_total{{result=\"failed\"}} {}",
+        s.reloads_failed
+    );
+
+    family(
+        &mut out,
+        "cluster_log_records_total",
+        "counter",
+        "Log records and output lines from workers queued for the log stream.",
+    );
+    let _ = writeln!(out, "cluster_log_records_total {}", s.log_records);
+    family(
+        &mut out,
+        "cluster_log_records_dropped_total",
+        "counter",
+        "Log records dropped because a queue was full (in a worker or in the watcher).",
+    );
+    let _ = writeln!(out, "cluster_log_records_dropped_total {}", s.log_dropped);
+
+    family(
+        &mut out,
+        "cluster_messages_total",
+        "counter",
+        "User messages between the watcher and workers.",
+    );
+    let _ = writeln!(
+        out,
+        "cluster_messages_total{{direction=\"in\"}} {}",
+        s.messages_in
+    );
+    let _ = writeln!(
+        out,
+        "cluster_messages_total{{direction=\"out\"}} {}",
+        s.messages_out
+    );
+
+    let samples: Vec<(u32, u32, Option<u64>, Option<Duration>)> = s
+        .workers
+        .iter()
+        .map(|&(slot, pid, _)| (slot, pid, procfs::rss_bytes(pid), procfs::cpu_time(pid)))
+        .collect();
+    family(
+        &mut out,
+        "cluster_worker_rss_bytes",
+        "gauge",
+        "Resident memory of a worker process (VmRSS).",
+    );
+    for (slot, pid, rss, _) in &samples {
+        if let Some(rss) = rss {
+            let _ = writeln!(
+                out,
+                "cluster_worker_rss_bytes{{slot=\"{slot}\",pid=\"{pid}\"}} {rss}"
+            );
+        }
+    }
+    family(
+        &mut out,
+        "cluster_worker_cpu_seconds_total",
+        "counter",
+        "CPU time (user + system) used by a worker process.",
+    );
+    for (slot, pid, _, cpu) in &samples {
+        if let Some(cpu) = cpu {
+            let _ = writeln!(
+                out,
+                "cluster_worker_cpu_seconds_total{{slot=\"{slot}\",pid=\"{pid}\"}} {}",
+                cpu.as_secs_f64()
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_help_and_type() {
+        let me = std::process::id();
+        let s = Snapshot {
+            workers: vec![
+                (1, me, WorkerState::Ready),
+                (2, u32::MAX, WorkerState::Starting),
+            ],
+            slots: vec![(1, 2, 1), (2, 0, 0)],
+            reloads_ok: 3,
+            reloads_failed: 1,
+            log_records: 10,
+            log_dropped: 4,
+            messages_in: 5,
+            messages_out: 6,
+        };
+        let text = render(&s);
+        for line in [
+            "cluster_workers{state=\"starting\"} 1",
+            "cluster_workers{state=\"ready\"} 1",
+            "cluster_workers{state=\"stopping\"} 0",
+            "cluster_worker_restarts_total{slot=\"1\"} 2",
+            "cluster_worker_crashes_total{slot=\"1\"} 1",
+            "cluster_reloads_total{result=\"ok\"} 3",
+            "cluster_reloads_total{result=\"failed\"} 1",
+            "cluster_log_records_total 10",
+            "cluster_log_records_dropped_total 4",
+            "cluster_messages_total{direction=\"in\"} 5",
+            "cluster_messages_total{direction=\"out\"} 6",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
+        }
+        assert!(text.contains(&format!(
+            "cluster_worker_rss_bytes{{slot=\"1\",pid=\"{me}\"}} "
+        )));
+        assert!(text.contains(&format!(
+            "cluster_worker_cpu_seconds_total{{slot=\"1\",pid=\"{me}\"}} "
+        )));
+        // A pid that does not exist has no samples.
+        assert!(!text.contains(&format!("pid=\"{}\"", u32::MAX)));
+        // Every sample line belongs to a family announced before it.
+        let mut typed = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                typed.insert(rest.split(' ').next().unwrap().to_string());
+            } else if !line.starts_with('#') {
+                let name = line.split(['{', ' ']).next().unwrap();
+                assert!(typed.contains(name), "{line}");
+            }
+        }
+    }
+}
