@@ -459,14 +459,20 @@ mod tests {
             tx,
             dropped: AtomicU64::new(0),
         }));
-        let log = slog::Logger::root(ClusterSlogDrain::new(Some(queue)), slog::o!("app" => "demo"));
+        let log = slog::Logger::root(
+            ClusterSlogDrain::new(Some(queue)),
+            slog::o!("app" => "demo"),
+        );
         slog::warn!(log, "disk {}", "full"; "free" => 3);
         let r = rx.try_recv().unwrap();
         assert_eq!(r.level, 2);
         assert_eq!(r.message, "disk full");
         assert_eq!(
             r.fields,
-            vec![("free".to_string(), "3".to_string()), ("app".to_string(), "demo".to_string())]
+            vec![
+                ("free".to_string(), "3".to_string()),
+                ("app".to_string(), "demo".to_string())
+            ]
         );
     }
 
