@@ -3,15 +3,17 @@
 # one multi-threaded process, Node's cluster module and nginx, all with 2
 # workers/threads and the same `200 Hello, World!` keep-alive answer; then
 # `cluster` reloading under load, then what `cluster` costs (watcher CPU and
-# RSS, per-worker RSS, time to all workers ready).
+# RSS, per-worker RSS, time to all workers serving). amphp/cluster is not
+# run (PHP + Composer packages); the output says so.
 #
-#   apt-get install wrk nodejs nginx curl    # Debian/Ubuntu
-#   bash benches/compare/run.sh              # everything (~6 min)
+#   apt-get install wrk nodejs nginx curl    # Debian/Ubuntu (valgrind too for `profile`)
+#   bash benches/compare/run.sh              # compare + reload + cost (~9.5 min with 5 --balance modes)
 #   bash benches/compare/run.sh compare      # only the throughput table
 #   ONLY='^cluster' bash benches/compare/run.sh compare   # baseline and the cluster rows
 #   bash benches/compare/run.sh reload       # only reload under load
 #   bash benches/compare/run.sh cost         # only the cost figures
-#   FULL=1 bash benches/compare/run.sh       # also a second pass at 256 connections (~9.5 min)
+#   bash benches/compare/run.sh profile      # callgrind: instructions per request, worker vs standalone (~1 min)
+#   FULL=1 bash benches/compare/run.sh       # also a second pass at 256 connections (~16 min)
 #
 # Environment: ROUNDS (5), DURATION (10s), CONNS (32), FULL (0: 256
 # connections as a second pass when 1), WORKERS (2), WARMUP (3s),
