@@ -291,7 +291,14 @@ impl ServerSocketFactory {
             None => parsed.bind(DEFAULT_BACKLOG)?,
             Some(link) => match link.request_socket(addr).await? {
                 Granted::Fd(fd) => fd,
-                Granted::Handoff(h) => return Ok(HandoffListener::register(link, parsed, h)),
+                Granted::Handoff(h, rx) => {
+                    return Ok(Listener::Handoff(HandoffListener {
+                        id: h.listener,
+                        address: parsed,
+                        local: h.local,
+                        rx: tokio::sync::Mutex::new(rx),
+                    }))
+                }
             },
         };
         parsed.listener_from_fd(fd).map_err(|e| {
@@ -305,7 +312,12 @@ enum Granted {
     /// The listening socket itself (shared and reuseport modes).
     Fd(OwnedFd),
     /// Connections will be handed off (round-robin, least-connections, ip-hash).
-    Handoff(crate::ipc::message::Handoff),
+    /// Its connections arrive on the receiver, registered by the IPC thread
+    /// before it reads the next message (connections may follow at once).
+    Handoff(
+        crate::ipc::message::Handoff,
+        mpsc::UnboundedReceiver<Handed>,
+    ),
 }
 
 /// A connection handed off by the watcher, not yet accepted.
@@ -332,23 +344,6 @@ pub struct HandoffListener {
 }
 
 impl HandoffListener {
-    fn register(
-        link: &'static WorkerLink,
-        address: Address,
-        h: crate::ipc::message::Handoff,
-    ) -> Listener {
-        let (tx, rx) = mpsc::unbounded_channel();
-        if let Ok(mut map) = link.handoffs.lock() {
-            map.insert(h.listener, tx);
-        }
-        Listener::Handoff(HandoffListener {
-            id: h.listener,
-            address,
-            local: h.local,
-            rx: tokio::sync::Mutex::new(rx),
-        })
-    }
-
     /// The watcher's listening address.
     pub fn local_addr(&self) -> &str {
         &self.local
@@ -409,12 +404,25 @@ impl Drop for HandoffListener {
         }
         let rx = self.rx.get_mut();
         rx.close();
-        while let Ok((fd, peer)) = rx.try_recv() {
-            let _ = link.tx.send(Outgoing::Return {
-                listener: self.id,
-                fd,
-                peer,
-            });
+        // Drain until every sender is gone: the IPC thread may be in the
+        // middle of a send (it cloned the sender before we removed it), and
+        // `try_recv` reports such a value as `Empty` until the send lands.
+        let mut spins = 0u32;
+        loop {
+            match rx.try_recv() {
+                Ok((fd, peer)) => {
+                    let _ = link.tx.send(Outgoing::Return {
+                        listener: self.id,
+                        fd,
+                        peer,
+                    });
+                }
+                Err(mpsc::error::TryRecvError::Empty) if spins < 100_000 => {
+                    spins += 1;
+                    std::thread::yield_now();
+                }
+                Err(_) => break,
+            }
         }
     }
 }
@@ -833,11 +841,21 @@ async fn handle(
             let Some(reply) = pending.remove(&id) else {
                 return Err(format!("a reply to unknown request {id}"));
             };
-            let _ = reply.send(
-                result
-                    .map(Granted::Handoff)
-                    .map_err(|why| Error::new(Kind::Bind, why)),
-            );
+            let granted = match result {
+                Ok(h) => {
+                    // Register now: the watcher may send a connection right
+                    // after this reply, before `listen` returns to the caller.
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    if let Some(link) = link() {
+                        if let Ok(mut map) = link.handoffs.lock() {
+                            map.insert(h.listener, tx);
+                        }
+                    }
+                    Ok(Granted::Handoff(h, rx))
+                }
+                Err(why) => Err(Error::new(Kind::Bind, why)),
+            };
+            let _ = reply.send(granted);
         }
         ToWorker::Connection {
             listener,

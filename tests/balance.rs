@@ -16,9 +16,14 @@ use nix::sys::signal::Signal;
 
 const START: Duration = Duration::from_secs(15);
 
+/// The kill-and-reload tests each run 3 workers and a load generator: one at
+/// a time, so that they do not starve each other of the 2 cores.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 /// Serves, then a rolling restart under load (zero failures), then a
 /// SIGKILL of a worker (serving continues, a replacement arrives).
 fn mode_survives_kill_and_reload(mode: &str) {
+    let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
     let port = free_port();
     let hello = example("hello_http");
     let mut c = Running::start(
@@ -35,7 +40,8 @@ fn mode_survives_kill_and_reload(mode: &str) {
         &[],
     );
     let before: HashSet<u32> = c.wait_workers(3, START).into_iter().collect();
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    wait_for(START, || http_get(port).ok())
+        .unwrap_or_else(|| panic!("{mode}: not serving\n{}", c.stderr()));
     // Workers register with the watcher when they call `listen`: wait until
     // all three served (ip-hash keeps this one client on one worker).
     let want = if mode == "ip-hash" { 1 } else { 3 };
@@ -46,7 +52,11 @@ fn mode_survives_kill_and_reload(mode: &str) {
         ids.insert(r.header("x-worker-id").unwrap().to_string());
         (ids.len() >= want).then_some(())
     });
-    assert!(all.is_some(), "{mode}: workers serving: {ids:?}");
+    assert!(
+        all.is_some(),
+        "{mode}: workers serving: {ids:?}\n{}",
+        c.stderr()
+    );
 
     let load = Arc::new(Load::default());
     let threads = vec![
@@ -138,6 +148,12 @@ fn start_hello(workers: usize, mode: &str) -> (Running, u16) {
         &[],
     );
     c.wait_workers(workers, START);
+    // Every worker has joined the watcher's pool once it is ready (it asked
+    // for the listener first); until then, a handoff mode has fewer workers.
+    wait_for(START, || {
+        (c.stderr().matches(" is ready").count() >= workers).then_some(())
+    })
+    .unwrap_or_else(|| panic!("{mode}: workers not ready:\n{}", c.stderr()));
     wait_for(START, || http_get(port).ok()).expect("serving");
     (c, port)
 }

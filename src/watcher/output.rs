@@ -52,7 +52,8 @@ struct Entry {
 }
 
 enum Msg {
-    Entry(Entry),
+    /// Boxed: the queue's slots stay small (the bound is preallocated).
+    Entry(Box<Entry>),
     /// Acknowledge once everything queued before it is written.
     Flush(SyncSender<()>),
 }
@@ -140,7 +141,7 @@ impl LogOutput {
         match self
             .shared
             .tx
-            .try_send(Msg::Entry(Entry { source, record }))
+            .try_send(Msg::Entry(Box::new(Entry { source, record })))
         {
             Ok(()) => {
                 if source != Source::Watcher {

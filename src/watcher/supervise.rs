@@ -91,6 +91,9 @@ pub(crate) enum Command {
     },
 }
 
+/// Longest wait between the stop message and SIGTERM for a library worker.
+const TERM_REMINDER: Duration = Duration::from_secs(1);
+
 /// Messages from workers that may wait for `ClusterWatcher::messages`.
 pub(crate) const MESSAGE_QUEUE: usize = 4096;
 
@@ -125,6 +128,8 @@ struct Worker {
     hello: bool,
     /// When to send SIGKILL if the worker is still alive (stopping).
     kill_at: Option<Instant>,
+    /// When to send SIGTERM to a library worker asked to stop in-band.
+    term_at: Option<Instant>,
     /// A replacement must be ready by then.
     ready_by: Option<Instant>,
     /// Heartbeat: when to check and ping next, and the last answer.
@@ -150,7 +155,16 @@ impl Worker {
             msg: ToWorker::Stop { deadline_ms },
             fds: Vec::new(),
         });
-        signal(self.pid, Signal::SIGTERM);
+        if self.hello {
+            // A library worker reads the stop message in order, after every
+            // message sent before it (handed-off connections among them): a
+            // SIGTERM now could overtake those. It comes as a reminder.
+            let now = Instant::now();
+            let reminder = (kill_at.saturating_duration_since(now) / 2).min(TERM_REMINDER);
+            self.term_at = Some(now + reminder);
+        } else {
+            signal(self.pid, Signal::SIGTERM);
+        }
         self.kill_at = Some(kill_at);
     }
 
@@ -398,7 +412,7 @@ impl Supervisor {
         let workers = self.workers.values().flat_map(|w| {
             let assumed =
                 (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
-            [w.kill_at, w.ready_by, w.next_ping_at, assumed]
+            [w.kill_at, w.term_at, w.ready_by, w.next_ping_at, assumed]
         });
         respawns
             .chain(workers.flatten())
@@ -450,6 +464,7 @@ impl Supervisor {
                 outbound: spawned.outbound,
                 hello: false,
                 kill_at: None,
+                term_at: None,
                 ready_by: replacement.then(|| now + self.config.ready_timeout),
                 next_ping_at: None,
                 last_pong: now,
@@ -511,6 +526,10 @@ impl Supervisor {
         let mut became_ready = Vec::new();
         let mut not_ready = Vec::new();
         for (&id, w) in self.workers.iter_mut() {
+            if w.term_at.is_some_and(|t| t <= now) {
+                w.term_at = None;
+                signal(w.pid, Signal::SIGTERM);
+            }
             if w.kill_at.is_some_and(|t| t <= now) {
                 tracing::warn!(
                     "worker {} (pid {}) did not stop within {timeout:?}; killing it",
@@ -1163,7 +1182,7 @@ impl Supervisor {
         };
         let handoff = self.config.balance.hands_off();
         let granted = Address::parse(&addr).and_then(|parsed| match parsed {
-            parsed if handoff => self.handoff_for(&parsed, context_id).map(Grant::Handoff),
+            parsed if handoff => self.handoff_for(&parsed).map(Grant::Handoff),
             // A socket-activated address has one socket: shared by all slots.
             parsed @ Address::Tcp(_)
                 if self.config.balance == Balance::Reuseport
@@ -1204,16 +1223,21 @@ impl Supervisor {
                 return;
             }
         };
+        let joins = match &msg {
+            ToWorker::HandoffReply { result: Ok(h), .. } => Some(h.listener),
+            _ => None,
+        };
         let _ = w.outbound.send(Outbound { msg, fds });
+        if let Some(listener) = joins {
+            if let Some(b) = self.balancers.values().find(|b| b.id == listener) {
+                b.add(context_id, w.outbound.clone(), w.accepting.clone());
+            }
+        }
     }
 
     /// Handoff modes: the balancer for `addr` (bound and started on first
-    /// request); registers the worker as a consumer.
-    fn handoff_for(
-        &mut self,
-        addr: &Address,
-        context_id: u64,
-    ) -> Result<crate::ipc::message::Handoff> {
+    /// request). The caller adds the worker to its pool after replying.
+    fn handoff_for(&mut self, addr: &Address) -> Result<crate::ipc::message::Handoff> {
         if !self.balancers.contains_key(addr) {
             let fd = match self.activated_for(addr) {
                 Some(fd) => fd?,
@@ -1229,10 +1253,9 @@ impl Supervisor {
             );
             self.balancers.insert(addr.clone(), balancer);
         }
+        // The worker joins the pool only after its reply is queued (see
+        // `on_socket_request`), so no connection can overtake the reply.
         let b = &self.balancers[addr];
-        if let Some(w) = self.workers.get(&context_id) {
-            b.add(context_id, w.outbound.clone(), w.accepting.clone());
-        }
         Ok(crate::ipc::message::Handoff {
             listener: b.id,
             local: b.local.clone(),
