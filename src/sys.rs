@@ -149,12 +149,7 @@ pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     // alone; the worker module takes it exactly once (guarded by a
     // OnceLock), so no other OwnedFd will ever close it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(io::Error::from)?;
-    Ok(fd)
+    set_cloexec(fd)
 }
 
 /// Device and inode of the file open at descriptor number `raw`, or `None`
@@ -261,6 +256,17 @@ pub(crate) fn prepare_worker_exec(
     }
 }
 
+/// Sets `FD_CLOEXEC` on a descriptor just taken over, so our own children
+/// do not inherit it.
+fn set_cloexec(fd: OwnedFd) -> io::Result<OwnedFd> {
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(io::Error::from)?;
+    Ok(fd)
+}
+
 /// Takes ownership of a listening socket that systemd passed at `raw`
 /// (socket activation: `LISTEN_FDS`, descriptors from 3 on), and sets
 /// `FD_CLOEXEC` on it so that workers do not inherit it: they get their own
@@ -283,12 +289,7 @@ pub(crate) fn take_listen_fd(raw: RawFd) -> io::Result<OwnedFd> {
     // ours); the caller takes each number once (guarded by a process-wide
     // flag), so no other OwnedFd will ever close it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-    nix::fcntl::fcntl(
-        &fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(io::Error::from)?;
-    Ok(fd)
+    set_cloexec(fd)
 }
 
 /// Number of threads of this process (entries of `/proc/self/task`).
