@@ -51,7 +51,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
                 Ok(s) => s,
                 Err(e) => return error(e),
             };
-            match request(&socket, &Request::Status).await {
+            match request(&socket, &Request::Status { quick: quiet }).await {
                 Ok(r) if r.ok => {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
