@@ -487,6 +487,10 @@ struct WorkerLink {
     inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
     handoffs: std::sync::Mutex<HashMap<u64, mpsc::UnboundedSender<Handed>>>,
     tracked: std::sync::Mutex<Vec<Tracked>>,
+    /// Set once the watcher hands off connections (round-robin,
+    /// least-connections, ip-hash): only then does the IPC thread poll
+    /// accepted connections for closing.
+    handing_off: AtomicBool,
 }
 
 /// Heartbeat routing: while some task awaits `Cluster::await_termination()`
@@ -608,6 +612,7 @@ fn connect() -> Option<WorkerLink> {
         inbox: tokio::sync::Mutex::new(inbox_rx),
         handoffs: std::sync::Mutex::new(HashMap::new()),
         tracked: std::sync::Mutex::new(Vec::new()),
+        handing_off: AtomicBool::new(false),
     })
 }
 
@@ -695,7 +700,7 @@ async fn ipc_main(fd: OwnedFd, mut ipc: Ipc) {
                         break format!("cannot write to the watcher: {e}");
                     }
                 }
-                _ = close_check.tick() => {
+                _ = close_check.tick(), if link().is_some_and(|l| l.handing_off.load(Ordering::Relaxed)) => {
                     let Some(link) = link() else { continue };
                     let mut failed = None;
                     for (listener, count) in closed_connections(link) {
@@ -849,6 +854,7 @@ async fn handle(
                     if let Some(link) = link() {
                         if let Ok(mut map) = link.handoffs.lock() {
                             map.insert(h.listener, tx);
+                            link.handing_off.store(true, Ordering::Relaxed);
                         }
                     }
                     Ok(Granted::Handoff(h, rx))
