@@ -23,23 +23,41 @@ fn records<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a serde_j
         .collect()
 }
 
+/// `cluster --workers N --log-format F --log-level L test_worker log ARGS...`.
+fn log_workers(workers: usize, format: &str, level: &str, args: &[&str]) -> Running {
+    let worker = example("test_worker");
+    let workers = workers.to_string();
+    let mut cmd = vec![
+        "--workers",
+        &workers,
+        "--log-format",
+        format,
+        "--log-level",
+        level,
+    ];
+    cmd.push(worker.to_str().unwrap());
+    cmd.push("log");
+    cmd.extend_from_slice(args);
+    Running::start(&cmd, &[])
+}
+
+#[test]
+fn log_level_filters_forwarded_records() {
+    let mut c = log_workers(2, "json", "warn,test_worker=warn", &["3"]);
+    wait_for(START, || {
+        (c.stderr().matches("\"message\":\"done\"").count() == 2).then_some(())
+    })
+    .unwrap_or_else(|| panic!("the WARN records did not arrive:\n{}", c.stderr()));
+    let text = c.stderr();
+    let lines = json_lines(&text);
+    // The workers' INFO records and the watcher's own INFO lines are filtered.
+    assert!(records(&lines, "record").is_empty(), "{text}");
+    assert!(lines.iter().all(|v| v["level"] != "INFO"), "{text}");
+}
+
 #[test]
 fn records_arrive_tagged_with_slot_and_pid_as_json_lines() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "log",
-            "5",
-        ],
-        &[],
-    );
+    let mut c = log_workers(2, "json", "info", &["5"]);
     let text = wait_for(START, || {
         let t = c.stderr();
         (t.matches("\"done\"").count() == 2).then_some(t)
@@ -71,21 +89,7 @@ fn records_arrive_tagged_with_slot_and_pid_as_json_lines() {
 
 #[test]
 fn records_logged_while_exiting_still_arrive() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "3",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "log",
-            "1",
-        ],
-        &[],
-    );
+    let mut c = log_workers(3, "json", "info", &["1"]);
     wait_for(START, || {
         (c.stderr().matches("\"message\":\"done\"").count() == 3).then_some(())
     })
@@ -99,19 +103,7 @@ fn records_logged_while_exiting_still_arrive() {
 
 #[test]
 fn text_format_tags_records() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "1",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "log",
-            "3",
-        ],
-        &[],
-    );
+    let mut c = log_workers(1, "text", "info", &["3"]);
     let pid = c.wait_workers(1, START)[0];
     let text = wait_for(START, || {
         let t = c.stderr();
@@ -129,22 +121,7 @@ fn text_format_tags_records() {
 
 #[test]
 fn hundred_thousand_records_from_four_workers_arrive_complete() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "4",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "log",
-            "25000",
-            "20",
-        ],
-        &[],
-    );
+    let mut c = log_workers(4, "json", "info", &["25000", "20"]);
     // Read the growing output incrementally: re-reading megabytes every
     // 20 ms would dominate the test's time.
     const NEEDLE: &[u8] = b"\"message\":\"done\"";

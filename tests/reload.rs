@@ -356,6 +356,12 @@ fn control_subcommands_status_reload_scale_stop() {
         .map(|w| w["pid"].as_u64().unwrap())
         .collect();
     assert_eq!(pids, workers.iter().map(|&p| p as u64).collect());
+    let out = cli(&["status", "-q", "--pid-file", &pf]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(
+        out.stdout.is_empty() && out.stderr.is_empty(),
+        "-q prints nothing"
+    );
     let out = cli(&["status", "--pid-file", &pf]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
