@@ -43,7 +43,7 @@ fn log_workers(workers: usize, format: &str, level: &str, args: &[&str]) -> Runn
 
 #[test]
 fn log_level_filters_forwarded_records() {
-    let mut c = log_workers(2, "json", "warn,test_worker=warn", &["3"]);
+    let c = log_workers(2, "json", "warn,test_worker=warn", &["3"]);
     wait_for(START, || {
         (c.stderr().matches("\"message\":\"done\"").count() == 2).then_some(())
     })
