@@ -3,15 +3,19 @@
 
 use std::fmt;
 use std::io;
+use std::sync::Arc;
 
 /// The error type of every fallible operation in this crate.
 ///
 /// Inspect it with the `is_*` predicates; its `Display` form is one line
-/// meant for people, its `source()` the underlying I/O error when there is one.
+/// meant for people, its `source()` the underlying error when there is one
+/// (an I/O error, for example; [`io_error`](Error::io_error) gives it typed).
+/// Errors are cheap to clone: the source is shared.
+#[derive(Clone)]
 pub struct Error {
     kind: Kind,
     context: String,
-    source: Option<io::Error>,
+    source: Option<Arc<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +32,16 @@ pub(crate) enum Kind {
     PidFileLocked,
     /// The pid file could not be created, written or read.
     PidFile,
+    /// The control socket could not be created, or did not answer.
+    Control,
     /// The worker program could not be started.
     Spawn,
-    /// Invalid configuration (for example zero workers), or a request the
-    /// watcher cannot take in its current state.
+    /// Invalid configuration (for example zero workers or an unknown user).
     Config,
+    /// The watcher is not running: never started, stopping, or stopped.
+    Closed,
+    /// `start` was called on a watcher that was already started.
+    AlreadyStarted,
     /// A rolling restart failed (a replacement was not ready in time).
     Reload,
     /// Any other I/O error.
@@ -49,16 +58,25 @@ impl Error {
     }
 
     pub(crate) fn with_io(kind: Kind, context: impl Into<String>, source: io::Error) -> Self {
+        Self::with_source(kind, context, source)
+    }
+
+    pub(crate) fn with_source(
+        kind: Kind,
+        context: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
         Error {
             kind,
             context: context.into(),
-            source: Some(source),
+            source: Some(Arc::new(source)),
         }
     }
 
-    #[allow(dead_code)]
-    pub(crate) fn kind(&self) -> Kind {
-        self.kind
+    /// "the watcher is not running", "... is stopping": for calls on a
+    /// watcher that cannot take them any more.
+    pub(crate) fn closed(context: impl Into<String>) -> Self {
+        Self::new(Kind::Closed, context)
     }
 
     /// The address given to `listen` could not be parsed.
@@ -86,9 +104,16 @@ impl Error {
         self.kind == Kind::PidFileLocked
     }
 
-    /// The pid file could not be created, locked or written.
+    /// The pid file could not be created, locked or written (or another
+    /// watcher holds it: see [`is_pid_file_locked`](Error::is_pid_file_locked)).
     pub fn is_pid_file(&self) -> bool {
         matches!(self.kind, Kind::PidFile | Kind::PidFileLocked)
+    }
+
+    /// The control socket could not be created (the watcher side), or no
+    /// watcher answered on it (the client side).
+    pub fn is_control(&self) -> bool {
+        self.kind == Kind::Control
     }
 
     /// The worker program could not be started.
@@ -96,10 +121,21 @@ impl Error {
         self.kind == Kind::Spawn
     }
 
-    /// The configuration was invalid, or the watcher could not take the
-    /// request in its current state (stopping, already started, ...).
+    /// The configuration was invalid: zero workers, a user that does not
+    /// exist, a path that cannot be watched, a bad log filter, ...
     pub fn is_config(&self) -> bool {
         self.kind == Kind::Config
+    }
+
+    /// The watcher cannot take the call: it was never started, is
+    /// stopping, or has stopped.
+    pub fn is_closed(&self) -> bool {
+        self.kind == Kind::Closed
+    }
+
+    /// [`ClusterWatcher::start`](crate::ClusterWatcher::start) was called twice.
+    pub fn is_already_started(&self) -> bool {
+        self.kind == Kind::AlreadyStarted
     }
 
     /// A rolling restart failed: a replacement exited or was not ready in
@@ -108,9 +144,9 @@ impl Error {
         self.kind == Kind::Reload
     }
 
-    /// The underlying OS error, if any.
+    /// The underlying OS error, if the source is one.
     pub fn io_error(&self) -> Option<&io::Error> {
-        self.source.as_ref()
+        self.source.as_deref()?.downcast_ref::<io::Error>()
     }
 }
 
@@ -137,20 +173,50 @@ impl fmt::Debug for Error {
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         self.source
-            .as_ref()
+            .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }
 
 impl From<Error> for io::Error {
     fn from(e: Error) -> io::Error {
-        let kind = match &e.source {
-            Some(s) => s.kind(),
-            None => io::ErrorKind::Other,
-        };
+        let kind = e
+            .io_error()
+            .map(|s| s.kind())
+            .unwrap_or(io::ErrorKind::Other);
         io::Error::new(kind, e)
     }
 }
 
 /// A `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clones_share_the_source_and_keep_the_io_error() {
+        let e = Error::with_io(
+            Kind::Bind,
+            "cannot listen on 127.0.0.1:80",
+            io::Error::from(io::ErrorKind::PermissionDenied),
+        );
+        let c = e.clone();
+        assert!(c.is_bind());
+        assert_eq!(
+            c.io_error().map(|e| e.kind()),
+            Some(io::ErrorKind::PermissionDenied)
+        );
+        assert!(std::error::Error::source(&c).is_some());
+        assert_eq!(io::Error::from(c).kind(), io::ErrorKind::PermissionDenied);
+    }
+
+    #[test]
+    fn kinds_are_distinct() {
+        let closed = Error::closed("the watcher is not running");
+        assert!(closed.is_closed() && !closed.is_config() && !closed.is_control());
+        let control = Error::new(Kind::Control, "cannot create control socket");
+        assert!(control.is_control() && !control.is_pid_file());
+    }
+}

@@ -49,6 +49,7 @@
 //!
 //! Every fallible call returns [`Error`], inspected with `is_*` predicates.
 
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
@@ -56,16 +57,21 @@ pub mod control;
 pub mod daemon;
 mod error;
 mod ipc;
+mod listener;
 mod log;
 mod pidfile;
 mod pipe;
 mod signal;
 mod socket;
+// The one module with `unsafe` code: each block says why it is sound.
+#[allow(unsafe_code)]
 mod sys;
 mod watcher;
 mod worker;
 
 pub use error::{Error, Result};
+pub use ipc::codec::MAX_MESSAGE_SIZE;
+pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]
 pub use log::ClusterSlogDrain;
 pub use log::{ClusterLogLayer, LogFilter};
@@ -73,12 +79,12 @@ pub use pipe::{
     pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,
     TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
 };
-pub use socket::{Listener, PeerAddr, Stream, DEFAULT_BACKLOG};
+pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use watcher::{
     Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
     WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
 };
-pub use worker::{Cluster, HandoffListener, MessageChannel, ServerSocketFactory, MAX_MESSAGE_SIZE};
+pub use worker::{Cluster, MessageChannel, ServerSocketFactory};
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

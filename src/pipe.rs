@@ -22,14 +22,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
-use socket2::{Domain, Protocol, SockAddr, SockRef, Socket, Type};
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 use tokio::io::unix::AsyncFd;
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::{Error, Kind, Result};
+use crate::ipc::codec::{self, encode_error, encode_limited};
 use crate::ipc::message::MAX_MESSAGE;
 use crate::ipc::{Channel, RecvError};
-use crate::socket::Stream;
+use crate::socket::{stream_from_fd, Stream};
 use crate::sys;
 
 /// Version of the private envelope; a receiver refuses any other.
@@ -56,31 +57,13 @@ struct Envelope<'a> {
 
 /// Encodes `data` into one datagram, refusing anything over [`MAX_HANDOFF_DATA`].
 fn encode<T: Serialize + ?Sized>(data: &T) -> Result<Vec<u8>> {
-    let user = postcard::to_stdvec(data).map_err(|e| {
-        Error::new(
-            Kind::Ipc,
-            format!("cannot encode the data of a client socket handoff: {e}"),
-        )
-    })?;
-    if user.len() > MAX_HANDOFF_DATA {
-        return Err(Error::new(
-            Kind::TooLarge,
-            format!(
-                "client socket handoff data of {} bytes exceeds the limit of {MAX_HANDOFF_DATA} bytes",
-                user.len()
-            ),
-        ));
-    }
+    let user = encode_limited(data, MAX_HANDOFF_DATA)
+        .map_err(|e| encode_error("client socket handoff data", e))?;
     let envelope = Envelope {
         version: ENVELOPE_VERSION,
         data: &user,
     };
-    postcard::to_stdvec(&envelope).map_err(|e| {
-        Error::new(
-            Kind::Ipc,
-            format!("cannot encode a client socket handoff: {e}"),
-        )
-    })
+    encode_limited(&envelope, MAX_MESSAGE).map_err(|e| encode_error("client socket handoff", e))
 }
 
 /// Decodes one datagram's bytes. Never panics, whatever the bytes.
@@ -98,7 +81,7 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
             envelope.version
         )));
     }
-    crate::ipc::message::decode(envelope.data).map_err(|e| malformed(format!("data: {e}")))
+    codec::decode(envelope.data).map_err(|e| malformed(format!("data: {e}")))
 }
 
 /// Checks that `fd` is a Unix `SOCK_SEQPACKET` socket.
@@ -455,62 +438,14 @@ impl ClientSocketReceivePipe {
             ));
         }
         let data: T = decode(&guard.buf[..len])?;
-        let socket = into_stream(fds.pop().expect("one descriptor"))?;
-        Ok(Some(TransferredSocket { socket, data }))
-    }
-}
-
-/// Turns a received descriptor into a tokio stream, after checking that it
-/// is a TCP or Unix stream socket, not a listening one, and making it
-/// non-blocking.
-fn into_stream(fd: OwnedFd) -> Result<Stream> {
-    let err = |e| {
-        Error::with_io(
-            Kind::Ipc,
-            "the handed-off descriptor is not a usable stream socket",
-            e,
-        )
-    };
-    let sock = Socket::from(fd);
-    // One getsockopt classifies the common case: only TCP (and MPTCP)
-    // sockets, always AF_INET/AF_INET6 and SOCK_STREAM, say IPPROTO_TCP.
-    // Unix sockets say 0 and need two more (domain, type).
-    let protocol = sock.protocol().map_err(err)?;
-    let tcp = match protocol {
-        Some(p) if p == Protocol::TCP || p == Protocol::MPTCP => true,
-        Some(_) => {
-            return Err(Error::new(
+        let socket = stream_from_fd(fds.pop().expect("one descriptor"), None).map_err(|e| {
+            Error::with_io(
                 Kind::Ipc,
-                "the handed-off socket is neither TCP nor a Unix stream socket",
-            ))
-        }
-        None => {
-            if sock.domain().map_err(err)? != Domain::UNIX
-                || sock.r#type().map_err(err)? != Type::STREAM
-            {
-                return Err(Error::new(
-                    Kind::Ipc,
-                    "the handed-off socket is neither TCP nor a Unix stream socket",
-                ));
-            }
-            false
-        }
-    };
-    if sock.is_listener().map_err(err)? {
-        return Err(Error::new(
-            Kind::Ipc,
-            "the handed-off socket is a listening socket, not a connection",
-        ));
-    }
-    // tokio requires non-blocking descriptors. The flag lives in the open
-    // file description, which the sender shares, so it is usually set already.
-    sock.set_nonblocking(true).map_err(err)?;
-    if tcp {
-        let std = std::net::TcpStream::from(sock);
-        TcpStream::from_std(std).map(Stream::Tcp).map_err(err)
-    } else {
-        let std = std::os::unix::net::UnixStream::from(sock);
-        UnixStream::from_std(std).map(Stream::Unix).map_err(err)
+                "the handed-off descriptor is not a usable stream socket",
+                e,
+            )
+        })?;
+        Ok(Some(TransferredSocket { socket, data }))
     }
 }
 

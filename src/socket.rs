@@ -1,5 +1,6 @@
-//! Listening addresses, binding with socket2, and the listener and stream
-//! types that workers serve from.
+//! Listening addresses, binding with socket2, and the connected [`Stream`]
+//! that listeners yield; [`stream_from_fd`] is the one place a descriptor
+//! becomes a tokio stream.
 
 use std::fmt;
 use std::io;
@@ -9,9 +10,9 @@ use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use socket2::{Domain, SockAddr, Socket, Type};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::{Error, Kind, Result};
 
@@ -132,21 +133,11 @@ impl Address {
         Ok(socket.into())
     }
 
-    /// Turns a listening descriptor for this address into a [`Listener`].
-    /// Must be called within a tokio runtime.
-    pub(crate) fn listener_from_fd(&self, fd: OwnedFd) -> io::Result<Listener> {
+    /// The kind of connection this address accepts.
+    pub(crate) fn stream_kind(&self) -> StreamKind {
         match self {
-            Address::Tcp(_) => {
-                let std = std::net::TcpListener::from(fd);
-                // tokio requires non-blocking descriptors (a debug build panics otherwise).
-                std.set_nonblocking(true)?;
-                Ok(Listener::Tcp(TcpListener::from_std(std)?))
-            }
-            Address::Unix(_) => {
-                let std = std::os::unix::net::UnixListener::from(fd);
-                std.set_nonblocking(true)?;
-                Ok(Listener::Unix(UnixListener::from_std(std)?))
-            }
+            Address::Tcp(_) => StreamKind::Tcp,
+            Address::Unix(_) => StreamKind::Unix,
         }
     }
 }
@@ -173,25 +164,6 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-/// A listening socket handed out by [`ServerSocketFactory::listen`](crate::ServerSocketFactory::listen).
-///
-/// Serve from it directly (`accept` yields a [`Stream`] that implements
-/// tokio's `AsyncRead` and `AsyncWrite`, so `hyper_util::rt::TokioIo::new`
-/// wraps it), or take the tokio listener out of it with
-/// [`into_tcp`](Listener::into_tcp) / [`into_unix`](Listener::into_unix),
-/// for example for `axum::serve`.
-#[derive(Debug)]
-#[non_exhaustive]
-pub enum Listener {
-    /// A TCP listener (`host:port`, `tcp://host:port`).
-    Tcp(TcpListener),
-    /// A Unix stream listener (`unix:///path`).
-    Unix(UnixListener),
-    /// Connections the watcher accepts and hands to this worker (the
-    /// `round-robin`, `least-connections` and `ip-hash` balancing modes).
-    Handoff(crate::worker::HandoffListener),
-}
-
 /// The peer address of an accepted [`Stream`].
 #[derive(Debug)]
 #[non_exhaustive]
@@ -202,50 +174,7 @@ pub enum PeerAddr {
     Unix(tokio::net::unix::SocketAddr),
 }
 
-impl Listener {
-    /// Accepts one connection.
-    pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
-        match self {
-            Listener::Tcp(l) => {
-                let (s, a) = l.accept().await?;
-                Ok((Stream::Tcp(s), PeerAddr::Tcp(a)))
-            }
-            Listener::Unix(l) => {
-                let (s, a) = l.accept().await?;
-                Ok((Stream::Unix(s), PeerAddr::Unix(a)))
-            }
-            Listener::Handoff(l) => l.accept().await,
-        }
-    }
-
-    /// The local TCP address, if this is a TCP listener.
-    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
-        match self {
-            Listener::Tcp(l) => l.local_addr().ok(),
-            Listener::Unix(_) => None,
-            Listener::Handoff(l) => l.local_addr().parse().ok(),
-        }
-    }
-
-    /// The tokio `TcpListener`, or `Err(self)` if this is not TCP (or the
-    /// watcher hands off connections: serve with [`accept`](Listener::accept)).
-    pub fn into_tcp(self) -> std::result::Result<TcpListener, Listener> {
-        match self {
-            Listener::Tcp(l) => Ok(l),
-            other => Err(other),
-        }
-    }
-
-    /// The tokio `UnixListener`, or `Err(self)` if this is not a Unix socket.
-    pub fn into_unix(self) -> std::result::Result<UnixListener, Listener> {
-        match self {
-            Listener::Unix(l) => Ok(l),
-            other => Err(other),
-        }
-    }
-}
-
-/// A connection accepted from a [`Listener`].
+/// A connection accepted from a [`Listener`](crate::Listener).
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Stream {
@@ -253,6 +182,68 @@ pub enum Stream {
     Tcp(TcpStream),
     /// A Unix stream connection.
     Unix(UnixStream),
+}
+
+/// Which kind of stream socket a connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StreamKind {
+    Tcp,
+    Unix,
+}
+
+/// Finds out what a received descriptor holds: a TCP or Unix stream socket
+/// that is connected, not listening. One `getsockopt(SO_PROTOCOL)`
+/// classifies the common case (only TCP and MPTCP sockets say
+/// `IPPROTO_TCP`); Unix sockets say 0 and need two more (domain, type).
+fn classify(sock: &Socket) -> io::Result<StreamKind> {
+    let refuse = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    let kind = match sock.protocol()? {
+        Some(p) if p == Protocol::TCP || p == Protocol::MPTCP => StreamKind::Tcp,
+        Some(_) => return Err(refuse("neither TCP nor a Unix stream socket")),
+        None => {
+            if sock.domain()? != Domain::UNIX || sock.r#type()? != Type::STREAM {
+                return Err(refuse("neither TCP nor a Unix stream socket"));
+            }
+            StreamKind::Unix
+        }
+    };
+    if sock.is_listener()? {
+        return Err(refuse("a listening socket, not a connection"));
+    }
+    Ok(kind)
+}
+
+/// Turns a connected socket (accepted, handed off by the watcher or
+/// received over a pipe) into a tokio [`Stream`] on the current runtime.
+/// `kind` is what the caller knows from where the socket came from; `None`
+/// classifies the descriptor first (for sockets from another process).
+/// The descriptor is made non-blocking: tokio requires it (a debug build
+/// panics otherwise), and the flag lives in the open file description the
+/// sender shares, so it is usually set already.
+pub(crate) fn stream_from_fd(fd: OwnedFd, kind: Option<StreamKind>) -> io::Result<Stream> {
+    let sock = Socket::from(fd);
+    let kind = match kind {
+        Some(k) => k,
+        None => classify(&sock)?,
+    };
+    sock.set_nonblocking(true)?;
+    match kind {
+        StreamKind::Tcp => TcpStream::from_std(std::net::TcpStream::from(sock)).map(Stream::Tcp),
+        StreamKind::Unix => {
+            UnixStream::from_std(std::os::unix::net::UnixStream::from(sock)).map(Stream::Unix)
+        }
+    }
+}
+
+impl Stream {
+    /// The connection as a plain descriptor (deregistered from tokio), to
+    /// hand to another process.
+    pub(crate) fn into_fd(self) -> io::Result<OwnedFd> {
+        match self {
+            Stream::Tcp(s) => s.into_std().map(OwnedFd::from),
+            Stream::Unix(s) => s.into_std().map(OwnedFd::from),
+        }
+    }
 }
 
 impl AsyncRead for Stream {

@@ -45,8 +45,11 @@ async fn builder_start_workers_stop() {
         assert!(!alive(w.pid), "worker {} still alive", w.pid);
     }
     assert!(watcher.workers().await.is_empty());
-    // A second start is refused.
-    assert!(watcher.start().await.unwrap_err().is_config());
+    // A stopped watcher takes no more requests, and a second start is refused.
+    assert!(watcher.restart().await.unwrap_err().is_closed());
+    assert!(watcher.scale(2).await.unwrap_err().is_closed());
+    assert!(watcher.broadcast(&1u8).unwrap_err().is_closed());
+    assert!(watcher.start().await.unwrap_err().is_already_started());
 }
 
 #[tokio::test(flavor = "current_thread")]

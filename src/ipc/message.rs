@@ -6,7 +6,7 @@
 //! may change between versions, which is why both sides say [`VERSION`]
 //! first and refuse a peer that speaks another.
 
-use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde::{Deserialize, Serialize};
 
 use crate::log::LogRecord;
 
@@ -36,13 +36,13 @@ pub(crate) enum ToWorker {
     Stop { deadline_ms: u64 },
     /// Heartbeat; answered with `Pong` by the worker's runtime.
     Ping { seq: u64 },
-    /// Answer to `SocketRequest { id }` in a handoff balancing mode: the
+    /// Answer to `SocketRequest { id }` in a balanced mode (round-robin, least-connections, ip-hash): the
     /// watcher accepts on `addr` and sends `Connection`s tagged `listener`.
-    HandoffReply {
+    BalancedReply {
         id: u64,
-        result: Result<Handoff, String>,
+        result: Result<BalancedGrant, String>,
     },
-    /// One accepted client connection for handoff listener `listener`; the
+    /// One accepted client connection for balanced listener `listener`; the
     /// connected socket is attached.
     Connection {
         listener: u64,
@@ -78,73 +78,19 @@ pub(crate) enum ToWatcher {
     ConnectionReturned { listener: u64, peer: String },
 }
 
-/// A handoff listener granted to a worker.
+/// A balanced listener granted to a worker: the watcher accepts and sends
+/// each connection as a `Connection` tagged `listener`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub(crate) struct Handoff {
+pub(crate) struct BalancedGrant {
     pub listener: u64,
     /// The watcher's listening address (with the real port for port 0).
     pub local: String,
 }
 
-/// Why a datagram could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum DecodeError {
-    /// Not a valid encoding of the message type.
-    Malformed(String),
-    /// A valid message followed by extra bytes.
-    TrailingBytes(usize),
-}
-
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DecodeError::Malformed(e) => write!(f, "malformed message: {e}"),
-            DecodeError::TrailingBytes(n) => write!(f, "malformed message: {n} trailing bytes"),
-        }
-    }
-}
-
-/// Encodes `msg`, refusing anything over [`MAX_MESSAGE`].
-pub(crate) fn encode<T: Serialize>(msg: &T) -> Result<Vec<u8>, EncodeError> {
-    let bytes = postcard::to_stdvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
-    if bytes.len() > MAX_MESSAGE {
-        return Err(EncodeError::TooLarge(bytes.len()));
-    }
-    Ok(bytes)
-}
-
-/// Why a message could not be encoded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum EncodeError {
-    Serialize(String),
-    TooLarge(usize),
-}
-
-impl std::fmt::Display for EncodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            EncodeError::Serialize(e) => write!(f, "cannot encode message: {e}"),
-            EncodeError::TooLarge(n) => write!(
-                f,
-                "message of {n} bytes exceeds the limit of {MAX_MESSAGE} bytes"
-            ),
-        }
-    }
-}
-
-/// Decodes one whole datagram. Never panics, whatever the bytes.
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
-    let (msg, rest) =
-        postcard::take_from_bytes::<T>(bytes).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(DecodeError::TrailingBytes(rest.len()));
-    }
-    Ok(msg)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ipc::codec::{decode, encode, DecodeError, EncodeError};
     use proptest::prelude::*;
 
     #[test]
@@ -166,9 +112,9 @@ mod tests {
             ToWorker::Stop { deadline_ms: 5000 },
             ToWorker::Ping { seq: 9 },
             ToWorker::Data(vec![1, 2, 3]),
-            ToWorker::HandoffReply {
+            ToWorker::BalancedReply {
                 id: 3,
-                result: Ok(Handoff {
+                result: Ok(BalancedGrant {
                     listener: 1,
                     local: "127.0.0.1:80".into(),
                 }),
@@ -220,7 +166,7 @@ mod tests {
     #[test]
     fn oversize_is_refused_on_encode() {
         let big = ToWatcher::Data(vec![0; MAX_MESSAGE]);
-        assert!(matches!(encode(&big), Err(EncodeError::TooLarge(_))));
+        assert!(matches!(encode(&big), Err(EncodeError::TooLarge { .. })));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! Truncated datagrams, cut control data, oversized messages and too many
 //! descriptors are errors, never silently accepted.
 
+pub(crate) mod codec;
+pub(crate) mod env;
 pub(crate) mod message;
 
 use std::io;
@@ -17,7 +19,8 @@ use serde::{de::DeserializeOwned, Serialize};
 use tokio::io::unix::AsyncFd;
 
 use crate::sys;
-use message::{DecodeError, EncodeError, MAX_FDS, MAX_MESSAGE};
+use codec::{DecodeError, EncodeError};
+use message::{MAX_FDS, MAX_MESSAGE};
 
 /// Creates a connected `SOCK_SEQPACKET` pair, both ends `O_CLOEXEC`.
 pub(crate) fn pair() -> io::Result<(OwnedFd, OwnedFd)> {
@@ -115,7 +118,7 @@ impl Channel {
         msg: &T,
         fds: &[BorrowedFd<'_>],
     ) -> Result<(), SendError> {
-        let bytes = message::encode(msg).map_err(SendError::Encode)?;
+        let bytes = codec::encode(msg).map_err(SendError::Encode)?;
         self.send_bytes(&bytes, fds).await.map_err(SendError::Io)
     }
 
@@ -171,7 +174,7 @@ impl Channel {
         buf: &mut Vec<u8>,
     ) -> Result<(T, Vec<OwnedFd>), RecvError> {
         let (len, fds) = self.recv_bytes(buf).await?;
-        let msg = message::decode(&buf[..len]).map_err(RecvError::Decode)?;
+        let msg = codec::decode(&buf[..len]).map_err(RecvError::Decode)?;
         Ok((msg, fds))
     }
 }

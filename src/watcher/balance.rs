@@ -6,8 +6,9 @@
 //!   and handed to that slot's worker and to its replacements, so the kernel
 //!   spreads connections evenly by flow hash and a restarting slot's queue
 //!   survives.
-//! * `round-robin`, `least-connections`, `ip-hash`: the watcher accepts and
-//!   hands each connection to a worker over its socketpair. Workers report
+//! * `round-robin`, `least-connections`, `ip-hash` (the balanced modes): the
+//!   watcher accepts and hands each connection to a worker over its
+//!   socketpair; the worker's `listen` returns a `BalancedListener`. Workers report
 //!   closed connections, so the watcher knows each one's load; `ip-hash`
 //!   keeps a client address on the same worker while that worker lives.
 //!
@@ -22,9 +23,10 @@ use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
-use super::process::Outbound;
+use super::event::{Outbound, OutboundSender};
 use crate::ipc::message::ToWorker;
-use crate::socket::{Address, Listener, PeerAddr, Stream};
+use crate::listener::Listener;
+use crate::socket::{Address, PeerAddr};
 
 /// How the watcher spreads connections over workers (`--balance`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -75,7 +77,7 @@ impl std::str::FromStr for Balance {
 /// A worker that takes handed-off connections on one listener.
 struct Consumer {
     context_id: u64,
-    outbound: mpsc::UnboundedSender<Outbound>,
+    outbound: OutboundSender,
     /// Cleared when the worker stops or dies.
     accepting: Arc<AtomicBool>,
     open: u64,
@@ -191,7 +193,7 @@ impl Balancer {
         address: &Address,
         fd: OwnedFd,
     ) -> std::io::Result<Balancer> {
-        let listener = address.listener_from_fd(fd)?;
+        let listener = Listener::from_fd(address, fd)?;
         let local = match (&listener, address) {
             (Listener::Tcp(l), _) => l.local_addr()?.to_string(),
             (_, a) => a.to_string(),
@@ -226,7 +228,7 @@ impl Balancer {
     pub(crate) fn add(
         &self,
         context_id: u64,
-        outbound: mpsc::UnboundedSender<Outbound>,
+        outbound: OutboundSender,
         accepting: Arc<AtomicBool>,
     ) {
         if let Ok(mut pool) = self.pool.lock() {
@@ -304,15 +306,16 @@ async fn accept_loop(
             biased;
             Some(back) = requeued.recv() => back,
             accepted = listener.accept() => match accepted {
-                Ok((Stream::Tcp(s), PeerAddr::Tcp(a))) => match s.into_std() {
-                    Ok(s) => (s.into(), Some(a.ip()), a.to_string()),
-                    Err(_) => continue,
-                },
-                Ok((Stream::Unix(s), _)) => match s.into_std() {
-                    Ok(s) => (s.into(), None, String::new()),
-                    Err(_) => continue,
-                },
-                Ok(_) => continue,
+                Ok((stream, peer)) => {
+                    let (ip, text) = match peer {
+                        PeerAddr::Tcp(a) => (Some(a.ip()), a.to_string()),
+                        _ => (None, String::new()),
+                    };
+                    match stream.into_fd() {
+                        Ok(fd) => (fd, ip, text),
+                        Err(_) => continue,
+                    }
+                }
                 Err(e) => {
                     tracing::warn!("accept failed: {e}");
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;

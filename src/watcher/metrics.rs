@@ -2,7 +2,7 @@
 //! `GET /metrics`, served by a small HTTP/1.1 responder.
 //!
 //! The supervisor owns the counters; for each scrape the responder asks it
-//! for a [`Snapshot`] (an event on its queue, answered at once), then reads
+//! for a [`Snapshot`] (a command on its queue, answered at once), then reads
 //! each worker's memory and CPU time from `/proc` itself and renders the
 //! text. One request per connection (`Connection: close`); requests are
 //! bounded in size and time, and at most [`MAX_CONNECTIONS`] are served at
@@ -14,11 +14,11 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
+use super::event::{Command, CommandSender};
 use super::procfs;
-use super::supervise::Event;
-use super::WorkerState;
+use super::status::{Snapshot, WorkerState};
 
 /// Largest request head read.
 const MAX_REQUEST: usize = 8 * 1024;
@@ -26,21 +26,6 @@ const MAX_REQUEST: usize = 8 * 1024;
 const MAX_CONNECTIONS: usize = 64;
 /// Time a client has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the supervisor reports for one scrape.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Snapshot {
-    /// Every worker process: slot, pid, state.
-    pub workers: Vec<(u32, u32, WorkerState)>,
-    /// Per slot: (slot, restarts, crashes).
-    pub slots: Vec<(u32, u64, u64)>,
-    pub reloads_ok: u64,
-    pub reloads_failed: u64,
-    pub log_records: u64,
-    pub log_dropped: u64,
-    pub messages_in: u64,
-    pub messages_out: u64,
-}
 
 /// The running responder; stops when dropped.
 pub(crate) struct Server {
@@ -54,8 +39,8 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Serves scrapes on `listener`, asking the supervisor through `events`.
-    pub(crate) fn start(listener: TcpListener, events: mpsc::UnboundedSender<Event>) -> Server {
+    /// Serves scrapes on `listener`, asking the supervisor through `commands`.
+    pub(crate) fn start(listener: TcpListener, commands: CommandSender) -> Server {
         let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
         let task = tokio::spawn(async move {
             loop {
@@ -67,9 +52,9 @@ impl Server {
                 let Ok(permit) = limit.clone().try_acquire_owned() else {
                     continue; // dropping the stream closes it
                 };
-                let events = events.clone();
+                let commands = commands.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, events).await;
+                    let _ = serve(stream, commands).await;
                     drop(permit);
                 });
             }
@@ -78,7 +63,7 @@ impl Server {
     }
 }
 
-async fn serve(mut stream: TcpStream, events: mpsc::UnboundedSender<Event>) -> std::io::Result<()> {
+async fn serve(mut stream: TcpStream, commands: CommandSender) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
     let mut buf = [0u8; 1024];
     let read = tokio::time::timeout(READ_TIMEOUT, async {
@@ -96,7 +81,7 @@ async fn serve(mut stream: TcpStream, events: mpsc::UnboundedSender<Event>) -> s
     })
     .await;
     let (status, body, extra) = match read {
-        Ok(Ok(())) => respond(&head, &events).await,
+        Ok(Ok(())) => respond(&head, &commands).await,
         Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
         Ok(Err(_)) => ("431 Request Header Fields Too Large", String::new(), ""),
         Err(_) => ("408 Request Timeout", String::new(), ""),
@@ -111,10 +96,7 @@ async fn serve(mut stream: TcpStream, events: mpsc::UnboundedSender<Event>) -> s
     stream.shutdown().await
 }
 
-async fn respond(
-    head: &[u8],
-    events: &mpsc::UnboundedSender<Event>,
-) -> (&'static str, String, &'static str) {
+async fn respond(head: &[u8], commands: &CommandSender) -> (&'static str, String, &'static str) {
     let text = String::from_utf8_lossy(head);
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
@@ -136,7 +118,7 @@ async fn respond(
         );
     }
     let (tx, rx) = oneshot::channel();
-    if events.send(Event::Metrics(tx)).is_err() {
+    if commands.send(Command::Snapshot(tx)).is_err() {
         return (
             "503 Service Unavailable",
             "the watcher is stopping\n".into(),

@@ -1,34 +1,77 @@
-//! Spawning one worker process and the tasks that serve its channel.
+//! Starting and signalling worker processes, behind the [`Launcher`] seam.
+//!
+//! [`Processes`] is the real thing: fork+exec of the program with the
+//! worker's end of a socketpair, and the tasks that serve its channel
+//! (reader, writer), capture its stdout and stderr, and wait for its exit.
+//! The supervisor only sees the [`Launcher`] trait, so its unit tests drive
+//! it with fake processes under paused time.
 
 use std::ffi::OsStr;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 
+use nix::sys::signal::Signal;
 use tokio::sync::mpsc;
 
+use super::config::Config;
+use super::event::{Event, EventSender, Outbound, OutboundSender};
 use super::output::{LogOutput, Source};
-use super::supervise::Event;
-use super::Config;
+use super::systemd;
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::ToWorker;
-use crate::ipc::{self, Channel};
+use crate::ipc::{self, env, Channel};
 use crate::log::{now_nanos, LogRecord};
 use crate::sys;
-use crate::worker::env;
-
-/// A message to a worker, with descriptors to attach.
-pub(crate) struct Outbound {
-    pub msg: ToWorker,
-    pub fds: Vec<OwnedFd>,
-}
 
 /// The watcher's handle on a spawned worker process.
 pub(crate) struct Spawned {
     pub pid: u32,
-    pub outbound: mpsc::UnboundedSender<Outbound>,
+    pub outbound: OutboundSender,
+}
+
+/// How the supervisor starts and signals workers.
+pub(crate) trait Launcher: Send {
+    /// Starts a worker for `slot` with `context_id`. Its tasks report on
+    /// `events`: every message, a broken channel, and finally its exit.
+    fn spawn(
+        &self,
+        config: &Config,
+        slot: u32,
+        context_id: u64,
+        events: &EventSender,
+    ) -> Result<Spawned>;
+
+    /// Sends `sig` to the worker `pid`.
+    fn signal(&self, pid: u32, sig: Signal);
+}
+
+/// Real worker processes.
+#[derive(Debug, Default)]
+pub(crate) struct Processes;
+
+impl Launcher for Processes {
+    fn spawn(
+        &self,
+        config: &Config,
+        slot: u32,
+        context_id: u64,
+        events: &EventSender,
+    ) -> Result<Spawned> {
+        spawn(config, slot, context_id, events)
+    }
+
+    fn signal(&self, pid: u32, sig: Signal) {
+        if pid == 0 {
+            return;
+        }
+        // The supervisor only signals workers whose exit it has not handled
+        // yet. The waiter task reaps before that event is handled, so a pid
+        // could in theory be reused inside that short window; a pidfd would
+        // close it (noted in ARCHITECTURE.md).
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+    }
 }
 
 /// Checks that `program` names an executable file, searching `PATH` when it
@@ -67,12 +110,7 @@ pub(crate) fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathB
 
 /// Forks and execs one worker for `slot` with `context_id`, and starts the
 /// tasks that read its channel, write to it, and wait for its exit.
-pub(crate) fn spawn(
-    config: &Config,
-    slot: u32,
-    context_id: u64,
-    events: &mpsc::UnboundedSender<Event>,
-) -> Result<Spawned> {
+fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -93,7 +131,7 @@ pub(crate) fn spawn(
         cmd.current_dir(dir);
     }
     // Socket activation and notification are the watcher's business.
-    for var in super::systemd::ENV_VARS {
+    for var in systemd::ENV_VARS {
         cmd.env_remove(var);
     }
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())

@@ -10,11 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use super::supervise::Event;
-use super::Config;
+use super::config::Config;
+use super::event::{Command, CommandSender};
 
 /// Running pollers; aborted on drop.
 pub(crate) struct Pollers(Vec<JoinHandle<()>>);
@@ -27,7 +26,8 @@ impl Drop for Pollers {
     }
 }
 
-pub(crate) fn start(config: &Config, events: mpsc::UnboundedSender<Event>) -> Pollers {
+/// Starts the triggers `config` asks for; each asks `commands` for a restart.
+pub(crate) fn start(config: &Config, events: CommandSender) -> Pollers {
     let mut tasks = Vec::new();
     if !config.watch.is_empty() {
         let paths = config.watch.clone();
@@ -92,7 +92,7 @@ fn hash(bytes: &[u8]) -> u64 {
     })
 }
 
-async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: mpsc::UnboundedSender<Event>) {
+async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: CommandSender) {
     let tick = Duration::from_millis(250).min(quiet.max(Duration::from_millis(20)));
     let scan = |paths: Vec<PathBuf>| async move {
         tokio::task::spawn_blocking(move || fingerprint(&paths))
@@ -119,10 +119,10 @@ async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: mpsc::Unbound
         seen = last;
         let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
         if events
-            .send(Event::ReloadRequested(format!(
-                "{} changed",
-                shown.join(", ")
-            )))
+            .send(Command::Restart {
+                reason: format!("{} changed", shown.join(", ")),
+                done: None,
+            })
             .is_err()
         {
             return;
@@ -130,7 +130,7 @@ async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: mpsc::Unbound
     }
 }
 
-async fn watch_deploy(program: PathBuf, events: mpsc::UnboundedSender<Event>) {
+async fn watch_deploy(program: PathBuf, events: CommandSender) {
     let resolve = |p: PathBuf| async move {
         tokio::task::spawn_blocking(move || std::fs::canonicalize(&p).ok())
             .await
@@ -149,10 +149,10 @@ async fn watch_deploy(program: PathBuf, events: mpsc::UnboundedSender<Event>) {
                 .unwrap_or_default();
             target = now;
             if events
-                .send(Event::ReloadRequested(format!(
-                    "{} now points to {shown}",
-                    program.display()
-                )))
+                .send(Command::Restart {
+                    reason: format!("{} now points to {shown}", program.display()),
+                    done: None,
+                })
                 .is_err()
             {
                 return;

@@ -1,0 +1,14 @@
+//! Environment variables through which the watcher describes a worker.
+//! Both sides read these names from here: the watcher sets them for every
+//! worker it spawns, the worker reads them on its first call into `Cluster`.
+
+/// Number of the inherited IPC descriptor.
+pub(crate) const IPC_FD: &str = "CLUSTER_IPC_FD";
+/// Pid of the watcher (the creator of the socketpair).
+pub(crate) const WATCHER_PID: &str = "CLUSTER_WATCHER_PID";
+/// Context id of this spawn.
+pub(crate) const CONTEXT_ID: &str = "CLUSTER_CONTEXT_ID";
+/// Slot (1..N).
+pub(crate) const SLOT: &str = "CLUSTER_SLOT";
+/// Milliseconds a worker has to exit once its watcher is gone.
+pub(crate) const SHUTDOWN_TIMEOUT_MS: &str = "CLUSTER_SHUTDOWN_TIMEOUT_MS";

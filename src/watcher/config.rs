@@ -1,0 +1,343 @@
+//! The watcher's settings: [`Config`], shared by the supervisor and the
+//! process spawner, and the [`ClusterWatcherBuilder`] that fills it in.
+
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use super::balance::Balance;
+use super::output::{LogFormat, LogOutput};
+use super::process::check_program;
+use crate::error::{Error, Kind, Result};
+use crate::socket::DEFAULT_BACKLOG;
+
+/// Settings shared by the supervisor and the process spawner.
+#[derive(Debug, Clone)]
+pub(crate) struct Config {
+    pub program: OsString,
+    pub args: Vec<OsString>,
+    pub envs: Vec<(OsString, Option<OsString>)>,
+    pub current_dir: Option<PathBuf>,
+    pub workers: usize,
+    pub backlog: u32,
+    pub shutdown_timeout: Duration,
+    pub respawn_delay: Duration,
+    pub respawn_delay_max: Duration,
+    pub backoff_reset: Duration,
+    pub pid_file: Option<PathBuf>,
+    pub ready_timeout: Duration,
+    pub reload_batch: usize,
+    pub heartbeat_timeout: Option<Duration>,
+    pub assume_ready_after: Duration,
+    pub watch: Vec<PathBuf>,
+    pub watch_debounce: Duration,
+    pub reload_on_deploy: bool,
+    pub control_socket: Option<PathBuf>,
+    pub output: LogOutput,
+    pub balance: Balance,
+    pub metrics: Option<SocketAddr>,
+    /// Socket activation and `sd_notify` when systemd's variables are set.
+    pub systemd: bool,
+    pub user: Option<String>,
+    pub group: Option<String>,
+    /// `user` and `group` resolved by `build`.
+    pub credentials: Option<crate::sys::Credentials>,
+}
+
+impl Config {
+    /// The defaults, running `command` (program, arguments, environment and
+    /// working directory are taken from it).
+    pub(crate) fn new(command: &std::process::Command) -> Config {
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        Config {
+            program: command.get_program().to_owned(),
+            args: command.get_args().map(|a| a.to_owned()).collect(),
+            envs: command
+                .get_envs()
+                .map(|(k, v)| (k.to_owned(), v.map(|v| v.to_owned())))
+                .collect(),
+            current_dir: command.get_current_dir().map(|d| d.to_owned()),
+            workers,
+            backlog: DEFAULT_BACKLOG,
+            shutdown_timeout: Duration::from_secs(10),
+            respawn_delay: Duration::from_millis(100),
+            respawn_delay_max: Duration::from_secs(30),
+            backoff_reset: Duration::from_secs(30),
+            pid_file: None,
+            ready_timeout: Duration::from_secs(30),
+            reload_batch: 1,
+            heartbeat_timeout: Some(Duration::from_secs(30)),
+            assume_ready_after: Duration::from_secs(1),
+            watch: Vec::new(),
+            watch_debounce: Duration::from_millis(300),
+            reload_on_deploy: false,
+            control_socket: None,
+            output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
+            balance: Balance::Shared,
+            metrics: None,
+            systemd: true,
+            user: None,
+            group: None,
+            credentials: None,
+        }
+    }
+
+    /// The control socket: as configured, else beside the pid file.
+    pub(crate) fn control_path(&self) -> Option<PathBuf> {
+        self.control_socket.clone().or_else(|| {
+            self.pid_file
+                .as_deref()
+                .map(crate::control::socket_for_pid_file)
+        })
+    }
+}
+
+/// Builds a [`ClusterWatcher`](super::ClusterWatcher); get one with
+/// [`ClusterWatcher::builder`](super::ClusterWatcher::builder).
+///
+/// ```no_run
+/// # fn build() -> Result<(), cluster::Error> {
+/// use std::time::Duration;
+/// let watcher = cluster::ClusterWatcher::builder(std::process::Command::new("./my-server"))
+///     .workers(4)
+///     .shutdown_timeout(Duration::from_secs(5))
+///     .pid_file("/run/my-server.pid")
+///     .build()?;
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClusterWatcherBuilder {
+    pub(super) config: Config,
+}
+
+impl ClusterWatcherBuilder {
+    /// Number of workers (default: the available parallelism).
+    pub fn workers(mut self, n: usize) -> Self {
+        self.config.workers = n;
+        self
+    }
+
+    /// The `listen(2)` backlog of the sockets the watcher binds (default
+    /// [`DEFAULT_BACKLOG`](crate::DEFAULT_BACKLOG)).
+    pub fn backlog(mut self, backlog: u32) -> Self {
+        self.config.backlog = backlog;
+        self
+    }
+
+    /// How long a worker has to exit after it is asked to stop before it is
+    /// killed with SIGKILL (default 10 s).
+    pub fn shutdown_timeout(mut self, timeout: Duration) -> Self {
+        self.config.shutdown_timeout = timeout;
+        self
+    }
+
+    /// Respawn backoff: the first delay, doubled after each failure up to
+    /// `max`, and reset once a worker stays up for `reset_after`
+    /// (defaults 100 ms, 30 s, 30 s).
+    pub fn respawn_backoff(
+        mut self,
+        first: Duration,
+        max: Duration,
+        reset_after: Duration,
+    ) -> Self {
+        self.config.respawn_delay = first;
+        self.config.respawn_delay_max = max.max(first);
+        self.config.backoff_reset = reset_after;
+        self
+    }
+
+    /// Write, lock and (on exit) remove a pid file at `path`. Unless
+    /// [`control_socket`](ClusterWatcherBuilder::control_socket) says
+    /// otherwise, the control socket goes beside it (`x.pid` → `x.sock`).
+    pub fn pid_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.pid_file = Some(path.into());
+        self
+    }
+
+    /// Serve the control socket (for `cluster status`, `reload`, `stop`,
+    /// `scale`) at `path`, mode 0600.
+    pub fn control_socket(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.control_socket = Some(path.into());
+        self
+    }
+
+    /// How long a replacement started by a rolling restart has to become
+    /// ready before it is killed and the restart fails (default 30 s).
+    pub fn ready_timeout(mut self, timeout: Duration) -> Self {
+        self.config.ready_timeout = timeout;
+        self
+    }
+
+    /// How connections reach the workers (default [`Balance::Shared`]).
+    pub fn balance(mut self, balance: Balance) -> Self {
+        self.config.balance = balance;
+        self
+    }
+
+    /// How many slots a rolling restart replaces at once (default 1).
+    pub fn reload_batch(mut self, n: usize) -> Self {
+        self.config.reload_batch = n.max(1);
+        self
+    }
+
+    /// Kill and replace a ready worker that does not answer the watcher's
+    /// pings for this long (default 30 s); `None` disables the heartbeat.
+    /// Pings are answered by the worker's `Cluster::await_termination()`
+    /// future, so a blocked event loop stops answering.
+    pub fn heartbeat_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.config.heartbeat_timeout = timeout.filter(|t| !t.is_zero());
+        self
+    }
+
+    /// A worker that never contacts the watcher (a program that does not
+    /// use the library) counts as ready once it has run this long
+    /// (default 1 s).
+    pub fn assume_ready_after(mut self, after: Duration) -> Self {
+        self.config.assume_ready_after = after;
+        self
+    }
+
+    /// Rolling-restart when something under `path` (a file or a directory,
+    /// recursively) changes; changes are debounced. May be called repeatedly.
+    pub fn watch(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.watch.push(path.into());
+        self
+    }
+
+    /// How long the watched paths must stay unchanged before a reload
+    /// starts (default 300 ms).
+    pub fn watch_debounce(mut self, quiet: Duration) -> Self {
+        self.config.watch_debounce = quiet;
+        self
+    }
+
+    /// Rolling-restart when the program's path resolves to a new target,
+    /// as when a deploy switches `/srv/app/current` to a new release.
+    pub fn reload_on_deploy(mut self, enabled: bool) -> Self {
+        self.config.reload_on_deploy = enabled;
+        self
+    }
+
+    /// Where the watcher writes its log stream: worker records, worker
+    /// stdout/stderr lines and (through [`LogOutput::layer`]) its own
+    /// events (default: text on stderr at `info`).
+    pub fn log_output(mut self, output: LogOutput) -> Self {
+        self.config.output = output;
+        self
+    }
+
+    /// Serve Prometheus metrics on `GET http://ADDR/metrics` (see the
+    /// README for the series). An address that cannot be bound makes
+    /// [`start`](ClusterWatcher::start) fail.
+    pub fn metrics(mut self, addr: SocketAddr) -> Self {
+        self.config.metrics = Some(addr);
+        self
+    }
+
+    /// Whether to honour systemd's environment (default `true`): adopt the
+    /// listening sockets of socket activation (`LISTEN_PID`, `LISTEN_FDS`)
+    /// and send `sd_notify` messages (`NOTIFY_SOCKET`, `WATCHDOG_USEC`).
+    /// Workers never see these variables either way.
+    pub fn systemd(mut self, enabled: bool) -> Self {
+        self.config.systemd = enabled;
+        self
+    }
+
+    /// Run the workers as the user `name` (and, unless
+    /// [`group`](ClusterWatcherBuilder::group) says otherwise, its primary
+    /// group), with no supplementary groups. The watcher keeps its own
+    /// privileges to bind the listeners; it must run as root.
+    pub fn user(mut self, name: impl Into<String>) -> Self {
+        self.config.user = Some(name.into());
+        self
+    }
+
+    /// Run the workers with the group `name`, with no supplementary groups.
+    /// The watcher must run as root.
+    pub fn group(mut self, name: impl Into<String>) -> Self {
+        self.config.group = Some(name.into());
+        self
+    }
+
+    /// Checks the settings and resolves names (before any fork: the
+    /// child between fork and exec may not look names up).
+    pub(super) fn validate(mut self) -> Result<Config> {
+        self.config.credentials =
+            resolve_credentials(self.config.user.as_deref(), self.config.group.as_deref())?;
+        if self.config.workers == 0 {
+            return Err(Error::new(
+                Kind::Config,
+                "the number of workers must be at least 1",
+            ));
+        }
+        check_program(&self.config.program, self.config.current_dir.as_deref())?;
+        for path in &self.config.watch {
+            if let Err(e) = std::fs::metadata(path) {
+                return Err(Error::with_io(
+                    Kind::Config,
+                    format!("cannot watch {}", path.display()),
+                    e,
+                ));
+            }
+        }
+        Ok(self.config)
+    }
+}
+
+/// Resolves `user` and `group` names to ids (before any fork: the child
+/// between fork and exec may not look names up).
+fn resolve_credentials(
+    user: Option<&str>,
+    group: Option<&str>,
+) -> Result<Option<crate::sys::Credentials>> {
+    use nix::unistd::{geteuid, Group, User};
+    if user.is_none() && group.is_none() {
+        return Ok(None);
+    }
+    let who = match (user, group) {
+        (Some(u), Some(g)) => format!("user {u} and group {g}"),
+        (Some(u), None) => format!("user {u}"),
+        (None, Some(g)) => format!("group {g}"),
+        (None, None) => unreachable!(),
+    };
+    if !geteuid().is_root() {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "cannot run the workers as {who}: that needs the watcher to run as root (it runs as uid {})",
+                geteuid()
+            ),
+        ));
+    }
+    let lookup_err = |what: &str, name: &str, e: nix::errno::Errno| {
+        Error::with_io(
+            Kind::Config,
+            format!("cannot look up {what} {name}"),
+            e.into(),
+        )
+    };
+    let user = match user {
+        Some(name) => Some(
+            User::from_name(name)
+                .map_err(|e| lookup_err("user", name, e))?
+                .ok_or_else(|| Error::new(Kind::Config, format!("no such user: {name}")))?,
+        ),
+        None => None,
+    };
+    let gid = match group {
+        Some(name) => Some(
+            Group::from_name(name)
+                .map_err(|e| lookup_err("group", name, e))?
+                .ok_or_else(|| Error::new(Kind::Config, format!("no such group: {name}")))?
+                .gid,
+        ),
+        None => user.as_ref().map(|u| u.gid),
+    };
+    Ok(Some(crate::sys::Credentials {
+        uid: user.map(|u| u.uid.as_raw()),
+        gid: gid.map(|g| g.as_raw()),
+    }))
+}

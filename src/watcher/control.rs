@@ -1,0 +1,202 @@
+//! The control socket's server: accepts connections on the Unix socket
+//! beside the pid file, reads one JSON request line, turns it into a
+//! [`Command`] for the supervisor and writes the answer (the protocol and
+//! the client are in `crate::control`).
+
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+use tokio::sync::oneshot;
+
+use super::event::{Command, CommandSender, Scale};
+use super::procfs;
+use crate::control::{Request, Response, WorkerStatus};
+use crate::error::{Error, Kind, Result};
+
+/// Largest request line accepted.
+const MAX_REQUEST: usize = 4096;
+
+/// How long `status` samples CPU use.
+const CPU_SAMPLE: Duration = Duration::from_millis(200);
+
+/// How long a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A bound control socket; the file is removed when dropped.
+pub(crate) struct Server {
+    path: PathBuf,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl Server {
+    /// Binds `path` (replacing a stale socket; the caller holds the pid
+    /// file lock, so no other watcher owns it) with mode 0600 and serves
+    /// requests, sending them to the supervisor as commands.
+    pub(crate) fn bind(path: &Path, commands: CommandSender) -> Result<Server> {
+        let err = |e: io::Error| {
+            Error::with_io(
+                Kind::Control,
+                format!("cannot create control socket {}", path.display()),
+                e,
+            )
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
+                std::fs::remove_file(path).map_err(err)?;
+            }
+            Ok(_) => {
+                return Err(err(io::Error::new(
+                    io::ErrorKind::AlreadyExists,
+                    "a file that is not a socket is in the way",
+                )))
+            }
+            Err(_) => {}
+        }
+        let listener = UnixListener::bind(path).map_err(err)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                };
+                let commands = commands.clone();
+                tokio::spawn(async move {
+                    let _ = serve(stream, commands).await;
+                });
+            }
+        });
+        Ok(Server {
+            path: path.to_path_buf(),
+            task,
+        })
+    }
+}
+
+async fn serve(stream: UnixStream, commands: CommandSender) -> io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
+    let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let response = match read {
+        Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
+            Ok(request) => handle(request, &commands).await,
+            Err(e) => failure(format!("bad request: {e}")),
+        },
+        Ok(Err(e)) => failure(format!("bad request: {e}")),
+        Err(_) => failure(format!("no request within {READ_TIMEOUT:?}")),
+    };
+    let mut out = serde_json::to_vec(&response).map_err(io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+fn failure(error: String) -> Response {
+    Response {
+        ok: false,
+        error: Some(error),
+        pid: std::process::id(),
+        ..Response::default()
+    }
+}
+
+fn success() -> Response {
+    Response {
+        ok: true,
+        pid: std::process::id(),
+        ..Response::default()
+    }
+}
+
+/// Sends the command `make` builds around a reply channel and waits for
+/// the answer; `None` when the supervisor is gone.
+async fn ask<T>(
+    commands: &CommandSender,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    commands.send(make(tx)).ok()?;
+    rx.await.ok()
+}
+
+async fn handle(request: Request, commands: &CommandSender) -> Response {
+    let gone = || failure("the watcher is stopping".into());
+    match request {
+        Request::Status { quick } => {
+            let Some(report) = ask(commands, Command::Status).await else {
+                return gone();
+            };
+            let pids: Vec<u32> = report.workers.iter().map(|w| w.pid).collect();
+            let cpu = if quick {
+                vec![None; pids.len()]
+            } else {
+                procfs::cpu_percent(&pids, CPU_SAMPLE).await
+            };
+            Response {
+                workers_wanted: Some(report.wanted),
+                workers: report
+                    .workers
+                    .into_iter()
+                    .zip(cpu)
+                    .map(|(w, cpu_percent)| WorkerStatus {
+                        slot: w.slot,
+                        context_id: w.context_id,
+                        pid: w.pid,
+                        state: w.state.to_string(),
+                        uptime_secs: w.uptime.as_secs_f64(),
+                        restarts: w.restarts,
+                        rss_bytes: procfs::rss_bytes(w.pid),
+                        cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
+                        cpu_percent,
+                        last_exit: w.last_exit,
+                    })
+                    .collect(),
+                ..success()
+            }
+        }
+        Request::Reload => {
+            let reload = ask(commands, |done| Command::Restart {
+                reason: "reload requested".into(),
+                done: Some(done),
+            });
+            match reload.await {
+                Some(Ok(())) => success(),
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
+        }
+        Request::Stop => {
+            tracing::info!("stop requested");
+            if commands.send(Command::Stop { timeout: None }).is_err() {
+                return gone();
+            }
+            success()
+        }
+        Request::Scale { workers } => {
+            let scale = ask(commands, |done| Command::Scale {
+                to: Scale::To(workers),
+                done: Some(done),
+            });
+            match scale.await {
+                Some(Ok(n)) => Response {
+                    workers_wanted: Some(n),
+                    ..success()
+                },
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
+        }
+    }
+}

@@ -1,0 +1,88 @@
+//! What the watcher reports about its workers: the public [`WorkerInfo`]
+//! and [`WorkerState`], and the counters of a metrics [`Snapshot`]. A leaf:
+//! the supervisor fills these in, the control server, the metrics responder
+//! and `ClusterWatcher::workers` read them.
+
+use std::time::Duration;
+
+use super::procfs;
+
+/// What the watcher knows about one running worker.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerInfo {
+    /// The worker's slot, `1..=N`.
+    pub slot: u32,
+    /// The context id of this spawn.
+    pub context_id: u64,
+    /// The worker's process id.
+    pub pid: u32,
+    /// Where the worker is in its life.
+    pub state: WorkerState,
+    /// Workers started for this slot after the first (respawns and reloads).
+    pub restarts: u32,
+    /// How long this worker has been running.
+    pub uptime: Duration,
+    /// Resident memory in bytes (`VmRSS` of `/proc/PID/status`), when it
+    /// could be read.
+    pub rss_bytes: Option<u64>,
+    /// CPU time used so far, user plus system (`/proc/PID/stat`), when it
+    /// could be read.
+    pub cpu_time: Option<Duration>,
+    /// How the previous worker of this slot ended, if one did: for example
+    /// `exited with status 1` or `killed by SIGKILL (missed heartbeats)`.
+    pub last_exit: Option<String>,
+}
+
+impl WorkerInfo {
+    /// Reads the worker's memory and CPU time from `/proc`.
+    pub(crate) fn read_proc(mut self) -> WorkerInfo {
+        self.rss_bytes = procfs::rss_bytes(self.pid);
+        self.cpu_time = procfs::cpu_time(self.pid);
+        self
+    }
+}
+
+/// The life of a worker: starting → ready → stopping → gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WorkerState {
+    /// Spawned, not yet ready.
+    Starting,
+    /// Called `Cluster::ready()` or `Cluster::await_termination()`.
+    Ready,
+    /// Asked to stop; waiting for it to exit.
+    Stopping,
+}
+
+impl std::fmt::Display for WorkerState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WorkerState::Starting => "starting",
+            WorkerState::Ready => "ready",
+            WorkerState::Stopping => "stopping",
+        })
+    }
+}
+
+/// The workers and the number of slots, for `cluster status`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StatusReport {
+    pub workers: Vec<WorkerInfo>,
+    pub wanted: usize,
+}
+
+/// What the supervisor reports for one metrics scrape.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Snapshot {
+    /// Every worker process: slot, pid, state.
+    pub workers: Vec<(u32, u32, WorkerState)>,
+    /// Per slot: (slot, restarts, crashes).
+    pub slots: Vec<(u32, u64, u64)>,
+    pub reloads_ok: u64,
+    pub reloads_failed: u64,
+    pub log_records: u64,
+    pub log_dropped: u64,
+    pub messages_in: u64,
+    pub messages_out: u64,
+}

@@ -1,0 +1,169 @@
+//! What the supervisor does with each message a worker sends: the greeting
+//! and readiness, socket requests (through the listener registry), pongs,
+//! log records, user messages and the balanced modes' connection reports.
+//!
+//! Nothing a worker sends can hurt the watcher: unexpected descriptors, a
+//! wrong protocol version or a malformed report get that worker killed
+//! and replaced, and are logged.
+
+use std::os::fd::OwnedFd;
+
+use tokio::time::Instant;
+
+use super::listeners::Grant;
+use super::Supervisor;
+use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
+use crate::socket::Address;
+use crate::watcher::event::{Incoming, Outbound};
+use crate::watcher::output::Source;
+
+impl Supervisor {
+    pub(super) fn on_message(&mut self, context_id: u64, msg: ToWatcher, mut fds: Vec<OwnedFd>) {
+        let Some(w) = self.pool.workers.get_mut(&context_id) else {
+            return;
+        };
+        if let ToWatcher::ConnectionReturned { listener, peer } = &msg {
+            if fds.len() == 1 {
+                let fd = fds.pop().expect("one descriptor");
+                // An unknown listener (gone): the connection closes.
+                self.listeners.returned(*listener, context_id, fd, peer);
+                return;
+            }
+            // Malformed: handled below.
+        }
+        if !fds.is_empty() {
+            tracing::error!(
+                "worker {} (pid {}) sent {} unexpected descriptor(s); replacing it",
+                w.slot,
+                w.pid,
+                fds.len()
+            );
+            w.kill(&self.ctx, "protocol error");
+            return;
+        }
+        let source = Source::Worker {
+            slot: w.slot,
+            pid: w.pid,
+        };
+        match msg {
+            ToWatcher::Hello { version, pid } => {
+                if version != VERSION {
+                    tracing::error!(
+                        "worker {} (pid {pid}) speaks protocol {version}, the watcher {VERSION}; replacing it",
+                        w.slot
+                    );
+                    w.kill(&self.ctx, "protocol version mismatch");
+                    return;
+                }
+                w.hello = true;
+                w.send(ToWorker::Hello {
+                    version: VERSION,
+                    context_id,
+                    slot: w.slot,
+                });
+            }
+            ToWatcher::Ready => {
+                w.hello = true;
+                self.on_ready(context_id);
+            }
+            ToWatcher::SocketRequest { id, addr } => self.on_socket_request(context_id, id, addr),
+            ToWatcher::Pong { .. } => w.last_pong = Instant::now(),
+            ToWatcher::Logs(records) => {
+                for record in records {
+                    self.ctx.config.output.emit(source, record);
+                }
+            }
+            ToWatcher::LogsDropped(n) => {
+                self.counters.worker_log_drops += n;
+                self.ctx.config.output.note(
+                    source,
+                    2,
+                    "",
+                    format!("{n} log record(s) dropped by the worker: its log queue was full"),
+                );
+            }
+            ToWatcher::ConnectionReturned { .. } => {
+                tracing::error!(
+                    "worker {} (pid {}) returned a connection without exactly one descriptor; replacing it",
+                    w.slot,
+                    w.pid
+                );
+                w.kill(&self.ctx, "protocol error");
+            }
+            ToWatcher::ConnectionsClosed { listener, count } => {
+                self.listeners.closed(listener, context_id, count);
+            }
+            ToWatcher::Data(bytes) => {
+                self.counters.messages_in += 1;
+                let incoming = Incoming {
+                    slot: w.slot,
+                    context_id,
+                    pid: w.pid,
+                    bytes,
+                };
+                if self.channels.messages.try_send(incoming).is_err() {
+                    self.counters.messages_dropped += 1;
+                    if self.counters.messages_dropped.is_power_of_two() {
+                        tracing::warn!(
+                            "{} message(s) from workers dropped: nobody reads ClusterWatcher::messages() fast enough",
+                            self.counters.messages_dropped
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_socket_request(&mut self, context_id: u64, id: u64, addr: String) {
+        let Some(slot) = self.pool.workers.get(&context_id).map(|w| w.slot) else {
+            return;
+        };
+        let granted = Address::parse(&addr).and_then(|a| self.listeners.grant(&a, slot));
+        let Some(w) = self.pool.workers.get(&context_id) else {
+            return;
+        };
+        let balanced = self.ctx.config.balance.hands_off();
+        match granted {
+            Ok(Grant::Fd(fd)) => {
+                let _ = w.outbound.send(Outbound {
+                    msg: ToWorker::SocketReply { id, result: Ok(()) },
+                    fds: vec![fd],
+                });
+            }
+            Ok(Grant::Balanced(grant)) => {
+                let listener = grant.listener;
+                w.send(ToWorker::BalancedReply {
+                    id,
+                    result: Ok(grant),
+                });
+                // Joins the pool only after the reply is queued, so no
+                // connection can overtake it.
+                self.listeners.join(
+                    listener,
+                    context_id,
+                    w.outbound.clone(),
+                    w.accepting.clone(),
+                );
+            }
+            Err(e) => {
+                let message = e.to_string();
+                w.send(if balanced {
+                    ToWorker::BalancedReply {
+                        id,
+                        result: Err(message.clone()),
+                    }
+                } else {
+                    ToWorker::SocketReply {
+                        id,
+                        result: Err(message.clone()),
+                    }
+                });
+                if !self.ever_ready && (e.is_bind() || e.is_invalid_address()) {
+                    self.fail(e);
+                } else {
+                    tracing::error!("worker {} asked for {addr:?}: {message}", w.slot);
+                }
+            }
+        }
+    }
+}

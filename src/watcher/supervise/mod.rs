@@ -1,0 +1,457 @@
+//! The supervisor: one task that owns every listener and every worker.
+//!
+//! All state changes happen here, in response to one thing at a time: a
+//! [`Command`] (from the handle, a signal, the control socket, the metrics
+//! responder or a reload trigger), an [`Event`] from a worker's tasks (a
+//! message, a broken channel, an exit), or a timer (a respawn that is due,
+//! a stop, ready or heartbeat deadline).
+//!
+//! The state lives in parts with their own files: [`slots`] (slots,
+//! workers, backoff, heartbeat), [`reload`] (rolling restart),
+//! [`listeners`] (the listener registry) and [`services`] (pid file,
+//! control socket, metrics, watchdog); [`dispatch`] handles each worker
+//! message. Processes are started through the [`Launcher`] in [`Ctx`], so
+//! the unit tests in `tests.rs` run all of this with fake processes under
+//! paused time.
+
+mod dispatch;
+mod listeners;
+mod reload;
+mod services;
+mod slots;
+#[cfg(test)]
+mod tests;
+
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::error::{Error, Kind, Result};
+use crate::ipc::RecvError;
+use crate::watcher::config::Config;
+use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
+use crate::watcher::process::Launcher;
+use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
+use crate::watcher::systemd::{self, Notifier};
+use listeners::Listeners;
+use reload::Reloads;
+use services::Services;
+use slots::{Ctx, Pool};
+
+/// The most workers a watcher runs.
+pub(crate) const MAX_WORKERS: usize = 4096;
+
+/// Counters for `--metrics` that have no other home.
+#[derive(Default)]
+struct Counters {
+    messages_in: u64,
+    messages_out: u64,
+    /// Messages from workers dropped because nobody read them.
+    messages_dropped: u64,
+    /// Records workers reported dropping from their own queues.
+    worker_log_drops: u64,
+}
+
+/// The channels the supervisor is built with.
+pub(crate) struct Channels {
+    /// Requests to the supervisor.
+    pub commands: mpsc::UnboundedReceiver<Command>,
+    /// A sender for the same, for the services that make requests.
+    pub commands_tx: CommandSender,
+    /// User messages from workers, for `ClusterWatcher::messages`.
+    pub messages: mpsc::Sender<Incoming>,
+    /// Becomes true once every initial worker has been ready.
+    pub ready: watch::Sender<bool>,
+}
+
+pub(crate) struct Supervisor {
+    ctx: Ctx,
+    channels: Channels,
+    events: mpsc::UnboundedReceiver<Event>,
+    pool: Pool,
+    reloads: Reloads,
+    listeners: Listeners,
+    services: Services,
+    counters: Counters,
+    /// Some worker has been ready at least once: past start-up.
+    ever_ready: bool,
+    stopping: bool,
+    failure: Option<Error>,
+}
+
+impl Supervisor {
+    pub(crate) fn new(
+        config: Config,
+        launcher: Box<dyn Launcher>,
+        channels: Channels,
+    ) -> Supervisor {
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let (activated, notifier) = if config.systemd {
+            (systemd::listen_fds(), Notifier::from_env())
+        } else {
+            (Vec::new(), None)
+        };
+        let listeners = Listeners::new(config.balance, config.backlog, activated);
+        let pool = Pool::new(config.workers);
+        Supervisor {
+            ctx: Ctx {
+                config,
+                launcher,
+                events: events_tx,
+                notifier,
+            },
+            channels,
+            events,
+            pool,
+            reloads: Reloads::default(),
+            listeners,
+            services: Services::default(),
+            counters: Counters::default(),
+            ever_ready: false,
+            stopping: false,
+            failure: None,
+        }
+    }
+
+    /// Runs until every worker has exited after a stop (or a fatal error).
+    /// `started` gets the result of start-up: the services, then the first
+    /// worker's spawn.
+    pub(crate) async fn run(mut self, started: oneshot::Sender<Result<()>>) -> Outcome {
+        let services = Services::start(
+            &self.ctx.config,
+            &self.channels.commands_tx,
+            self.ctx.notifier.as_ref(),
+        )
+        .await;
+        match services {
+            Ok(s) => self.services = s,
+            Err(e) => {
+                let _ = started.send(Err(e.clone()));
+                return Outcome::Failed(e);
+            }
+        }
+        for slot in 1..=self.pool.slots.len() as u32 {
+            if let Err(e) = self.pool.spawn(&self.ctx, slot, false) {
+                if slot == 1 {
+                    // Nothing runs yet: report and stop.
+                    let _ = started.send(Err(e.clone()));
+                    return Outcome::Failed(e);
+                }
+                let why = format!("could not be started ({e})");
+                self.pool.schedule_respawn(&self.ctx, slot, &why);
+            }
+        }
+        let _ = started.send(Ok(()));
+        tracing::debug!(
+            "started {} worker(s) of {}",
+            self.pool.slots.len(),
+            std::path::Path::new(&self.ctx.config.program).display()
+        );
+
+        let mut commands_open = true;
+        loop {
+            if self.stopping && self.pool.workers.is_empty() {
+                break;
+            }
+            let deadline = self.next_deadline();
+            tokio::select! {
+                Some(event) = self.events.recv() => self.on_event(event),
+                cmd = self.channels.commands.recv(), if commands_open => match cmd {
+                    Some(cmd) => self.on_command(cmd),
+                    None => {
+                        // Every handle was dropped: stop gracefully.
+                        commands_open = false;
+                        self.begin_stop(None);
+                    }
+                },
+                _ = sleep_until(deadline) => self.on_timer(),
+            }
+        }
+        self.listeners.shutdown();
+        drop(std::mem::take(&mut self.services));
+        match self.failure.take() {
+            Some(e) => Outcome::Failed(e),
+            None => {
+                tracing::info!("all workers stopped");
+                Outcome::Stopped
+            }
+        }
+    }
+
+    fn next_deadline(&self) -> Option<Instant> {
+        self.pool
+            .next_deadline(&self.ctx.config)
+            .into_iter()
+            .chain(self.services.watchdog_at)
+            .min()
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Stop { timeout } => self.begin_stop(timeout),
+            Command::Kill => {
+                self.begin_stop(None);
+                self.pool.kill_all(&self.ctx, "forced stop");
+            }
+            Command::Status(reply) => {
+                let _ = reply.send(StatusReport {
+                    workers: self.pool.status(),
+                    wanted: self.pool.slots.len(),
+                });
+            }
+            Command::Snapshot(reply) => {
+                let _ = reply.send(self.snapshot());
+            }
+            Command::Restart { reason, done } => {
+                if self.stopping {
+                    if let Some(done) = done {
+                        let _ = done.send(Err(Error::closed("the watcher is stopping")));
+                    }
+                    return;
+                }
+                self.reloads
+                    .request(&mut self.pool, &self.ctx, reason, done);
+            }
+            Command::Scale { to, done } => {
+                let result = self.scale(to);
+                if let Some(done) = done {
+                    let _ = done.send(result);
+                }
+            }
+            Command::Send { to, bytes } => self.send(to, bytes),
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Message {
+                context_id,
+                msg,
+                fds,
+            } => self.on_message(context_id, msg, fds),
+            Event::ChannelClosed { context_id, error } => {
+                let Some(w) = self.pool.workers.get_mut(&context_id) else {
+                    return;
+                };
+                match error {
+                    // EOF: the worker closed its end, most likely exiting.
+                    RecvError::Closed => {}
+                    error => {
+                        tracing::error!(
+                            "worker {} (pid {}) broke the protocol ({error}); replacing it",
+                            w.slot,
+                            w.pid
+                        );
+                        w.kill(&self.ctx, "protocol error");
+                    }
+                }
+            }
+            Event::Exited { context_id, status } => self.on_exit(context_id, status),
+        }
+    }
+
+    fn on_timer(&mut self) {
+        let now = Instant::now();
+        self.services.tick(self.ctx.notifier.as_ref(), now);
+        if !self.stopping {
+            self.pool.spawn_due(&self.ctx, now);
+        }
+        let due = self.pool.tick(&self.ctx, now);
+        for id in due.assumed_ready {
+            if let Some(w) = self.pool.workers.get(&id) {
+                tracing::debug!(
+                    "worker {} (pid {}) has not contacted the watcher; assumed ready",
+                    w.slot,
+                    w.pid
+                );
+            }
+            self.on_ready(id);
+        }
+        let ready_timeout = self.ctx.config.ready_timeout;
+        for id in due.not_ready {
+            let Some(w) = self.pool.workers.get(&id) else {
+                continue;
+            };
+            let why = format!(
+                "the replacement for worker {} (pid {}) was not ready within {ready_timeout:?}",
+                w.slot, w.pid
+            );
+            self.pool.abandon(&self.ctx, id, "not ready in time");
+            self.reloads
+                .replacement_failed(&mut self.pool, &self.ctx, id, why);
+        }
+    }
+
+    fn on_ready(&mut self, context_id: u64) {
+        let Some(slot) = self.pool.mark_ready(&self.ctx, context_id) else {
+            return;
+        };
+        self.ever_ready = true;
+        let wanted = self.pool.slots.len();
+        if !*self.channels.ready.borrow() && self.pool.ready_slots() == wanted {
+            tracing::debug!("every worker is ready");
+            self.channels.ready.send_replace(true);
+            self.ctx.notify(&[
+                "READY=1".into(),
+                format!("MAINPID={}", std::process::id()),
+                format!("STATUS={wanted} worker(s) ready"),
+            ]);
+        }
+        self.reloads
+            .ready(&mut self.pool, &self.ctx, slot, context_id);
+    }
+
+    fn on_exit(&mut self, context_id: u64, status: Option<ExitStatus>) {
+        let Some(exit) = self.pool.remove(context_id, status) else {
+            return;
+        };
+        let (slot, pid, how) = (exit.slot, exit.pid, &exit.how);
+        let replacement = self.reloads.replacement(slot);
+        if replacement == Some(context_id) {
+            let why =
+                format!("the replacement for worker {slot} (pid {pid}) {how} before it was ready");
+            self.reloads
+                .replacement_failed(&mut self.pool, &self.ctx, context_id, why);
+            return;
+        }
+        if !exit.slot_exists {
+            tracing::debug!("worker {slot} (pid {pid}) {how} (slot retired)");
+            return;
+        }
+        if self.stopping || exit.state == WorkerState::Stopping || !exit.was_current {
+            tracing::debug!("worker {slot} (pid {pid}) {how}");
+            return;
+        }
+        let reset = self.ctx.config.backoff_reset;
+        if let Some(s) = self.pool.slot_mut(slot) {
+            if exit.started.elapsed() >= reset {
+                s.failures = 0;
+            }
+            s.crashes = s.crashes.saturating_add(1);
+        }
+        if replacement.is_some() {
+            // Its replacement is starting and will take the slot.
+            tracing::warn!("worker {slot} (pid {pid}) {how}; its replacement is starting");
+            return;
+        }
+        let why = format!("(pid {pid}) {how}");
+        self.pool.schedule_respawn(&self.ctx, slot, &why);
+    }
+
+    /// A user message to one worker, or to every worker not stopping.
+    fn send(&mut self, to: Option<u64>, bytes: Vec<u8>) {
+        let workers = &self.pool.workers;
+        let targets: Vec<_> = match to {
+            Some(id) => workers.get(&id).into_iter().collect(),
+            None => workers
+                .values()
+                .filter(|w| w.state != WorkerState::Stopping)
+                .collect(),
+        };
+        if targets.is_empty() {
+            tracing::debug!("message to {to:?} dropped: no such worker");
+        }
+        self.counters.messages_out += targets.len() as u64;
+        for w in targets {
+            w.send(crate::ipc::message::ToWorker::Data(bytes.clone()));
+        }
+    }
+
+    /// The counters and workers for one metrics scrape.
+    fn snapshot(&self) -> Snapshot {
+        let mut workers: Vec<(u32, u32, WorkerState)> = self
+            .pool
+            .workers
+            .values()
+            .map(|w| (w.slot, w.pid, w.state))
+            .collect();
+        workers.sort_by_key(|w| (w.0, w.1));
+        let (log_records, output_drops) = self.ctx.config.output.counts();
+        Snapshot {
+            workers,
+            slots: (1..=self.pool.slots.len() as u32)
+                .zip(&self.pool.slots)
+                .map(|(n, s)| (n, u64::from(s.restarts), u64::from(s.crashes)))
+                .collect(),
+            reloads_ok: self.reloads.ok,
+            reloads_failed: self.reloads.failed,
+            log_records,
+            log_dropped: output_drops + self.counters.worker_log_drops,
+            messages_in: self.counters.messages_in,
+            messages_out: self.counters.messages_out,
+        }
+    }
+
+    fn begin_stop(&mut self, timeout: Option<Duration>) {
+        if !self.stopping {
+            if self.failure.is_none() {
+                tracing::info!("stopping {} worker(s)", self.pool.workers.len());
+            }
+            self.ctx
+                .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
+        }
+        self.stopping = true;
+        self.reloads.abort();
+        let timeout = timeout.unwrap_or(self.ctx.config.shutdown_timeout);
+        self.pool.stop_all(&self.ctx, timeout);
+    }
+
+    /// Stops with an error: used when start-up cannot succeed.
+    fn fail(&mut self, error: Error) {
+        if self.failure.is_none() {
+            // The caller (the CLI) reports the failure once, as its last line.
+            tracing::debug!("fatal: {error}");
+            self.failure = Some(error);
+        }
+        self.begin_stop(None);
+    }
+
+    fn scale(&mut self, to: Scale) -> Result<usize> {
+        if self.stopping {
+            return Err(Error::closed("the watcher is stopping"));
+        }
+        let target = match to {
+            Scale::Up => self.pool.slots.len() + 1,
+            Scale::Down => self.pool.slots.len().saturating_sub(1),
+            Scale::To(n) => n,
+        };
+        if target == 0 {
+            return Err(Error::new(
+                Kind::Config,
+                "a cluster keeps at least 1 worker",
+            ));
+        }
+        if target > MAX_WORKERS {
+            return Err(Error::new(
+                Kind::Config,
+                format!("at most {MAX_WORKERS} workers"),
+            ));
+        }
+        while self.pool.slots.len() < target {
+            self.pool.slots.push(Default::default());
+            let slot = self.pool.slots.len() as u32;
+            self.pool.spawn_or_retry(&self.ctx, slot);
+        }
+        while self.pool.slots.len() > target {
+            let slot = self.pool.slots.len() as u32;
+            let removed = self.pool.slots.pop().expect("more than target");
+            self.listeners.retire_slot(slot);
+            self.reloads.slot_retired(&mut self.pool, &self.ctx, slot);
+            if let Some(id) = removed.current {
+                self.pool.stop(&self.ctx, id);
+            }
+        }
+        tracing::info!("now running {} worker(s)", self.pool.slots.len());
+        self.reloads.resume(&mut self.pool, &self.ctx);
+        Ok(self.pool.slots.len())
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,67 @@
+//! What the supervisor sets up before the first worker starts and tears
+//! down after the last one exits: the pid file, the control socket, the
+//! metrics endpoint and the systemd watchdog. Each one failing at start-up
+//! stops the watcher with that error, before any worker ran.
+
+use tokio::time::Instant;
+
+use crate::error::{Error, Kind, Result};
+use crate::pidfile::PidFile;
+use crate::watcher::config::Config;
+use crate::watcher::control;
+use crate::watcher::event::CommandSender;
+use crate::watcher::metrics;
+use crate::watcher::systemd::Notifier;
+
+/// The running services; dropping them removes the control socket and the
+/// pid file and stops the metrics responder.
+#[derive(Default)]
+pub(crate) struct Services {
+    // Field order is drop order: the pid file goes last, so a client that
+    // finds it can still reach the control socket while the watcher runs.
+    metrics: Option<metrics::Server>,
+    control: Option<control::Server>,
+    pid_file: Option<PidFile>,
+    /// When `WATCHDOG=1` is due next.
+    pub watchdog_at: Option<Instant>,
+}
+
+impl Services {
+    /// Starts what `config` asks for. `commands` is where the control
+    /// socket and the metrics responder send their requests.
+    pub(crate) async fn start(
+        config: &Config,
+        commands: &CommandSender,
+        notifier: Option<&Notifier>,
+    ) -> Result<Services> {
+        let mut services = Services::default();
+        if let Some(path) = &config.pid_file {
+            services.pid_file = Some(PidFile::acquire(path)?);
+        }
+        if let Some(path) = config.control_path() {
+            services.control = Some(control::Server::bind(&path, commands.clone())?);
+        }
+        if let Some(addr) = config.metrics {
+            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                Error::with_io(Kind::Bind, format!("cannot serve metrics on {addr}"), e)
+            })?;
+            tracing::info!("serving metrics on http://{addr}/metrics");
+            services.metrics = Some(metrics::Server::start(listener, commands.clone()));
+        }
+        if let Some(every) = notifier.and_then(|n| n.watchdog) {
+            tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
+            services.watchdog_at = Some(Instant::now());
+        }
+        Ok(services)
+    }
+
+    /// Sends `WATCHDOG=1` when it is due.
+    pub(crate) fn tick(&mut self, notifier: Option<&Notifier>, now: Instant) {
+        if self.watchdog_at.is_some_and(|t| t <= now) {
+            if let Some(n) = notifier {
+                n.notify(&["WATCHDOG=1".into()]);
+            }
+            self.watchdog_at = notifier.and_then(|n| n.watchdog).map(|d| now + d);
+        }
+    }
+}

@@ -1,0 +1,450 @@
+//! Slots and the workers that fill them: spawning, respawn backoff,
+//! stop/kill escalation, readiness, heartbeat, and the timers behind them.
+//!
+//! A slot (1..N) is a place for one serving worker; it keeps its number
+//! across respawns and reloads. A worker is one process (one context id).
+//! During a rolling restart a slot briefly has two: the serving one
+//! (`Slot::current`) and its replacement, which takes the slot when ready.
+
+use std::collections::HashMap;
+use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use nix::sys::signal::Signal;
+use tokio::time::Instant;
+
+use crate::error::Result;
+use crate::ipc::message::ToWorker;
+use crate::watcher::config::Config;
+use crate::watcher::event::{EventSender, Outbound, OutboundSender};
+use crate::watcher::process::{describe_exit, Launcher};
+use crate::watcher::status::{WorkerInfo, WorkerState};
+use crate::watcher::systemd::Notifier;
+
+/// Longest wait between the stop message and SIGTERM for a library worker.
+const TERM_REMINDER: Duration = Duration::from_secs(1);
+
+/// What every part of the supervisor needs and never changes: the
+/// settings, the way to start and signal processes, where worker tasks
+/// report, and systemd's notification socket.
+pub(crate) struct Ctx {
+    pub config: Config,
+    pub launcher: Box<dyn Launcher>,
+    pub events: EventSender,
+    pub notifier: Option<Notifier>,
+}
+
+impl Ctx {
+    /// Sends `lines` to systemd, if it listens.
+    pub(crate) fn notify(&self, lines: &[String]) {
+        if let Some(n) = &self.notifier {
+            n.notify(lines);
+        }
+    }
+}
+
+/// One worker process.
+pub(crate) struct Worker {
+    pub slot: u32,
+    pub pid: u32,
+    pub state: WorkerState,
+    pub started: Instant,
+    pub outbound: OutboundSender,
+    /// Said `Hello`: uses the library, so it reports readiness and answers pings.
+    pub hello: bool,
+    /// When to send SIGKILL if the worker is still alive (stopping).
+    kill_at: Option<Instant>,
+    /// When to send SIGTERM to a library worker asked to stop in-band.
+    term_at: Option<Instant>,
+    /// A replacement must be ready by then.
+    pub ready_by: Option<Instant>,
+    /// Heartbeat: when to check and ping next, and the last answer.
+    next_ping_at: Option<Instant>,
+    pub last_pong: Instant,
+    ping_seq: u64,
+    /// Why the watcher killed it, for the exit log.
+    killed_for: Option<String>,
+    /// Whether balancers may hand it connections (cleared on stop and kill).
+    pub accepting: Arc<AtomicBool>,
+}
+
+impl Worker {
+    /// Sends `msg` (dropped if the worker's writer is gone: it is exiting).
+    pub(crate) fn send(&self, msg: ToWorker) {
+        let _ = self.outbound.send(Outbound::msg(msg));
+    }
+
+    fn stop(&mut self, ctx: &Ctx, timeout: Duration) {
+        if self.state == WorkerState::Stopping {
+            return;
+        }
+        let now = Instant::now();
+        let kill_at = now + timeout;
+        self.state = WorkerState::Stopping;
+        self.accepting.store(false, Ordering::Relaxed);
+        self.next_ping_at = None;
+        self.ready_by = None;
+        let deadline_ms = timeout.as_millis().min(u64::MAX as u128) as u64;
+        self.send(ToWorker::Stop { deadline_ms });
+        if self.hello {
+            // A library worker reads the stop message in order, after every
+            // message sent before it (handed-off connections among them): a
+            // SIGTERM now could overtake those. It comes as a reminder.
+            let reminder = (timeout / 2).min(TERM_REMINDER);
+            self.term_at = Some(now + reminder);
+        } else {
+            ctx.launcher.signal(self.pid, Signal::SIGTERM);
+        }
+        self.kill_at = Some(kill_at);
+    }
+
+    /// Kills it now; `why` goes into its exit line.
+    pub(crate) fn kill(&mut self, ctx: &Ctx, why: impl Into<String>) {
+        self.killed_for.get_or_insert_with(|| why.into());
+        self.accepting.store(false, Ordering::Relaxed);
+        self.next_ping_at = None;
+        self.ready_by = None;
+        self.kill_at = None;
+        ctx.launcher.signal(self.pid, Signal::SIGKILL);
+    }
+}
+
+/// One place for a serving worker.
+#[derive(Default)]
+pub(crate) struct Slot {
+    /// Context id of the worker serving this slot, if any.
+    pub current: Option<u64>,
+    /// Consecutive short-lived workers (for the backoff).
+    pub failures: u32,
+    /// When the next spawn is due, if one is scheduled.
+    pub respawn_at: Option<Instant>,
+    /// Workers started for this slot after the first one.
+    pub restarts: u32,
+    /// Serving workers that exited without being asked to.
+    pub crashes: u32,
+    /// How the slot's last worker ended.
+    pub last_exit: Option<String>,
+}
+
+/// How a worker ended, as [`Pool::remove`] reports it.
+pub(crate) struct Exit {
+    pub slot: u32,
+    pub pid: u32,
+    /// "exited with status 1 (missed heartbeats)" and the like.
+    pub how: String,
+    pub state: WorkerState,
+    pub started: Instant,
+    /// It was its slot's serving worker (the slot is now empty).
+    pub was_current: bool,
+    /// Its slot still exists (not scaled away).
+    pub slot_exists: bool,
+}
+
+/// What came due on a timer, for the supervisor to act on.
+#[derive(Default)]
+pub(crate) struct Due {
+    /// Workers that never contacted the watcher and count as ready now.
+    pub assumed_ready: Vec<u64>,
+    /// Replacements whose ready deadline passed.
+    pub not_ready: Vec<u64>,
+}
+
+/// Every slot and every worker process.
+pub(crate) struct Pool {
+    pub slots: Vec<Slot>,
+    pub workers: HashMap<u64, Worker>,
+    next_context_id: u64,
+}
+
+/// How often to ping: a quarter of the timeout, between 50 ms and 5 s.
+fn heartbeat_interval(timeout: Duration) -> Duration {
+    (timeout / 4).clamp(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+impl Pool {
+    pub(crate) fn new(slots: usize) -> Pool {
+        Pool {
+            slots: (0..slots).map(|_| Slot::default()).collect(),
+            workers: HashMap::new(),
+            next_context_id: 1,
+        }
+    }
+
+    pub(crate) fn slot_mut(&mut self, slot: u32) -> Option<&mut Slot> {
+        self.slots.get_mut((slot as usize).checked_sub(1)?)
+    }
+
+    pub(crate) fn slot(&self, slot: u32) -> Option<&Slot> {
+        self.slots.get((slot as usize).checked_sub(1)?)
+    }
+
+    /// Spawns a worker for `slot`. A replacement (during a reload) does not
+    /// take the slot until it is ready, and must be ready in time.
+    pub(crate) fn spawn(&mut self, ctx: &Ctx, slot: u32, replacement: bool) -> Result<u64> {
+        let context_id = self.next_context_id;
+        self.next_context_id += 1;
+        let spawned = ctx
+            .launcher
+            .spawn(&ctx.config, slot, context_id, &ctx.events)?;
+        tracing::debug!(
+            "worker {slot} started: pid {}, context {context_id}",
+            spawned.pid
+        );
+        let now = Instant::now();
+        self.workers.insert(
+            context_id,
+            Worker {
+                slot,
+                pid: spawned.pid,
+                state: WorkerState::Starting,
+                started: now,
+                outbound: spawned.outbound,
+                hello: false,
+                kill_at: None,
+                term_at: None,
+                ready_by: replacement.then(|| now + ctx.config.ready_timeout),
+                next_ping_at: None,
+                last_pong: now,
+                ping_seq: 0,
+                killed_for: None,
+                accepting: Arc::new(AtomicBool::new(true)),
+            },
+        );
+        if let Some(s) = self.slot_mut(slot) {
+            s.respawn_at = None;
+            if !replacement {
+                s.current = Some(context_id);
+            }
+        }
+        Ok(context_id)
+    }
+
+    /// Spawns for `slot` now, or schedules a respawn when that fails.
+    pub(crate) fn spawn_or_retry(&mut self, ctx: &Ctx, slot: u32) {
+        if let Err(e) = self.spawn(ctx, slot, false) {
+            self.schedule_respawn(ctx, slot, &format!("could not be started ({e})"));
+        }
+    }
+
+    /// Schedules the next spawn for `slot` after its backoff.
+    pub(crate) fn schedule_respawn(&mut self, ctx: &Ctx, slot: u32, why: &str) {
+        let (first, max) = (ctx.config.respawn_delay, ctx.config.respawn_delay_max);
+        let Some(s) = self.slot_mut(slot) else { return };
+        let factor = 2u32.saturating_pow(s.failures.min(30));
+        let delay = first.saturating_mul(factor).min(max);
+        s.failures = s.failures.saturating_add(1);
+        s.current = None;
+        s.respawn_at = Some(Instant::now() + delay);
+        if s.failures >= 5 {
+            tracing::warn!(
+                "worker {slot} {why}; it is crash-looping ({} failures in a row), next start in {delay:?}",
+                s.failures
+            );
+        } else {
+            tracing::warn!("worker {slot} {why}; restarting in {delay:?}");
+        }
+    }
+
+    /// Spawns every slot whose respawn is due.
+    pub(crate) fn spawn_due(&mut self, ctx: &Ctx, now: Instant) {
+        let due: Vec<u32> = (1..=self.slots.len() as u32)
+            .filter(|&slot| {
+                self.slot(slot)
+                    .and_then(|s| s.respawn_at)
+                    .is_some_and(|t| t <= now)
+            })
+            .collect();
+        for slot in due {
+            if let Some(s) = self.slot_mut(slot) {
+                s.restarts += 1;
+            }
+            self.spawn_or_retry(ctx, slot);
+        }
+    }
+
+    /// Asks one worker to stop within the shutdown timeout.
+    pub(crate) fn stop(&mut self, ctx: &Ctx, context_id: u64) {
+        if let Some(w) = self.workers.get_mut(&context_id) {
+            w.stop(ctx, ctx.config.shutdown_timeout);
+        }
+    }
+
+    /// Asks every worker to stop within `timeout`, and cancels respawns.
+    pub(crate) fn stop_all(&mut self, ctx: &Ctx, timeout: Duration) {
+        for s in &mut self.slots {
+            s.respawn_at = None;
+        }
+        for w in self.workers.values_mut() {
+            w.stop(ctx, timeout);
+        }
+    }
+
+    /// Kills every worker at once.
+    pub(crate) fn kill_all(&mut self, ctx: &Ctx, why: &str) {
+        for w in self.workers.values_mut() {
+            w.kill(ctx, why);
+        }
+    }
+
+    /// Kills a worker that is being given up on (a replacement that is not
+    /// wanted any more); it never becomes ready.
+    pub(crate) fn abandon(&mut self, ctx: &Ctx, context_id: u64, why: &str) {
+        if let Some(w) = self.workers.get_mut(&context_id) {
+            w.state = WorkerState::Stopping;
+            w.kill(ctx, why);
+        }
+    }
+
+    /// Marks a starting worker ready and starts its heartbeat. Returns its
+    /// slot, or `None` when it was not starting.
+    pub(crate) fn mark_ready(&mut self, ctx: &Ctx, context_id: u64) -> Option<u32> {
+        let w = self.workers.get_mut(&context_id)?;
+        if w.state != WorkerState::Starting {
+            return None;
+        }
+        w.state = WorkerState::Ready;
+        w.ready_by = None;
+        if w.hello {
+            tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
+            if let Some(limit) = ctx.config.heartbeat_timeout {
+                let now = Instant::now();
+                w.last_pong = now;
+                w.next_ping_at = Some(now + heartbeat_interval(limit));
+            }
+        }
+        Some(w.slot)
+    }
+
+    /// Removes a worker that exited and records how its slot's last worker
+    /// ended. `None` when it was not known (already removed).
+    pub(crate) fn remove(&mut self, context_id: u64, status: Option<ExitStatus>) -> Option<Exit> {
+        let w = self.workers.remove(&context_id)?;
+        w.accepting.store(false, Ordering::Relaxed);
+        let mut how = describe_exit(status);
+        if let Some(why) = &w.killed_for {
+            how = format!("{how} ({why})");
+        }
+        let slot = self.slot_mut(w.slot);
+        let slot_exists = slot.is_some();
+        let mut was_current = false;
+        if let Some(s) = slot {
+            let mut last = how.strip_prefix("was ").unwrap_or(&how).to_string();
+            if w.killed_for.is_none() && w.state == WorkerState::Stopping {
+                last.push_str(" (asked to stop)");
+            }
+            s.last_exit = Some(last);
+            if s.current == Some(context_id) {
+                s.current = None;
+                was_current = true;
+            }
+        }
+        Some(Exit {
+            slot: w.slot,
+            pid: w.pid,
+            how,
+            state: w.state,
+            started: w.started,
+            was_current,
+            slot_exists,
+        })
+    }
+
+    /// Runs the per-worker timers due at `now`: SIGTERM reminders, SIGKILL
+    /// after the shutdown timeout, heartbeat pings and kills; reports what
+    /// the supervisor must decide on.
+    pub(crate) fn tick(&mut self, ctx: &Ctx, now: Instant) -> Due {
+        let timeout = ctx.config.shutdown_timeout;
+        let mut due = Due::default();
+        for (&id, w) in self.workers.iter_mut() {
+            if w.term_at.is_some_and(|t| t <= now) {
+                w.term_at = None;
+                ctx.launcher.signal(w.pid, Signal::SIGTERM);
+            }
+            if w.kill_at.is_some_and(|t| t <= now) {
+                tracing::warn!(
+                    "worker {} (pid {}) did not stop within {timeout:?}; killing it",
+                    w.slot,
+                    w.pid
+                );
+                w.kill_at = None;
+                ctx.launcher.signal(w.pid, Signal::SIGKILL);
+            }
+            if w.ready_by.is_some_and(|t| t <= now) && w.state == WorkerState::Starting {
+                due.not_ready.push(id);
+            }
+            if w.state == WorkerState::Starting
+                && !w.hello
+                && w.started + ctx.config.assume_ready_after <= now
+            {
+                due.assumed_ready.push(id);
+            }
+            if let (Some(at), Some(limit)) = (w.next_ping_at, ctx.config.heartbeat_timeout) {
+                if at <= now {
+                    if now.duration_since(w.last_pong) > limit {
+                        tracing::error!(
+                            "worker {} (pid {}) did not answer heartbeats for {limit:?} (its event loop may be blocked); killing it",
+                            w.slot,
+                            w.pid
+                        );
+                        w.kill(ctx, "missed heartbeats");
+                    } else {
+                        w.ping_seq += 1;
+                        w.send(ToWorker::Ping { seq: w.ping_seq });
+                        w.next_ping_at = Some(now + heartbeat_interval(limit));
+                    }
+                }
+            }
+        }
+        due
+    }
+
+    /// The earliest timer of any slot or worker.
+    pub(crate) fn next_deadline(&self, config: &Config) -> Option<Instant> {
+        let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
+        let assume = config.assume_ready_after;
+        let workers = self.workers.values().flat_map(|w| {
+            let assumed =
+                (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
+            [w.kill_at, w.term_at, w.ready_by, w.next_ping_at, assumed]
+        });
+        respawns.chain(workers.flatten()).min()
+    }
+
+    /// Number of slots whose worker is ready.
+    pub(crate) fn ready_slots(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|s| {
+                s.current
+                    .and_then(|id| self.workers.get(&id))
+                    .is_some_and(|w| w.state == WorkerState::Ready)
+            })
+            .count()
+    }
+
+    /// Every worker, by slot, without `/proc` figures.
+    pub(crate) fn status(&self) -> Vec<WorkerInfo> {
+        let mut list: Vec<WorkerInfo> = self
+            .workers
+            .iter()
+            .map(|(&context_id, w)| {
+                let slot = self.slot(w.slot);
+                WorkerInfo {
+                    slot: w.slot,
+                    context_id,
+                    pid: w.pid,
+                    state: w.state,
+                    restarts: slot.map(|s| s.restarts).unwrap_or(0),
+                    uptime: w.started.elapsed(),
+                    rss_bytes: None,
+                    cpu_time: None,
+                    last_exit: slot.and_then(|s| s.last_exit.clone()),
+                }
+            })
+            .collect();
+        list.sort_by_key(|w| (w.slot, w.context_id));
+        list
+    }
+}

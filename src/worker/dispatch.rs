@@ -1,0 +1,128 @@
+//! What the worker's IPC thread does with each message from the watcher:
+//! socket replies to the waiting `listen` calls, handed-off connections to
+//! their balanced listener, stop and heartbeat to the API, user messages to
+//! the inbox.
+
+use std::collections::HashMap;
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::shared::{Granted, Shared};
+use crate::error::{Error, Kind, Result};
+use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
+use crate::ipc::Channel;
+use crate::socket::Address;
+
+/// The IPC thread's side of the messages from the watcher.
+pub(crate) struct Inbound {
+    pub shared: Arc<Shared>,
+    pub stop: watch::Sender<bool>,
+    pub inbox: mpsc::UnboundedSender<Vec<u8>>,
+    /// `listen` calls waiting for their reply, by request id, with the
+    /// address they asked for.
+    pub pending: HashMap<u64, (String, oneshot::Sender<Result<Granted>>)>,
+}
+
+/// Why the channel must close: the watcher broke the protocol, or a write failed.
+pub(crate) type Broken = String;
+
+impl Inbound {
+    /// Handles one message. Descriptors that no message asked for are
+    /// closed as `fds` drops.
+    pub(crate) async fn handle(
+        &mut self,
+        channel: &Channel,
+        msg: ToWorker,
+        mut fds: Vec<OwnedFd>,
+    ) -> std::result::Result<(), Broken> {
+        let write_err = |e| format!("cannot write to the watcher: {e}");
+        match msg {
+            ToWorker::Hello { version, .. } if version != VERSION => {
+                return Err(format!(
+                    "the watcher speaks protocol version {version}, this worker {VERSION}"
+                ));
+            }
+            ToWorker::Hello { .. } => {}
+            ToWorker::SocketReply { id, result } => {
+                let Some((_, reply)) = self.pending.remove(&id) else {
+                    return Err(format!("a reply to unknown request {id}"));
+                };
+                let answer = match result {
+                    Ok(()) if fds.len() == 1 => Ok(Granted::Fd(fds.remove(0))),
+                    Ok(()) => return Err(format!("a socket reply with {} descriptors", fds.len())),
+                    Err(why) => Err(Error::new(Kind::Bind, why)),
+                };
+                let _ = reply.send(answer);
+            }
+            ToWorker::BalancedReply { id, result } => {
+                let Some((addr, reply)) = self.pending.remove(&id) else {
+                    return Err(format!("a reply to unknown request {id}"));
+                };
+                let granted = match (result, Address::parse(&addr)) {
+                    // Registered now: the watcher may send a connection
+                    // right after this reply, before `listen` returns.
+                    (Ok(grant), Ok(address)) => {
+                        let listener = self.shared.balanced.register(
+                            grant.listener,
+                            &address,
+                            grant.local.clone(),
+                        );
+                        Ok(Granted::Balanced(listener))
+                    }
+                    (Ok(_), Err(e)) => Err(e),
+                    (Err(why), _) => Err(Error::new(Kind::Bind, why)),
+                };
+                let _ = reply.send(granted);
+            }
+            ToWorker::Connection {
+                listener,
+                conn: _,
+                peer,
+            } => {
+                let Some(fd) = fds.pop().filter(|_| fds.is_empty()) else {
+                    return Err("a handed-off connection without exactly one descriptor".into());
+                };
+                if let Some((fd, peer)) = self.shared.balanced.deliver(listener, (fd, peer)) {
+                    // Nobody accepts on that listener any more: give it
+                    // back, the watcher hands it to another worker.
+                    channel
+                        .send(
+                            &ToWatcher::ConnectionReturned { listener, peer },
+                            &[fd.as_fd()],
+                        )
+                        .await
+                        .map_err(write_err)?;
+                }
+            }
+            ToWorker::Stop { .. } => {
+                let _ = self.stop.send(true);
+            }
+            ToWorker::Ping { seq } if self.shared.pings.awaiters.load(Ordering::SeqCst) > 0 => {
+                self.shared.pings.latest.send_replace(seq);
+            }
+            ToWorker::Ping { seq } => {
+                channel
+                    .send(&ToWatcher::Pong { seq }, &[])
+                    .await
+                    .map_err(write_err)?;
+            }
+            ToWorker::Data(bytes) => {
+                let _ = self.inbox.send(bytes);
+            }
+        }
+        Ok(())
+    }
+
+    /// The watcher is gone or broken: fails every waiting `listen`.
+    pub(crate) fn fail_pending(&mut self, reason: &str) {
+        for (_, (_, reply)) in self.pending.drain() {
+            let _ = reply.send(Err(Error::new(
+                Kind::Ipc,
+                format!("no answer from the watcher: {reason}"),
+            )));
+        }
+    }
+}

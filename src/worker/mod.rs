@@ -1,0 +1,287 @@
+//! The worker side: the [`Cluster`] facade.
+//!
+//! Inside a worker started by the watcher, the first call into `Cluster`
+//! connects to the watcher: it takes the inherited socketpair end named by
+//! `CLUSTER_IPC_FD` and starts a small background thread (`cluster-ipc`)
+//! with its own single-threaded runtime that owns the channel. User code
+//! talks to that thread through channels, so the API works from any runtime
+//! and the watcher's messages are handled even while user code is busy.
+//!
+//! Without a watcher (standalone), the same calls bind locally and wait for
+//! signals, so one program runs with and without `cluster`.
+
+mod dispatch;
+mod ipc_thread;
+mod link;
+mod shared;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use serde::{de::DeserializeOwned, Serialize};
+
+use crate::error::{Error, Kind, Result};
+use crate::ipc::codec::{decode_user, encode_user};
+use crate::ipc::message::ToWatcher;
+use crate::listener::Listener;
+use crate::log::ClusterLogLayer;
+use crate::signal;
+use crate::socket::{Address, DEFAULT_BACKLOG};
+use link::link;
+use shared::{AwaiterGuard, Granted, Shared};
+
+/// Entry point of the worker API. All functions are associated functions:
+/// there is one cluster connection per process.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// use cluster::Cluster;
+///
+/// let listener = Cluster::server_socket_factory().listen("127.0.0.1:8080").await?;
+/// tokio::spawn(async move {
+///     while let Ok((stream, _peer)) = listener.accept().await {
+///         // serve `stream` ...
+/// #       drop(stream);
+///     }
+/// });
+/// Cluster::await_termination().await; // ready; returns when asked to stop
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct Cluster {
+    _private: (),
+}
+
+impl Cluster {
+    /// Whether this process is a worker started by a `cluster` watcher.
+    pub fn is_worker() -> bool {
+        link().is_some()
+    }
+
+    /// The context id of this worker: unique per spawn, so a respawned
+    /// worker in the same slot gets a new one. `None` when standalone.
+    pub fn context_id() -> Option<u64> {
+        link().map(|l| l.context_id)
+    }
+
+    /// The worker's slot, `1..=N`, stable across respawns of that slot.
+    /// `None` when standalone.
+    pub fn slot() -> Option<u32> {
+        link().map(|l| l.slot)
+    }
+
+    /// The factory that hands out listening sockets: from the watcher in a
+    /// worker, bound locally when standalone.
+    pub fn server_socket_factory() -> ServerSocketFactory {
+        ServerSocketFactory { _private: () }
+    }
+
+    /// A `tracing_subscriber` layer that forwards every event (level,
+    /// target, message, fields, span names, timestamp) to the watcher, which
+    /// writes it to its log stream tagged with this worker's slot and pid.
+    /// Standalone, it writes the same lines to stderr.
+    ///
+    /// Forwarding never blocks: events go through a bounded queue (16,384
+    /// records); when it is full they are dropped and counted, and the
+    /// watcher logs how many.
+    ///
+    /// ```no_run
+    /// use tracing_subscriber::prelude::*;
+    /// tracing_subscriber::registry().with(cluster::Cluster::log_layer()).init();
+    /// tracing::info!(user = "ann", "logged in");
+    /// ```
+    pub fn log_layer() -> ClusterLogLayer {
+        ClusterLogLayer::new(link().map(|l| &l.logs))
+    }
+
+    /// A `slog::Drain` that forwards records (level, module or tag, message,
+    /// key-value pairs) to the watcher like [`log_layer`](Cluster::log_layer)
+    /// does; standalone it writes to stderr. Requires the `slog` feature.
+    ///
+    /// ```no_run
+    /// # #[cfg(feature = "slog")] {
+    /// let log = slog::Logger::root(cluster::Cluster::slog_drain(), slog::o!("app" => "demo"));
+    /// slog::info!(log, "logged in"; "user" => "ann");
+    /// # }
+    /// ```
+    #[cfg(feature = "slog")]
+    pub fn slog_drain() -> crate::log::ClusterSlogDrain {
+        crate::log::ClusterSlogDrain::new(link().map(|l| &l.logs))
+    }
+
+    /// A typed channel to the watcher: [`send`](MessageChannel::send)
+    /// messages to it and [`recv`](MessageChannel::recv) what it sends
+    /// (`ClusterWatcher::send`, `broadcast`, or a reply). Every channel of
+    /// one process shares one inbox: call it once and keep it.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_ipc`] when the process is not a worker (standalone).
+    pub fn channel<T: Serialize + DeserializeOwned>() -> Result<MessageChannel<T>> {
+        match link() {
+            Some(link) => Ok(MessageChannel {
+                link: link.as_ref(),
+                _type: std::marker::PhantomData,
+            }),
+            None => Err(Error::new(
+                Kind::Ipc,
+                "not running under a cluster watcher: there is no one to send messages to",
+            )),
+        }
+    }
+
+    /// Tells the watcher that this worker is ready to serve. Idempotent;
+    /// a no-op when standalone. [`await_termination`](Cluster::await_termination)
+    /// calls it too, so most programs never need to.
+    pub fn ready() {
+        if let Some(link) = link() {
+            if !link.ready_sent.swap(true, Ordering::SeqCst) {
+                let _ = link.send(ToWatcher::Ready);
+            }
+        }
+    }
+
+    /// Marks the worker ready, then waits until it should stop: the watcher
+    /// asked it to (graceful stop or restart), the watcher went away, or the
+    /// process received SIGTERM, SIGINT, SIGQUIT or SIGHUP.
+    ///
+    /// Standalone, only the signals end the wait.
+    pub async fn await_termination() {
+        Self::ready();
+        match link() {
+            Some(link) => serve_until_stopped(link.clone()).await,
+            None => {
+                signal::termination().await;
+            }
+        }
+    }
+}
+
+/// Waits for the stop request, the watcher's departure or a termination
+/// signal, answering the watcher's pings meanwhile. Holds nothing that is
+/// not `Send` across an await, so `await_termination()` can be given to
+/// `axum::serve(..).with_graceful_shutdown(..)` or spawned.
+async fn serve_until_stopped(link: Arc<Shared>) {
+    let mut stop = link.stop.clone();
+    let mut pings = link.pings.latest.subscribe();
+    link.pings.awaiters.fetch_add(1, Ordering::SeqCst);
+    let _guard = AwaiterGuard(link.clone());
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let termination = signal::termination();
+    tokio::pin!(stopped, termination);
+    loop {
+        tokio::select! {
+            () = &mut stopped => break,
+            _ = &mut termination => break,
+            changed = pings.changed() => {
+                if changed.is_err() {
+                    // The IPC thread is gone; `stop` fires next.
+                    (&mut stopped).await;
+                    break;
+                }
+                let seq = *pings.borrow_and_update();
+                let _ = link.send(ToWatcher::Pong { seq });
+            }
+        }
+    }
+}
+
+/// A typed channel between a worker and its watcher; see [`Cluster::channel`].
+pub struct MessageChannel<T> {
+    link: &'static Shared,
+    _type: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> std::fmt::Debug for MessageChannel<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MessageChannel")
+            .field("context_id", &self.link.context_id)
+            .finish()
+    }
+}
+
+impl<T: Serialize + DeserializeOwned> MessageChannel<T> {
+    /// Sends `msg` to the watcher. Never blocks; messages keep their order.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_too_large`] when the encoded message exceeds
+    /// [`MAX_MESSAGE_SIZE`](crate::MAX_MESSAGE_SIZE) (nothing is sent); [`Error::is_ipc`] when the
+    /// watcher is gone.
+    pub fn send(&self, msg: &T) -> Result<()> {
+        let bytes = encode_user(msg)?;
+        self.link.send(ToWatcher::Data(bytes))
+    }
+
+    /// Waits for the next message from the watcher.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_ipc`] when the watcher is gone, or when a message is not
+    /// a `T` (that message is consumed).
+    pub async fn recv(&self) -> Result<T> {
+        let bytes = self
+            .link
+            .inbox
+            .lock()
+            .await
+            .recv()
+            .await
+            .ok_or_else(|| Error::new(Kind::Ipc, "the connection to the watcher is closed"))?;
+        decode_user(&bytes)
+    }
+}
+
+/// Hands out listening sockets; get one with [`Cluster::server_socket_factory`].
+#[derive(Debug, Clone, Copy)]
+pub struct ServerSocketFactory {
+    _private: (),
+}
+
+impl ServerSocketFactory {
+    /// Returns a listener for `addr`: `host:port`, `tcp://host:port`,
+    /// `:port` (all interfaces) or `unix:///path`.
+    ///
+    /// In a worker, the watcher binds the address once and every worker that
+    /// asks gets the same socket (one shared accept queue); port 0 gives every
+    /// worker the same ephemeral port. Standalone, the address is bound here,
+    /// with the same options (`SO_REUSEADDR`, a backlog of
+    /// [`DEFAULT_BACKLOG`](crate::DEFAULT_BACKLOG)).
+    ///
+    /// Must be called within a tokio runtime.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_invalid_address`] for an unparsable address,
+    /// [`Error::is_bind`] when the address cannot be bound (in use, not
+    /// permitted), [`Error::is_ipc`] when the watcher cannot be reached.
+    pub async fn listen(&self, addr: &str) -> Result<Listener> {
+        let parsed = Address::parse(addr)?;
+        let fd = match link() {
+            None => parsed.bind(DEFAULT_BACKLOG)?,
+            Some(link) => match link.request_socket(addr).await? {
+                Granted::Fd(fd) => fd,
+                Granted::Balanced(listener) => return Ok(Listener::Balanced(listener)),
+            },
+        };
+        Listener::from_fd(&parsed, fd).map_err(|e| {
+            Error::with_io(Kind::Io, format!("cannot use the listener for {parsed}"), e)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn send_and_static<T: Send + 'static>(_: &T) {}
+
+    #[test]
+    fn await_termination_is_send_and_static() {
+        // axum's `with_graceful_shutdown` and `tokio::spawn` need both.
+        let future = Cluster::await_termination();
+        send_and_static(&future);
+    }
+}
