@@ -1,14 +1,14 @@
 //! The watcher's settings: [`Config`], shared by the supervisor and the
 //! process spawner, and the [`ClusterWatcherBuilder`] that fills it in.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::balance::Balance;
 use super::output::{LogFormat, LogOutput};
-use super::process::check_program;
 use crate::error::{Error, Kind, Result};
 use crate::socket::DEFAULT_BACKLOG;
 
@@ -340,4 +340,38 @@ fn resolve_credentials(
         uid: user.map(|u| u.uid.as_raw()),
         gid: gid.map(|g| g.as_raw()),
     }))
+}
+
+/// Checks that `program` names an executable file, searching `PATH` when it
+/// has no slash, as exec would.
+fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
+    let shown = Path::new(program).display().to_string();
+    let candidates: Vec<PathBuf> = if program.as_encoded_bytes().contains(&b'/') {
+        let p = PathBuf::from(program);
+        vec![match cwd {
+            Some(dir) if p.is_relative() => dir.join(p),
+            _ => p,
+        }]
+    } else {
+        std::env::var_os("PATH")
+            .map(|path| {
+                std::env::split_paths(&path)
+                    .map(|d| d.join(program))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut found_not_executable = None;
+    for candidate in candidates {
+        match std::fs::metadata(&candidate) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
+            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
+            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
+            Err(_) => {}
+        }
+    }
+    Err(Error::new(
+        Kind::Spawn,
+        found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
+    ))
 }

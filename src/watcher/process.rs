@@ -6,10 +6,8 @@
 //! The supervisor only sees the [`Launcher`] trait, so its unit tests drive
 //! it with fake processes under paused time.
 
-use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd};
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::Arc;
 
@@ -72,40 +70,6 @@ impl Launcher for Processes {
         // close it (noted in ARCHITECTURE.md).
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
     }
-}
-
-/// Checks that `program` names an executable file, searching `PATH` when it
-/// has no slash, as exec would.
-pub(crate) fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
-    let shown = Path::new(program).display().to_string();
-    let candidates: Vec<PathBuf> = if program.as_encoded_bytes().contains(&b'/') {
-        let p = PathBuf::from(program);
-        vec![match cwd {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }]
-    } else {
-        std::env::var_os("PATH")
-            .map(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(program))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut found_not_executable = None;
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
-            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
-            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
-            Err(_) => {}
-        }
-    }
-    Err(Error::new(
-        Kind::Spawn,
-        found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
-    ))
 }
 
 /// Forks and execs one worker for `slot` with `context_id`, and starts the
