@@ -29,17 +29,18 @@ pub(crate) struct Spawned {
     pub outbound: OutboundSender,
 }
 
+/// Which worker to start: its slot and its (new) context id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct WorkerId {
+    pub slot: u32,
+    pub context_id: u64,
+}
+
 /// How the supervisor starts and signals workers.
 pub(crate) trait Launcher: Send {
-    /// Starts a worker for `slot` with `context_id`. Its tasks report on
-    /// `events`: every message, a broken channel, and finally its exit.
-    fn spawn(
-        &self,
-        config: &Config,
-        slot: u32,
-        context_id: u64,
-        events: &EventSender,
-    ) -> Result<Spawned>;
+    /// Starts worker `id`. Its tasks report on `events`: every message, a
+    /// broken channel, and finally its exit.
+    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned>;
 
     /// Sends `sig` to the worker `pid`.
     fn signal(&self, pid: u32, sig: Signal);
@@ -50,14 +51,8 @@ pub(crate) trait Launcher: Send {
 pub(crate) struct Processes;
 
 impl Launcher for Processes {
-    fn spawn(
-        &self,
-        config: &Config,
-        slot: u32,
-        context_id: u64,
-        events: &EventSender,
-    ) -> Result<Spawned> {
-        spawn(config, slot, context_id, events)
+    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
+        spawn(config, id.slot, id.context_id, events)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {

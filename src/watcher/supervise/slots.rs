@@ -19,7 +19,7 @@ use crate::error::Result;
 use crate::ipc::message::ToWorker;
 use crate::watcher::config::Config;
 use crate::watcher::event::{EventSender, Outbound, OutboundSender};
-use crate::watcher::process::{describe_exit, Launcher};
+use crate::watcher::process::{describe_exit, Launcher, WorkerId};
 use crate::watcher::status::{WorkerInfo, WorkerState};
 use crate::watcher::systemd::Notifier;
 
@@ -185,9 +185,9 @@ impl Pool {
     pub(crate) fn spawn(&mut self, ctx: &Ctx, slot: u32, replacement: bool) -> Result<u64> {
         let context_id = self.next_context_id;
         self.next_context_id += 1;
-        let spawned = ctx
-            .launcher
-            .spawn(&ctx.config, slot, context_id, &ctx.events)?;
+        let spawned =
+            ctx.launcher
+                .spawn(&ctx.config, WorkerId { slot, context_id }, &ctx.events)?;
         tracing::debug!(
             "worker {slot} started: pid {}, context {context_id}",
             spawned.pid

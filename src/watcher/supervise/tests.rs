@@ -21,7 +21,7 @@ use crate::log::LogFilter;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, EventSender, Outbound, Outcome, Scale};
 use crate::watcher::output::{LogFormat, LogOutput};
-use crate::watcher::process::{Launcher, Spawned};
+use crate::watcher::process::{Launcher, Spawned, WorkerId};
 
 /// A spawned fake worker, as the test sees it.
 struct Proc {
@@ -93,13 +93,8 @@ struct Fake {
 }
 
 impl Launcher for Fake {
-    fn spawn(
-        &self,
-        _config: &Config,
-        slot: u32,
-        context_id: u64,
-        events: &EventSender,
-    ) -> Result<Spawned> {
+    fn spawn(&self, _config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
+        let WorkerId { slot, context_id } = id;
         let mut state = self.state.lock().unwrap();
         if state.fail_spawns > 0 {
             state.fail_spawns -= 1;
