@@ -328,6 +328,7 @@ async fn rolling_restart_replaces_one_slot_at_a_time_after_readiness() {
         old[i].exit(0);
     }
     done.await.unwrap().unwrap();
+    settle().await; // the last exit is handled
     let states: Vec<String> = h.status().await.into_iter().map(|s| s.2).collect();
     assert_eq!(states, ["ready", "ready", "ready"]);
 }
