@@ -6,7 +6,7 @@
 //! exits 3 when no watcher runs.
 
 mod cli;
-mod control;
+mod running;
 
 use std::process::ExitCode;
 
@@ -42,7 +42,7 @@ fn main() -> ExitCode {
         }
     };
     if let Some(cmd) = args.control {
-        return control::run(cmd);
+        return running::run(cmd);
     }
     if args.daemon && args.pid_file.is_none() {
         eprintln!(

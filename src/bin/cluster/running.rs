@@ -1,4 +1,5 @@
-//! The subcommands that talk to a running watcher: status, reload, stop, scale.
+//! The subcommands that talk to a running watcher through its control
+//! socket: status, reload, stop, scale.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
