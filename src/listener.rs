@@ -117,9 +117,23 @@ impl Listener {
     }
 }
 
-/// A connection handed off by the watcher, not yet accepted: the socket
-/// and the client's address as the watcher saw it.
-pub(crate) type Handed = (OwnedFd, String);
+/// A connection handed off by the watcher, not yet accepted: the socket,
+/// the client's address as the watcher saw it, and the watcher's id for it.
+#[derive(Debug)]
+pub(crate) struct Handed {
+    pub fd: OwnedFd,
+    pub peer: String,
+    pub conn: u64,
+}
+
+/// What the balanced listeners ask of the IPC thread.
+#[derive(Debug)]
+pub(crate) enum ToIpc {
+    /// Give a connection back to the watcher (it goes to another worker).
+    GiveBack(u64, Handed),
+    /// Connections were accepted: tell the watcher ([`Balanced::take_accepted`]).
+    AcksDue,
+}
 
 /// The connections waiting for one balanced listener.
 #[derive(Debug, Default)]
@@ -145,18 +159,21 @@ struct Tracked {
     inode: (u64, u64),
 }
 
-/// Gives a connection back to the watcher (it goes to another worker).
-pub(crate) type GiveBack = Box<dyn Fn(u64, Handed) + Send + Sync>;
+/// How the balanced listeners reach the IPC thread.
+pub(crate) type ToIpcFn = Box<dyn Fn(ToIpc) + Send + Sync>;
 
 /// A worker's balanced listeners: their queues, the connections they
-/// accepted (to report closes), and the way back to the watcher.
+/// accepted (to acknowledge them, and to report closes), and the way to
+/// the IPC thread.
 pub(crate) struct Balanced {
     queues: Mutex<HashMap<u64, Arc<Queue>>>,
     tracked: Mutex<Vec<Tracked>>,
+    /// Accepted and not yet acknowledged: (listener, connection id).
+    accepted: Mutex<Vec<(u64, u64)>>,
     /// Set once the watcher grants a balanced listener: only then are
     /// accepted connections polled for closing.
     active: AtomicBool,
-    give_back: GiveBack,
+    to_ipc: ToIpcFn,
 }
 
 impl std::fmt::Debug for Balanced {
@@ -168,13 +185,25 @@ impl std::fmt::Debug for Balanced {
 }
 
 impl Balanced {
-    pub(crate) fn new(give_back: GiveBack) -> Balanced {
+    pub(crate) fn new(to_ipc: ToIpcFn) -> Balanced {
         Balanced {
             queues: Mutex::new(HashMap::new()),
             tracked: Mutex::new(Vec::new()),
+            accepted: Mutex::new(Vec::new()),
             active: AtomicBool::new(false),
-            give_back,
+            to_ipc,
         }
+    }
+
+    /// Accepted connections not acknowledged yet, by listener.
+    pub(crate) fn take_accepted(&self) -> HashMap<u64, Vec<u64>> {
+        let mut by_listener: HashMap<u64, Vec<u64>> = HashMap::new();
+        if let Ok(mut accepted) = self.accepted.lock() {
+            for (listener, conn) in accepted.drain(..) {
+                by_listener.entry(listener).or_default().push(conn);
+            }
+        }
+        by_listener
     }
 
     /// Whether any balanced listener was ever granted.
@@ -256,7 +285,19 @@ impl Balanced {
         closed
     }
 
-    fn track(&self, listener: u64, raw: RawFd) {
+    /// Records an accepted connection: acknowledged to the watcher at once
+    /// (it stops keeping a copy), then watched for closing.
+    fn track(&self, listener: u64, conn: u64, raw: RawFd) {
+        let first = match self.accepted.lock() {
+            Ok(mut accepted) => {
+                accepted.push((listener, conn));
+                accepted.len() == 1
+            }
+            Err(_) => false,
+        };
+        if first {
+            (self.to_ipc)(ToIpc::AcksDue);
+        }
         if let (Some(inode), Ok(mut tracked)) = (sys::inode_of(raw), self.tracked.lock()) {
             tracked.push(Tracked {
                 listener,
@@ -313,7 +354,7 @@ impl BalancedListener {
     /// An error of kind `ConnectionAborted` once the watcher is gone (and
     /// every connection it handed over was accepted).
     pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
-        let (fd, peer) = loop {
+        let Handed { fd, peer, conn } = loop {
             let notified = self.queue.ready.notified();
             {
                 let mut state = self
@@ -347,7 +388,7 @@ impl BalancedListener {
             ),
             Stream::Unix(s) => PeerAddr::Unix(s.peer_addr()?),
         };
-        self.set.track(self.id, raw);
+        self.set.track(self.id, conn, raw);
         Ok((stream, peer))
     }
 }
@@ -369,7 +410,7 @@ impl Drop for BalancedListener {
             Err(_) => Vec::new(),
         };
         for handed in waiting {
-            (self.set.give_back)(self.id, handed);
+            (self.set.to_ipc)(ToIpc::GiveBack(self.id, handed));
         }
     }
 }
@@ -379,28 +420,35 @@ mod tests {
     use super::*;
     use std::sync::mpsc;
 
-    fn set() -> (Arc<Balanced>, mpsc::Receiver<(u64, Handed)>) {
+    fn set() -> (Arc<Balanced>, mpsc::Receiver<ToIpc>) {
         let (tx, rx) = mpsc::channel();
         let tx = Mutex::new(tx);
-        let give_back: GiveBack = Box::new(move |id, h| {
-            let _ = tx.lock().unwrap().send((id, h));
+        let to_ipc: ToIpcFn = Box::new(move |m| {
+            let _ = tx.lock().unwrap().send(m);
         });
-        (Arc::new(Balanced::new(give_back)), rx)
+        (Arc::new(Balanced::new(to_ipc)), rx)
     }
 
-    fn conn() -> (Handed, std::os::unix::net::UnixStream) {
+    fn conn(id: u64) -> (Handed, std::os::unix::net::UnixStream) {
         let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
-        ((OwnedFd::from(a), String::new()), b)
+        let handed = Handed {
+            fd: OwnedFd::from(a),
+            peer: String::new(),
+            conn: id,
+        };
+        (handed, b)
     }
 
     #[tokio::test]
-    async fn delivered_connections_are_accepted_and_closes_counted() {
-        let (set, _back) = set();
+    async fn delivered_connections_are_accepted_acknowledged_and_closes_counted() {
+        let (set, to_ipc) = set();
         let addr = Address::Unix("/unused".into());
         let listener = set.register(7, &addr, "unix:///unused".into());
-        let (handed, _peer) = conn();
+        let (handed, _peer) = conn(41);
         assert!(set.deliver(7, handed).is_none());
         let (stream, _) = listener.accept().await.unwrap();
+        assert!(matches!(to_ipc.try_recv(), Ok(ToIpc::AcksDue)));
+        assert_eq!(set.take_accepted().get(&7), Some(&vec![41]));
         assert!(set.closed_counts().is_empty());
         drop(stream);
         assert_eq!(set.closed_counts().get(&7), Some(&1));
@@ -411,11 +459,17 @@ mod tests {
         let (set, back) = set();
         let addr = Address::Unix("/unused".into());
         let listener = set.register(3, &addr, String::new());
-        let (first, _p1) = conn();
+        let (first, _p1) = conn(1);
         assert!(set.deliver(3, first).is_none());
         drop(listener);
-        assert_eq!(back.try_recv().unwrap().0, 3, "queued one given back");
-        let (second, _p2) = conn();
+        assert!(
+            matches!(
+                back.try_recv(),
+                Ok(ToIpc::GiveBack(3, Handed { conn: 1, .. }))
+            ),
+            "queued one given back"
+        );
+        let (second, _p2) = conn(2);
         assert!(set.deliver(3, second).is_some(), "refused after the drop");
     }
 

@@ -24,6 +24,9 @@ pub(crate) struct PidFile {
     path: PathBuf,
     /// Lock on the file now at `path` (the renamed temporary file).
     lock: Option<Flock<File>>,
+    /// The pid a stale file held: a previous watcher that died without
+    /// cleaning up (what it left running may still be around).
+    previous: Option<u32>,
 }
 
 impl PidFile {
@@ -67,6 +70,10 @@ impl PidFile {
                 break locked;
             }
         };
+        let previous = fs::read_to_string(path)
+            .ok()
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|&p| p != std::process::id());
         // 2. Write the new content beside it, lock it, rename it into place.
         let dir = path
             .parent()
@@ -95,6 +102,7 @@ impl PidFile {
             Ok(lock) => Ok(PidFile {
                 path: path.to_path_buf(),
                 lock: Some(lock),
+                previous,
             }),
             Err(e) => {
                 let _ = fs::remove_file(&tmp);
@@ -103,10 +111,9 @@ impl PidFile {
         }
     }
 
-    /// The pid file's path.
-    #[allow(dead_code)]
-    pub(crate) fn path(&self) -> &Path {
-        &self.path
+    /// The pid a stale pid file held when it was taken over.
+    pub(crate) fn previous(&self) -> Option<u32> {
+        self.previous
     }
 }
 

@@ -60,6 +60,12 @@ impl WatcherSignals {
     }
 }
 
+/// A stream of SIGCHLD (a child exited), for the watcher's orphan reaper.
+/// Must be called within a tokio runtime.
+pub(crate) fn child_exits() -> io::Result<Signal> {
+    signal(SignalKind::child())
+}
+
 /// Resolves when the process receives SIGTERM, SIGINT, SIGQUIT or SIGHUP,
 /// with the signal's name. A handler that cannot be installed is logged and
 /// that signal is not waited for.

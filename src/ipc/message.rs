@@ -75,7 +75,14 @@ pub(crate) enum ToWatcher {
     ConnectionsClosed { listener: u64, count: u32 },
     /// A handed-off connection the worker will not serve (its listener is
     /// gone), attached, for the watcher to give to another worker.
-    ConnectionReturned { listener: u64, peer: String },
+    ConnectionReturned {
+        listener: u64,
+        conn: u64,
+        peer: String,
+    },
+    /// The worker's code accepted these handed-off connections: the
+    /// watcher closes the copies it kept in case the worker died first.
+    ConnectionsAccepted { listener: u64, conns: Vec<u64> },
 }
 
 /// A balanced listener granted to a worker: the watcher accepts and sends
@@ -155,6 +162,7 @@ mod tests {
             },
             ToWatcher::ConnectionReturned {
                 listener: 1,
+                conn: 2,
                 peer: "127.0.0.1:9".into(),
             },
         ];

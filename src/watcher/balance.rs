@@ -14,16 +14,17 @@
 //!
 //! In every mode the worker's code is the same: `listen(addr)`, `accept`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::event::{Outbound, OutboundSender};
+use super::event::{Outbound, OutboundSender, MAX_QUEUED_FDS};
 use crate::ipc::message::ToWorker;
 use crate::listener::Listener;
 use crate::socket::{Address, PeerAddr};
@@ -74,13 +75,40 @@ impl std::str::FromStr for Balance {
     }
 }
 
+/// Connections a worker may hold unacknowledged (handed over, not yet
+/// accepted by its code) before it counts as busy.
+pub(crate) const MAX_UNACKED: usize = 1024;
+
+/// A connection the watcher accepted: the socket, the client's address.
+struct Accepted {
+    fd: OwnedFd,
+    ip: Option<IpAddr>,
+    peer: String,
+}
+
 /// A worker that takes handed-off connections on one listener.
 struct Consumer {
     context_id: u64,
     outbound: OutboundSender,
-    /// Cleared when the worker stops or dies.
+    /// Cleared when the worker stops or dies: it is handed nothing more.
     accepting: Arc<AtomicBool>,
+    /// Its writer is gone (it died): handed nothing more; what it held is
+    /// handed out again once its exit is known.
+    dead: bool,
     open: u64,
+    /// Connections handed to it that its code has not accepted yet, by
+    /// connection id: the watcher's own duplicate, so that a connection
+    /// the worker never read goes to another worker if this one dies.
+    unacked: HashMap<u64, Accepted>,
+}
+
+impl Consumer {
+    fn available(&self) -> bool {
+        !self.dead
+            && self.accepting.load(Ordering::Relaxed)
+            && self.unacked.len() < MAX_UNACKED
+            && self.outbound.queued_fds() < MAX_QUEUED_FDS
+    }
 }
 
 struct Pool {
@@ -89,50 +117,83 @@ struct Pool {
     next: usize,
     sticky: HashMap<IpAddr, u64>,
     next_conn: u64,
+    /// Connections waiting for a worker: given back, or held by a worker
+    /// that died before it accepted them. They go before new ones.
+    pending: VecDeque<Accepted>,
 }
 
 /// Upper bound on remembered client addresses for `ip-hash`.
 const STICKY_MAX: usize = 100_000;
 
 impl Pool {
-    fn prune(&mut self) {
-        self.consumers
-            .retain(|c| c.accepting.load(Ordering::Relaxed) && !c.outbound.is_closed());
+    fn new(mode: Balance) -> Pool {
+        Pool {
+            mode,
+            consumers: Vec::new(),
+            next: 0,
+            sticky: HashMap::new(),
+            next_conn: 1,
+            pending: VecDeque::new(),
+        }
     }
 
-    /// Picks a worker for a connection from `peer`.
+    fn any_available(&self) -> bool {
+        self.consumers.iter().any(Consumer::available)
+    }
+
+    /// Removes a worker; what it held unaccepted waits for another.
+    fn remove(&mut self, context_id: u64) {
+        let Some(i) = self
+            .consumers
+            .iter()
+            .position(|c| c.context_id == context_id)
+        else {
+            return;
+        };
+        let gone = self.consumers.remove(i);
+        let mut held: Vec<(u64, Accepted)> = gone.unacked.into_iter().collect();
+        held.sort_by_key(|(conn, _)| std::cmp::Reverse(*conn));
+        for (_, a) in held {
+            self.pending.push_front(a);
+        }
+    }
+
+    /// Picks an available worker for a connection from `peer`.
     fn choose(&mut self, peer: Option<IpAddr>) -> Option<usize> {
-        self.prune();
-        let n = self.consumers.len();
+        let avail: Vec<usize> = (0..self.consumers.len())
+            .filter(|&i| self.consumers[i].available())
+            .collect();
+        let n = avail.len();
         if n == 0 {
             return None;
         }
-        let index = match self.mode {
+        let pick = match self.mode {
             Balance::LeastConnections => {
                 // Fewest open; ties go round-robin from `next`.
                 let start = self.next % n;
                 let best = (0..n)
                     .map(|k| (start + k) % n)
-                    .min_by_key(|&i| self.consumers[i].open)
+                    .min_by_key(|&k| self.consumers[avail[k]].open)
                     .unwrap_or(0);
                 self.next = best + 1;
                 best
             }
             Balance::IpHash => match peer {
                 Some(ip) => {
-                    let known = self
-                        .sticky
-                        .get(&ip)
-                        .and_then(|id| self.consumers.iter().position(|c| c.context_id == *id));
+                    let known = self.sticky.get(&ip).and_then(|id| {
+                        avail
+                            .iter()
+                            .position(|&i| self.consumers[i].context_id == *id)
+                    });
                     match known {
-                        Some(i) => i,
+                        Some(k) => k,
                         None => {
-                            let i = (hash_ip(ip) % n as u64) as usize;
+                            let k = (hash_ip(ip) % n as u64) as usize;
                             if self.sticky.len() >= STICKY_MAX {
                                 self.sticky.clear();
                             }
-                            self.sticky.insert(ip, self.consumers[i].context_id);
-                            i
+                            self.sticky.insert(ip, self.consumers[avail[k]].context_id);
+                            k
                         }
                     }
                 }
@@ -142,12 +203,64 @@ impl Pool {
                 }
             },
             _ => {
-                let i = self.next % n;
-                self.next = i + 1;
-                i
+                let k = self.next % n;
+                self.next = k + 1;
+                k
             }
         };
-        Some(index)
+        Some(avail[pick])
+    }
+
+    /// Hands `a` to a worker. Gives it back when no worker can take it.
+    fn dispatch(&mut self, listener: u64, mut a: Accepted) -> Result<(), Accepted> {
+        loop {
+            let Some(i) = self.choose(a.ip) else {
+                return Err(a);
+            };
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            // Our own copy until the worker says its code accepted it.
+            let keep = a.fd.try_clone().ok();
+            let c = &mut self.consumers[i];
+            let out = Outbound {
+                msg: ToWorker::Connection {
+                    listener,
+                    conn,
+                    peer: a.peer.clone(),
+                },
+                fds: vec![a.fd],
+            };
+            match c.outbound.send(out) {
+                Ok(()) => {
+                    c.open += 1;
+                    if let Some(fd) = keep {
+                        c.unacked.insert(
+                            conn,
+                            Accepted {
+                                fd,
+                                ip: a.ip,
+                                peer: a.peer,
+                            },
+                        );
+                    }
+                    return Ok(());
+                }
+                Err(back) => {
+                    // Its writer is gone: try another worker.
+                    c.dead = true;
+                    let Some(fd) = back.fds.into_iter().next() else {
+                        return Ok(());
+                    };
+                    a.fd = fd;
+                }
+            }
+        }
+    }
+
+    fn consumer(&mut self, context_id: u64) -> Option<&mut Consumer> {
+        self.consumers
+            .iter_mut()
+            .find(|c| c.context_id == context_id)
     }
 }
 
@@ -165,18 +278,14 @@ fn hash_ip(ip: IpAddr) -> u64 {
     h ^ (h >> 33)
 }
 
-/// One handed-off address: the watcher's accept loop and its worker pool.
+/// One balanced address: the watcher's accept loop and its worker pool.
 pub(crate) struct Balancer {
     pub id: u64,
     pub local: String,
     pool: Arc<Mutex<Pool>>,
     wake: Arc<Notify>,
-    requeue: mpsc::UnboundedSender<Accepted>,
     task: JoinHandle<()>,
 }
-
-/// An accepted connection waiting for a worker.
-type Accepted = (OwnedFd, Option<IpAddr>, String);
 
 impl Drop for Balancer {
     fn drop(&mut self) {
@@ -198,30 +307,26 @@ impl Balancer {
             (Listener::Tcp(l), _) => l.local_addr()?.to_string(),
             (_, a) => a.to_string(),
         };
-        let pool = Arc::new(Mutex::new(Pool {
-            mode,
-            consumers: Vec::new(),
-            next: 0,
-            sticky: HashMap::new(),
-            next_conn: 1,
-        }));
+        let pool = Arc::new(Mutex::new(Pool::new(mode)));
         let wake = Arc::new(Notify::new());
-        let (requeue, requeued) = mpsc::unbounded_channel();
-        let task = tokio::spawn(accept_loop(
-            id,
-            listener,
-            pool.clone(),
-            wake.clone(),
-            requeued,
-        ));
+        let task = tokio::spawn(accept_loop(id, listener, pool.clone(), wake.clone()));
         Ok(Balancer {
             id,
             local,
             pool,
             wake,
-            requeue,
             task,
         })
+    }
+
+    /// Runs `f` on the pool; wakes the accept loop when `f` says something
+    /// changed that it waits for (a worker joined or became free, a
+    /// connection waits).
+    fn with_pool(&self, f: impl FnOnce(&mut Pool) -> bool) {
+        let wake = self.pool.lock().map(|mut p| f(&mut p)).unwrap_or(false);
+        if wake {
+            self.wake.notify_one();
+        }
     }
 
     /// Adds a worker that asked for this address.
@@ -231,135 +336,125 @@ impl Balancer {
         outbound: OutboundSender,
         accepting: Arc<AtomicBool>,
     ) {
-        if let Ok(mut pool) = self.pool.lock() {
-            pool.consumers.retain(|c| c.context_id != context_id);
+        self.with_pool(|pool| {
+            pool.remove(context_id);
             pool.consumers.push(Consumer {
                 context_id,
                 outbound,
                 accepting,
+                dead: false,
                 open: 0,
+                unacked: HashMap::new(),
             });
-        }
-        self.wake.notify_waiters();
-        self.wake.notify_one();
+            true
+        });
+    }
+
+    /// A worker's code accepted these connections: the watcher's copies close.
+    pub(crate) fn accepted(&self, context_id: u64, conns: &[u64]) {
+        self.with_pool(|pool| {
+            let Some(c) = pool.consumer(context_id) else {
+                return false;
+            };
+            let was_busy = !c.available();
+            for conn in conns {
+                c.unacked.remove(conn);
+            }
+            was_busy && c.available()
+        });
     }
 
     /// A worker reported `count` handed-off connections closed.
     pub(crate) fn closed(&self, context_id: u64, count: u32) {
-        if let Ok(mut pool) = self.pool.lock() {
-            if let Some(c) = pool
-                .consumers
-                .iter_mut()
-                .find(|c| c.context_id == context_id)
-            {
+        self.with_pool(|pool| {
+            if let Some(c) = pool.consumer(context_id) {
                 c.open = c.open.saturating_sub(count as u64);
             }
-        }
+            false
+        });
     }
 
-    /// A worker gave back a connection it will not serve (its listener is
-    /// gone): it takes no more, and the connection goes to another worker.
-    pub(crate) fn returned(&self, context_id: u64, fd: OwnedFd, peer: &str) {
-        if let Ok(mut pool) = self.pool.lock() {
-            pool.consumers.retain(|c| c.context_id != context_id);
-        }
+    /// A worker gave back connection `conn`, which it will not serve (its
+    /// listener is gone): it takes no more, and the connection goes to
+    /// another worker.
+    pub(crate) fn returned(&self, context_id: u64, conn: u64, fd: OwnedFd, peer: &str) {
         let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
-        let _ = self.requeue.send((fd, ip, peer.to_string()));
+        self.with_pool(|pool| {
+            if let Some(c) = pool.consumer(context_id) {
+                c.accepting.store(false, Ordering::Relaxed);
+                c.unacked.remove(&conn);
+                c.open = c.open.saturating_sub(1);
+            }
+            pool.pending.push_back(Accepted {
+                fd,
+                ip,
+                peer: peer.to_string(),
+            });
+            true
+        });
     }
 
-    /// Open connections per worker context id (for tests and status).
-    #[allow(dead_code)]
-    pub(crate) fn load(&self) -> Vec<(u64, u64)> {
-        self.pool
-            .lock()
-            .map(|p| p.consumers.iter().map(|c| (c.context_id, c.open)).collect())
-            .unwrap_or_default()
+    /// A worker exited (or its channel closed, after every message it sent
+    /// was handled): it leaves the pool at once, and the connections it was
+    /// handed but never accepted go to other workers.
+    pub(crate) fn gone(&self, context_id: u64) {
+        self.with_pool(|pool| {
+            pool.remove(context_id);
+            !pool.pending.is_empty()
+        });
     }
 }
 
-async fn accept_loop(
-    id: u64,
-    listener: Listener,
-    pool: Arc<Mutex<Pool>>,
-    wake: Arc<Notify>,
-    mut requeued: mpsc::UnboundedReceiver<Accepted>,
-) {
+async fn accept_loop(id: u64, listener: Listener, pool: Arc<Mutex<Pool>>, wake: Arc<Notify>) {
     loop {
         // Accept only while some worker can take the connection: otherwise
-        // it waits in the kernel's queue, not in ours.
-        loop {
-            let ready = pool
-                .lock()
-                .map(|mut p| {
-                    p.prune();
-                    !p.consumers.is_empty()
-                })
-                .unwrap_or(false);
-            if ready {
-                break;
+        // it waits in the kernel's queue, not in ours. Connections that wait
+        // for a worker go first.
+        let waiting = {
+            let Ok(mut p) = pool.lock() else { return };
+            if !p.any_available() {
+                None
+            } else {
+                let mut next = p.pending.pop_front();
+                while let Some(a) = next.take() {
+                    if let Err(a) = p.dispatch(id, a) {
+                        p.pending.push_front(a);
+                        break;
+                    }
+                    next = p.pending.pop_front();
+                }
+                Some(p.pending.is_empty() && p.any_available())
             }
-            let _ =
-                tokio::time::timeout(std::time::Duration::from_millis(100), wake.notified()).await;
+        };
+        if waiting != Some(true) {
+            let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
+            continue;
         }
-        // Connections given back by a worker go first.
-        let (fd, peer_ip, peer_text): Accepted = tokio::select! {
-            biased;
-            Some(back) = requeued.recv() => back,
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let (ip, text) = match peer {
-                        PeerAddr::Tcp(a) => (Some(a.ip()), a.to_string()),
-                        _ => (None, String::new()),
-                    };
-                    match stream.into_fd() {
-                        Ok(fd) => (fd, ip, text),
-                        Err(_) => continue,
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!("accept failed: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            // A worker joined or left, or a connection came back.
+            _ = wake.notified() => continue,
         };
-        let mut outbound = Outbound {
-            msg: ToWorker::Data(Vec::new()),
-            fds: vec![fd],
-        };
-        // Hand it to a worker; if that worker's channel is gone, try another.
-        loop {
-            let choice = pool.lock().ok().and_then(|mut p| {
-                let i = p.choose(peer_ip)?;
-                let conn = p.next_conn;
-                p.next_conn += 1;
-                p.consumers[i].open += 1;
-                Some((
-                    p.consumers[i].outbound.clone(),
-                    p.consumers[i].context_id,
-                    conn,
-                ))
-            });
-            let Some((tx, context_id, conn)) = choice else {
-                // No worker at all: keep the connection until one asks.
-                let _ =
-                    tokio::time::timeout(std::time::Duration::from_millis(100), wake.notified())
-                        .await;
+        let a = match accepted {
+            Ok((stream, peer)) => {
+                let (ip, text) = match peer {
+                    PeerAddr::Tcp(a) => (Some(a.ip()), a.to_string()),
+                    _ => (None, String::new()),
+                };
+                match stream.into_fd() {
+                    Ok(fd) => Accepted { fd, ip, peer: text },
+                    Err(_) => continue,
+                }
+            }
+            Err(e) => {
+                tracing::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
-            };
-            outbound.msg = ToWorker::Connection {
-                listener: id,
-                conn,
-                peer: peer_text.clone(),
-            };
-            match tx.send(outbound) {
-                Ok(()) => break,
-                Err(mpsc::error::SendError(back)) => {
-                    outbound = back;
-                    if let Ok(mut p) = pool.lock() {
-                        p.consumers.retain(|c| c.context_id != context_id);
-                    }
-                }
+            }
+        };
+        if let Ok(mut p) = pool.lock() {
+            if let Err(a) = p.dispatch(id, a) {
+                p.pending.push_back(a);
             }
         }
     }
@@ -368,23 +463,36 @@ async fn accept_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::watcher::event::{outbound, OutboundReceiver};
 
-    fn pool(mode: Balance, n: u64) -> Pool {
-        let consumers = (1..=n)
-            .map(|id| Consumer {
+    fn pool(mode: Balance, n: u64) -> (Pool, Vec<OutboundReceiver>) {
+        let mut p = Pool::new(mode);
+        let mut rxs = Vec::new();
+        for id in 1..=n {
+            let (tx, rx) = outbound();
+            rxs.push(rx);
+            p.consumers.push(Consumer {
                 context_id: id,
-                outbound: mpsc::unbounded_channel().0,
+                outbound: tx,
                 accepting: Arc::new(AtomicBool::new(true)),
+                dead: false,
                 open: 0,
-            })
-            .collect();
-        Pool {
-            mode,
-            consumers,
-            next: 0,
-            sticky: HashMap::new(),
-            next_conn: 1,
+                unacked: HashMap::new(),
+            });
         }
+        (p, rxs)
+    }
+
+    fn conn() -> (Accepted, std::os::unix::net::UnixStream) {
+        let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+        (
+            Accepted {
+                fd: a.into(),
+                ip: None,
+                peer: String::new(),
+            },
+            b,
+        )
     }
 
     #[test]
@@ -398,14 +506,7 @@ mod tests {
 
     #[test]
     fn least_connections_picks_the_idlest() {
-        // Senders whose receivers are dropped count as closed; keep them.
-        let mut rxs = Vec::new();
-        let mut p = pool(Balance::LeastConnections, 3);
-        for c in &mut p.consumers {
-            let (tx, rx) = mpsc::unbounded_channel();
-            c.outbound = tx;
-            rxs.push(rx);
-        }
+        let (mut p, _rxs) = pool(Balance::LeastConnections, 3);
         p.consumers[0].open = 5;
         p.consumers[1].open = 1;
         p.consumers[2].open = 3;
@@ -414,13 +515,7 @@ mod tests {
 
     #[test]
     fn ip_hash_is_sticky() {
-        let mut rxs = Vec::new();
-        let mut p = pool(Balance::IpHash, 4);
-        for c in &mut p.consumers {
-            let (tx, rx) = mpsc::unbounded_channel();
-            c.outbound = tx;
-            rxs.push(rx);
-        }
+        let (mut p, _rxs) = pool(Balance::IpHash, 4);
         let ip: IpAddr = "10.1.2.3".parse().unwrap();
         let first = p.choose(Some(ip));
         for _ in 0..20 {
@@ -430,5 +525,52 @@ mod tests {
             .map(|i| p.choose(Some(IpAddr::from([10, 0, 0, i]))))
             .collect();
         assert!(spread.len() > 1, "different clients spread");
+    }
+
+    #[test]
+    fn connections_a_dead_worker_never_accepted_go_to_another() {
+        let (mut p, _rxs) = pool(Balance::RoundRobin, 2);
+        let mut peers = Vec::new();
+        for _ in 0..4 {
+            let (a, peer) = conn();
+            peers.push(peer);
+            assert!(p.dispatch(1, a).is_ok());
+        }
+        // Worker 1 got connections 1 and 3; its code accepted 1 only.
+        p.consumers[0].unacked.remove(&1);
+        p.remove(1);
+        assert_eq!(p.pending.len(), 1, "connection 3 waits for another worker");
+        let a = p.pending.pop_front().unwrap();
+        assert!(p.dispatch(1, a).is_ok());
+        assert_eq!(p.consumers.len(), 1);
+        assert_eq!(p.consumers[0].unacked.len(), 3);
+    }
+
+    #[test]
+    fn a_busy_worker_is_skipped() {
+        let (mut p, _rxs) = pool(Balance::RoundRobin, 2);
+        for conn in 0..MAX_UNACKED as u64 {
+            let (a, _peer) = conn_pair();
+            p.consumers[0].unacked.insert(conn, a);
+        }
+        for _ in 0..5 {
+            assert_eq!(p.choose(None), Some(1));
+        }
+        p.consumers[1].accepting.store(false, Ordering::Relaxed);
+        assert_eq!(p.choose(None), None, "nobody can take it");
+    }
+
+    fn conn_pair() -> (Accepted, std::os::unix::net::UnixStream) {
+        conn()
+    }
+
+    #[test]
+    fn a_worker_whose_writer_is_gone_is_skipped_and_the_connection_kept() {
+        let (mut p, mut rxs) = pool(Balance::RoundRobin, 2);
+        drop(rxs.remove(0)); // worker 1's writer ended
+        let (a, _peer) = conn();
+        assert!(p.dispatch(1, a).is_ok());
+        assert!(p.consumers[0].dead);
+        assert_eq!(p.consumers[1].unacked.len(), 1);
     }
 }

@@ -39,6 +39,8 @@ pub(crate) struct Config {
     pub metrics: Option<SocketAddr>,
     /// Socket activation and `sd_notify` when systemd's variables are set.
     pub systemd: bool,
+    /// Become the child subreaper and kill what workers leave behind.
+    pub subreaper: bool,
     pub user: Option<String>,
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
@@ -79,6 +81,7 @@ impl Config {
             balance: Balance::Shared,
             metrics: None,
             systemd: true,
+            subreaper: false,
             user: None,
             group: None,
             credentials: None,
@@ -243,6 +246,18 @@ impl ClusterWatcherBuilder {
     /// Workers never see these variables either way.
     pub fn systemd(mut self, enabled: bool) -> Self {
         self.config.systemd = enabled;
+        self
+    }
+
+    /// Make the watcher process the "child subreaper" of its workers'
+    /// descendants (Linux `PR_SET_CHILD_SUBREAPER`; default off in the
+    /// library, on in the `cluster` CLI): a process a worker started outside
+    /// its process group is re-parented to the watcher when the worker dies,
+    /// and the watcher kills and reaps it. Only for a process that has no
+    /// children of its own besides the workers: every other orphan below it
+    /// is killed too.
+    pub fn subreaper(mut self, enabled: bool) -> Self {
+        self.config.subreaper = enabled;
         self
     }
 

@@ -11,6 +11,8 @@
 
 use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -91,8 +93,94 @@ impl Outbound {
     }
 }
 
-/// A worker's writer queue.
-pub(crate) type OutboundSender = mpsc::UnboundedSender<Outbound>;
+/// How many messages and descriptors wait in one worker's writer queue.
+#[derive(Debug, Default)]
+struct Queued {
+    messages: AtomicUsize,
+    fds: AtomicUsize,
+}
+
+/// A worker's writer queue. It counts what waits in it, so that a worker
+/// that stops reading its channel cannot make the watcher hold descriptors
+/// (or memory) without bound: the callers check [`queued_fds`](Self::queued_fds)
+/// before attaching more, and the supervisor kills a worker whose queue
+/// passes [`MAX_QUEUED_MESSAGES`].
+#[derive(Debug, Clone)]
+pub(crate) struct OutboundSender {
+    tx: mpsc::UnboundedSender<Outbound>,
+    queued: Arc<Queued>,
+}
+
+/// The writer task's end of an [`OutboundSender`].
+pub(crate) struct OutboundReceiver {
+    rx: mpsc::UnboundedReceiver<Outbound>,
+    queued: Arc<Queued>,
+}
+
+/// Descriptors that may wait for one worker (listener duplicates and
+/// handed-off connections) before the watcher stops adding more.
+pub(crate) const MAX_QUEUED_FDS: usize = 256;
+
+/// Messages that may wait for one worker before it counts as not reading
+/// its channel (and is replaced).
+pub(crate) const MAX_QUEUED_MESSAGES: usize = 65_536;
+
+/// A new writer queue.
+pub(crate) fn outbound() -> (OutboundSender, OutboundReceiver) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let queued = Arc::new(Queued::default());
+    (
+        OutboundSender {
+            tx,
+            queued: queued.clone(),
+        },
+        OutboundReceiver { rx, queued },
+    )
+}
+
+impl OutboundSender {
+    /// Queues `out`; gives it back when the writer is gone (the worker is
+    /// exiting).
+    pub(crate) fn send(&self, out: Outbound) -> Result<(), Outbound> {
+        let fds = out.fds.len();
+        self.queued.messages.fetch_add(1, Ordering::Relaxed);
+        self.queued.fds.fetch_add(fds, Ordering::Relaxed);
+        self.tx.send(out).map_err(|mpsc::error::SendError(back)| {
+            self.queued.messages.fetch_sub(1, Ordering::Relaxed);
+            self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+            back
+        })
+    }
+
+    /// Descriptors queued and not yet written to the worker's socket.
+    pub(crate) fn queued_fds(&self) -> usize {
+        self.queued.fds.load(Ordering::Relaxed)
+    }
+
+    /// Messages queued and not yet written.
+    pub(crate) fn queued_messages(&self) -> usize {
+        self.queued.messages.load(Ordering::Relaxed)
+    }
+}
+
+impl OutboundReceiver {
+    /// The next message to write; the caller calls [`written`](Self::written) after.
+    pub(crate) async fn recv(&mut self) -> Option<Outbound> {
+        self.rx.recv().await
+    }
+
+    /// The next message if one is queued.
+    #[cfg(test)]
+    pub(crate) fn try_recv(&mut self) -> Option<Outbound> {
+        self.rx.try_recv().ok()
+    }
+
+    /// One message with `fds` descriptors left the queue.
+    pub(crate) fn written(&self, fds: usize) {
+        self.queued.messages.fetch_sub(1, Ordering::Relaxed);
+        self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+    }
+}
 
 /// A user message from a worker, before the handle attaches a reply path.
 pub(crate) struct Incoming {

@@ -234,8 +234,11 @@ impl ClusterWatcher {
             messages: messages_tx,
             ready: ready_tx,
         };
-        let supervisor =
-            Supervisor::new(self.config.clone(), Box::new(process::Processes), channels);
+        let supervisor = Supervisor::new(
+            self.config.clone(),
+            Box::new(process::Processes::new(self.config.subreaper)),
+            channels,
+        );
         let triggers = reload_triggers::start(&self.config, tx.clone());
         tokio::spawn(async move {
             let _triggers = triggers; // aborted when the supervisor ends

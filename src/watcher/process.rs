@@ -6,13 +6,15 @@
 //! The supervisor only sees the [`Launcher`] trait, so its unit tests drive
 //! it with fake processes under paused time.
 
+use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sys::signal::Signal;
-use tokio::sync::mpsc;
+use nix::unistd::Pid;
+use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
@@ -46,30 +48,166 @@ pub(crate) trait Launcher: Send {
     fn signal(&self, pid: u32, sig: Signal);
 }
 
-/// Real worker processes.
-#[derive(Debug, Default)]
-pub(crate) struct Processes;
+/// Pids of the workers started here that tokio has not reaped yet.
+type Ours = Arc<Mutex<HashSet<u32>>>;
+
+/// Real worker processes. Each worker leads its own process group, and
+/// every signal goes to the group, so a shell script's children stop with
+/// it; when a worker exits, whatever is left in its group is killed.
+///
+/// With `subreaper`, the watcher also becomes the "child subreaper" of its
+/// descendants (Linux `PR_SET_CHILD_SUBREAPER`): a process a worker left
+/// behind outside its group (it called `setsid`) is re-parented to the
+/// watcher when the worker dies, and is killed and reaped here instead of
+/// living on under init.
+pub(crate) struct Processes {
+    ours: Ours,
+    reaper: Option<JoinHandle<()>>,
+}
+
+impl Processes {
+    /// Must be called within a tokio runtime when `subreaper` is set.
+    pub(crate) fn new(subreaper: bool) -> Processes {
+        let ours = Ours::default();
+        let reaper = subreaper
+            .then(|| match nix::sys::prctl::set_child_subreaper(true) {
+                Ok(()) => match crate::signal::child_exits() {
+                    Ok(sigchld) => Some(tokio::spawn(reap_orphans(ours.clone(), sigchld))),
+                    Err(e) => {
+                        tracing::warn!("cannot watch SIGCHLD: {e}; orphans are not reaped");
+                        None
+                    }
+                },
+                Err(e) => {
+                    tracing::warn!("cannot become the child subreaper: {e}");
+                    None
+                }
+            })
+            .flatten();
+        Processes { ours, reaper }
+    }
+}
+
+impl Drop for Processes {
+    fn drop(&mut self) {
+        if let Some(r) = &self.reaper {
+            r.abort();
+        }
+    }
+}
 
 impl Launcher for Processes {
     fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
-        spawn(config, id.slot, id.context_id, events)
+        spawn(config, id.slot, id.context_id, events, &self.ours)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
-        if pid == 0 {
-            return;
-        }
-        // The supervisor only signals workers whose exit it has not handled
-        // yet. The waiter task reaps before that event is handled, so a pid
-        // could in theory be reused inside that short window; a pidfd would
-        // close it (noted in ARCHITECTURE.md).
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
+        signal_group(pid, sig);
     }
+}
+
+/// Sends `sig` to the process group led by worker `pid`.
+///
+/// The supervisor only signals workers whose exit it has not handled yet,
+/// and a group's id stays allocated while any member lives, so the group is
+/// ours; the one window is a group that emptied between the waiter task's
+/// reap and the exit event, whose id a new group leader would have to take
+/// in that instant (a pidfd cannot name a group; noted in ARCHITECTURE.md).
+fn signal_group(pid: u32, sig: Signal) {
+    if pid == 0 || pid > i32::MAX as u32 {
+        return;
+    }
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pid as i32), sig);
+}
+
+/// The direct children of this process, from `/proc/self/task/*/children`.
+fn children() -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return out;
+    };
+    for task in tasks.flatten() {
+        if let Ok(list) = std::fs::read_to_string(task.path().join("children")) {
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<u32>().ok()),
+            );
+        }
+    }
+    out
+}
+
+/// Kills and reaps the children that are not workers: processes a worker
+/// left behind, re-parented to the watcher when their parent died.
+async fn reap_orphans(ours: Ours, mut sigchld: tokio::signal::unix::Signal) {
+    loop {
+        let orphans: Vec<u32> = {
+            let Ok(ours) = ours.lock() else { return };
+            children()
+                .into_iter()
+                .filter(|p| !ours.contains(p))
+                .collect()
+        };
+        for pid in orphans {
+            let p = Pid::from_raw(pid as i32);
+            match nix::sys::wait::waitpid(p, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                    tracing::warn!("killing pid {pid}, left behind by a worker that exited");
+                    let _ = nix::sys::signal::kill(p, Signal::SIGKILL);
+                }
+                _ => tracing::debug!("reaped pid {pid}, left behind by a worker"),
+            }
+        }
+        // The next exit of any child, or a slow poll for the rest.
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), sigchld.recv()).await;
+    }
+}
+
+/// Kills what a previous watcher (`pid`, found in a stale pid file) left
+/// running: every process whose environment says it belongs to it (workers
+/// and their children inherit `CLUSTER_WATCHER_PID`). Returns how many.
+pub(crate) fn kill_left_behind(pid: u32) -> usize {
+    let me = std::process::id();
+    if pid == me || pid == 0 {
+        return 0;
+    }
+    let needle = format!("{}={pid}", env::WATCHER_PID);
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut killed = 0;
+    for entry in dir.flatten() {
+        let Some(p) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if p == me {
+            continue;
+        }
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
+            if nix::sys::signal::kill(Pid::from_raw(p as i32), Signal::SIGKILL).is_ok() {
+                killed += 1;
+            }
+        }
+    }
+    killed
 }
 
 /// Forks and execs one worker for `slot` with `context_id`, and starts the
 /// tasks that read its channel, write to it, and wait for its exit.
-fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
+fn spawn(
+    config: &Config,
+    slot: u32,
+    context_id: u64,
+    events: &EventSender,
+    registry: &Ours,
+) -> Result<Spawned> {
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -106,9 +244,18 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     sys::prepare_worker_exec(&mut cmd, theirs.as_raw_fd(), config.credentials);
-    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // Registered under the lock, so the orphan reaper never sees the new
+    // child as someone else's.
+    let (mut child, pid) = {
+        let mut registered = registry
+            .lock()
+            .map_err(|_| spawn_err(std::io::Error::other("launcher state poisoned")))?;
+        let child = cmd.spawn().map_err(spawn_err)?;
+        let pid = child.id().unwrap_or(0);
+        registered.insert(pid);
+        (child, pid)
+    };
     drop(theirs);
-    let pid = child.id().unwrap_or(0);
     // Tasks whose work must be done before the exit is reported, so that
     // every line and message a worker sent is handled before its exit.
     let mut drained = Vec::new();
@@ -164,8 +311,14 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
     // Exit watcher: reports the exit after the worker's channel and output
     // reached EOF (bounded: a grandchild may hold them open).
     let tx = events.clone();
+    let registry = registry.clone();
     tokio::spawn(async move {
         let status = child.wait().await;
+        // Whatever the worker left in its group goes with it.
+        signal_group(pid, Signal::SIGKILL);
+        if let Ok(mut registered) = registry.lock() {
+            registered.remove(&pid);
+        }
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
             for task in drained {
                 let _ = task.await;
@@ -181,11 +334,13 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
     // Writer: ends when the supervisor drops the sender. A write error means
     // the worker is gone or going (EPIPE); its exit event follows, so the
     // writer just stops.
-    let (outbound, mut rx) = mpsc::unbounded_channel::<Outbound>();
+    let (outbound, mut rx) = super::event::outbound();
     tokio::spawn(async move {
         while let Some(Outbound { msg, fds }) = rx.recv().await {
             let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
-            if let Err(e) = channel.send(&msg, &borrowed).await {
+            let sent = channel.send(&msg, &borrowed).await;
+            rx.written(fds.len());
+            if let Err(e) = sent {
                 tracing::debug!("worker {slot} (context {context_id}): {e}");
                 return;
             }

@@ -14,6 +14,7 @@ use super::shared::{Granted, Shared};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::ipc::Channel;
+use crate::listener::Handed;
 use crate::socket::Address;
 
 /// The IPC thread's side of the messages from the watcher.
@@ -79,18 +80,25 @@ impl Inbound {
             }
             ToWorker::Connection {
                 listener,
-                conn: _,
+                conn,
                 peer,
             } => {
                 let Some(fd) = fds.pop().filter(|_| fds.is_empty()) else {
                     return Err("a handed-off connection without exactly one descriptor".into());
                 };
-                if let Some((fd, peer)) = self.shared.balanced.deliver(listener, (fd, peer)) {
+                let handed = Handed { fd, peer, conn };
+                if let Some(Handed { fd, peer, conn }) =
+                    self.shared.balanced.deliver(listener, handed)
+                {
                     // Nobody accepts on that listener any more: give it
                     // back, the watcher hands it to another worker.
                     channel
                         .send(
-                            &ToWatcher::ConnectionReturned { listener, peer },
+                            &ToWatcher::ConnectionReturned {
+                                listener,
+                                conn,
+                                peer,
+                            },
                             &[fd.as_fd()],
                         )
                         .await

@@ -17,6 +17,7 @@ use super::shared::{Outgoing, Shared};
 use crate::ipc::codec::{encode, EncodeError};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::ipc::{Channel, RecvError, SendError};
+use crate::listener::{Handed, ToIpc};
 use crate::log::LogRecord;
 
 /// What the IPC thread owns besides the socket.
@@ -125,11 +126,12 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
                         ipc.inbound.pending.insert(id, (addr.clone(), reply));
                         channel.send(&ToWatcher::SocketRequest { id, addr }, &[]).await
                     }
-                    Outgoing::Return { listener, handed: (fd, peer) } => {
+                    Outgoing::Balanced(ToIpc::GiveBack(listener, Handed { fd, peer, conn })) => {
                         channel
-                            .send(&ToWatcher::ConnectionReturned { listener, peer }, &[fd.as_fd()])
+                            .send(&ToWatcher::ConnectionReturned { listener, conn, peer }, &[fd.as_fd()])
                             .await
                     }
+                    Outgoing::Balanced(ToIpc::AcksDue) => send_acks(channel, shared).await,
                     Outgoing::Flush(ack) => {
                         let mut rest = std::mem::take(&mut batch);
                         while let Ok(r) = ipc.logs.try_recv() {
@@ -183,6 +185,21 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
             },
         }
     }
+}
+
+/// Tells the watcher which handed-off connections the code accepted.
+async fn send_acks(channel: &Channel, shared: &Shared) -> Result<(), SendError> {
+    for (listener, conns) in shared.balanced.take_accepted() {
+        // One datagram per batch; a batch this large never happens in
+        // practice (it would be 8,000 accepts between two sends).
+        for chunk in conns.chunks(4096) {
+            let conns = chunk.to_vec();
+            channel
+                .send(&ToWatcher::ConnectionsAccepted { listener, conns }, &[])
+                .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Tells the watcher how many records the queue dropped since the last report.

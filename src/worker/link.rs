@@ -15,7 +15,7 @@ use super::dispatch::Inbound;
 use super::ipc_thread::{self, Ipc};
 use super::shared::{Outgoing, Pings, Shared};
 use crate::ipc::env;
-use crate::listener::{Balanced, GiveBack};
+use crate::listener::{Balanced, ToIpcFn};
 use crate::log::{WorkerLogQueue, WORKER_QUEUE};
 use crate::sys;
 
@@ -62,9 +62,9 @@ fn connect() -> Option<Arc<Shared>> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let (logs_tx, logs_rx) = mpsc::channel(WORKER_QUEUE);
     let (inbox_tx, inbox_rx) = mpsc::unbounded_channel();
-    let returns = tx.clone();
-    let give_back: GiveBack = Box::new(move |listener, handed| {
-        let _ = returns.send(Outgoing::Return { listener, handed });
+    let to_ipc_tx = tx.clone();
+    let to_ipc: ToIpcFn = Box::new(move |m| {
+        let _ = to_ipc_tx.send(Outgoing::Balanced(m));
     });
     let shared = Arc::new(Shared {
         context_id,
@@ -81,7 +81,7 @@ fn connect() -> Option<Arc<Shared>> {
             dropped: AtomicU64::new(0),
         },
         inbox: tokio::sync::Mutex::new(inbox_rx),
-        balanced: Arc::new(Balanced::new(give_back)),
+        balanced: Arc::new(Balanced::new(to_ipc)),
     });
     sys::at_exit(flush_at_exit);
     ipc_thread::start(

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::ToWatcher;
-use crate::listener::{Balanced, Handed};
+use crate::listener::{Balanced, ToIpc};
 use crate::log::WorkerLogQueue;
 
 /// What user code asks the IPC thread to send.
@@ -22,11 +22,9 @@ pub(crate) enum Outgoing {
     },
     /// Send every queued log record, then acknowledge (at process exit).
     Flush(std::sync::mpsc::SyncSender<()>),
-    /// Give a handed-off connection back to the watcher.
-    Return {
-        listener: u64,
-        handed: Handed,
-    },
+    /// A balanced listener's request: give a connection back, or
+    /// acknowledge accepted ones.
+    Balanced(ToIpc),
 }
 
 /// What the watcher granted for a `listen` request.

@@ -92,6 +92,7 @@ fn main() -> ExitCode {
         .reload_batch(args.reload_batch)
         .heartbeat_timeout(heartbeat)
         .reload_on_deploy(args.reload_on_deploy)
+        .subreaper(true)
         .balance(args.balance);
     for path in &args.watch {
         builder = builder.watch(path);

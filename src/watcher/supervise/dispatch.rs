@@ -22,11 +22,16 @@ impl Supervisor {
         let Some(w) = self.pool.workers.get_mut(&context_id) else {
             return;
         };
-        if let ToWatcher::ConnectionReturned { listener, peer } = &msg {
+        if let ToWatcher::ConnectionReturned {
+            listener,
+            conn,
+            peer,
+        } = &msg
+        {
             if fds.len() == 1 {
                 let fd = fds.pop().expect("one descriptor");
-                // An unknown listener (gone): the connection closes.
-                self.listeners.returned(*listener, context_id, fd, peer);
+                self.listeners
+                    .returned(*listener, context_id, *conn, fd, peer);
                 return;
             }
             // Malformed: handled below.
@@ -92,6 +97,9 @@ impl Supervisor {
             }
             ToWatcher::ConnectionsClosed { listener, count } => {
                 self.listeners.closed(listener, context_id, count);
+            }
+            ToWatcher::ConnectionsAccepted { listener, conns } => {
+                self.listeners.accepted(listener, context_id, &conns);
             }
             ToWatcher::Data(bytes) => {
                 self.counters.messages_in += 1;

@@ -84,15 +84,34 @@ impl Listeners {
         }
     }
 
-    /// A worker gave a connection back: it goes to another worker. False
-    /// when the listener is unknown (the connection is closed).
-    pub(crate) fn returned(&self, listener: u64, context_id: u64, fd: OwnedFd, peer: &str) -> bool {
-        match self.balancer(listener) {
-            Some(b) => {
-                b.returned(context_id, fd, peer);
-                true
-            }
-            None => false,
+    /// A worker gave connection `conn` back: it goes to another worker.
+    /// When the listener is unknown (gone), the connection is closed.
+    pub(crate) fn returned(
+        &self,
+        listener: u64,
+        context_id: u64,
+        conn: u64,
+        fd: OwnedFd,
+        peer: &str,
+    ) {
+        if let Some(b) = self.balancer(listener) {
+            b.returned(context_id, conn, fd, peer);
+        }
+    }
+
+    /// A worker's code accepted handed-off connections.
+    pub(crate) fn accepted(&self, listener: u64, context_id: u64, conns: &[u64]) {
+        if let Some(b) = self.balancer(listener) {
+            b.accepted(context_id, conns);
+        }
+    }
+
+    /// A worker exited, or its channel closed after everything it sent was
+    /// handled: it leaves every pool, and connections it was handed but
+    /// never accepted go to other workers.
+    pub(crate) fn worker_gone(&self, context_id: u64) {
+        for b in self.balancers.values() {
+            b.gone(context_id);
         }
     }
 

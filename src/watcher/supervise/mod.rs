@@ -236,8 +236,10 @@ impl Supervisor {
                     return;
                 };
                 match error {
-                    // EOF: the worker closed its end, most likely exiting.
-                    RecvError::Closed => {}
+                    // EOF: the worker closed its end, most likely exiting;
+                    // everything it sent was handled, so what it was handed
+                    // and never accepted can go to another worker now.
+                    RecvError::Closed => self.listeners.worker_gone(context_id),
                     error => {
                         tracing::error!(
                             "worker {} (pid {}) broke the protocol ({error}); replacing it",
@@ -307,6 +309,7 @@ impl Supervisor {
         let Some(exit) = self.pool.remove(context_id, status) else {
             return;
         };
+        self.listeners.worker_gone(context_id);
         let (slot, pid, how) = (exit.slot, exit.pid, &exit.how);
         let replacement = self.reloads.replacement(slot);
         if replacement == Some(context_id) {

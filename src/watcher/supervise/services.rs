@@ -11,6 +11,7 @@ use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
 use crate::watcher::metrics;
+use crate::watcher::process;
 use crate::watcher::systemd::Notifier;
 
 /// The running services; dropping them removes the control socket and the
@@ -36,7 +37,18 @@ impl Services {
     ) -> Result<Services> {
         let mut services = Services::default();
         if let Some(path) = &config.pid_file {
-            services.pid_file = Some(PidFile::acquire(path)?);
+            let pid_file = PidFile::acquire(path)?;
+            if let Some(old) = pid_file.previous() {
+                // A previous watcher died without stopping its workers (it
+                // was SIGKILLed): what they left running goes now.
+                let killed = process::kill_left_behind(old);
+                if killed > 0 {
+                    tracing::warn!(
+                        "killed {killed} process(es) left running by a previous watcher (pid {old})"
+                    );
+                }
+            }
+            services.pid_file = Some(pid_file);
         }
         if let Some(path) = config.control_path() {
             services.control = Some(control::Server::bind(&path, commands.clone())?);

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use crate::error::Result;
 use crate::ipc::message::ToWorker;
 use crate::watcher::config::Config;
-use crate::watcher::event::{EventSender, Outbound, OutboundSender};
+use crate::watcher::event::{EventSender, Outbound, OutboundSender, MAX_QUEUED_MESSAGES};
 use crate::watcher::process::{describe_exit, Launcher, WorkerId};
 use crate::watcher::status::{WorkerInfo, WorkerState};
 use crate::watcher::systemd::Notifier;
@@ -370,6 +370,15 @@ impl Pool {
                 );
                 w.kill_at = None;
                 ctx.launcher.signal(w.pid, Signal::SIGKILL);
+            }
+            if w.outbound.queued_messages() > MAX_QUEUED_MESSAGES {
+                tracing::error!(
+                    "worker {} (pid {}) does not read its channel ({} messages wait for it); killing it",
+                    w.slot,
+                    w.pid,
+                    w.outbound.queued_messages()
+                );
+                w.kill(ctx, "not reading its channel");
             }
             if w.ready_by.is_some_and(|t| t <= now) && w.state == WorkerState::Starting {
                 due.not_ready.push(id);

@@ -19,7 +19,9 @@ use crate::error::Result;
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::log::LogFilter;
 use crate::watcher::config::Config;
-use crate::watcher::event::{Command, CommandSender, Event, EventSender, Outbound, Outcome, Scale};
+use crate::watcher::event::{
+    outbound, Command, CommandSender, Event, EventSender, OutboundReceiver, Outcome, Scale,
+};
 use crate::watcher::output::{LogFormat, LogOutput};
 use crate::watcher::process::{Launcher, Spawned, WorkerId};
 
@@ -30,7 +32,7 @@ struct Proc {
     pid: u32,
     at: Instant,
     events: EventSender,
-    outbound: mpsc::UnboundedReceiver<Outbound>,
+    outbound: OutboundReceiver,
 }
 
 impl Proc {
@@ -61,7 +63,8 @@ impl Proc {
     /// Messages the supervisor sent it so far (without waiting).
     fn received(&mut self) -> Vec<ToWorker> {
         let mut out = Vec::new();
-        while let Ok(o) = self.outbound.try_recv() {
+        while let Some(o) = self.outbound.try_recv() {
+            self.outbound.written(o.fds.len());
             out.push(o.msg);
         }
         out
@@ -106,7 +109,7 @@ impl Launcher for Fake {
         state.next_pid += 1;
         let pid = 1000 + state.next_pid;
         state.alive.insert(pid, (context_id, events.clone()));
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = outbound();
         let _ = self.spawns.send(Proc {
             slot,
             context_id,
