@@ -224,6 +224,11 @@ impl Watcher {
         self.arg("--pid-file").arg(path)
     }
 
+    /// `--log-format FORMAT`.
+    pub fn log_format(self, format: &str) -> Self {
+        self.arg("--log-format").arg(format)
+    }
+
     /// `--log-level LEVEL`.
     pub fn log_level(self, level: &str) -> Self {
         self.arg("--log-level").arg(level)
