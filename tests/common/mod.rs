@@ -317,29 +317,6 @@ impl Running {
         }
     }
 
-    /// Starts `cluster ARGS...` with stdout and stderr captured to files in
-    /// a fresh temp dir, and `envs` set.
-    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_in(dir, args, envs)
-    }
-
-    pub fn start_in(dir: tempfile::TempDir, args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-        let mut cmd = Command::new(cluster_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .env("RUST_LOG", "debug");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn cluster");
-        Running::adopt(child, dir)
-    }
-
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
