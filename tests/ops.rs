@@ -477,6 +477,17 @@ fn workers_run_as_the_given_user_without_supplementary_groups() {
 /// Kills a daemon (and its workers) that a test started, even on failure.
 struct DaemonGuard(Option<u32>);
 
+impl DaemonGuard {
+    /// Guards the daemon whose pid `pid_file` holds, if it holds one.
+    fn of(pid_file: &Path) -> DaemonGuard {
+        DaemonGuard(
+            std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        )
+    }
+}
+
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
         if let Some(pid) = self.0 {
@@ -494,7 +505,6 @@ impl Drop for DaemonGuard {
 #[test]
 fn daemon_detaches_serves_and_stops() {
     let port = free_port();
-    let mut guard = DaemonGuard(None);
     let w = watcher().inherit_rust_log().arg("--daemon").pid_file();
     let log_file = w.dir().join("d.log");
     let mut launcher = w.arg("--log-file").arg(&log_file).workers(2).start(
@@ -504,9 +514,7 @@ fn daemon_detaches_serves_and_stops() {
     let (status, stdout, stderr) = launcher.output(Duration::from_secs(30));
     let pid_file = launcher.pid_file();
     // Before anything can fail, make sure the daemon gets killed.
-    guard.0 = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let guard = DaemonGuard::of(pid_file);
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "");
     assert_eq!(stderr, "");
@@ -562,7 +570,6 @@ fn daemon_start_up_errors_reach_the_launcher() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let worker = example("test_worker");
-    let mut guard = DaemonGuard(None);
     let mut launcher = watcher()
         .inherit_rust_log()
         .arg("--daemon")
@@ -570,9 +577,7 @@ fn daemon_start_up_errors_reach_the_launcher() {
         .start(&worker, &["serve", &addr]);
     let (status, _, stderr) = launcher.output(Duration::from_secs(30));
     let pid_file = launcher.pid_file();
-    guard.0 = std::fs::read_to_string(pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let _guard = DaemonGuard::of(pid_file);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stderr.trim().lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
