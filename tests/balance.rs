@@ -24,14 +24,11 @@ static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// SIGKILL of a worker (serving continues, a replacement arrives).
 fn mode_survives_kill_and_reload(mode: &str) {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let port = free_port();
-    let mut c = watcher()
-        .workers(3)
+    let (mut c, port) = watcher()
         .args(["--balance", mode])
         .log_level("info")
-        .start(example("hello_http"), &[&format!("127.0.0.1:{port}")]);
+        .serve_hello(3);
     let before: HashSet<u32> = c.wait_workers(3, START).into_iter().collect();
-    c.wait_serving(port, START);
     // Workers register with the watcher when they call `listen`: wait until
     // all three served (ip-hash keeps this one client on one worker).
     let want = if mode == "ip-hash" { 1 } else { 3 };

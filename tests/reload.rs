@@ -20,14 +20,8 @@ fn count(haystack: &str, needle: &str) -> usize {
 
 #[test]
 fn rolling_restart_under_load_fails_no_request() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut c = watcher()
-        .workers(2)
-        .log_level("info")
-        .start(example("hello_http"), &[&addr]);
+    let (mut c, port) = watcher().log_level("info").serve_hello(2);
     let mut workers: HashSet<u32> = c.wait_workers(2, START).into_iter().collect();
-    c.wait_serving(port, START);
 
     let load = Arc::new(Load::default());
     let mut threads = Vec::new();

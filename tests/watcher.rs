@@ -53,12 +53,8 @@ fn all_workers_serve_one_port() {
 
 #[test]
 fn killed_worker_is_replaced_while_others_serve() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = watcher().workers(3).start(&hello, &[&addr]);
+    let (mut c, port) = watcher().serve_hello(3);
     let before = c.wait_workers(3, START);
-    c.wait_serving(port, START);
     let victim = before[0];
     signal(victim, Signal::SIGKILL);
     // While the replacement starts, every request is still answered.
@@ -84,12 +80,8 @@ fn killed_worker_is_replaced_while_others_serve() {
 
 #[test]
 fn sigterm_stops_everything_and_removes_the_pid_file() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = watcher().workers(2).pid_file().start(&hello, &[&addr]);
+    let (mut c, port) = watcher().pid_file().serve_hello(2);
     let workers = c.wait_workers(2, START);
-    c.wait_serving(port, START);
     let recorded: u32 = std::fs::read_to_string(c.pid_file())
         .unwrap()
         .trim()
@@ -108,12 +100,8 @@ fn sigterm_stops_everything_and_removes_the_pid_file() {
 
 #[test]
 fn killed_watcher_leaves_no_worker_behind() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = watcher().workers(3).start(&hello, &[&addr]);
+    let (mut c, _) = watcher().serve_hello(3);
     let workers = c.wait_workers(3, START);
-    c.wait_serving(port, START);
     c.signal(Signal::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("watcher dies");
     std::thread::sleep(Duration::from_secs(2));

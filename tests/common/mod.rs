@@ -266,6 +266,20 @@ impl Watcher {
         self.arg(program).args(args).spawn()
     }
 
+    /// Starts `n` workers of the `hello_http` example on a free 127.0.0.1
+    /// port, and waits until they run and the port answers (15 s each):
+    /// returns the watcher and the port.
+    pub fn serve_hello(self, n: usize) -> (Running, u16) {
+        let timeout = Duration::from_secs(15);
+        let port = free_port();
+        let mut c = self
+            .workers(n)
+            .start(example("hello_http"), &[&format!("127.0.0.1:{port}")]);
+        c.wait_workers(n, timeout);
+        c.wait_serving(port, timeout);
+        (c, port)
+    }
+
     /// Starts `cluster ARGS...` with the arguments given so far (no program
     /// added), stdin from /dev/null, stdout and stderr to files in the temp
     /// dir, and `RUST_LOG=debug` unless [`Watcher::inherit_rust_log`].
