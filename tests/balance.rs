@@ -24,24 +24,11 @@ static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// SIGKILL of a worker (serving continues, a replacement arrives).
 fn mode_survives_kill_and_reload(mode: &str) {
     let _one_at_a_time = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let port = free_port();
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "3",
-            "--balance",
-            mode,
-            "--log-level",
-            "info",
-            hello.to_str().unwrap(),
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
+    let (mut c, port) = watcher()
+        .args(["--balance", mode])
+        .log_level("info")
+        .serve_hello(3);
     let before: HashSet<u32> = c.wait_workers(3, START).into_iter().collect();
-    wait_for(START, || http_get(port).ok())
-        .unwrap_or_else(|| panic!("{mode}: not serving\n{}", c.stderr()));
     // Workers register with the watcher when they call `listen`: wait until
     // all three served (ip-hash keeps this one client on one worker).
     let want = if mode == "ip-hash" { 1 } else { 3 };
@@ -135,18 +122,10 @@ fn ip_hash_survives_kill_and_reload() {
 /// `cluster --workers N --balance MODE hello_http` on a free port, serving.
 fn start_hello(workers: usize, mode: &str) -> (Running, u16) {
     let port = free_port();
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            &workers.to_string(),
-            "--balance",
-            mode,
-            hello.to_str().unwrap(),
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(workers)
+        .args(["--balance", mode])
+        .start(example("hello_http"), &[&format!("127.0.0.1:{port}")]);
     c.wait_workers(workers, START);
     // Every worker has joined the watcher's pool once it is ready (it asked
     // for the listener first); until then, a handoff mode has fewer workers.
@@ -154,7 +133,7 @@ fn start_hello(workers: usize, mode: &str) -> (Running, u16) {
         (c.stderr().matches(" is ready").count() >= workers).then_some(())
     })
     .unwrap_or_else(|| panic!("{mode}: workers not ready:\n{}", c.stderr()));
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    c.wait_serving(port, START);
     (c, port)
 }
 

@@ -9,7 +9,10 @@ use std::time::Duration;
 use common::*;
 
 fn refused(args: &[&str], code: i32, needle: &str) {
-    let (status, stderr) = run_to_end(args, Duration::from_secs(10));
+    let (status, stderr) = watcher()
+        .args(args)
+        .spawn()
+        .run_to_end(Duration::from_secs(10));
     assert_eq!(status.code(), Some(code), "{args:?}: {stderr}");
     assert_eq!(
         stderr.trim().lines().count(),
@@ -92,10 +95,7 @@ fn bad_log_level() {
 
 #[test]
 fn help_and_version_succeed() {
-    let out = std::process::Command::new(cluster_bin())
-        .arg("--help")
-        .output()
-        .unwrap();
+    let out = cli(["--help"]);
     assert!(out.status.success());
     let help = String::from_utf8_lossy(&out.stdout);
     for flag in [
@@ -107,9 +107,6 @@ fn help_and_version_succeed() {
     ] {
         assert!(help.contains(flag), "{flag} missing from --help");
     }
-    let out = std::process::Command::new(cluster_bin())
-        .arg("--version")
-        .output()
-        .unwrap();
+    let out = cli(["--version"]);
     assert!(out.status.success());
 }

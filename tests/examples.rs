@@ -42,19 +42,11 @@ fn messages_example_collects_a_reply_from_every_worker() {
 
 #[test]
 fn logging_example_reaches_the_watchers_stream() {
-    let logging = example("logging");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            logging.to_str().unwrap(),
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .log_format("json")
+        .log_level("info")
+        .start(example("logging"), &[]);
     let workers = c.wait_workers(2, Duration::from_secs(15));
     let text = wait_for(Duration::from_secs(15), || {
         let t = c.stderr();

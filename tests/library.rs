@@ -67,22 +67,11 @@ async fn zero_workers_and_missing_program_are_refused() {
 
 #[test]
 fn workers_inherit_no_descriptor_but_their_channel() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("x.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "1",
-            "--pid-file",
-            &pf,
-            "--",
-            "/bin/sleep",
-            "100",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(1)
+        .pid_file()
+        .arg("--")
+        .start("/bin/sleep", &["100"]);
     let worker = c.wait_workers(1, Duration::from_secs(15))[0];
     let mut sockets = 0;
     for entry in std::fs::read_dir(format!("/proc/{worker}/fd"))

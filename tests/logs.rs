@@ -25,20 +25,13 @@ fn records<'a>(lines: &'a [serde_json::Value], message: &str) -> Vec<&'a serde_j
 
 /// `cluster --workers N --log-format F --log-level L test_worker log ARGS...`.
 fn log_workers(workers: usize, format: &str, level: &str, args: &[&str]) -> Running {
-    let worker = example("test_worker");
-    let workers = workers.to_string();
-    let mut cmd = vec![
-        "--workers",
-        &workers,
-        "--log-format",
-        format,
-        "--log-level",
-        level,
-    ];
-    cmd.push(worker.to_str().unwrap());
-    cmd.push("log");
-    cmd.extend_from_slice(args);
-    Running::start(&cmd, &[])
+    let mut worker_args = vec!["log"];
+    worker_args.extend_from_slice(args);
+    watcher()
+        .workers(workers)
+        .log_format(format)
+        .log_level(level)
+        .start(example("test_worker"), &worker_args)
 }
 
 #[test]
@@ -181,22 +174,14 @@ fn hundred_thousand_records_from_four_workers_arrive_complete() {
 #[test]
 fn a_flood_beyond_capacity_is_counted_and_the_worker_keeps_serving() {
     let port = free_port();
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "1",
-            "--log-format",
-            "json",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "flood",
-            &format!("127.0.0.1:{port}"),
-            "400000",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(1)
+        .log_format("json")
+        .log_level("info")
+        .start(
+            example("test_worker"),
+            &["flood", &format!("127.0.0.1:{port}"), "400000"],
+        );
     c.wait_workers(1, START);
     // Requests are answered while the flood runs.
     for _ in 0..20 {
@@ -241,18 +226,10 @@ fn a_flood_beyond_capacity_is_counted_and_the_worker_keeps_serving() {
 
 #[test]
 fn stdout_and_stderr_lines_arrive_whole() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "1",
-            "--log-format",
-            "json",
-            worker.to_str().unwrap(),
-            "print",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(1)
+        .log_format("json")
+        .start(example("test_worker"), &["print"]);
     c.wait_workers(1, START);
     let complete = |t: &str| t.contains("bad ") && t.contains("err-1999-");
     wait_for(START, || complete(&c.stderr()).then_some(())).expect("lines arrive");

@@ -17,17 +17,9 @@ use nix::sys::signal::Signal;
 
 const START: Duration = Duration::from_secs(15);
 
-fn cli(args: &[&str]) -> std::process::Output {
-    Command::new(cluster_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cluster")
-}
-
-/// `cluster status --json` as a value, if a watcher answers.
-fn status_json(pid_file: &str) -> Option<serde_json::Value> {
-    let out = cli(&["status", "--pid-file", pid_file, "--json"]);
+/// `cluster status --json` as a value, if the watcher answers.
+fn status_json(c: &Running) -> Option<serde_json::Value> {
+    let out = c.control(&["status", "--json"]);
     if !out.status.success() {
         return None;
     }
@@ -40,26 +32,13 @@ fn workers_of(v: &serde_json::Value) -> Vec<serde_json::Value> {
 
 #[test]
 fn status_shows_memory_cpu_and_the_last_exit() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("c.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
-    let worker = example("test_worker");
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "2",
-            "--pid-file",
-            &pf,
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .pid_file()
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     c.wait_workers(2, START);
     let ready = wait_for(START, || {
-        status_json(&pf).filter(|v| {
+        status_json(&c).filter(|v| {
             let w = workers_of(v);
             w.len() == 2 && w.iter().all(|w| w["state"] == "ready")
         })
@@ -74,7 +53,7 @@ fn status_shows_memory_cpu_and_the_last_exit() {
     signal(victim_pid, Signal::SIGKILL);
 
     let after = wait_for(START, || {
-        status_json(&pf).filter(|v| {
+        status_json(&c).filter(|v| {
             let w = workers_of(v);
             w.len() == 2
                 && w.iter().all(|w| w["state"] == "ready")
@@ -96,7 +75,7 @@ fn status_shows_memory_cpu_and_the_last_exit() {
     }
     // The typed client parses it too, and answers without the new fields
     // (an older watcher) still parse.
-    let out = cli(&["status", "--pid-file", &pf, "--json"]);
+    let out = c.control(&["status", "--json"]);
     let typed: cluster::control::Response = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(typed.workers.len(), 2);
     assert!(typed.workers.iter().all(|w| w.rss_bytes.is_some()));
@@ -106,7 +85,7 @@ fn status_shows_memory_cpu_and_the_last_exit() {
     .unwrap();
     assert_eq!(old.workers[0].last_exit, None);
 
-    let out = cli(&["status", "--pid-file", &pf]);
+    let out = c.control(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     let header = table.lines().nth(1).unwrap_or_default();
     for column in ["RSS", "CPU%", "LAST EXIT"] {
@@ -132,19 +111,11 @@ fn scrape(port: u16) -> Option<String> {
 fn metrics_endpoint_serves_the_series_and_counts_a_crash() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--metrics",
-            &addr,
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .arg("--metrics")
+        .arg(&addr)
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     c.wait_workers(2, START);
     let body = wait_for(START, || {
         scrape(port).filter(|b| sample(b, "cluster_workers{state=\"ready\"}") == Some(2.0))
@@ -238,17 +209,12 @@ fn metrics_endpoint_serves_the_series_and_counts_a_crash() {
 fn metrics_address_in_use_is_a_start_up_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let worker = example("test_worker");
-    let (status, _, stderr) = cluster_output(
-        &[
-            "--metrics",
-            &addr,
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        START,
-    );
+    let (status, _, stderr) = watcher()
+        .inherit_rust_log()
+        .arg("--metrics")
+        .arg(&addr)
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"])
+        .output(START);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stderr.trim().lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
@@ -396,30 +362,16 @@ fn sd_notify_reports_ready_reloading_and_stopping() {
     let notify_dir = tempfile::tempdir().unwrap();
     let notify_path = notify_dir.path().join("notify");
     let notify = NotifyListener::bind(&notify_path);
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("n.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
-    let worker = example("test_worker");
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "2",
-            "--pid-file",
-            &pf,
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[
-            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
-            ("WATCHDOG_USEC", "400000"),
-        ],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .pid_file()
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "400000")
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     wait_for(START, || (notify.states() == ["READY=1"]).then_some(()))
         .unwrap_or_else(|| panic!("no READY=1: {:?}\n{}", notify.all(), c.stderr()));
     // READY=1 came once both workers were ready, from the watcher itself.
-    let v = status_json(&pf).expect("status");
+    let v = status_json(&c).expect("status");
     let w = workers_of(&v);
     assert!(
         w.len() == 2 && w.iter().all(|w| w["state"] == "ready"),
@@ -433,7 +385,7 @@ fn sd_notify_reports_ready_reloading_and_stopping() {
     assert!(ready.contains(&format!("MAINPID={}\n", c.pid)), "{ready}");
     assert!(ready.contains("STATUS=2 worker(s) ready"), "{ready}");
 
-    let out = cli(&["reload", "--pid-file", &pf]);
+    let out = c.control(&["reload"]);
     assert!(out.status.success(), "{out:?}");
     wait_for(START, || {
         (notify.states() == ["READY=1", "RELOADING=1", "READY=1"]).then_some(())
@@ -484,21 +436,12 @@ fn workers_run_as_the_given_user_without_supplementary_groups() {
     std::fs::set_permissions(&program, std::fs::Permissions::from_mode(0o755)).unwrap();
 
     let port = free_port();
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--user",
-            "nobody",
-            program.to_str().unwrap(),
-            "serve",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .args(["--user", "nobody"])
+        .start(&program, &["serve", &format!("127.0.0.1:{port}")]);
     let workers = c.wait_workers(2, START);
-    let r = wait_for(START, || http_get(port).ok())
-        .unwrap_or_else(|| panic!("not serving:\n{}", c.stderr()));
+    let r = c.wait_serving(port, START);
     assert_eq!(r.status, 200);
     let field = |pid: u32, name: &str| -> Vec<String> {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -519,15 +462,11 @@ fn workers_run_as_the_given_user_without_supplementary_groups() {
     // The watcher keeps root (to bind, and for the control socket).
     assert_eq!(field(c.pid, "Uid:")[0], "0");
 
-    let (status, _, stderr) = cluster_output(
-        &[
-            "--user",
-            "no-such-user-for-cluster-tests",
-            program.to_str().unwrap(),
-            "serve",
-        ],
-        START,
-    );
+    let (status, _, stderr) = watcher()
+        .inherit_rust_log()
+        .args(["--user", "no-such-user-for-cluster-tests"])
+        .start(&program, &["serve"])
+        .output(START);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert_eq!(
         stderr.trim(),
@@ -537,6 +476,17 @@ fn workers_run_as_the_given_user_without_supplementary_groups() {
 
 /// Kills a daemon (and its workers) that a test started, even on failure.
 struct DaemonGuard(Option<u32>);
+
+impl DaemonGuard {
+    /// Guards the daemon whose pid `pid_file` holds, if it holds one.
+    fn of(pid_file: &Path) -> DaemonGuard {
+        DaemonGuard(
+            std::fs::read_to_string(pid_file)
+                .ok()
+                .and_then(|s| s.trim().parse().ok()),
+        )
+    }
+}
 
 impl Drop for DaemonGuard {
     fn drop(&mut self) {
@@ -554,32 +504,17 @@ impl Drop for DaemonGuard {
 
 #[test]
 fn daemon_detaches_serves_and_stops() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("d.pid");
-    let log_file = dir.path().join("d.log");
-    let pf = pid_file.to_str().unwrap().to_string();
     let port = free_port();
-    let worker = example("test_worker");
-    let mut guard = DaemonGuard(None);
-    let (status, stdout, stderr) = cluster_output(
-        &[
-            "--daemon",
-            "--pid-file",
-            &pf,
-            "--log-file",
-            log_file.to_str().unwrap(),
-            "--workers",
-            "2",
-            worker.to_str().unwrap(),
-            "serve",
-            &format!("127.0.0.1:{port}"),
-        ],
-        Duration::from_secs(30),
+    let w = watcher().inherit_rust_log().arg("--daemon").pid_file();
+    let log_file = w.dir().join("d.log");
+    let mut launcher = w.arg("--log-file").arg(&log_file).workers(2).start(
+        example("test_worker"),
+        &["serve", &format!("127.0.0.1:{port}")],
     );
+    let (status, stdout, stderr) = launcher.output(Duration::from_secs(30));
+    let pid_file = launcher.pid_file();
     // Before anything can fail, make sure the daemon gets killed.
-    guard.0 = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let guard = DaemonGuard::of(pid_file);
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(stdout, "");
     assert_eq!(stderr, "");
@@ -610,11 +545,11 @@ fn daemon_detaches_serves_and_stops() {
 
     let r = wait_for(START, || http_get(port).ok()).expect("the daemon serves");
     assert_eq!(r.status, 200);
-    let out = cli(&["status", "--pid-file", &pf]);
+    let out = launcher.control(&["status"]);
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("watcher pid {pid}")));
 
-    let out = cli(&["stop", "--pid-file", &pf]);
+    let out = launcher.control(&["stop"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -634,23 +569,15 @@ fn daemon_detaches_serves_and_stops() {
 fn daemon_start_up_errors_reach_the_launcher() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("e.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
     let worker = example("test_worker");
-    let mut guard = DaemonGuard(None);
-    let args = [
-        "--daemon",
-        "--pid-file",
-        &pf,
-        worker.to_str().unwrap(),
-        "serve",
-        &addr,
-    ];
-    let (status, _, stderr) = cluster_output(&args, Duration::from_secs(30));
-    guard.0 = std::fs::read_to_string(&pid_file)
-        .ok()
-        .and_then(|s| s.trim().parse().ok());
+    let mut launcher = watcher()
+        .inherit_rust_log()
+        .arg("--daemon")
+        .pid_file()
+        .start(&worker, &["serve", &addr]);
+    let (status, _, stderr) = launcher.output(Duration::from_secs(30));
+    let pid_file = launcher.pid_file();
+    let _guard = DaemonGuard::of(pid_file);
     assert_eq!(status.code(), Some(1), "{stderr}");
     let lines: Vec<&str> = stderr.trim().lines().collect();
     assert_eq!(lines.len(), 1, "{stderr}");
@@ -662,10 +589,11 @@ fn daemon_start_up_errors_reach_the_launcher() {
     wait_for(START, || (!pid_file.exists()).then_some(())).expect("pid file removed");
 
     // --daemon without a pid file is refused at once.
-    let (status, _, stderr) = cluster_output(
-        &["--daemon", worker.to_str().unwrap(), "serve", &addr],
-        START,
-    );
+    let (status, _, stderr) = watcher()
+        .inherit_rust_log()
+        .arg("--daemon")
+        .start(&worker, &["serve", &addr])
+        .output(START);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("--daemon needs --pid-file"), "{stderr}");
 }

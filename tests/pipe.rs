@@ -680,29 +680,6 @@ fn pipe_listener_refuses_an_existing_path() {
     assert!(err.is_ipc(), "{err:?}");
 }
 
-/// A running `client_handoff` example; it and its children are killed on drop.
-struct Example {
-    child: Option<Child>,
-    pid: u32,
-    seen: Vec<u32>,
-}
-
-impl Drop for Example {
-    fn drop(&mut self) {
-        let mut all = common::descendants(self.pid);
-        all.extend(self.seen.iter().copied());
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        for pid in all {
-            if common::alive(pid) {
-                common::signal(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-    }
-}
-
 #[test]
 fn client_handoff_example_serves_from_several_children_and_stops_on_sigterm() {
     let _serial = serial();
@@ -716,17 +693,9 @@ fn client_handoff_example_serves_from_several_children_and_stops_on_sigterm() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut example = Example {
-        pid: child.id(),
-        child: Some(child),
-        seen: Vec::new(),
-    };
-    let children = common::wait_for(Duration::from_secs(10), || {
-        let kids = common::descendants(example.pid);
-        (kids.len() == CHILDREN).then_some(kids)
-    })
-    .expect("the children start");
-    example.seen = children.clone();
+    // A parent with children like a watcher: both killed on drop.
+    let mut example = common::Running::adopt(child, tempfile::tempdir().unwrap());
+    let children = example.wait_workers(CHILDREN, Duration::from_secs(10));
 
     let mut pids = std::collections::BTreeSet::new();
     let mut last_number = 0;
@@ -756,9 +725,9 @@ fn client_handoff_example_serves_from_several_children_and_stops_on_sigterm() {
     }
     assert!(pids.len() >= 2, "one child served everything: {pids:?}");
 
-    common::signal(example.pid, nix::sys::signal::Signal::SIGTERM);
-    let mut child = example.child.take().unwrap();
-    let status = common::wait_for(Duration::from_secs(15), || child.try_wait().unwrap())
+    example.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = example
+        .wait_exit(Duration::from_secs(15))
         .expect("the example exits after SIGTERM");
     assert!(status.success(), "{status:?}");
     for pid in &children {

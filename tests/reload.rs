@@ -20,22 +20,8 @@ fn count(haystack: &str, needle: &str) -> usize {
 
 #[test]
 fn rolling_restart_under_load_fails_no_request() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--log-level",
-            "info",
-            hello.to_str().unwrap(),
-            &addr,
-        ],
-        &[],
-    );
+    let (mut c, port) = watcher().log_level("info").serve_hello(2);
     let mut workers: HashSet<u32> = c.wait_workers(2, START).into_iter().collect();
-    wait_for(START, || http_get(port).ok()).expect("serving");
 
     let load = Arc::new(Load::default());
     let mut threads = Vec::new();
@@ -91,31 +77,18 @@ fn rolling_restart_under_load_fails_no_request() {
 fn replacement_that_never_gets_ready_leaves_the_old_workers_serving() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("hang");
-    let pid_file = dir.path().join("w.pid");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--ready-timeout",
-            "1",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            worker.to_str().unwrap(),
-            "hang",
-            &addr,
-        ],
-        &[("TEST_HANG_MARK", mark.to_str().unwrap())],
-    );
+    let w = watcher()
+        .workers(2)
+        .args(["--ready-timeout", "1"])
+        .pid_file();
+    let mark = w.dir().join("hang");
+    let mut c = w
+        .env("TEST_HANG_MARK", &mark)
+        .start(example("test_worker"), &["hang", &addr]);
     let before = c.wait_workers(2, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    c.wait_serving(port, START);
     std::fs::write(&mark, "").unwrap();
-    let out = std::process::Command::new(cluster_bin())
-        .args(["reload", "--pid-file", pid_file.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = c.control(&["reload"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("was not ready within 1s"), "{stderr}");
@@ -130,23 +103,14 @@ fn replacement_that_never_gets_ready_leaves_the_old_workers_serving() {
 #[test]
 fn reload_requested_during_a_reload_is_queued() {
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("spawns");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--log-level",
-            "info",
-            worker.to_str().unwrap(),
-            "serve",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("TEST_SPAWN_LOG", log.to_str().unwrap())],
+    let w = watcher().workers(2).log_level("info");
+    let log = w.dir().join("spawns");
+    let mut c = w.env("TEST_SPAWN_LOG", &log).start(
+        example("test_worker"),
+        &["serve", &format!("127.0.0.1:{port}")],
     );
     c.wait_workers(2, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
+    c.wait_serving(port, START);
     c.signal(Signal::SIGUSR1);
     c.signal(Signal::SIGHUP);
     c.signal(Signal::SIGUSR1); // merges with the queued SIGHUP
@@ -165,20 +129,11 @@ fn reload_requested_during_a_reload_is_queued() {
 #[test]
 fn worker_with_a_blocked_event_loop_is_replaced_after_the_heartbeat_timeout() {
     let port = free_port();
-    let dir = tempfile::tempdir().unwrap();
-    let mark = dir.path().join("blocked");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "1",
-            "--heartbeat-timeout",
-            "1",
-            worker.to_str().unwrap(),
-            "block",
-            &format!("127.0.0.1:{port}"),
-        ],
-        &[("TEST_BLOCK_MARK", mark.to_str().unwrap())],
+    let w = watcher().workers(1).args(["--heartbeat-timeout", "1"]);
+    let mark = w.dir().join("blocked");
+    let mut c = w.env("TEST_BLOCK_MARK", &mark).start(
+        example("test_worker"),
+        &["block", &format!("127.0.0.1:{port}")],
     );
     let first = c.wait_workers(1, START)[0];
     let replaced = wait_for(Duration::from_secs(10), || {
@@ -195,22 +150,14 @@ fn worker_with_a_blocked_event_loop_is_replaced_after_the_heartbeat_timeout() {
         "{}",
         c.stderr()
     );
-    wait_for(START, || http_get(port).ok()).expect("the replacement serves");
+    c.wait_serving(port, START); // the replacement
 }
 
 #[test]
 fn ttin_and_ttou_change_the_worker_count() {
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     c.wait_workers(2, START);
     c.signal(Signal::SIGTTIN);
     c.wait_workers(3, START);
@@ -226,23 +173,14 @@ fn ttin_and_ttou_change_the_worker_count() {
 
 #[test]
 fn touching_a_watched_file_reloads() {
-    let dir = tempfile::tempdir().unwrap();
-    let watched = dir.path().join("src");
+    let w = watcher().workers(2);
+    let watched = w.dir().join("src");
     std::fs::create_dir(&watched).unwrap();
     std::fs::write(watched.join("main.rs"), "fn main() {}").unwrap();
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--watch",
-            watched.to_str().unwrap(),
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = w
+        .arg("--watch")
+        .arg(&watched)
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     let before: HashSet<u32> = c.wait_workers(2, START).into_iter().collect();
     // Let the poller take its first fingerprint, then change a file.
     std::thread::sleep(Duration::from_millis(600));
@@ -265,32 +203,21 @@ fn touching_a_watched_file_reloads() {
 
 #[test]
 fn switching_the_deploy_symlink_reloads_onto_the_new_release() {
-    let dir = tempfile::tempdir().unwrap();
-    let releases = dir.path().join("releases");
+    let w = watcher().workers(2).arg("--reload-on-deploy");
+    let releases = w.dir().join("releases");
     for v in ["v1", "v2"] {
         std::fs::create_dir_all(releases.join(v)).unwrap();
         std::fs::copy(example("test_worker"), releases.join(v).join("worker")).unwrap();
     }
-    let current = dir.path().join("current");
+    let current = w.dir().join("current");
     std::os::unix::fs::symlink(releases.join("v1"), &current).unwrap();
-    let program = current.join("worker");
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--reload-on-deploy",
-            program.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = w.start(current.join("worker"), &["serve", "127.0.0.1:0"]);
     let exe = |pid: u32| std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
     for pid in c.wait_workers(2, START) {
         assert!(exe(pid).starts_with(releases.join("v1")), "{:?}", exe(pid));
     }
     // Atomic switch, as deploy tools do it.
-    let tmp = dir.path().join("current.new");
+    let tmp = c.path("current.new");
     std::os::unix::fs::symlink(releases.join("v2"), &tmp).unwrap();
     std::fs::rename(&tmp, &current).unwrap();
     let on_v2 = wait_for(Duration::from_secs(20), || {
@@ -302,37 +229,17 @@ fn switching_the_deploy_symlink_reloads_onto_the_new_release() {
 
 #[test]
 fn control_subcommands_status_reload_scale_stop() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("c.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
-    let cli = |args: &[&str]| {
-        std::process::Command::new(cluster_bin())
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let w = watcher().workers(2).pid_file();
+    let pid_file = w.pid_path();
 
     // No watcher yet: status says so, exit 3.
-    let out = cli(&["status", "--pid-file", &pf]);
+    let out = control(&pid_file, &["status"]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("no watcher is running"));
 
-    let worker = example("test_worker");
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "2",
-            "--pid-file",
-            &pf,
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[],
-    );
+    let mut c = w.start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     let workers = c.wait_workers(2, START);
-    let socket = pid_file.with_extension("sock");
+    let socket = c.control_socket();
     wait_for(START, || socket.exists().then_some(())).expect("control socket");
     use std::os::unix::fs::PermissionsExt;
     assert_eq!(
@@ -340,7 +247,7 @@ fn control_subcommands_status_reload_scale_stop() {
         0o600
     );
 
-    let out = cli(&["status", "--pid-file", &pf, "--json"]);
+    let out = c.control(&["status", "--json"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -356,20 +263,20 @@ fn control_subcommands_status_reload_scale_stop() {
         .map(|w| w["pid"].as_u64().unwrap())
         .collect();
     assert_eq!(pids, workers.iter().map(|&p| p as u64).collect());
-    let out = cli(&["status", "-q", "--pid-file", &pf]);
+    let out = c.control(&["status", "-q"]);
     assert_eq!(out.status.code(), Some(0));
     assert!(
         out.stdout.is_empty() && out.stderr.is_empty(),
         "-q prints nothing"
     );
-    let out = cli(&["status", "--pid-file", &pf]);
+    let out = c.control(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("SLOT") && table.lines().count() == 4,
         "{table}"
     );
 
-    let out = cli(&["reload", "--pid-file", &pf]);
+    let out = c.control(&["reload"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -379,11 +286,11 @@ fn control_subcommands_status_reload_scale_stop() {
     let now: HashSet<u32> = c.wait_workers(2, START).into_iter().collect();
     assert!(now.is_disjoint(&workers.iter().copied().collect()));
 
-    let out = cli(&["scale", "--pid-file", &pf, "3"]);
+    let out = c.control(&["scale", "3"]);
     assert_eq!(out.status.code(), Some(0));
     c.wait_workers(3, START);
 
-    let out = cli(&["stop", "--pid-file", &pf]);
+    let out = c.control(&["stop"]);
     assert_eq!(
         out.status.code(),
         Some(0),
@@ -392,8 +299,5 @@ fn control_subcommands_status_reload_scale_stop() {
     );
     assert_eq!(c.wait_exit(Duration::from_secs(5)).unwrap().code(), Some(0));
     assert!(!pid_file.exists() && !socket.exists());
-    assert_eq!(
-        cli(&["status", "-q", "--pid-file", &pf]).status.code(),
-        Some(3)
-    );
+    assert_eq!(c.control(&["status", "-q"]).status.code(), Some(3));
 }

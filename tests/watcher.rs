@@ -35,7 +35,7 @@ fn all_workers_serve_one_port() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let hello = example("hello_http");
-    let mut c = Running::start(&["--workers", "4", hello.to_str().unwrap(), &addr], &[]);
+    let mut c = watcher().workers(4).start(&hello, &[&addr]);
     c.wait_workers(4, START);
     let ids = distinct_worker_ids(port, 4, Duration::from_secs(20));
     assert_eq!(
@@ -53,12 +53,8 @@ fn all_workers_serve_one_port() {
 
 #[test]
 fn killed_worker_is_replaced_while_others_serve() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = Running::start(&["--workers", "3", hello.to_str().unwrap(), &addr], &[]);
+    let (mut c, port) = watcher().serve_hello(3);
     let before = c.wait_workers(3, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
     let victim = before[0];
     signal(victim, Signal::SIGKILL);
     // While the replacement starts, every request is still answered.
@@ -84,26 +80,9 @@ fn killed_worker_is_replaced_while_others_serve() {
 
 #[test]
 fn sigterm_stops_everything_and_removes_the_pid_file() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("x.pid");
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "2",
-            "--pid-file",
-            pid_file.to_str().unwrap(),
-            hello.to_str().unwrap(),
-            &addr,
-        ],
-        &[],
-    );
+    let (mut c, port) = watcher().pid_file().serve_hello(2);
     let workers = c.wait_workers(2, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
-    let recorded: u32 = std::fs::read_to_string(&pid_file)
+    let recorded: u32 = std::fs::read_to_string(c.pid_file())
         .unwrap()
         .trim()
         .parse()
@@ -112,7 +91,7 @@ fn sigterm_stops_everything_and_removes_the_pid_file() {
     c.signal(Signal::SIGTERM);
     let status = c.wait_exit(Duration::from_secs(15)).expect("watcher exits");
     assert_eq!(status.code(), Some(0), "{}", c.stderr());
-    assert!(!pid_file.exists(), "pid file removed");
+    assert!(!c.pid_file().exists(), "pid file removed");
     for w in workers {
         assert!(!alive(w), "worker {w} still alive");
     }
@@ -121,12 +100,8 @@ fn sigterm_stops_everything_and_removes_the_pid_file() {
 
 #[test]
 fn killed_watcher_leaves_no_worker_behind() {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let hello = example("hello_http");
-    let mut c = Running::start(&["--workers", "3", hello.to_str().unwrap(), &addr], &[]);
+    let (mut c, _) = watcher().serve_hello(3);
     let workers = c.wait_workers(3, START);
-    wait_for(START, || http_get(port).ok()).expect("serving");
     c.signal(Signal::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("watcher dies");
     std::thread::sleep(Duration::from_secs(2));
@@ -141,7 +116,10 @@ fn killed_watcher_leaves_no_worker_behind() {
 fn killed_watcher_takes_down_workers_that_do_not_use_the_library() {
     // `sleep` knows nothing of the cluster and never reads the socketpair:
     // only PR_SET_PDEATHSIG (SIGTERM) can end it when the watcher dies.
-    let mut c = Running::start(&["--workers", "2", "--", "/bin/sleep", "1000"], &[]);
+    let mut c = watcher()
+        .workers(2)
+        .arg("--")
+        .start("/bin/sleep", &["1000"]);
     let workers = c.wait_workers(2, START);
     c.signal(Signal::SIGKILL);
     c.wait_exit(Duration::from_secs(5)).expect("watcher dies");
@@ -156,34 +134,15 @@ fn second_watcher_on_the_same_pid_file_refuses() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
     let hello = example("hello_http");
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("x.pid");
-    let pf = pid_file.to_str().unwrap().to_string();
-    let mut first = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "1",
-            "--pid-file",
-            &pf,
-            hello.to_str().unwrap(),
-            &addr,
-        ],
-        &[],
-    );
+    let mut first = watcher().workers(1).pid_file().start(&hello, &[&addr]);
     first.wait_workers(1, START);
     let other_port = format!("127.0.0.1:{}", free_port());
-    let (status, stderr) = run_to_end(
-        &[
-            "--workers",
-            "1",
-            "--pid-file",
-            &pf,
-            hello.to_str().unwrap(),
-            &other_port,
-        ],
-        Duration::from_secs(10),
-    );
+    let (status, stderr) = watcher()
+        .workers(1)
+        .arg("--pid-file")
+        .arg(first.pid_file())
+        .start(&hello, &[&other_port])
+        .run_to_end(Duration::from_secs(10));
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(
         stderr.contains(&format!(
@@ -195,7 +154,7 @@ fn second_watcher_on_the_same_pid_file_refuses() {
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     // The first watcher is untouched and its pid file intact.
     assert_eq!(
-        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        std::fs::read_to_string(first.pid_file()).unwrap().trim(),
         first.pid.to_string()
     );
     assert_eq!(first.workers().len(), 1);
@@ -203,27 +162,13 @@ fn second_watcher_on_the_same_pid_file_refuses() {
 
 #[test]
 fn stale_pid_file_is_replaced() {
-    let dir = tempfile::tempdir().unwrap();
-    let pid_file = dir.path().join("x.pid");
-    std::fs::write(&pid_file, "999999\n").unwrap();
-    let pf = pid_file.to_str().unwrap().to_string();
+    let w = watcher().workers(1).pid_file();
+    std::fs::write(w.pid_path(), "999999\n").unwrap();
     let port = format!("127.0.0.1:{}", free_port());
-    let hello = example("hello_http");
-    let mut c = Running::start_in(
-        dir,
-        &[
-            "--workers",
-            "1",
-            "--pid-file",
-            &pf,
-            hello.to_str().unwrap(),
-            &port,
-        ],
-        &[],
-    );
+    let mut c = w.start(example("hello_http"), &[&port]);
     c.wait_workers(1, START);
     let pid = wait_for(START, || {
-        std::fs::read_to_string(&pid_file)
+        std::fs::read_to_string(c.pid_file())
             .ok()
             .filter(|s| s.trim() != "999999")
     });
@@ -235,11 +180,10 @@ fn address_in_use_fails_cleanly() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();
     let spawn_log = tempfile::NamedTempFile::new().unwrap();
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &["--workers", "3", worker.to_str().unwrap(), "serve", &addr],
-        &[("TEST_SPAWN_LOG", spawn_log.path().to_str().unwrap())],
-    );
+    let mut c = watcher()
+        .workers(3)
+        .env("TEST_SPAWN_LOG", spawn_log.path())
+        .start(example("test_worker"), &["serve", &addr]);
     let status = c.wait_exit(Duration::from_secs(15)).expect("watcher exits");
     let stderr = c.stderr();
     assert_eq!(status.code(), Some(1), "{stderr}");
@@ -257,13 +201,11 @@ fn address_in_use_fails_cleanly() {
 
 #[test]
 fn crashing_worker_is_respawned_with_growing_delay() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("spawns");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &["--workers", "1", worker.to_str().unwrap(), "exit"],
-        &[("TEST_SPAWN_LOG", log.to_str().unwrap())],
-    );
+    let w = watcher().workers(1);
+    let log = w.dir().join("spawns");
+    let mut c = w
+        .env("TEST_SPAWN_LOG", &log)
+        .start(example("test_worker"), &["exit"]);
     std::thread::sleep(Duration::from_millis(3500));
     let spawns = spawn_log(&log);
     drop(c.child.take().map(|mut ch| {
@@ -292,18 +234,14 @@ fn crashing_worker_is_respawned_with_growing_delay() {
 fn worker_that_writes_garbage_is_replaced_and_others_keep_serving() {
     let port = free_port();
     let addr = format!("127.0.0.1:{port}");
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("spawns");
-    let mark = dir.path().join("garbage-sent");
-    let worker = example("test_worker");
-    let mut c = Running::start(
-        &["--workers", "3", worker.to_str().unwrap(), "garbage", &addr],
-        &[
-            ("TEST_SPAWN_LOG", log.to_str().unwrap()),
-            ("TEST_GARBAGE_MARK", mark.to_str().unwrap()),
-            ("TEST_GARBAGE_SLOT", "2"),
-        ],
-    );
+    let w = watcher().workers(3);
+    let log = w.dir().join("spawns");
+    let mark = w.dir().join("garbage-sent");
+    let mut c = w
+        .env("TEST_SPAWN_LOG", &log)
+        .env("TEST_GARBAGE_MARK", &mark)
+        .env("TEST_GARBAGE_SLOT", "2")
+        .start(example("test_worker"), &["garbage", &addr]);
     // Slot 2 is spawned, misbehaves, is killed and respawned: 4 spawns.
     wait_for(START, || (spawn_log(&log).len() >= 4).then_some(()))
         .unwrap_or_else(|| panic!("no respawn: {:?}\n{}", spawn_log(&log), c.stderr()));
@@ -324,19 +262,11 @@ fn worker_that_writes_garbage_is_replaced_and_others_keep_serving() {
 
 #[test]
 fn port_zero_gives_every_worker_the_same_port() {
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("spawns");
-    let worker = example("test_worker");
-    let _c = Running::start(
-        &[
-            "--workers",
-            "3",
-            worker.to_str().unwrap(),
-            "serve",
-            "127.0.0.1:0",
-        ],
-        &[("TEST_SPAWN_LOG", log.to_str().unwrap())],
-    );
+    let w = watcher().workers(3);
+    let log = w.dir().join("spawns");
+    let _c = w
+        .env("TEST_SPAWN_LOG", &log)
+        .start(example("test_worker"), &["serve", "127.0.0.1:0"]);
     let spawns = wait_for(START, || {
         let s = spawn_log(&log);
         (s.len() == 3).then_some(s)
@@ -352,11 +282,10 @@ fn port_zero_gives_every_worker_the_same_port() {
 #[test]
 fn unix_socket_address_is_shared_and_removed_on_exit() {
     use std::io::{Read, Write};
-    let dir = tempfile::tempdir().unwrap();
-    let sock = dir.path().join("hello.sock");
+    let w = watcher().workers(2);
+    let sock = w.dir().join("hello.sock");
     let addr = format!("unix://{}", sock.display());
-    let hello = example("hello_http");
-    let mut c = Running::start(&["--workers", "2", hello.to_str().unwrap(), &addr], &[]);
+    let mut c = w.start(example("hello_http"), &[&addr]);
     c.wait_workers(2, START);
     let mut s = wait_for(START, || {
         std::os::unix::net::UnixStream::connect(&sock).ok()
@@ -382,19 +311,10 @@ fn second_sigint_forces_the_stop() {
     // worker one process (an ignored signal stays ignored across exec): a
     // `sleep` child per worker would make the count of descendants that
     // `wait_workers` waits for flicker between 2 and 4.
-    let mut c = Running::start(
-        &[
-            "--workers",
-            "2",
-            "--shutdown-timeout",
-            "60",
-            "--",
-            "/bin/sh",
-            "-c",
-            "trap '' TERM; exec sleep 3600",
-        ],
-        &[],
-    );
+    let mut c = watcher()
+        .workers(2)
+        .args(["--shutdown-timeout", "60", "--"])
+        .start("/bin/sh", &["-c", "trap '' TERM; exec sleep 3600"]);
     let workers = c.wait_workers(2, START);
     c.signal(Signal::SIGINT);
     std::thread::sleep(Duration::from_millis(300));

@@ -5,10 +5,11 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -77,6 +78,20 @@ pub fn http_get(port: u16) -> std::io::Result<Response> {
     let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
     s.write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    parse_response(&raw)
+}
+
+/// One `GET path` on a new connection; returns the raw response text.
+pub fn http_get_path(port: u16, path: &str) -> std::io::Result<Response> {
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+    )?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     parse_response(&raw)
@@ -157,6 +172,137 @@ pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig);
 }
 
+/// Where [`Watcher::pid_file`] puts the pid file, in the run's temp dir.
+const PID_FILE: &str = "x.pid";
+
+/// Starts building a `cluster` run: options first, then
+/// [`Watcher::start`] with the program, e.g.
+/// `watcher().workers(2).pid_file().start(&hello, &[&addr])`.
+pub fn watcher() -> Watcher {
+    Watcher {
+        dir: tempfile::tempdir().expect("tempdir"),
+        args: Vec::new(),
+        envs: Vec::new(),
+        pid_file: None,
+        debug_log: true,
+    }
+}
+
+/// The options of a `cluster` run not started yet. Each run has a fresh
+/// temp dir ([`Watcher::dir`]) that holds its stdout and stderr and lives
+/// as long as the [`Running`].
+pub struct Watcher {
+    dir: tempfile::TempDir,
+    args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
+    pid_file: Option<PathBuf>,
+    debug_log: bool,
+}
+
+impl Watcher {
+    /// The run's temp dir, for files a test creates before the start.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Where [`Watcher::pid_file`] puts the pid file (known before it is
+    /// asked for, to prepare or query it before the start).
+    pub fn pid_path(&self) -> PathBuf {
+        self.dir.path().join(PID_FILE)
+    }
+
+    /// `--workers N`.
+    pub fn workers(self, n: usize) -> Self {
+        self.arg("--workers").arg(n.to_string())
+    }
+
+    /// `--pid-file <dir>/x.pid`, named afterwards by [`Running::pid_file`]
+    /// (and its control socket by [`Running::control_socket`]).
+    pub fn pid_file(mut self) -> Self {
+        let path = self.pid_path();
+        self.pid_file = Some(path.clone());
+        self.arg("--pid-file").arg(path)
+    }
+
+    /// `--log-format FORMAT`.
+    pub fn log_format(self, format: &str) -> Self {
+        self.arg("--log-format").arg(format)
+    }
+
+    /// `--log-level LEVEL`.
+    pub fn log_level(self, level: &str) -> Self {
+        self.arg("--log-level").arg(level)
+    }
+
+    /// One more command-line argument, as it is.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.args.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// More command-line arguments, as they are.
+    pub fn args<S: AsRef<OsStr>>(mut self, args: impl IntoIterator<Item = S>) -> Self {
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// An environment variable for the watcher (and so for its workers).
+    pub fn env(mut self, key: &str, value: impl AsRef<OsStr>) -> Self {
+        self.envs.push((key.into(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Leaves `RUST_LOG` as the tests' environment has it instead of
+    /// setting `debug`: for tests of exactly what a user sees.
+    pub fn inherit_rust_log(mut self) -> Self {
+        self.debug_log = false;
+        self
+    }
+
+    /// Starts `cluster OPTIONS... PROGRAM ARGS...`. Put `.arg("--")` before
+    /// it where the program or its arguments could pass for options.
+    pub fn start(self, program: impl AsRef<OsStr>, args: &[&str]) -> Running {
+        self.arg(program).args(args).spawn()
+    }
+
+    /// Starts `n` workers of the `hello_http` example on a free 127.0.0.1
+    /// port, and waits until they run and the port answers (15 s each):
+    /// returns the watcher and the port.
+    pub fn serve_hello(self, n: usize) -> (Running, u16) {
+        let timeout = Duration::from_secs(15);
+        let port = free_port();
+        let mut c = self
+            .workers(n)
+            .start(example("hello_http"), &[&format!("127.0.0.1:{port}")]);
+        c.wait_workers(n, timeout);
+        c.wait_serving(port, timeout);
+        (c, port)
+    }
+
+    /// Starts `cluster ARGS...` with the arguments given so far (no program
+    /// added), stdin from /dev/null, stdout and stderr to files in the temp
+    /// dir, and `RUST_LOG=debug` unless [`Watcher::inherit_rust_log`].
+    pub fn spawn(self) -> Running {
+        let stdout = std::fs::File::create(self.dir.path().join("stdout")).unwrap();
+        let stderr = std::fs::File::create(self.dir.path().join("stderr")).unwrap();
+        let mut cmd = Command::new(cluster_bin());
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr);
+        if self.debug_log {
+            cmd.env("RUST_LOG", "debug");
+        }
+        cmd.envs(self.envs);
+        let child = cmd.spawn().expect("spawn cluster");
+        let mut running = Running::adopt(child, self.dir);
+        running.pid_file = self.pid_file;
+        running.args = self.args;
+        running
+    }
+}
+
 /// A running `cluster` watcher with its own temp dir; killed with all its
 /// descendants when dropped.
 pub struct Running {
@@ -165,34 +311,23 @@ pub struct Running {
     pub dir: tempfile::TempDir,
     /// Every worker pid ever seen, so they can be killed on drop.
     seen: Vec<u32>,
+    pid_file: Option<PathBuf>,
+    /// The command line, for messages.
+    args: Vec<OsString>,
 }
 
 impl Running {
-    /// Starts `cluster ARGS...` with stdout and stderr captured to files in
-    /// a fresh temp dir, and `envs` set.
-    pub fn start(args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let dir = tempfile::tempdir().expect("tempdir");
-        Self::start_in(dir, args, envs)
-    }
-
-    pub fn start_in(dir: tempfile::TempDir, args: &[&str], envs: &[(&str, &str)]) -> Running {
-        let stdout = std::fs::File::create(dir.path().join("stdout")).unwrap();
-        let stderr = std::fs::File::create(dir.path().join("stderr")).unwrap();
-        let mut cmd = Command::new(cluster_bin());
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .env("RUST_LOG", "debug");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().expect("spawn cluster");
+    /// Wraps a `cluster` process the test spawned itself (for example
+    /// through `sh` with extra descriptors), so it is killed with its
+    /// descendants on drop like one from [`Watcher::start`].
+    pub fn adopt(child: Child, dir: tempfile::TempDir) -> Running {
         Running {
             pid: child.id(),
             child: Some(child),
             dir,
             seen: Vec::new(),
+            pid_file: None,
+            args: Vec::new(),
         }
     }
 
@@ -200,8 +335,30 @@ impl Running {
         self.dir.path().join(name)
     }
 
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(self.path("stdout")).unwrap_or_default()
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.path("stderr")).unwrap_or_default()
+    }
+
+    /// The pid file that [`Watcher::pid_file`] asked for.
+    pub fn pid_file(&self) -> &Path {
+        self.pid_file
+            .as_deref()
+            .expect("started without Watcher::pid_file")
+    }
+
+    /// The control socket beside the pid file.
+    pub fn control_socket(&self) -> PathBuf {
+        self.pid_file().with_extension("sock")
+    }
+
+    /// Runs `cluster SUBCOMMAND --pid-file <pid file> ARGS...` against this
+    /// watcher, e.g. `c.control(&["scale", "3"])`.
+    pub fn control(&self, command: &[&str]) -> Output {
+        control(self.pid_file(), command)
     }
 
     /// The watcher's live children (the workers).
@@ -231,6 +388,12 @@ impl Running {
         }
     }
 
+    /// Waits until a `GET /` on `port` is answered, and returns the answer.
+    pub fn wait_serving(&self, port: u16, timeout: Duration) -> Response {
+        wait_for(timeout, || http_get(port).ok())
+            .unwrap_or_else(|| panic!("not serving on port {port}; stderr:\n{}", self.stderr()))
+    }
+
     pub fn signal(&self, sig: nix::sys::signal::Signal) {
         signal(self.pid, sig);
     }
@@ -239,6 +402,25 @@ impl Running {
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let child = self.child.as_mut()?;
         wait_for(timeout, || child.try_wait().ok().flatten())
+    }
+
+    /// Waits for a run that ends by itself (bad input, a daemon's launcher)
+    /// and returns (status, stdout, stderr); fails the test on timeout.
+    pub fn output(&mut self, timeout: Duration) -> (ExitStatus, String, String) {
+        match self.wait_exit(timeout) {
+            Some(status) => (status, self.stdout(), self.stderr()),
+            None => panic!(
+                "cluster {:?} did not exit within {timeout:?}; stderr:\n{}",
+                self.args,
+                self.stderr()
+            ),
+        }
+    }
+
+    /// [`Running::output`] without stdout: (status, stderr).
+    pub fn run_to_end(&mut self, timeout: Duration) -> (ExitStatus, String) {
+        let (status, _, stderr) = self.output(timeout);
+        (status, stderr)
     }
 
     pub fn seen_workers(&self) -> Vec<u32> {
@@ -265,14 +447,39 @@ impl Drop for Running {
 /// Runs `cluster ARGS...` to completion (for bad-input cases), with a
 /// deadline; returns (status, stderr).
 pub fn run_to_end(args: &[&str], timeout: Duration) -> (ExitStatus, String) {
-    let mut running = Running::start(args, &[]);
-    let status = running.wait_exit(timeout).unwrap_or_else(|| {
-        panic!(
-            "cluster {args:?} did not exit; stderr:\n{}",
-            running.stderr()
-        )
-    });
-    (status, running.stderr())
+    watcher().args(args).spawn().run_to_end(timeout)
+}
+
+/// Runs `cluster ARGS...` with a deadline, `RUST_LOG` left as it is, and
+/// returns (status, stdout, stderr); kills it on timeout.
+pub fn cluster_output(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
+    watcher()
+        .inherit_rust_log()
+        .args(args)
+        .spawn()
+        .output(timeout)
+}
+
+/// Runs `cluster ARGS...` (a control subcommand, `--help`) to the end,
+/// with stdin from /dev/null.
+pub fn cli<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
+    Command::new(cluster_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cluster")
+}
+
+/// Runs `cluster SUBCOMMAND --pid-file PID_FILE ARGS...`, also where no
+/// watcher runs (yet).
+pub fn control(pid_file: &Path, command: &[&str]) -> Output {
+    let (subcommand, rest) = command.split_first().expect("a subcommand");
+    let head = [
+        OsStr::new(subcommand),
+        OsStr::new("--pid-file"),
+        pid_file.as_os_str(),
+    ];
+    cli(head.into_iter().chain(rest.iter().map(OsStr::new)))
 }
 
 /// Lines of a spawn log written by `test_worker` (`spawn ctx slot pid ms [port]`).
@@ -300,6 +507,19 @@ impl Load {
         if e.len() < 20 {
             e.push(what);
         }
+    }
+
+    /// Stops the clients and returns (ok, failed, first errors).
+    pub fn finish(&self, threads: Vec<std::thread::JoinHandle<()>>) -> (u64, u64, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+            self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
+        )
     }
 }
 
@@ -390,75 +610,4 @@ pub fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<
             }
         }
     })
-}
-
-impl Load {
-    /// Stops the clients and returns (ok, failed, first errors).
-    pub fn finish(&self, threads: Vec<std::thread::JoinHandle<()>>) -> (u64, u64, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        for t in threads {
-            let _ = t.join();
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            self.errors.lock().map(|e| e.clone()).unwrap_or_default(),
-        )
-    }
-}
-
-impl Running {
-    /// Wraps a `cluster` process the test spawned itself (for example
-    /// through `sh` with extra descriptors), so it is killed with its
-    /// descendants on drop like one from [`Running::start`].
-    pub fn adopt(child: Child, dir: tempfile::TempDir) -> Running {
-        Running {
-            pid: child.id(),
-            child: Some(child),
-            dir,
-            seen: Vec::new(),
-        }
-    }
-}
-
-/// Runs `cluster ARGS...` with a deadline and returns (status, stdout,
-/// stderr); kills it on timeout.
-pub fn cluster_output(args: &[&str], timeout: Duration) -> (ExitStatus, String, String) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let out_path = dir.path().join("out");
-    let err_path = dir.path().join("err");
-    let mut child = Command::new(cluster_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).unwrap())
-        .stderr(std::fs::File::create(&err_path).unwrap())
-        .spawn()
-        .expect("spawn cluster");
-    let status = wait_for(timeout, || child.try_wait().ok().flatten());
-    let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
-    match status {
-        Some(status) => (status, read(&out_path), read(&err_path)),
-        None => {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "cluster {args:?} did not exit within {timeout:?}; stderr:\n{}",
-                read(&err_path)
-            );
-        }
-    }
-}
-
-/// One `GET path` on a new connection; returns the raw response text.
-pub fn http_get_path(port: u16, path: &str) -> std::io::Result<Response> {
-    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
-    s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    parse_response(&raw)
 }
