@@ -190,10 +190,9 @@ pub(crate) fn kill_left_behind(pid: u32) -> usize {
         let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
             continue;
         };
-        if environ.split(|&b| b == 0).any(|v| v == needle.as_bytes()) {
-            if nix::sys::signal::kill(Pid::from_raw(p as i32), Signal::SIGKILL).is_ok() {
-                killed += 1;
-            }
+        let theirs = environ.split(|&b| b == 0).any(|v| v == needle.as_bytes());
+        if theirs && nix::sys::signal::kill(Pid::from_raw(p as i32), Signal::SIGKILL).is_ok() {
+            killed += 1;
         }
     }
     killed
