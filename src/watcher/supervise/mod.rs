@@ -38,7 +38,7 @@ use crate::watcher::systemd::{self, Notifier};
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
-use slots::{Ctx, Pool};
+use slots::{Ctx, Exit, Pool, Respawn};
 
 /// The most workers a watcher runs.
 pub(crate) const MAX_WORKERS: usize = 4096;
@@ -140,7 +140,8 @@ impl Supervisor {
                     return Outcome::Failed(e);
                 }
                 let why = format!("could not be started ({e})");
-                self.pool.schedule_respawn(&self.ctx, slot, &why);
+                self.pool
+                    .schedule_respawn(&self.ctx, slot, &why, Respawn::Failed);
             }
         }
         let _ = started.send(Ok(()));
@@ -327,11 +328,7 @@ impl Supervisor {
             tracing::debug!("worker {slot} (pid {pid}) {how}");
             return;
         }
-        let reset = self.ctx.config.backoff_reset;
         if let Some(s) = self.pool.slot_mut(slot) {
-            if exit.started.elapsed() >= reset {
-                s.failures = 0;
-            }
             s.crashes = s.crashes.saturating_add(1);
         }
         if replacement.is_some() {
@@ -340,7 +337,8 @@ impl Supervisor {
             return;
         }
         let why = format!("(pid {pid}) {how}");
-        self.pool.schedule_respawn(&self.ctx, slot, &why);
+        let kind = respawn_kind(&exit, self.ctx.config.backoff_reset);
+        self.pool.schedule_respawn(&self.ctx, slot, &why, kind);
     }
 
     /// A user message to one worker, or to every worker not stopping.
@@ -449,6 +447,29 @@ impl Supervisor {
         tracing::info!("now running {} worker(s)", self.pool.slots.len());
         self.reloads.resume(&mut self.pool, &self.ctx);
         Ok(self.pool.slots.len())
+    }
+}
+
+/// How soon a serving worker that exited on its own is replaced: a ready
+/// worker that something outside killed (SIGKILL, SIGTERM, SIGINT, SIGHUP,
+/// SIGQUIT: an operator, the OOM killer, a chaos test) at once; one that
+/// failed to start or crashed soon after start after a backoff; one that
+/// had served for `backoff_reset` after the first delay.
+fn respawn_kind(exit: &Exit, backoff_reset: Duration) -> Respawn {
+    const KILLS: [i32; 5] = [
+        libc::SIGKILL,
+        libc::SIGTERM,
+        libc::SIGINT,
+        libc::SIGHUP,
+        libc::SIGQUIT,
+    ];
+    let killed = exit.signal.is_some_and(|s| KILLS.contains(&s)) && !exit.killed_by_us;
+    if exit.state == WorkerState::Ready && killed {
+        Respawn::Killed
+    } else if exit.started.elapsed() >= backoff_reset {
+        Respawn::Ended
+    } else {
+        Respawn::Failed
     }
 }
 

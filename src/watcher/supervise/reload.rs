@@ -10,7 +10,7 @@ use std::collections::{HashMap, VecDeque};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-use super::slots::{Ctx, Pool};
+use super::slots::{Ctx, Pool, Respawn};
 use crate::error::{Error, Kind, Result};
 use crate::watcher::systemd;
 
@@ -175,7 +175,8 @@ impl Reloads {
         reload.failure.get_or_insert(why);
         // A slot left without any worker (its old one died meanwhile) respawns.
         if pool.slot(slot).is_some_and(|s| s.current.is_none()) {
-            pool.schedule_respawn(ctx, slot, "has no worker after a failed replacement");
+            let why = "has no worker after a failed replacement";
+            pool.schedule_respawn(ctx, slot, why, Respawn::Failed);
         }
         self.step(pool, ctx);
     }

@@ -126,7 +126,24 @@ pub(crate) struct Slot {
     pub crashes: u32,
     /// How the slot's last worker ended.
     pub last_exit: Option<String>,
+    /// When its last worker was started.
+    last_spawn: Option<Instant>,
 }
+
+/// Why a slot needs a new worker, which decides how soon it gets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Respawn {
+    /// Its worker failed to start or died soon after: exponential backoff.
+    Failed,
+    /// Its worker had served long enough: the backoff starts over.
+    Ended,
+    /// Its ready worker was killed from outside: replaced at once (at most
+    /// one start per [`MIN_RESPAWN_INTERVAL`] for the slot).
+    Killed,
+}
+
+/// Shortest time between two starts of one slot's workers.
+pub(crate) const MIN_RESPAWN_INTERVAL: Duration = Duration::from_millis(100);
 
 /// How a worker ended, as [`Pool::remove`] reports it.
 pub(crate) struct Exit {
@@ -136,6 +153,10 @@ pub(crate) struct Exit {
     pub how: String,
     pub state: WorkerState,
     pub started: Instant,
+    /// The signal that ended it, if one did.
+    pub signal: Option<i32>,
+    /// The watcher killed it (heartbeat, protocol error, ...).
+    pub killed_by_us: bool,
     /// It was its slot's serving worker (the slot is now empty).
     pub was_current: bool,
     /// Its slot still exists (not scaled away).
@@ -156,6 +177,8 @@ pub(crate) struct Pool {
     pub slots: Vec<Slot>,
     pub workers: HashMap<u64, Worker>,
     next_context_id: u64,
+    /// When a worker was last ready (the program is known to work).
+    last_ready: Option<Instant>,
 }
 
 /// How often to ping: a quarter of the timeout, between 50 ms and 5 s.
@@ -169,6 +192,7 @@ impl Pool {
             slots: (0..slots).map(|_| Slot::default()).collect(),
             workers: HashMap::new(),
             next_context_id: 1,
+            last_ready: None,
         }
     }
 
@@ -214,6 +238,7 @@ impl Pool {
         );
         if let Some(s) = self.slot_mut(slot) {
             s.respawn_at = None;
+            s.last_spawn = Some(now);
             if !replacement {
                 s.current = Some(context_id);
             }
@@ -224,20 +249,54 @@ impl Pool {
     /// Spawns for `slot` now, or schedules a respawn when that fails.
     pub(crate) fn spawn_or_retry(&mut self, ctx: &Ctx, slot: u32) {
         if let Err(e) = self.spawn(ctx, slot, false) {
-            self.schedule_respawn(ctx, slot, &format!("could not be started ({e})"));
+            let why = format!("could not be started ({e})");
+            self.schedule_respawn(ctx, slot, &why, Respawn::Failed);
         }
     }
 
-    /// Schedules the next spawn for `slot` after its backoff.
-    pub(crate) fn schedule_respawn(&mut self, ctx: &Ctx, slot: u32, why: &str) {
+    /// Schedules the next spawn for `slot`: after its backoff for a worker
+    /// that failed, at once for one that was killed while serving.
+    ///
+    /// The cluster never backs off into having no worker at all while the
+    /// program is known to work (a worker was ready within the backoff
+    /// reset window): when no other slot has a worker, this one waits only
+    /// the first delay.
+    pub(crate) fn schedule_respawn(&mut self, ctx: &Ctx, slot: u32, why: &str, kind: Respawn) {
         let (first, max) = (ctx.config.respawn_delay, ctx.config.respawn_delay_max);
+        let now = Instant::now();
+        let working = self
+            .last_ready
+            .is_some_and(|t| now.duration_since(t) < ctx.config.backoff_reset);
+        let others = self
+            .slots
+            .iter()
+            .enumerate()
+            .any(|(i, s)| i + 1 != slot as usize && s.current.is_some());
         let Some(s) = self.slot_mut(slot) else { return };
-        let factor = 2u32.saturating_pow(s.failures.min(30));
-        let delay = first.saturating_mul(factor).min(max);
-        s.failures = s.failures.saturating_add(1);
+        if kind == Respawn::Ended {
+            s.failures = 0;
+        }
+        let delay = match kind {
+            Respawn::Killed => s
+                .last_spawn
+                .map(|t| (t + MIN_RESPAWN_INTERVAL).saturating_duration_since(now))
+                .unwrap_or_default(),
+            Respawn::Failed | Respawn::Ended => {
+                let factor = 2u32.saturating_pow(s.failures.min(30));
+                let backoff = first.saturating_mul(factor).min(max);
+                s.failures = s.failures.saturating_add(1);
+                if working && !others {
+                    backoff.min(first)
+                } else {
+                    backoff
+                }
+            }
+        };
         s.current = None;
-        s.respawn_at = Some(Instant::now() + delay);
-        if s.failures >= 5 {
+        s.respawn_at = Some(now + delay);
+        if kind == Respawn::Killed {
+            tracing::warn!("worker {slot} {why}; replacing it");
+        } else if s.failures >= 5 {
             tracing::warn!(
                 "worker {slot} {why}; it is crash-looping ({} failures in a row), next start in {delay:?}",
                 s.failures
@@ -306,6 +365,7 @@ impl Pool {
         }
         w.state = WorkerState::Ready;
         w.ready_by = None;
+        self.last_ready = Some(Instant::now());
         if w.hello {
             tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
             if let Some(limit) = ctx.config.heartbeat_timeout {
@@ -340,12 +400,15 @@ impl Pool {
                 was_current = true;
             }
         }
+        use std::os::unix::process::ExitStatusExt;
         Some(Exit {
             slot: w.slot,
             pid: w.pid,
             how,
             state: w.state,
             started: w.started,
+            signal: status.and_then(|s| s.signal()),
+            killed_by_us: w.killed_for.is_some(),
             was_current,
             slot_exists,
         })

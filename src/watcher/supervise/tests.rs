@@ -512,3 +512,98 @@ async fn requests_while_stopping_are_refused_with_is_closed() {
     w.exit(0);
     assert!(matches!(h.run.await.unwrap(), Outcome::Stopped));
 }
+
+impl Proc {
+    fn killed(&self, sig: i32) {
+        let _ = self.events.send(Event::Exited {
+            context_id: self.context_id,
+            status: Some(ExitStatus::from_raw(sig)),
+        });
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_ready_worker_killed_from_outside_is_replaced_at_once() {
+    let mut h = start(config(1));
+    let w = h.spawned().await;
+    w.ready();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed = Instant::now();
+    w.killed(libc::SIGKILL);
+    let next = h.spawned().await;
+    assert_eq!(next.at.duration_since(killed), Duration::ZERO);
+    // Killed again right after it became ready: at most one start per
+    // 100 ms for the slot.
+    next.ready();
+    settle().await;
+    next.killed(libc::SIGKILL);
+    let third = h.spawned().await;
+    assert_eq!(
+        third.at.duration_since(next.at),
+        super::slots::MIN_RESPAWN_INTERVAL
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_worker_that_crashes_soon_after_start_still_backs_off() {
+    let mut h = start(config(2));
+    let mut w = h.spawned_n(2).await;
+    for p in &w {
+        p.ready();
+    }
+    settle().await;
+    // Slot 1 keeps crashing on its own (SIGSEGV) right after it is ready:
+    // a crash loop, not a kill, so its delays double.
+    let mut last = w.remove(0);
+    let mut gaps = Vec::new();
+    for _ in 0..4 {
+        let died = Instant::now();
+        last.killed(libc::SIGSEGV);
+        let next = h.spawned().await;
+        assert_eq!(next.slot, 1);
+        gaps.push(next.at.duration_since(died).as_millis());
+        next.ready();
+        settle().await;
+        last = next;
+    }
+    assert_eq!(gaps, [100, 200, 400, 800]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn killing_a_random_ready_worker_every_200ms_never_empties_the_cluster() {
+    let mut c = config(4);
+    c.respawn_delay = Duration::from_millis(100);
+    let mut h = start(c);
+    let mut alive: Vec<Proc> = h.spawned_n(4).await;
+    for p in &alive {
+        p.ready();
+    }
+    settle().await;
+    let mut seed = 12345u64;
+    let mut worst = Duration::ZERO;
+    for _ in 0..100 {
+        // Replacements say hello and become ready within a few ms.
+        while let Ok(p) = h.spawns.try_recv() {
+            p.ready();
+            alive.push(p);
+        }
+        settle().await;
+        seed = seed
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let victim = alive.remove((seed >> 33) as usize % alive.len());
+        let killed = Instant::now();
+        victim.killed(libc::SIGKILL);
+        let replacement = h.spawned().await;
+        worst = worst.max(replacement.at.duration_since(killed));
+        replacement.ready();
+        alive.push(replacement);
+        let live = h.status().await.len();
+        assert!(live >= 3, "{live} workers after a kill");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        worst <= super::slots::MIN_RESPAWN_INTERVAL,
+        "worst replacement delay {worst:?}"
+    );
+}
