@@ -46,6 +46,8 @@ pub(crate) enum RecvError {
     TooManyFds(usize),
     /// The bytes were not a valid message.
     Decode(DecodeError),
+    /// An empty datagram: no message of the protocol is empty.
+    Empty,
 }
 
 impl std::fmt::Display for RecvError {
@@ -58,6 +60,7 @@ impl std::fmt::Display for RecvError {
                 write!(f, "message carries {n} descriptors (limit {MAX_FDS})")
             }
             RecvError::Decode(e) => e.fmt(f),
+            RecvError::Empty => f.write_str("empty datagram"),
         }
     }
 }
@@ -160,9 +163,17 @@ impl Channel {
                 return Err(RecvError::TooLarge);
             }
             if received.len == 0 && received.fds.is_empty() {
-                // SOCK_SEQPACKET reports EOF as a zero-length read; the
-                // protocol never sends empty datagrams.
-                return Err(RecvError::Closed);
+                // SOCK_SEQPACKET reports EOF as a zero-length read, and an
+                // empty datagram reads the same. A peek tells them apart:
+                // at EOF it reads 0 again, after an empty datagram from a
+                // live peer it would block (or finds the next message).
+                let mut probe = [std::mem::MaybeUninit::<u8>::uninit(); 1];
+                return match socket2::SockRef::from(self.fd.get_ref()).peek(&mut probe) {
+                    Ok(0) => Err(RecvError::Closed),
+                    Ok(_) => Err(RecvError::Empty),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Err(RecvError::Empty),
+                    Err(_) => Err(RecvError::Closed),
+                };
             }
             return Ok((received.len, received.fds));
         }
@@ -233,6 +244,22 @@ mod tests {
             a.recv::<ToWatcher>(&mut buf).await,
             Err(RecvError::Closed)
         ));
+    }
+
+    #[tokio::test]
+    async fn an_empty_datagram_is_an_error_not_eof() {
+        let (a, b) = pair().unwrap();
+        let (a, b) = (Channel::new(a).unwrap(), Channel::new(b).unwrap());
+        a.send_bytes(&[], &[]).await.unwrap();
+        let mut buf = Vec::new();
+        assert!(matches!(
+            b.recv::<ToWatcher>(&mut buf).await,
+            Err(RecvError::Empty)
+        ));
+        // The channel still works.
+        a.send(&ToWatcher::Ready, &[]).await.unwrap();
+        let (msg, _): (ToWatcher, _) = b.recv(&mut buf).await.unwrap();
+        assert_eq!(msg, ToWatcher::Ready);
     }
 
     #[tokio::test]

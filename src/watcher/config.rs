@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::balance::Balance;
+use super::bind_policy::BindPolicy;
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
 use crate::socket::DEFAULT_BACKLOG;
@@ -41,6 +42,9 @@ pub(crate) struct Config {
     pub systemd: bool,
     /// Become the child subreaper and kill what workers leave behind.
     pub subreaper: bool,
+    /// `--allow-bind` patterns, parsed by `validate` into `bind_policy`.
+    pub allow_bind: Vec<String>,
+    pub bind_policy: BindPolicy,
     pub user: Option<String>,
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
@@ -82,6 +86,8 @@ impl Config {
             metrics: None,
             systemd: true,
             subreaper: false,
+            allow_bind: Vec::new(),
+            bind_policy: BindPolicy::default(),
             user: None,
             group: None,
             credentials: None,
@@ -270,6 +276,18 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Allow workers to listen on addresses matching `pattern`
+    /// (repeatable): `HOST:PORT`, `:PORT`, `HOST:LOW-HIGH`,
+    /// `unix:///path/file.sock` or `unix:///path/dir/`. Once one is given,
+    /// workers get only matching addresses. Without any, workers that run
+    /// as another user ([`user`](Self::user)) may have TCP ports from 1024
+    /// up and no Unix path, and others anything. A bad pattern makes
+    /// [`build`](Self::build) fail with [`Error::is_config`].
+    pub fn allow_bind(mut self, pattern: impl Into<String>) -> Self {
+        self.config.allow_bind.push(pattern.into());
+        self
+    }
+
     /// Run the workers with the group `name`, with no supplementary groups.
     /// The watcher must run as root.
     pub fn group(mut self, name: impl Into<String>) -> Self {
@@ -282,6 +300,16 @@ impl ClusterWatcherBuilder {
     pub(super) fn validate(mut self) -> Result<Config> {
         self.config.credentials =
             resolve_credentials(self.config.user.as_deref(), self.config.group.as_deref())?;
+        let allowed = self
+            .config
+            .allow_bind
+            .iter()
+            .map(|p| p.parse().map_err(|e: String| Error::new(Kind::Config, e)))
+            .collect::<Result<Vec<_>>>()?;
+        self.config.bind_policy = BindPolicy {
+            allowed,
+            restricted: self.config.credentials.is_some(),
+        };
         if self.config.workers == 0 {
             return Err(Error::new(
                 Kind::Config,

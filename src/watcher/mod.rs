@@ -7,6 +7,7 @@
 //! triggers all talk to it with the same [`Command`]s on one channel.
 
 mod balance;
+mod bind_policy;
 mod config;
 mod control;
 mod event;

@@ -55,6 +55,23 @@ fn clock_ticks() -> u64 {
     )
 }
 
+/// Descriptors this process has open (entries of `/proc/self/fd`).
+pub(crate) fn open_fds() -> Option<usize> {
+    Some(std::fs::read_dir("/proc/self/fd").ok()?.count())
+}
+
+/// The soft limit on this process's open descriptors (`RLIMIT_NOFILE`).
+pub(crate) fn fd_limit() -> Option<u64> {
+    nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .ok()
+        .map(|(soft, _)| soft)
+}
+
+/// Descriptors this process may still open before it reaches its limit.
+pub(crate) fn fd_headroom() -> Option<u64> {
+    Some(fd_limit()?.saturating_sub(open_fds()? as u64))
+}
+
 /// CPU use of each pid in percent of one core, measured over `window`:
 /// CPU time is read, then read again after `window`. `None` for a pid that
 /// exited meanwhile.

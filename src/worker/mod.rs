@@ -258,14 +258,26 @@ impl ServerSocketFactory {
     /// [`Error::is_bind`] when the address cannot be bound (in use, not
     /// permitted), [`Error::is_ipc`] when the watcher cannot be reached.
     pub async fn listen(&self, addr: &str) -> Result<Listener> {
-        let parsed = Address::parse(addr)?;
+        let parsed = Address::parse(addr);
         let fd = match link() {
-            None => parsed.bind(DEFAULT_BACKLOG)?,
-            Some(link) => match link.request_socket(addr).await? {
-                Granted::Fd(fd) => fd,
-                Granted::Balanced(listener) => return Ok(Listener::Balanced(listener)),
-            },
+            None => parsed
+                .as_ref()
+                .map_err(Error::clone)?
+                .bind(DEFAULT_BACKLOG)?,
+            Some(link) => {
+                // Asked even when the address does not parse here: the
+                // watcher parses it too, and a bad address before any
+                // worker was ready stops it with one clear error instead
+                // of a crash loop.
+                let granted = link.request_socket(addr).await;
+                parsed.as_ref().map_err(Error::clone)?;
+                match granted? {
+                    Granted::Fd(fd) => fd,
+                    Granted::Balanced(listener) => return Ok(Listener::Balanced(listener)),
+                }
+            }
         };
+        let parsed = parsed?;
         Listener::from_fd(&parsed, fd).map_err(|e| {
             Error::with_io(Kind::Io, format!("cannot use the listener for {parsed}"), e)
         })

@@ -12,9 +12,13 @@ use tokio::time::Instant;
 
 use super::listeners::Grant;
 use super::Supervisor;
+use crate::error::{Error, Kind};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::socket::Address;
-use crate::watcher::event::{Incoming, Outbound};
+use crate::watcher::event::{Incoming, Outbound, MAX_QUEUED_FDS};
+
+/// Socket requests one worker may make in its life; more is abuse.
+pub(crate) const MAX_SOCKET_REQUESTS: u32 = 1024;
 use crate::watcher::output::Source;
 
 impl Supervisor {
@@ -110,23 +114,37 @@ impl Supervisor {
                     bytes,
                 };
                 if self.channels.messages.try_send(incoming).is_err() {
-                    self.counters.messages_dropped += 1;
-                    if self.counters.messages_dropped.is_power_of_two() {
-                        tracing::warn!(
-                            "{} message(s) from workers dropped: nobody reads ClusterWatcher::messages() fast enough",
-                            self.counters.messages_dropped
-                        );
-                    }
+                    self.counters.message_dropped();
                 }
             }
         }
     }
 
     fn on_socket_request(&mut self, context_id: u64, id: u64, addr: String) {
-        let Some(slot) = self.pool.workers.get(&context_id).map(|w| w.slot) else {
+        let Some(w) = self.pool.workers.get_mut(&context_id) else {
             return;
         };
-        let granted = Address::parse(&addr).and_then(|a| self.listeners.grant(&a, slot));
+        w.socket_requests += 1;
+        if w.socket_requests > MAX_SOCKET_REQUESTS {
+            tracing::error!(
+                "worker {} (pid {}) asked for more than {MAX_SOCKET_REQUESTS} sockets; replacing it",
+                w.slot,
+                w.pid
+            );
+            w.kill(&self.ctx, "too many socket requests");
+            return;
+        }
+        let slot = w.slot;
+        let backed_up = w.outbound.queued_fds() >= MAX_QUEUED_FDS / 4;
+        let granted = if backed_up {
+            // It does not read its replies: hold no more descriptors for it.
+            Err(Error::new(
+                Kind::Io,
+                format!("cannot listen on {addr}: too many socket replies wait to be read"),
+            ))
+        } else {
+            Address::parse(&addr).and_then(|a| self.listeners.grant(&a, slot, context_id))
+        };
         let Some(w) = self.pool.workers.get(&context_id) else {
             return;
         };

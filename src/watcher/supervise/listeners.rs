@@ -9,17 +9,44 @@
 //! * socket activation: a duplicate of the socket systemd passed, for any
 //!   mode (it is one socket, so reuseport slots share it).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::BalancedGrant;
 use crate::socket::Address;
 use crate::watcher::balance::{Balance, Balancer};
+use crate::watcher::bind_policy::BindPolicy;
 use crate::watcher::event::OutboundSender;
+use crate::watcher::procfs;
 use crate::watcher::systemd::{self, Activated};
+
+/// Listening sockets the watcher holds at most (every mode and address).
+pub(crate) const MAX_LISTENERS: usize = 1024;
+
+/// Distinct addresses one worker may ask for.
+pub(crate) const MAX_ADDRESSES_PER_WORKER: usize = 64;
+
+/// Descriptors the watcher keeps free for spawning workers and serving its
+/// control socket: below this headroom it binds and duplicates no more.
+pub(crate) const FD_RESERVE: u64 = 256;
+
+/// How long a listener no worker holds stays open (while every slot's
+/// worker is ready without it) before it is closed.
+pub(crate) const UNUSED_GRACE: Duration = Duration::from_secs(10);
+
+/// One listener of the registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Key {
+    Shared(Address),
+    Reuseport(Address, u32),
+    Balanced(Address),
+}
 
 /// What a worker's `listen` request gets.
 pub(crate) enum Grant {
@@ -40,10 +67,22 @@ pub(crate) struct Listeners {
     /// Sockets passed by systemd's socket activation, handed out for
     /// matching addresses instead of binding.
     activated: Vec<Activated>,
+    policy: BindPolicy,
+    /// Which live workers asked for each listener, and since when a
+    /// listener nobody holds has been unheld.
+    holders: HashMap<Key, HashSet<u64>>,
+    unheld_since: HashMap<Key, Instant>,
+    /// The distinct addresses each live worker asked for.
+    asked: HashMap<u64, HashSet<Address>>,
 }
 
 impl Listeners {
-    pub(crate) fn new(balance: Balance, backlog: u32, activated: Vec<Activated>) -> Listeners {
+    pub(crate) fn new(
+        balance: Balance,
+        backlog: u32,
+        activated: Vec<Activated>,
+        policy: BindPolicy,
+    ) -> Listeners {
         Listeners {
             balance,
             backlog,
@@ -52,23 +91,115 @@ impl Listeners {
             balancers: HashMap::new(),
             next_balancer_id: 1,
             activated,
+            policy,
+            holders: HashMap::new(),
+            unheld_since: HashMap::new(),
+            asked: HashMap::new(),
         }
     }
 
-    /// What a worker of `slot` asking for `addr` gets, binding on first
-    /// request. A balanced grant's worker joins the pool with [`join`](Self::join)
-    /// once its reply is queued, so no connection can overtake the reply.
-    pub(crate) fn grant(&mut self, addr: &Address, slot: u32) -> Result<Grant> {
-        if self.balance.hands_off() {
-            return self.balancer_for(addr).map(Grant::Balanced);
+    /// What worker `context_id` of `slot` asking for `addr` gets, binding
+    /// on first request. A balanced grant's worker joins the pool with
+    /// [`join`](Self::join) once its reply is queued, so no connection can
+    /// overtake the reply.
+    ///
+    /// # Errors
+    ///
+    /// `is_bind` when the policy forbids `addr` or binding fails; `is_io`
+    /// ones when a bound is reached (addresses per worker, listeners in
+    /// all, descriptors left).
+    pub(crate) fn grant(&mut self, addr: &Address, slot: u32, context_id: u64) -> Result<Grant> {
+        self.policy.check(addr)?;
+        let asked = self.asked.entry(context_id).or_default();
+        if !asked.contains(addr) && asked.len() >= MAX_ADDRESSES_PER_WORKER {
+            return Err(Error::new(
+                Kind::Io,
+                format!("cannot listen on {addr}: a worker may ask for at most {MAX_ADDRESSES_PER_WORKER} addresses"),
+            ));
         }
-        if let Some(fd) = self.activated_for(addr) {
+        if let Some(headroom) = procfs::fd_headroom().filter(|&h| h < FD_RESERVE) {
+            return Err(Error::new(
+                Kind::Io,
+                format!("cannot listen on {addr}: the watcher has only {headroom} descriptors left (it keeps {FD_RESERVE} in reserve)"),
+            ));
+        }
+        let (key, grant) = if self.balance.hands_off() {
+            let key = Key::Balanced(addr.clone());
+            (key, self.balancer_for(addr).map(Grant::Balanced))
+        } else if let Some(fd) = self.activated_for(addr) {
             return fd.map(Grant::Fd);
+        } else if self.balance == Balance::Reuseport && matches!(addr, Address::Tcp(_)) {
+            let key = Key::Reuseport(addr.clone(), slot);
+            (key, self.reuseport_for(addr, slot).map(Grant::Fd))
+        } else {
+            (
+                Key::Shared(addr.clone()),
+                self.shared_for(addr).map(Grant::Fd),
+            )
+        };
+        let grant = grant?;
+        self.asked
+            .entry(context_id)
+            .or_default()
+            .insert(addr.clone());
+        self.unheld_since.remove(&key);
+        self.holders.entry(key).or_default().insert(context_id);
+        Ok(grant)
+    }
+
+    fn count(&self) -> usize {
+        self.shared.len() + self.reuseport.len() + self.balancers.len()
+    }
+
+    fn check_room(&self, addr: &Address) -> Result<()> {
+        if self.count() >= MAX_LISTENERS {
+            return Err(Error::new(
+                Kind::Io,
+                format!(
+                    "cannot listen on {addr}: the watcher already holds {MAX_LISTENERS} listeners"
+                ),
+            ));
         }
-        if self.balance == Balance::Reuseport && matches!(addr, Address::Tcp(_)) {
-            return self.reuseport_for(addr, slot).map(Grant::Fd);
+        Ok(())
+    }
+
+    /// When [`sweep`](Self::sweep) has something to close, if ever.
+    pub(crate) fn next_sweep(&self) -> Option<Instant> {
+        self.unheld_since.values().min().map(|&t| t + UNUSED_GRACE)
+    }
+
+    /// Closes the listeners no live worker has held for [`UNUSED_GRACE`].
+    /// The caller sweeps only while every slot's worker is ready: a worker
+    /// that is starting may still ask for a listener nobody holds.
+    pub(crate) fn sweep(&mut self, now: Instant) {
+        let due: Vec<Key> = self
+            .unheld_since
+            .iter()
+            .filter(|(_, &t)| now.duration_since(t) >= UNUSED_GRACE)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.unheld_since.remove(&key);
+            self.holders.remove(&key);
+            let addr = match &key {
+                Key::Shared(a) => {
+                    self.shared.remove(a);
+                    a
+                }
+                Key::Reuseport(a, slot) => {
+                    self.reuseport.remove(&(a.clone(), *slot));
+                    a
+                }
+                Key::Balanced(a) => {
+                    self.balancers.remove(a);
+                    a
+                }
+            };
+            tracing::info!("closed {addr}: no worker has used it for {UNUSED_GRACE:?}");
+            if let (Address::Unix(path), false) = (addr, matches!(key, Key::Reuseport(..))) {
+                let _ = std::fs::remove_file(path);
+            }
         }
-        self.shared_for(addr).map(Grant::Fd)
     }
 
     /// Adds a worker to the pool of balanced listener `listener`.
@@ -109,9 +240,16 @@ impl Listeners {
     /// A worker exited, or its channel closed after everything it sent was
     /// handled: it leaves every pool, and connections it was handed but
     /// never accepted go to other workers.
-    pub(crate) fn worker_gone(&self, context_id: u64) {
+    pub(crate) fn worker_gone(&mut self, context_id: u64) {
         for b in self.balancers.values() {
             b.gone(context_id);
+        }
+        self.asked.remove(&context_id);
+        let now = Instant::now();
+        for (key, holders) in &mut self.holders {
+            if holders.remove(&context_id) && holders.is_empty() {
+                self.unheld_since.insert(key.clone(), now);
+            }
         }
     }
 
@@ -127,6 +265,9 @@ impl Listeners {
     /// `net.ipv4.tcp_migrate_req` is set).
     pub(crate) fn retire_slot(&mut self, slot: u32) {
         self.reuseport.retain(|(_, s), _| *s != slot);
+        let retired = |k: &Key| matches!(k, Key::Reuseport(_, s) if *s == slot);
+        self.holders.retain(|k, _| !retired(k));
+        self.unheld_since.retain(|k, _| !retired(k));
     }
 
     /// Closes every listener and removes Unix socket files.
@@ -152,6 +293,7 @@ impl Listeners {
     /// The balancer for `addr` (bound and started on first request).
     fn balancer_for(&mut self, addr: &Address) -> Result<BalancedGrant> {
         if !self.balancers.contains_key(addr) {
+            self.check_room(addr)?;
             let fd = match self.activated_for(addr) {
                 Some(fd) => fd?,
                 None => addr.bind(self.backlog)?,
@@ -178,6 +320,7 @@ impl Listeners {
     fn reuseport_for(&mut self, addr: &Address, slot: u32) -> Result<OwnedFd> {
         let key = (addr.clone(), slot);
         if !self.reuseport.contains_key(&key) {
+            self.check_room(addr)?;
             // Every slot of a port-0 address shares the port the first drew.
             let port = self
                 .reuseport
@@ -196,6 +339,7 @@ impl Listeners {
     /// The listener for `addr`, bound on first request.
     fn shared_for(&mut self, addr: &Address) -> Result<OwnedFd> {
         if !self.shared.contains_key(addr) {
+            self.check_room(addr)?;
             let fd = addr.bind(self.backlog)?;
             tracing::info!("listening on {addr}");
             self.shared.insert(addr.clone(), fd);

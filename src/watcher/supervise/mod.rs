@@ -48,10 +48,38 @@ pub(crate) const MAX_WORKERS: usize = 4096;
 struct Counters {
     messages_in: u64,
     messages_out: u64,
-    /// Messages from workers dropped because nobody read them.
+    /// Messages from workers dropped because nobody read them: in all, and
+    /// since the last report (logged at most once a second, and at stop).
     messages_dropped: u64,
+    dropped_unreported: u64,
+    drop_report_at: Option<Instant>,
     /// Records workers reported dropping from their own queues.
     worker_log_drops: u64,
+}
+
+/// How often dropped messages are reported at most.
+const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
+
+impl Counters {
+    fn message_dropped(&mut self) {
+        self.messages_dropped += 1;
+        self.dropped_unreported += 1;
+        self.drop_report_at
+            .get_or_insert_with(|| Instant::now() + DROP_REPORT_EVERY);
+    }
+
+    /// Logs the drops since the last report, if any.
+    fn report_drops(&mut self) {
+        self.drop_report_at = None;
+        if self.dropped_unreported > 0 {
+            tracing::warn!(
+                "{} message(s) from workers dropped ({} in all): nobody reads ClusterWatcher::messages() fast enough",
+                self.dropped_unreported,
+                self.messages_dropped
+            );
+            self.dropped_unreported = 0;
+        }
+    }
 }
 
 /// The channels the supervisor is built with.
@@ -93,7 +121,12 @@ impl Supervisor {
         } else {
             (Vec::new(), None)
         };
-        let listeners = Listeners::new(config.balance, config.backlog, activated);
+        let listeners = Listeners::new(
+            config.balance,
+            config.backlog,
+            activated,
+            config.bind_policy.clone(),
+        );
         let pool = Pool::new(config.workers);
         Supervisor {
             ctx: Ctx {
@@ -170,6 +203,7 @@ impl Supervisor {
                 _ = sleep_until(deadline) => self.on_timer(),
             }
         }
+        self.counters.report_drops();
         self.listeners.shutdown();
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
@@ -186,7 +220,16 @@ impl Supervisor {
             .next_deadline(&self.ctx.config)
             .into_iter()
             .chain(self.services.watchdog_at)
+            .chain(self.counters.drop_report_at)
+            .chain(self.listener_sweep())
             .min()
+    }
+
+    /// When unused listeners are due to close: only while every slot's
+    /// worker is ready (a worker that starts may still ask for them).
+    fn listener_sweep(&self) -> Option<Instant> {
+        let settled = !self.stopping && self.pool.ready_slots() == self.pool.slots.len();
+        settled.then(|| self.listeners.next_sweep()).flatten()
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -258,8 +301,14 @@ impl Supervisor {
     fn on_timer(&mut self) {
         let now = Instant::now();
         self.services.tick(self.ctx.notifier.as_ref(), now);
+        if self.counters.drop_report_at.is_some_and(|t| t <= now) {
+            self.counters.report_drops();
+        }
         if !self.stopping {
             self.pool.spawn_due(&self.ctx, now);
+        }
+        if self.listener_sweep().is_some_and(|t| t <= now) {
+            self.listeners.sweep(now);
         }
         let due = self.pool.tick(&self.ctx, now);
         for id in due.assumed_ready {

@@ -68,6 +68,8 @@ pub(crate) struct Worker {
     killed_for: Option<String>,
     /// Whether balancers may hand it connections (cleared on stop and kill).
     pub accepting: Arc<AtomicBool>,
+    /// `SocketRequest`s it made (bounded).
+    pub socket_requests: u32,
 }
 
 impl Worker {
@@ -234,6 +236,7 @@ impl Pool {
                 ping_seq: 0,
                 killed_for: None,
                 accepting: Arc::new(AtomicBool::new(true)),
+                socket_requests: 0,
             },
         );
         if let Some(s) = self.slot_mut(slot) {
