@@ -86,6 +86,10 @@ pub struct Response {
     /// Why it failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// It failed because the caller may not use the control socket (only
+    /// the watcher's user and root may).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub denied: bool,
     /// The watcher's pid.
     #[serde(default)]
     pub pid: u32,
@@ -103,7 +107,10 @@ pub struct Response {
 /// # Errors
 ///
 /// [`Error::is_control`] when no watcher answers on `socket` (not
-/// running), or it answers something that is not a response.
+/// running), the socket is not ours to use (`io_error()` is
+/// `PermissionDenied`), or it answers something that is not a response.
+/// A watcher refuses requests from users other than its own and root:
+/// the [`Response`] then has `ok: false` and `denied: true`.
 ///
 /// ```no_run
 /// # async fn ask() -> Result<(), cluster::Error> {
@@ -115,12 +122,14 @@ pub struct Response {
 /// ```
 pub async fn request(socket: &Path, request: &Request) -> Result<Response> {
     let not_running = |e: io::Error| {
+        let what = if e.kind() == io::ErrorKind::PermissionDenied {
+            "permission denied: only the watcher's user and root may use its control socket"
+        } else {
+            "no watcher is running"
+        };
         Error::with_io(
             Kind::Control,
-            format!(
-                "no watcher is running (control socket {})",
-                socket.display()
-            ),
+            format!("{what} (control socket {})", socket.display()),
             e,
         )
     };

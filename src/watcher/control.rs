@@ -40,9 +40,14 @@ impl Drop for Server {
 }
 
 impl Server {
-    /// Binds `path` (replacing a stale socket; the caller holds the pid
-    /// file lock, so no other watcher owns it) with mode 0600 and serves
-    /// requests, sending them to the supervisor as commands.
+    /// Binds `path` with mode 0600 and serves requests, sending them to
+    /// the supervisor as commands.
+    ///
+    /// The socket is bound inside a fresh directory of mode 0700 beside
+    /// `path` and renamed into place, so it is never reachable by anyone
+    /// else, whatever the umask. A stale socket at `path` is replaced; a
+    /// live one (another watcher answers on it) or a file that is not a
+    /// socket is an error.
     pub(crate) fn bind(path: &Path, commands: CommandSender) -> Result<Server> {
         let err = |e: io::Error| {
             Error::with_io(
@@ -53,7 +58,15 @@ impl Server {
         };
         match std::fs::symlink_metadata(path) {
             Ok(m) if std::os::unix::fs::FileTypeExt::is_socket(&m.file_type()) => {
-                std::fs::remove_file(path).map_err(err)?;
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    return Err(Error::new(
+                        Kind::Control,
+                        format!(
+                            "another watcher is serving control socket {}",
+                            path.display()
+                        ),
+                    ));
+                }
             }
             Ok(_) => {
                 return Err(err(io::Error::new(
@@ -63,8 +76,8 @@ impl Server {
             }
             Err(_) => {}
         }
-        let listener = UnixListener::bind(path).map_err(err)?;
-        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(err)?;
+        let listener = bind_private(path).map_err(err)?;
+        let me = nix::unistd::geteuid().as_raw();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -73,7 +86,7 @@ impl Server {
                 };
                 let commands = commands.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, commands).await;
+                    let _ = serve(stream, commands, me).await;
                 });
             }
         });
@@ -84,12 +97,52 @@ impl Server {
     }
 }
 
-async fn serve(stream: UnixStream, commands: CommandSender) -> io::Result<()> {
+/// Binds a Unix listener at `path` that is never accessible to others:
+/// inside a new 0700 directory beside it, then chmod 0600, then renamed
+/// over `path` (replacing a stale socket atomically).
+fn bind_private(path: &Path) -> io::Result<UnixListener> {
+    use std::os::unix::fs::DirBuilderExt;
+    let parent = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::from(io::ErrorKind::InvalidInput))?;
+    let nonce = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish()
+    };
+    let private = parent.join(format!(".{}.{nonce:016x}.d", name.to_string_lossy()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let inner = private.join("s");
+    let bound = (|| {
+        let listener = UnixListener::bind(&inner)?;
+        std::fs::set_permissions(&inner, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&inner, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_file(&inner);
+    let _ = std::fs::remove_dir(&private);
+    bound
+}
+
+async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Result<()> {
+    let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
     let mut reader = BufReader::new(read.take(MAX_REQUEST as u64));
     let read = tokio::time::timeout(READ_TIMEOUT, reader.read_line(&mut line)).await;
+    let allowed = peer.is_some_and(|uid| uid == me || uid == 0);
     let response = match read {
+        _ if !allowed => Response {
+            denied: true,
+            ..failure(format!(
+                "permission denied: only uid {me} (the watcher's) and root may use the control socket"
+            ))
+        },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
             Ok(request) => handle(request, &commands).await,
             Err(e) => failure(format!("bad request: {e}")),

@@ -11,6 +11,25 @@ use crate::cli::Control;
 /// Exit status of `status` when no watcher runs (LSB: "program is not running").
 const NOT_RUNNING: u8 = 3;
 
+/// Exit status of every subcommand when the caller may not use the
+/// watcher's control socket (LSB: "user had insufficient privilege").
+const DENIED: u8 = 4;
+
+/// Whether `e` says the control socket is not ours to use.
+fn denied(e: &cluster::Error) -> bool {
+    e.io_error()
+        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
+}
+
+fn refused(r: Response) -> ExitCode {
+    let code = if r.denied { DENIED } else { 1 };
+    eprintln!(
+        "cluster: error: {}",
+        r.error.unwrap_or_else(|| "the watcher refused".into())
+    );
+    ExitCode::from(code)
+}
+
 pub fn run(cmd: Control) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -34,9 +53,11 @@ async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, Exit
     let socket = target.socket().map_err(error)?;
     match request(&socket, &req).await {
         Ok(r) if r.ok => Ok(r),
-        Ok(r) => Err(error(
-            r.error.unwrap_or_else(|| "the watcher refused".into()),
-        )),
+        Ok(r) => Err(refused(r)),
+        Err(e) if denied(&e) => {
+            eprintln!("cluster: error: {e}");
+            Err(ExitCode::from(DENIED))
+        }
         Err(e) => Err(error(e)),
     }
 }
@@ -61,12 +82,12 @@ async fn dispatch(cmd: Control) -> ExitCode {
                     }
                     ExitCode::SUCCESS
                 }
-                Ok(r) => error(r.error.unwrap_or_default()),
+                Ok(r) => refused(r),
                 Err(e) => {
                     if !quiet {
                         eprintln!("cluster: {e}");
                     }
-                    ExitCode::from(NOT_RUNNING)
+                    ExitCode::from(if denied(&e) { DENIED } else { NOT_RUNNING })
                 }
             }
         }
