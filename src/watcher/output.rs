@@ -164,12 +164,26 @@ impl LogOutput {
         )
     }
 
-    /// Waits (up to `timeout`) until everything queued so far is written.
+    /// Waits (up to `timeout`, never longer: the reader of the stream may
+    /// have stopped reading) until everything queued so far is written.
     pub fn flush(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
         let (tx, rx) = sync_channel(1);
-        if self.shared.tx.send(Msg::Flush(tx)).is_ok() {
-            let _ = rx.recv_timeout(timeout);
+        let mut msg = Msg::Flush(tx);
+        loop {
+            match self.shared.tx.try_send(msg) {
+                Ok(()) => break,
+                Err(TrySendError::Full(back)) => {
+                    if std::time::Instant::now() >= deadline {
+                        return;
+                    }
+                    msg = back;
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(TrySendError::Disconnected(_)) => return,
+            }
         }
+        let _ = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
 
     /// Queues a watcher record with `message`.

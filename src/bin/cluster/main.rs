@@ -164,17 +164,30 @@ fn main() -> ExitCode {
         }
         Ok(_) => {
             output.flush(Duration::from_secs(2));
-            eprintln!("cluster: workers were killed (forced stop)");
+            last_words("cluster: workers were killed (forced stop)");
             ExitCode::FAILURE
         }
         Err(e) => fail(&output, &e, daemon),
     }
 }
 
+/// Writes the watcher's last line on stderr, unless stderr stays unwritable
+/// for a second (its reader stopped reading): the exit never waits on it.
+fn last_words(line: &str) {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Write;
+    use std::os::fd::AsFd;
+    let stderr = std::io::stderr();
+    let mut fds = [PollFd::new(stderr.as_fd(), PollFlags::POLLOUT)];
+    if matches!(poll(&mut fds, PollTimeout::from(1000u16)), Ok(n) if n > 0) {
+        let _ = writeln!(stderr.lock(), "{line}");
+    }
+}
+
 fn fail(output: &LogOutput, e: &cluster::Error, daemon: Option<&Daemon>) -> ExitCode {
     output.flush(Duration::from_secs(2));
     let line = format!("cluster: error: {e}");
-    eprintln!("{line}");
+    last_words(&line);
     if let Some(d) = daemon {
         d.report_error(&line);
     }
