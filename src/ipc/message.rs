@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.

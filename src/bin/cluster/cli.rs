@@ -102,6 +102,13 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
+    /// Let workers listen on addresses matching PATTERN (repeatable):
+    /// HOST:PORT, :PORT, HOST:LOW-HIGH, unix:///path/file.sock or
+    /// unix:///path/dir/. Once given, workers get only matching addresses;
+    /// without it, workers run with --user may have TCP ports from 1024 up
+    #[arg(long, value_name = "PATTERN")]
+    pub allow_bind: Vec<String>,
+
     /// Detach and run in the background (needs --pid-file); returns once
     /// the workers are ready, exit 1 with the error otherwise
     #[arg(long)]

@@ -115,6 +115,9 @@ fn main() -> ExitCode {
     if let Some(group) = &args.group {
         builder = builder.group(group);
     }
+    for pattern in &args.allow_bind {
+        builder = builder.allow_bind(pattern);
+    }
     let watcher = match builder.build() {
         Ok(w) => w,
         Err(e) => return fail(&output, &e, daemon),

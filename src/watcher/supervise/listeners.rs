@@ -38,7 +38,7 @@ pub(crate) const FD_RESERVE: u64 = 256;
 
 /// How long a listener no worker holds stays open (while every slot's
 /// worker is ready without it) before it is closed.
-pub(crate) const UNUSED_GRACE: Duration = Duration::from_secs(10);
+pub(crate) const UNUSED_GRACE: Duration = Duration::from_secs(5);
 
 /// One listener of the registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
