@@ -475,3 +475,93 @@ fn balanced_modes_release_a_replaced_workers_descriptors_without_traffic() {
         open_fds(c.pid)
     );
 }
+
+/// TCP sockets `pid` holds (its socket descriptors that are not Unix
+/// sockets): its connections, plus its listener when it has one.
+fn tcp_sockets(pid: u32) -> usize {
+    let unix: std::collections::HashSet<String> = std::fs::read_to_string("/proc/net/unix")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(6).map(str::to_string))
+        .collect();
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_link(e.path()).ok())
+                .filter_map(|t| {
+                    let t = t.to_string_lossy().to_string();
+                    Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+                })
+                .filter(|inode| !unix.contains(inode))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// Kills a random worker every 200 ms for `secs` under load; returns
+/// (requests served, failed, connections the killed workers held, kills,
+/// fewest workers seen).
+fn chaos(balance: &str, secs: u64) -> (u64, u64, usize, usize, usize) {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    let (mut c, port) = watcher()
+        .log_level("warn")
+        .arg("--balance")
+        .arg(balance)
+        .serve_hello(4);
+    let load = Arc::new(Load::default());
+    let mut threads = Vec::new();
+    for _ in 0..2 {
+        threads.push(new_connection_client(port, load.clone()));
+        threads.push(keep_alive_client(port, load.clone()));
+    }
+    wait_for(START, || {
+        (load.ok.load(Ordering::Relaxed) > 100).then_some(())
+    })
+    .expect("load running");
+    let (mut held, mut kills, mut fewest) = (0, 0, usize::MAX);
+    let mut seed = 0x9e3779b97f4a7c15u64 ^ u64::from(port);
+    let end = Instant::now() + Duration::from_secs(secs);
+    let mut next_kill = Instant::now();
+    while Instant::now() < end {
+        let workers = c.workers();
+        fewest = fewest.min(workers.len());
+        if Instant::now() >= next_kill && !workers.is_empty() {
+            seed = seed
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let victim = workers[(seed >> 33) as usize % workers.len()];
+            // Frozen first, so it takes no connection between the count
+            // and the kill. In shared mode one of its TCP sockets is the
+            // listener.
+            signal(victim, Signal::SIGSTOP);
+            let listener = usize::from(balance == "shared");
+            held += tcp_sockets(victim).saturating_sub(listener);
+            signal(victim, Signal::SIGKILL);
+            kills += 1;
+            next_kill += Duration::from_millis(200);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (ok, failed, errors) = load.finish(threads);
+    if failed > held as u64 {
+        eprintln!("{balance}: first errors: {errors:?}");
+    }
+    (ok, failed, held, kills, fewest)
+}
+
+#[test]
+fn chaos_kills_cost_no_more_than_the_connections_the_victims_held() {
+    for balance in ["shared", "round-robin", "ip-hash"] {
+        let (ok, failed, held, kills, fewest) = chaos(balance, 3);
+        eprintln!("{balance}: {ok} ok, {failed} failed, {held} held by {kills} victims, fewest workers {fewest}");
+        assert!(kills >= 10, "{balance}: {kills} kills");
+        assert!(ok > 100, "{balance}: {ok} served");
+        assert!(
+            failed <= held as u64,
+            "{balance}: {failed} failed requests, the victims held {held} connections"
+        );
+        assert!(fewest >= 1, "{balance}: no worker at some point");
+    }
+}
