@@ -12,6 +12,8 @@ pub struct Error {
     kind: Kind,
     context: String,
     source: Option<io::Error>,
+    /// A non-I/O cause (a SQLite or JSON error), kept for `source()`.
+    cause: Option<Box<dyn std::error::Error + Send + Sync>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +39,13 @@ pub(crate) enum Kind {
     Reload,
     /// Any other I/O error.
     Io,
+    /// The job store failed: it cannot be opened, is corrupt or of an
+    /// unknown schema version, or a statement failed.
+    Store,
+    /// No such job (or other named thing).
+    NotFound,
+    /// A wait ran out of time.
+    Timeout,
 }
 
 impl Error {
@@ -45,6 +54,7 @@ impl Error {
             kind,
             context: context.into(),
             source: None,
+            cause: None,
         }
     }
 
@@ -53,6 +63,22 @@ impl Error {
             kind,
             context: context.into(),
             source: Some(source),
+            cause: None,
+        }
+    }
+
+    /// An error of `kind` caused by a non-I/O error (SQLite, JSON), which
+    /// `Display` appends and `source()` returns.
+    pub(crate) fn with_cause(
+        kind: Kind,
+        context: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error {
+            kind,
+            context: context.into(),
+            source: None,
+            cause: Some(cause.into()),
         }
     }
 
@@ -108,6 +134,24 @@ impl Error {
         self.kind == Kind::Reload
     }
 
+    /// The job store failed: it could not be opened (missing directory, not
+    /// a SQLite database, unwritable, a newer schema than this build knows),
+    /// its contents are corrupt, or a statement failed.
+    pub fn is_store(&self) -> bool {
+        self.kind == Kind::Store
+    }
+
+    /// The job (or other named thing) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.kind == Kind::NotFound
+    }
+
+    /// A wait (for example [`JobQueue::wait`](crate::JobQueue::wait)) ran
+    /// out of time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
+    }
+
     /// The underlying OS error, if any.
     pub fn io_error(&self) -> Option<&io::Error> {
         self.source.as_ref()
@@ -120,6 +164,9 @@ impl fmt::Display for Error {
         if let Some(source) = &self.source {
             write!(f, ": {source}")?;
         }
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
+        }
         Ok(())
     }
 }
@@ -130,14 +177,18 @@ impl fmt::Debug for Error {
             .field("kind", &self.kind)
             .field("context", &self.context)
             .field("source", &self.source)
+            .field("cause", &self.cause)
             .finish()
     }
 }
 
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        self.source
-            .as_ref()
+        if let Some(source) = &self.source {
+            return Some(source as &(dyn std::error::Error + 'static));
+        }
+        self.cause
+            .as_deref()
             .map(|e| e as &(dyn std::error::Error + 'static))
     }
 }

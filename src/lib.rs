@@ -45,6 +45,13 @@
 //! [`ClusterWatcher`] is the supervisor the CLI runs, with a builder,
 //! `start`, `stop`, `wait` and `workers`.
 //!
+//! ## Jobs
+//!
+//! [`JobQueue`] submits durable jobs ([`NewJob`]) to a job store (an
+//! embedded SQLite file by default) and inspects them ([`Job`],
+//! [`JobStats`]); the watcher claims them for its pools. `cluster jobs`
+//! is the same from the command line.
+//!
 //! ## Errors
 //!
 //! Every fallible call returns [`Error`], inspected with `is_*` predicates.
@@ -56,6 +63,7 @@ pub mod control;
 pub mod daemon;
 mod error;
 mod ipc;
+mod jobs;
 mod log;
 mod pidfile;
 mod pipe;
@@ -66,6 +74,10 @@ mod watcher;
 mod worker;
 
 pub use error::{Error, Result};
+pub use jobs::{
+    AttemptError, CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob,
+    StateCounts, Submitted,
+};
 #[cfg(feature = "slog")]
 pub use log::ClusterSlogDrain;
 pub use log::{ClusterLogLayer, LogFilter};
@@ -79,6 +91,9 @@ pub use watcher::{
     WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
 };
 pub use worker::{Cluster, HandoffListener, MessageChannel, ServerSocketFactory, MAX_MESSAGE_SIZE};
+
+#[doc(hidden)]
+pub use jobs::bench as __jobs_bench;
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]
