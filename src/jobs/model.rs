@@ -741,7 +741,9 @@ mod tests {
         assert_eq!(pinned, PINNED_KEY);
     }
 
-    const PINNED_KEY: &str = "PLACEHOLDER";
+    /// SHA-256 of `cluster job key v1\0`, 7u64 LE, `default`, 1u8, 1u64 LE,
+    /// `h`, `{"n":1}`, first 16 bytes (checked with Python's hashlib).
+    const PINNED_KEY: &str = "2dac3dcd2e1547a917fcc707f81eb689";
 
     #[test]
     fn explicit_key_wins() {

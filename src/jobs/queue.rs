@@ -99,11 +99,6 @@ impl JobQueue {
         })
     }
 
-    #[cfg(test)]
-    pub(crate) fn from_store(store: Arc<dyn Store>) -> JobQueue {
-        JobQueue { store }
-    }
-
     /// The URL it was opened with.
     pub fn url(&self) -> &str {
         self.store.url()
@@ -272,5 +267,128 @@ impl JobQueue {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(100));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::jobs::model::JobState;
+    use crate::jobs::store::{ClaimRequest, Finished, Outcome};
+
+    async fn memory() -> JobQueue {
+        JobQueue::open("sqlite::memory:").await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn submit_variants() {
+        let q = memory().await;
+        let a = q.submit(NewJob::new(json!(1))).await.unwrap();
+        let many = q
+            .submit_many(vec![NewJob::new(json!(2)), NewJob::new(json!(3))])
+            .await
+            .unwrap();
+        assert_eq!(many.len(), 2);
+        assert!(many[0] > a && many[1] > many[0]);
+        let k = || NewJob::new(json!(4)).key("k").dedupe(true);
+        let first = q.submit(k()).await.unwrap();
+        assert_eq!(
+            q.submit(k()).await.unwrap(),
+            first,
+            "deduplicated to the same id"
+        );
+        assert_eq!(
+            q.submit_all(vec![k()]).await.unwrap(),
+            [Submitted::Existing(first)]
+        );
+        assert_eq!(q.stats().await.unwrap().queued, 4);
+        let e = q
+            .submit(NewJob::new(json!(1)).max_attempts(0))
+            .await
+            .unwrap_err();
+        assert!(e.is_config(), "{e}");
+        assert_eq!(q.url(), "sqlite::memory:");
+    }
+
+    #[tokio::test]
+    async fn wait_returns_the_finished_job() {
+        let q = memory().await;
+        let id = q.submit(NewJob::new(json!(1))).await.unwrap();
+        let store = q.store.clone();
+        let worker = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let job = store
+                .claim(ClaimRequest {
+                    pool: "p".into(),
+                    queues: vec!["default".into()],
+                    limit: 1,
+                    node: "n".into(),
+                    safe_mode: true,
+                })
+                .await
+                .unwrap()
+                .remove(0);
+            store
+                .finish(vec![Finished {
+                    id: job.id,
+                    attempt: job.attempt,
+                    worker: None,
+                    outcome: Outcome::Done(Some(json!("ok"))),
+                }])
+                .await
+                .unwrap();
+        });
+        let job = q.wait(id, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(job.state, JobState::Done);
+        assert_eq!(job.result, Some(json!("ok")));
+        worker.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn wait_times_out_and_knows_missing_jobs() {
+        let q = memory().await;
+        let id = q.submit(NewJob::new(json!(1))).await.unwrap();
+        let e = q.wait(id, Duration::from_millis(30)).await.unwrap_err();
+        assert!(e.is_timeout(), "{e}");
+        assert!(e.to_string().contains("still queued"), "{e}");
+        let e = q
+            .wait(JobId::new(77), Duration::from_secs(1))
+            .await
+            .unwrap_err();
+        assert!(e.is_not_found(), "{e}");
+        // Cancel finishes a queued job: wait returns it.
+        assert_eq!(q.cancel(id).await.unwrap(), CancelOutcome::Cancelled);
+        let j = q.wait(id, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(j.state, JobState::Cancelled);
+        q.retry(id).await.unwrap();
+        assert_eq!(q.get(id).await.unwrap().unwrap().state, JobState::Queued);
+    }
+
+    #[tokio::test]
+    async fn open_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.db");
+        let e = JobQueue::open_existing(missing.to_str().unwrap())
+            .await
+            .unwrap_err();
+        assert!(e.is_store(), "{e}");
+        assert!(!missing.exists());
+        let q = JobQueue::open(missing.to_str().unwrap()).await.unwrap();
+        assert!(q.list(ListFilter::new()).await.unwrap().is_empty());
+        assert!(JobQueue::open("postgres://h/db")
+            .await
+            .unwrap_err()
+            .is_store());
+        assert!(JobQueue::open("").await.unwrap_err().is_config());
+        let pid = dir.path().join("w.pid");
+        assert!(JobQueue::open_for_pid_file(&pid)
+            .await
+            .unwrap_err()
+            .is_config());
+        std::fs::write(dir.path().join("w.jobs"), "missing.db\n").unwrap();
+        let q = JobQueue::open_for_pid_file(&pid).await.unwrap();
+        assert!(q.url().ends_with("missing.db"));
     }
 }

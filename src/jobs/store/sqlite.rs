@@ -116,6 +116,20 @@ const APPEND_ERROR: &str = "errors = json_insert(CASE WHEN json_valid(errors) AN
      json_type(errors) = 'array' THEN errors ELSE '[]' END, '$[#]', \
      json_object('attempt', ?2, 'error', ?3, 'at', ?4))";
 
+// The statements on hot paths; `hot_paths_are_index_scans` checks their
+// plans. The claim names its index: the planner, without statistics,
+// would rather take `jobs_queued_due` and sort every due job.
+const CLAIM_NEXT: &str = "SELECT id, key FROM jobs INDEXED BY jobs_queued_order \
+     WHERE state = 'queued' AND queue = ?1 AND run_at <= ?2 ORDER BY priority, run_at, id";
+const RUNNING_KEYS: &str = "SELECT key FROM jobs WHERE state = 'running'";
+const FIND_ACTIVE_KEY: &str = "SELECT id FROM jobs WHERE state = 'running' AND key = ?1 \
+     UNION ALL SELECT id FROM jobs WHERE state = 'queued' AND key = ?1 LIMIT 1";
+const NEXT_DUE: &str = "SELECT min(run_at) FROM jobs WHERE state = 'queued' AND queue = ?1";
+const CANCEL_REQUESTS: &str = "SELECT id, attempt FROM jobs WHERE state = 'running' \
+     AND node = ?1 AND cancel_requested ORDER BY id";
+const PURGE: &str =
+    "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled') AND finished_at < ?1";
+
 type Request = Box<dyn FnOnce(&mut Db) + Send>;
 
 /// A handle on a SQLite job store: a channel to its actor thread.
@@ -381,12 +395,7 @@ impl Db {
                      VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?8, ?9)",
                 )
                 .map_err(e("submit"))?;
-            let mut existing = tx
-                .prepare_cached(
-                    "SELECT id FROM jobs WHERE state = 'running' AND key = ?1 \
-                     UNION ALL SELECT id FROM jobs WHERE state = 'queued' AND key = ?1 LIMIT 1",
-                )
-                .map_err(e("submit"))?;
+            let mut existing = tx.prepare_cached(FIND_ACTIVE_KEY).map_err(e("submit"))?;
             for job in &jobs {
                 let key = job.effective_key();
                 if job.dedupe {
@@ -443,9 +452,7 @@ impl Db {
         {
             let mut keys: HashSet<String> = HashSet::new();
             if req.safe_mode {
-                let mut running = tx
-                    .prepare_cached("SELECT key FROM jobs WHERE state = 'running'")
-                    .map_err(e("claim"))?;
+                let mut running = tx.prepare_cached(RUNNING_KEYS).map_err(e("claim"))?;
                 let rows = running
                     .query_map([], |r| r.get::<_, String>(0))
                     .map_err(e("claim"))?;
@@ -456,12 +463,7 @@ impl Db {
             // Safe mode reads past jobs whose key is taken, so it cannot
             // use LIMIT; SQLite steps the index lazily, so it reads only
             // as far as it needs.
-            let mut next = tx
-                .prepare_cached(
-                    "SELECT id, key FROM jobs WHERE state = 'queued' AND queue = ?1 \
-                     AND run_at <= ?2 ORDER BY priority, run_at, id",
-                )
-                .map_err(e("claim"))?;
+            let mut next = tx.prepare_cached(CLAIM_NEXT).map_err(e("claim"))?;
             'queues: for queue in queues {
                 let mut rows = next.query(params![queue, now_us]).map_err(e("claim"))?;
                 while let Some(row) = rows.next().map_err(e("claim"))? {
@@ -720,10 +722,7 @@ impl Db {
         let label = self.label.clone();
         let rows = self
             .conn
-            .prepare_cached(
-                "SELECT id, attempt FROM jobs WHERE state = 'running' AND node = ?1 \
-                 AND cancel_requested ORDER BY id",
-            )
+            .prepare_cached(CANCEL_REQUESTS)
             .and_then(|mut s| {
                 let rows =
                     s.query_map([node], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))?;
@@ -801,11 +800,7 @@ impl Db {
         );
         let n = self
             .conn
-            .execute(
-                "DELETE FROM jobs WHERE state IN ('done', 'failed', 'cancelled') \
-                 AND finished_at < ?1",
-                [cutoff],
-            )
+            .execute(PURGE, [cutoff])
             .map_err(self.err("purge"))?;
         Ok(n as u64)
     }
@@ -835,7 +830,7 @@ impl Db {
         let label = self.label.clone();
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT min(run_at) FROM jobs WHERE state = 'queued' AND queue = ?1")
+            .prepare_cached(NEXT_DUE)
             .map_err(sql_error(&label, "next due"))?;
         let mut best: Option<i64> = None;
         for q in &queues {
