@@ -94,6 +94,8 @@ pub use worker::{Cluster, HandoffListener, MessageChannel, ServerSocketFactory, 
 
 #[doc(hidden)]
 pub use jobs::bench as __jobs_bench;
+#[doc(hidden)]
+pub use jobs::cli_support as __jobs_cli;
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

@@ -38,8 +38,11 @@ pub use model::{
 };
 pub use queue::JobQueue;
 
-#[allow(unused_imports)]
-pub(crate) use time::{format_rfc3339, parse_rfc3339};
+/// RFC 3339 helpers for the `cluster` binary; not a stable API.
+#[doc(hidden)]
+pub mod cli_support {
+    pub use super::time::{format_rfc3339, parse_rfc3339};
+}
 
 /// The file beside a watcher's pid file that holds its job store URL (one
 /// line): `x.pid` → `x.jobs`. The watcher writes it; `cluster jobs

@@ -49,7 +49,7 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 /// `2026-04-20T10:11:12.345Z`.
-pub(crate) fn format_rfc3339(t: SystemTime) -> String {
+pub fn format_rfc3339(t: SystemTime) -> String {
     let us = to_micros(t);
     let secs = us.div_euclid(1_000_000);
     let millis = us.rem_euclid(1_000_000) / 1000;
@@ -66,7 +66,7 @@ pub(crate) fn format_rfc3339(t: SystemTime) -> String {
 
 /// Parses `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)` (`t`, `z` and a space
 /// for `T` accepted). Times before 1970 are refused.
-pub(crate) fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
+pub fn parse_rfc3339(s: &str) -> Result<SystemTime, String> {
     let bad = || format!("'{s}' is not an RFC 3339 time (like 2026-04-20T10:00:00Z)");
     let b = s.as_bytes();
     if b.len() < 20 || !s.is_ascii() {
