@@ -117,9 +117,9 @@ pub mod bench {
             Ok(self.0.submit(jobs).await?.len())
         }
 
-        /// Claims up to `batch` jobs of queue `q` and finishes them all as
-        /// done in one more transaction; returns how many.
-        pub async fn claim_finish(&self, q: &str, batch: usize) -> crate::Result<usize> {
+        /// Claims up to `batch` jobs of queue `q`; returns their
+        /// `(id, attempt)`.
+        pub async fn claim(&self, q: &str, batch: usize) -> crate::Result<Vec<(i64, u32)>> {
             let jobs = self
                 .0
                 .claim(ClaimRequest {
@@ -130,18 +130,28 @@ pub mod bench {
                     safe_mode: false,
                 })
                 .await?;
-            let n = jobs.len();
+            Ok(jobs.into_iter().map(|j| (j.id.get(), j.attempt)).collect())
+        }
+
+        /// Finishes claimed jobs as done, in one transaction.
+        pub async fn finish(&self, jobs: Vec<(i64, u32)>) -> crate::Result<usize> {
             let done = jobs
                 .into_iter()
-                .map(|j| Finished {
-                    id: j.id,
-                    attempt: j.attempt,
+                .map(|(id, attempt)| Finished {
+                    id: super::JobId::new(id),
+                    attempt,
                     worker: Some("slot 1 pid 1".into()),
                     outcome: Outcome::Done(Some(json!({"ok": true}))),
                 })
                 .collect();
-            self.0.finish(done).await?;
-            Ok(n)
+            Ok(self.0.finish(done).await?.applied)
+        }
+
+        /// Claims up to `batch` jobs of queue `q` and finishes them all as
+        /// done in one more transaction; returns how many.
+        pub async fn claim_finish(&self, q: &str, batch: usize) -> crate::Result<usize> {
+            let jobs = self.claim(q, batch).await?;
+            self.finish(jobs).await
         }
     }
 }

@@ -601,35 +601,36 @@ impl ListFilter {
 /// their UTF-8 bytes) at every depth, strings escaped as serde_json does,
 /// numbers as serde_json prints them. Independent of the order in which
 /// the object was built, and of serde_json's `preserve_order` feature.
-pub(crate) fn canonical_json(v: &Value, out: &mut String) {
+pub(crate) fn canonical_json(v: &Value, out: &mut Vec<u8>) {
     match v {
         Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {
-            // Scalars: serde_json's own output is already canonical.
-            out.push_str(&v.to_string());
+            // Scalars: serde_json's own output is already canonical, and
+            // writing to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, v);
         }
         Value::Array(items) => {
-            out.push('[');
+            out.push(b'[');
             for (i, item) in items.iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
                 canonical_json(item, out);
             }
-            out.push(']');
+            out.push(b']');
         }
         Value::Object(map) => {
             let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push('{');
+            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
+            out.push(b'{');
             for (i, (k, item)) in entries.into_iter().enumerate() {
                 if i > 0 {
-                    out.push(',');
+                    out.push(b',');
                 }
-                out.push_str(&Value::String(k.clone()).to_string());
-                out.push(':');
+                let _ = serde_json::to_writer(&mut *out, k);
+                out.push(b':');
                 canonical_json(item, out);
             }
-            out.push('}');
+            out.push(b'}');
         }
     }
 }
@@ -638,7 +639,7 @@ pub(crate) fn canonical_json(v: &Value, out: &mut String) {
 /// length-prefixed so that no two different (queue, name, args) feed the
 /// hash the same bytes.
 pub(crate) fn derived_key(queue: &str, name: Option<&str>, args: &Value) -> String {
-    let mut canon = String::new();
+    let mut canon = Vec::with_capacity(64);
     canonical_json(args, &mut canon);
     let mut h = Sha256::new();
     h.update(b"cluster job key v1\0");
@@ -652,11 +653,13 @@ pub(crate) fn derived_key(queue: &str, name: Option<&str>, args: &Value) -> Stri
         }
         None => h.update([0u8]),
     }
-    h.update(canon.as_bytes());
+    h.update(&canon);
     let digest = h.finalize();
+    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut hex = String::with_capacity(32);
     for b in &digest[..16] {
-        hex.push_str(&format!("{b:02x}"));
+        hex.push(char::from(HEX[usize::from(b >> 4)]));
+        hex.push(char::from(HEX[usize::from(b & 15)]));
     }
     hex
 }
@@ -704,9 +707,12 @@ mod tests {
             serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"q":2,"p":3}],"x":null}}"#).unwrap();
         let b: Value =
             serde_json::from_str(r#"{"a":{"x":null,"y":[1,{"p":3,"q":2}]},"b":1}"#).unwrap();
-        let mut ca = String::new();
+        let mut ca = Vec::new();
         canonical_json(&a, &mut ca);
-        assert_eq!(ca, r#"{"a":{"x":null,"y":[1,{"p":3,"q":2}]},"b":1}"#);
+        assert_eq!(ca, br#"{"a":{"x":null,"y":[1,{"p":3,"q":2}]},"b":1}"#);
+        let mut esc = Vec::new();
+        canonical_json(&json!({"k\"\n": "é\u{1}"}), &mut esc);
+        assert_eq!(esc, "{\"k\\\"\\n\":\"é\\u0001\"}".as_bytes());
         assert_eq!(derived_key("q", None, &a), derived_key("q", None, &b));
         assert_eq!(derived_key("q", None, &a).len(), 32);
     }

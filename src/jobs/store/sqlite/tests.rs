@@ -223,7 +223,7 @@ async fn dedupe_returns_the_queued_or_running_job_with_the_same_key() {
         .await
         .unwrap();
     assert!(plain[0].is_new());
-    // Running counts too (and is preferred as the existing one).
+    // Running counts too (the oldest active job is the existing one).
     let claimed = s.claim(req(&["default"], 1, false)).await.unwrap();
     assert_eq!(claimed[0].id, id);
     assert_eq!(
@@ -886,6 +886,7 @@ async fn hot_paths_are_index_scans() {
         .with_conn(|c| {
             let statements = [
                 CLAIM_NEXT,
+                CLAIM_NEXT_IDS,
                 RUNNING_KEYS,
                 FIND_ACTIVE_KEY,
                 NEXT_DUE,
