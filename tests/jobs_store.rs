@@ -573,6 +573,14 @@ fn unopenable_stores_are_one_clear_line() {
         1,
         "adir: it is a directory",
     );
+    // Not writable even for root.
+    refused(
+        &d,
+        &["submit", "--jobs", "/proc/jobs.db", "x"],
+        None,
+        1,
+        "cannot open the job store /proc/jobs.db: unable to open database file",
+    );
 }
 
 #[test]
