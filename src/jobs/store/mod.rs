@@ -36,6 +36,11 @@ use crate::error::{Error, Kind, Result};
 
 use super::model::{CancelOutcome, Job, JobId, JobStats, ListFilter, NewJob, Submitted};
 
+/// How long finished jobs are kept before `purge` removes them, unless
+/// configured otherwise: 7 days.
+#[allow(dead_code)] // The watcher's periodic purge (being written) uses it.
+pub(crate) const DEFAULT_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Settings of a store handle.
 #[derive(Debug, Clone)]
 pub(crate) struct StoreOptions {
