@@ -46,6 +46,13 @@ pub(crate) enum Kind {
     Reload,
     /// Any other I/O error.
     Io,
+    /// The job store failed: it cannot be opened, is corrupt or of an
+    /// unknown schema version, or a statement failed.
+    Store,
+    /// No such job (or other named thing).
+    NotFound,
+    /// A wait ran out of time.
+    Timeout,
 }
 
 impl Error {
@@ -70,6 +77,20 @@ impl Error {
             kind,
             context: context.into(),
             source: Some(Arc::new(source)),
+        }
+    }
+
+    /// An error of `kind` caused by a boxed error (SQLite, JSON), which
+    /// `Display` appends and `source()` returns.
+    pub(crate) fn with_cause(
+        kind: Kind,
+        context: impl Into<String>,
+        cause: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error {
+            kind,
+            context: context.into(),
+            source: Some(Arc::from(cause.into())),
         }
     }
 
@@ -142,6 +163,24 @@ impl Error {
     /// time. The old workers keep serving.
     pub fn is_reload(&self) -> bool {
         self.kind == Kind::Reload
+    }
+
+    /// The job store failed: it could not be opened (missing directory, not
+    /// a SQLite database, unwritable, a newer schema than this build knows),
+    /// its contents are corrupt, or a statement failed.
+    pub fn is_store(&self) -> bool {
+        self.kind == Kind::Store
+    }
+
+    /// The job (or other named thing) does not exist.
+    pub fn is_not_found(&self) -> bool {
+        self.kind == Kind::NotFound
+    }
+
+    /// A wait (for example [`JobQueue::wait`](crate::JobQueue::wait)) ran
+    /// out of time.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == Kind::Timeout
     }
 
     /// The underlying OS error, if the source is one.

@@ -45,6 +45,13 @@
 //! [`ClusterWatcher`] is the supervisor the CLI runs, with a builder,
 //! `start`, `stop`, `wait` and `workers`.
 //!
+//! ## Jobs
+//!
+//! [`JobQueue`] submits durable jobs ([`NewJob`]) to a job store (an
+//! embedded SQLite file by default) and inspects them ([`Job`],
+//! [`JobStats`]); the watcher claims them for its pools. `cluster jobs`
+//! is the same from the command line.
+//!
 //! ## Errors
 //!
 //! Every fallible call returns [`Error`], inspected with `is_*` predicates.
@@ -57,6 +64,7 @@ pub mod control;
 pub mod daemon;
 mod error;
 mod ipc;
+mod jobs;
 mod listener;
 mod log;
 mod pidfile;
@@ -71,6 +79,10 @@ mod worker;
 
 pub use error::{Error, Result};
 pub use ipc::codec::MAX_MESSAGE_SIZE;
+pub use jobs::{
+    AttemptError, CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob,
+    StateCounts, Submitted,
+};
 pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]
 pub use log::ClusterSlogDrain;
@@ -85,6 +97,11 @@ pub use watcher::{
     WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
 };
 pub use worker::{Cluster, MessageChannel, ServerSocketFactory};
+
+#[doc(hidden)]
+pub use jobs::bench as __jobs_bench;
+#[doc(hidden)]
+pub use jobs::cli_support as __jobs_cli;
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

@@ -25,9 +25,9 @@ use clap::Parser;
     after_help = "Put `--` before program arguments that look like cluster options:\n  cluster --workers 4 -- ./my-server --port 8080\nA program named like a subcommand runs as ./status or after --."
 )]
 pub struct Args {
-    /// Talk to a running watcher instead of starting one
+    /// Talk to a running watcher, or to a job store, instead of starting one
     #[command(subcommand)]
-    pub control: Option<Control>,
+    pub control: Option<Command>,
 
     /// Number of workers [default: the number of CPUs available]
     #[arg(short = 'w', long, value_name = "N", value_parser = parse_workers)]
@@ -121,6 +121,18 @@ pub struct Args {
     /// The program to run as each worker, and its arguments
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
+}
+
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    #[command(flatten)]
+    Control(Control),
+    /// Submit, list, inspect, cancel and retry durable jobs in a job store
+    Jobs {
+        #[command(subcommand)]
+        cmd: crate::jobs::JobsCommand,
+    },
 }
 
 /// Subcommands that talk to a running watcher through its control socket.

@@ -3,9 +3,10 @@
 //!
 //! Exit status: 0 after a graceful stop, 1 when the watcher fails (or a
 //! second stop signal forced it), 2 for a usage error; `cluster status`
-//! exits 3 when no watcher runs.
+//! exits 3 when no watcher runs. `cluster jobs ...` exits 0 or 1.
 
 mod cli;
+mod jobs;
 mod running;
 
 use std::process::ExitCode;
@@ -41,8 +42,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Some(cmd) = args.control {
-        return running::run(cmd);
+    match args.control {
+        Some(cli::Command::Control(cmd)) => return running::run(cmd),
+        Some(cli::Command::Jobs { cmd }) => return jobs::run(cmd),
+        None => {}
     }
     if args.daemon && args.pid_file.is_none() {
         eprintln!(

@@ -1,0 +1,192 @@
+//! Durable jobs (DESIGN 4a): the model, the store trait with its SQLite
+//! implementation, and the producer API [`JobQueue`].
+//!
+//! A job is a row: id, queue, optional handler name, JSON args, key,
+//! attempt / max attempts, state (`queued → running → done | failed |
+//! cancelled`), run-at, priority, the pool, node and worker of its last
+//! attempt, result, one error per failed attempt, timestamps.
+//!
+//! * **The watcher is the only process that claims and finishes jobs**;
+//!   producers ([`JobQueue`], `cluster jobs`) submit, inspect, cancel and
+//!   retry. Workers never open the store.
+//! * **Claims** take due queued jobs from a pool's queues in the given
+//!   order (within a queue by priority, run-at, id), in batches, in one
+//!   transaction; each claim increments `attempt`.
+//! * **Fencing**: outcomes apply only where `(id, attempt)` still match a
+//!   running job, so a late report of an old attempt changes nothing.
+//! * **Safe mode**: a claim never returns a job whose effective key is
+//!   already running. The effective key is the explicit key, or a hash of
+//!   (queue, name, canonical args).
+//! * **Retries**: a failed attempt is re-queued after `1 s × 2^(attempt-1)`
+//!   (capped at 10 min, ±25 % jitter) while attempts are left.
+//! * **At-least-once**: a job runs twice only when the worker or watcher
+//!   running it died before its outcome was recorded; `recover` at watcher
+//!   start fails such attempts ("the watcher stopped while it ran").
+//!
+//! See `store/sqlite.rs` for the schema, threading and wake-up channel.
+
+mod model;
+mod queue;
+pub(crate) mod store;
+mod time;
+
+use std::path::{Path, PathBuf};
+
+pub use model::{
+    AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, StateCounts,
+    Submitted,
+};
+pub use queue::JobQueue;
+
+/// RFC 3339 helpers for the `cluster` binary; not a stable API.
+#[doc(hidden)]
+pub mod cli_support {
+    pub use super::time::{format_rfc3339, parse_rfc3339};
+}
+
+/// The file beside a watcher's pid file that holds its job store URL (one
+/// line): `x.pid` → `x.jobs`. The watcher writes it; `cluster jobs
+/// --pid-file x.pid` reads it.
+pub(crate) fn jobs_url_file_for_pid_file(pid_file: &Path) -> PathBuf {
+    pid_file.with_extension("jobs")
+}
+
+/// Reads the store URL a watcher wrote beside its pid file. A relative
+/// path in it is taken relative to the file's directory.
+///
+/// # Errors
+///
+/// The file is missing or unreadable ([`crate::Error::is_config`], naming
+/// the file), or empty.
+pub(crate) fn jobs_url_from_pid_file(pid_file: &Path) -> crate::Result<String> {
+    use crate::error::{Error, Kind};
+    let file = jobs_url_file_for_pid_file(pid_file);
+    let text = std::fs::read_to_string(&file).map_err(|e| {
+        Error::with_io(
+            Kind::Config,
+            format!(
+                "cannot read the job store URL from {} (does the watcher of {} run jobs?)",
+                file.display(),
+                pid_file.display()
+            ),
+            e,
+        )
+    })?;
+    let url = text.lines().next().unwrap_or("").trim();
+    if url.is_empty() {
+        return Err(Error::new(
+            Kind::Config,
+            format!("{} holds no job store URL", file.display()),
+        ));
+    }
+    // A bare relative SQLite path is relative to the file, not to the
+    // caller's working directory.
+    if let Ok(store::StoreUrl::Sqlite(p)) = store::StoreUrl::parse(url) {
+        if p.is_relative() && !url.starts_with("sqlite:") {
+            let dir = file.parent().unwrap_or(Path::new("."));
+            return Ok(dir.join(p).display().to_string());
+        }
+    }
+    Ok(url.to_string())
+}
+
+/// Internals exposed for `benches/jobs_store.rs`; not a stable API.
+#[doc(hidden)]
+pub mod bench {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::store::{self, ClaimRequest, Finished, Outcome, Store, StoreOptions};
+    use super::NewJob;
+
+    /// A store handle for the benchmarks.
+    pub struct BenchStore(Arc<dyn Store>);
+
+    impl BenchStore {
+        /// Opens (creates) the SQLite store at `url`.
+        pub async fn open(url: &str) -> crate::Result<BenchStore> {
+            Ok(BenchStore(store::open(url, StoreOptions::default()).await?))
+        }
+
+        /// Submits `n` small jobs to queue `q` in one transaction.
+        pub async fn submit(&self, q: &str, n: usize) -> crate::Result<usize> {
+            let jobs = (0..n)
+                .map(|i| NewJob::new(json!({"n": i, "to": "someone@example.com"})).queue(q))
+                .collect();
+            Ok(self.0.submit(jobs).await?.len())
+        }
+
+        /// Claims up to `batch` jobs of queue `q`; returns their
+        /// `(id, attempt)`.
+        pub async fn claim(&self, q: &str, batch: usize) -> crate::Result<Vec<(i64, u32)>> {
+            let jobs = self
+                .0
+                .claim(ClaimRequest {
+                    pool: "bench".into(),
+                    queues: vec![q.into()],
+                    limit: batch,
+                    node: "bench".into(),
+                    safe_mode: false,
+                })
+                .await?;
+            Ok(jobs.into_iter().map(|j| (j.id.get(), j.attempt)).collect())
+        }
+
+        /// Finishes claimed jobs as done, in one transaction.
+        pub async fn finish(&self, jobs: Vec<(i64, u32)>) -> crate::Result<usize> {
+            let done = jobs
+                .into_iter()
+                .map(|(id, attempt)| Finished {
+                    id: super::JobId::new(id),
+                    attempt,
+                    worker: Some("slot 1 pid 1".into()),
+                    outcome: Outcome::Done(Some(json!({"ok": true}))),
+                })
+                .collect();
+            Ok(self.0.finish(done).await?.applied)
+        }
+
+        /// Claims up to `batch` jobs of queue `q` and finishes them all as
+        /// done in one more transaction; returns how many.
+        pub async fn claim_finish(&self, q: &str, batch: usize) -> crate::Result<usize> {
+            let jobs = self.claim(q, batch).await?;
+            self.finish(jobs).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn jobs_url_file_is_beside_the_pid_file() {
+        assert_eq!(
+            jobs_url_file_for_pid_file(Path::new("/run/x.pid")),
+            Path::new("/run/x.jobs")
+        );
+        assert_eq!(
+            jobs_url_file_for_pid_file(Path::new("x")),
+            Path::new("x.jobs")
+        );
+    }
+
+    #[test]
+    fn jobs_url_from_pid_file_resolves_relative_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let pid = dir.path().join("w.pid");
+        let e = jobs_url_from_pid_file(&pid).unwrap_err();
+        assert!(e.is_config(), "{e}");
+        assert!(e.to_string().contains("w.jobs"), "{e}");
+        std::fs::write(dir.path().join("w.jobs"), "jobs.db\n").unwrap();
+        assert_eq!(
+            jobs_url_from_pid_file(&pid).unwrap(),
+            dir.path().join("jobs.db").display().to_string()
+        );
+        std::fs::write(dir.path().join("w.jobs"), "/abs/jobs.db\n").unwrap();
+        assert_eq!(jobs_url_from_pid_file(&pid).unwrap(), "/abs/jobs.db");
+        std::fs::write(dir.path().join("w.jobs"), "\n").unwrap();
+        assert!(jobs_url_from_pid_file(&pid).unwrap_err().is_config());
+    }
+}
