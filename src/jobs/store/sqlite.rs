@@ -59,9 +59,8 @@ use crate::jobs::model::{
 };
 use crate::jobs::time::{from_micros, to_micros};
 
-use super::{
-    wake_path_for, ClaimRequest, FinishReport, Finished, Outcome, RecoverReport, Store,
-    StoreOptions,
+use super::api::{
+    ClaimRequest, FinishReport, Finished, Outcome, RecoverReport, Store, StoreOptions,
 };
 
 /// The schema version this build writes; `MIGRATIONS[i]` takes a store
@@ -1116,6 +1115,13 @@ impl Store for SqliteStore {
         let queues = queues.to_vec();
         self.call(move |db| db.next_due(queues)).await
     }
+}
+
+/// The wake socket of a SQLite store at `db`: `<db>.wake`.
+pub(crate) fn wake_path_for(db: &Path) -> PathBuf {
+    let mut s = db.as_os_str().to_owned();
+    s.push(".wake");
+    PathBuf::from(s)
 }
 
 /// The watcher's end of the wake side channel: a Unix datagram socket at

@@ -987,3 +987,11 @@ async fn two_handles_on_one_file_see_each_other() {
     got.sort();
     assert_eq!(got, ids, "each job claimed once");
 }
+
+#[test]
+fn wake_path_is_beside_the_database() {
+    assert_eq!(
+        wake_path_for(Path::new("/x/jobs.db")),
+        Path::new("/x/jobs.db.wake")
+    );
+}
