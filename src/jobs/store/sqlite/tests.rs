@@ -1,11 +1,17 @@
 //! The SQL logic of the SQLite store, on in-memory and file databases.
 
+use std::os::unix::net::UnixDatagram as StdUnixDatagram;
 use std::time::{Duration, SystemTime};
 
-use serde_json::json;
+use rusqlite::Connection;
+use serde_json::{json, Value};
 
+use super::admin::{CANCEL_REQUESTS, NEXT_DUE, PURGE};
+use super::lifecycle::{CLAIM_NEXT, CLAIM_NEXT_IDS, FIND_ACTIVE_KEY, RUNNING_KEYS};
 use super::*;
-use crate::jobs::model::NewJob;
+use crate::jobs::model::{JobState, NewJob};
+use crate::jobs::store::api::Outcome;
+use crate::jobs::time::to_micros;
 
 fn options() -> StoreOptions {
     StoreOptions {
