@@ -23,7 +23,8 @@
 //!   running it died before its outcome was recorded; `recover` at watcher
 //!   start fails such attempts ("the watcher stopped while it ran").
 //!
-//! See `store/sqlite.rs` for the schema, threading and wake-up channel.
+//! See `store/sqlite/` for the threading (`mod.rs`), the schema
+//! (`schema.rs`) and the wake-up channel (`wake.rs`).
 
 mod model;
 mod paths;

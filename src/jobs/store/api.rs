@@ -106,7 +106,8 @@ pub(crate) struct RecoverReport {
 }
 
 /// The durable job store. Object-safe (`Arc<dyn Store>`); every method is
-/// one transaction and returns the store's error as [`Error::is_store`](crate::Error::is_store).
+/// one transaction and returns the store's error as
+/// [`Error::is_store`](crate::Error::is_store).
 // The watcher's job dispatcher (DESIGN 4a, being written) is the caller.
 #[allow(dead_code)]
 #[async_trait]
@@ -119,7 +120,8 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// (including earlier in the batch) is not inserted:
     /// `Submitted::Existing(that id)`. Any invalid job (`max_attempts` 0,
     /// empty queue) or a queue no registered pool takes fails the whole
-    /// batch with [`Error::is_config`](crate::Error::is_config) and nothing is inserted.
+    /// batch with [`Error::is_config`](crate::Error::is_config) and nothing
+    /// is inserted.
     async fn submit(&self, jobs: Vec<NewJob>) -> Result<Vec<Submitted>>;
 
     /// Claims up to `limit` due queued jobs (see [`ClaimRequest`]); within
@@ -151,8 +153,9 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// A failed or cancelled job is queued again, due now. The attempt
     /// counter is kept (its errors stay numbered); when the attempts are
     /// used up, `max_attempts` becomes `attempt + 1`, so a retry is one
-    /// more try. A queued, running or done job: [`Error::is_config`](crate::Error::is_config); no
-    /// such job: [`Error::is_not_found`](crate::Error::is_not_found).
+    /// more try. A queued, running or done job:
+    /// [`Error::is_config`](crate::Error::is_config); no such job:
+    /// [`Error::is_not_found`](crate::Error::is_not_found).
     async fn retry(&self, id: JobId) -> Result<()>;
 
     /// Queued → cancelled at once; running → `cancel_requested` (the
