@@ -23,14 +23,14 @@
 //!   running it died before its outcome was recorded; `recover` at watcher
 //!   start fails such attempts ("the watcher stopped while it ran").
 //!
-//! See `store/sqlite.rs` for the schema, threading and wake-up channel.
+//! See `store/sqlite/` for the threading (`mod.rs`), the schema
+//! (`schema.rs`) and the wake-up channel (`wake.rs`).
 
 mod model;
+mod paths;
 mod queue;
 pub(crate) mod store;
 mod time;
-
-use std::path::{Path, PathBuf};
 
 pub use model::{
     AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, StateCounts,
@@ -38,56 +38,15 @@ pub use model::{
 };
 pub use queue::JobQueue;
 
+// The old paths of the pid-file helpers, kept for the watcher's code (it
+// writes the store URL file; `JobQueue::open_for_pid_file` reads it).
+#[allow(unused_imports)]
+pub(crate) use paths::{jobs_url_file_for_pid_file, jobs_url_from_pid_file};
+
 /// RFC 3339 helpers for the `cluster` binary; not a stable API.
 #[doc(hidden)]
 pub mod cli_support {
     pub use super::time::{format_rfc3339, parse_rfc3339};
-}
-
-/// The file beside a watcher's pid file that holds its job store URL (one
-/// line): `x.pid` → `x.jobs`. The watcher writes it; `cluster jobs
-/// --pid-file x.pid` reads it.
-pub(crate) fn jobs_url_file_for_pid_file(pid_file: &Path) -> PathBuf {
-    pid_file.with_extension("jobs")
-}
-
-/// Reads the store URL a watcher wrote beside its pid file. A relative
-/// path in it is taken relative to the file's directory.
-///
-/// # Errors
-///
-/// The file is missing or unreadable ([`crate::Error::is_config`], naming
-/// the file), or empty.
-pub(crate) fn jobs_url_from_pid_file(pid_file: &Path) -> crate::Result<String> {
-    use crate::error::{Error, Kind};
-    let file = jobs_url_file_for_pid_file(pid_file);
-    let text = std::fs::read_to_string(&file).map_err(|e| {
-        Error::with_io(
-            Kind::Config,
-            format!(
-                "cannot read the job store URL from {} (does the watcher of {} run jobs?)",
-                file.display(),
-                pid_file.display()
-            ),
-            e,
-        )
-    })?;
-    let url = text.lines().next().unwrap_or("").trim();
-    if url.is_empty() {
-        return Err(Error::new(
-            Kind::Config,
-            format!("{} holds no job store URL", file.display()),
-        ));
-    }
-    // A bare relative SQLite path is relative to the file, not to the
-    // caller's working directory.
-    if let Ok(store::StoreUrl::Sqlite(p)) = store::StoreUrl::parse(url) {
-        if p.is_relative() && !url.starts_with("sqlite:") {
-            let dir = file.parent().unwrap_or(Path::new("."));
-            return Ok(dir.join(p).display().to_string());
-        }
-    }
-    Ok(url.to_string())
 }
 
 /// Internals exposed for `benches/jobs_store.rs`; not a stable API.
@@ -153,40 +112,5 @@ pub mod bench {
             let jobs = self.claim(q, batch).await?;
             self.finish(jobs).await
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn jobs_url_file_is_beside_the_pid_file() {
-        assert_eq!(
-            jobs_url_file_for_pid_file(Path::new("/run/x.pid")),
-            Path::new("/run/x.jobs")
-        );
-        assert_eq!(
-            jobs_url_file_for_pid_file(Path::new("x")),
-            Path::new("x.jobs")
-        );
-    }
-
-    #[test]
-    fn jobs_url_from_pid_file_resolves_relative_paths() {
-        let dir = tempfile::tempdir().unwrap();
-        let pid = dir.path().join("w.pid");
-        let e = jobs_url_from_pid_file(&pid).unwrap_err();
-        assert!(e.is_config(), "{e}");
-        assert!(e.to_string().contains("w.jobs"), "{e}");
-        std::fs::write(dir.path().join("w.jobs"), "jobs.db\n").unwrap();
-        assert_eq!(
-            jobs_url_from_pid_file(&pid).unwrap(),
-            dir.path().join("jobs.db").display().to_string()
-        );
-        std::fs::write(dir.path().join("w.jobs"), "/abs/jobs.db\n").unwrap();
-        assert_eq!(jobs_url_from_pid_file(&pid).unwrap(), "/abs/jobs.db");
-        std::fs::write(dir.path().join("w.jobs"), "\n").unwrap();
-        assert!(jobs_url_from_pid_file(&pid).unwrap_err().is_config());
     }
 }

@@ -89,7 +89,7 @@ impl JobQueue {
     /// No readable URL file: [`Error::is_config`]; then as
     /// [`open_existing`](JobQueue::open_existing).
     pub async fn open_for_pid_file(pid_file: &std::path::Path) -> Result<JobQueue> {
-        let url = super::jobs_url_from_pid_file(pid_file)?;
+        let url = super::paths::jobs_url_from_pid_file(pid_file)?;
         Self::open_existing(&url).await
     }
 

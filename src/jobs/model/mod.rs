@@ -1,18 +1,28 @@
-//! The job model shared by every store, the library API and the CLI.
+//! The job model shared by every store, the library API and the CLI. The
+//! derived key is computed in `key.rs`, the retry backoff in `backoff.rs`.
+
+mod backoff;
+mod key;
 
 use std::collections::BTreeMap;
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::str::FromStr;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Kind, Result};
 
 use super::time::{rfc3339, rfc3339_opt};
+
+pub(crate) use backoff::retry_delay;
+pub(crate) use key::derived_key;
+// Their paths from before the split (`model::canonical_json`, ...).
+#[allow(unused_imports)]
+pub(crate) use backoff::retry_delay_jittered;
+#[allow(unused_imports)]
+pub(crate) use key::canonical_json;
 
 /// The name of the queue a [`NewJob`] goes to unless told otherwise.
 pub const DEFAULT_QUEUE: &str = "default";
@@ -597,252 +607,5 @@ impl ListFilter {
     }
 }
 
-/// Writes `v` as canonical JSON: no whitespace, object keys sorted (by
-/// their UTF-8 bytes) at every depth, strings escaped as serde_json does,
-/// numbers as serde_json prints them. Independent of the order in which
-/// the object was built, and of serde_json's `preserve_order` feature.
-pub(crate) fn canonical_json(v: &Value, out: &mut Vec<u8>) {
-    match v {
-        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => {
-            // Scalars: serde_json's own output is already canonical, and
-            // writing to a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, v);
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                canonical_json(item, out);
-            }
-            out.push(b']');
-        }
-        Value::Object(map) => {
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            entries.sort_unstable_by(|a, b| a.0.as_bytes().cmp(b.0.as_bytes()));
-            out.push(b'{');
-            for (i, (k, item)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                let _ = serde_json::to_writer(&mut *out, k);
-                out.push(b':');
-                canonical_json(item, out);
-            }
-            out.push(b'}');
-        }
-    }
-}
-
-/// The derived key of a job without an explicit one. Version-tagged and
-/// length-prefixed so that no two different (queue, name, args) feed the
-/// hash the same bytes.
-pub(crate) fn derived_key(queue: &str, name: Option<&str>, args: &Value) -> String {
-    let mut canon = Vec::with_capacity(64);
-    canonical_json(args, &mut canon);
-    let mut h = Sha256::new();
-    h.update(b"cluster job key v1\0");
-    h.update((queue.len() as u64).to_le_bytes());
-    h.update(queue.as_bytes());
-    match name {
-        Some(n) => {
-            h.update([1u8]);
-            h.update((n.len() as u64).to_le_bytes());
-            h.update(n.as_bytes());
-        }
-        None => h.update([0u8]),
-    }
-    h.update(&canon);
-    let digest = h.finalize();
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut hex = String::with_capacity(32);
-    for b in &digest[..16] {
-        hex.push(char::from(HEX[usize::from(b >> 4)]));
-        hex.push(char::from(HEX[usize::from(b & 15)]));
-    }
-    hex
-}
-
-/// How long to wait before attempt `attempt + 1` after attempt `attempt`
-/// failed: `base × 2^(attempt-1)`, capped at `cap`, then ±25 % jitter.
-/// Defaults (see `StoreOptions`): base 1 s, cap 10 min.
-pub(crate) fn retry_delay(base: Duration, cap: Duration, attempt: u32) -> Duration {
-    retry_delay_jittered(base, cap, attempt, random_unit())
-}
-
-/// [`retry_delay`] with the jitter given: `unit` in `[0, 1)` maps to
-/// `[-25 %, +25 %)`.
-pub(crate) fn retry_delay_jittered(
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-    unit: f64,
-) -> Duration {
-    let exp = attempt.saturating_sub(1).min(40);
-    let raw = base.saturating_mul(1u32 << exp.min(31));
-    let raw = if exp > 31 { cap } else { raw.min(cap) };
-    let factor = 0.75 + 0.5 * unit.clamp(0.0, 1.0);
-    raw.mul_f64(factor)
-}
-
-/// A number in `[0, 1)` that differs between calls; for jitter only. Uses
-/// std's randomly keyed hasher rather than a random-number crate.
-fn random_unit() -> f64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
-    (h.finish() >> 11) as f64 / (1u64 << 53) as f64
-}
-
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    #[test]
-    fn canonical_key_ignores_object_key_order() {
-        let a: Value =
-            serde_json::from_str(r#"{"b":1,"a":{"y":[1,{"q":2,"p":3}],"x":null}}"#).unwrap();
-        let b: Value =
-            serde_json::from_str(r#"{"a":{"x":null,"y":[1,{"p":3,"q":2}]},"b":1}"#).unwrap();
-        let mut ca = Vec::new();
-        canonical_json(&a, &mut ca);
-        assert_eq!(ca, br#"{"a":{"x":null,"y":[1,{"p":3,"q":2}]},"b":1}"#);
-        let mut esc = Vec::new();
-        canonical_json(&json!({"k\"\n": "é\u{1}"}), &mut esc);
-        assert_eq!(esc, "{\"k\\\"\\n\":\"é\\u0001\"}".as_bytes());
-        assert_eq!(derived_key("q", None, &a), derived_key("q", None, &b));
-        assert_eq!(derived_key("q", None, &a).len(), 32);
-    }
-
-    #[test]
-    fn derived_key_separates_queue_name_and_args() {
-        let args = json!(["x"]);
-        let k = derived_key("q", None, &args);
-        assert_ne!(k, derived_key("r", None, &args));
-        assert_ne!(k, derived_key("q", Some("h"), &args));
-        assert_ne!(k, derived_key("q", None, &json!(["y"])));
-        // Length prefixes: moving bytes between queue and name changes the key.
-        assert_ne!(
-            derived_key("ab", Some("c"), &args),
-            derived_key("a", Some("bc"), &args)
-        );
-        // Array order matters (it is part of the value).
-        assert_ne!(
-            derived_key("q", None, &json!([1, 2])),
-            derived_key("q", None, &json!([2, 1]))
-        );
-    }
-
-    #[test]
-    fn derived_key_is_stable_across_builds() {
-        // Pinned: a change here breaks deduplication against existing stores.
-        assert_eq!(
-            derived_key("default", None, &json!(["a", "b"])),
-            derived_key("default", None, &json!(["a", "b"]))
-        );
-        let pinned = derived_key("default", Some("h"), &json!({"n": 1}));
-        assert_eq!(pinned, PINNED_KEY);
-    }
-
-    /// SHA-256 of `cluster job key v1\0`, 7u64 LE, `default`, 1u8, 1u64 LE,
-    /// `h`, `{"n":1}`, first 16 bytes (checked with Python's hashlib).
-    const PINNED_KEY: &str = "2dac3dcd2e1547a917fcc707f81eb689";
-
-    #[test]
-    fn explicit_key_wins() {
-        let j = NewJob::new(json!(1)).key("mine");
-        assert_eq!(j.effective_key(), "mine");
-    }
-
-    #[test]
-    fn validation() {
-        assert!(NewJob::new(json!(1)).validate().is_ok());
-        let e = NewJob::new(json!(1))
-            .max_attempts(0)
-            .validate()
-            .unwrap_err();
-        assert!(e.is_config(), "{e}");
-        assert!(NewJob::new(json!(1))
-            .queue("")
-            .validate()
-            .unwrap_err()
-            .is_config());
-        assert!(NewJob::new(json!(1))
-            .key("")
-            .validate()
-            .unwrap_err()
-            .is_config());
-    }
-
-    #[test]
-    fn states_and_ids_parse() {
-        for s in JobState::ALL {
-            assert_eq!(s.as_str().parse::<JobState>().unwrap(), s);
-            assert_eq!(serde_json::to_string(&s).unwrap(), format!("\"{s}\""));
-        }
-        assert!("bogus".parse::<JobState>().unwrap_err().is_config());
-        assert_eq!("7".parse::<JobId>().unwrap(), JobId::new(7));
-        for bad in ["0", "-1", "x", "", "1.5"] {
-            assert!(bad.parse::<JobId>().unwrap_err().is_config(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn retry_delay_doubles_caps_and_jitters() {
-        let base = Duration::from_secs(1);
-        let cap = Duration::from_secs(600);
-        let mid = |a| retry_delay_jittered(base, cap, a, 0.5);
-        assert_eq!(mid(1), Duration::from_secs(1));
-        assert_eq!(mid(2), Duration::from_secs(2));
-        assert_eq!(mid(4), Duration::from_secs(8));
-        assert_eq!(mid(11), Duration::from_secs(600));
-        assert_eq!(mid(1000), Duration::from_secs(600));
-        assert_eq!(mid(0), Duration::from_secs(1));
-        assert_eq!(
-            retry_delay_jittered(base, cap, 1, 0.0),
-            Duration::from_millis(750)
-        );
-        for a in 1..20 {
-            let d = retry_delay(base, cap, a);
-            let m = mid(a);
-            assert!(d >= m.mul_f64(0.75) && d <= m.mul_f64(1.25), "{a}: {d:?}");
-        }
-    }
-
-    #[test]
-    fn job_serializes_times_as_rfc3339() {
-        let t = std::time::UNIX_EPOCH + Duration::from_secs(86_400);
-        let job = Job {
-            id: JobId(1),
-            queue: "q".into(),
-            name: None,
-            args: json!([]),
-            key: "k".into(),
-            key_explicit: true,
-            attempt: 1,
-            max_attempts: 3,
-            state: JobState::Failed,
-            run_at: t,
-            priority: 0,
-            pool: None,
-            node: None,
-            worker: None,
-            result: None,
-            errors: vec![AttemptError::new(1, "boom".into(), t)],
-            created_at: t,
-            started_at: Some(t),
-            finished_at: None,
-            cancel_requested: false,
-        };
-        let v = serde_json::to_value(&job).unwrap();
-        assert_eq!(v["run_at"], "1970-01-02T00:00:00.000Z");
-        assert_eq!(v["finished_at"], Value::Null);
-        assert_eq!(v["errors"][0]["at"], "1970-01-02T00:00:00.000Z");
-        assert_eq!(v["state"], "failed");
-        let back: Job = serde_json::from_value(v).unwrap();
-        assert_eq!(back, job);
-    }
-}
+mod tests;
