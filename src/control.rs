@@ -99,6 +99,13 @@ pub struct Response {
     /// Workers (for `status`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub workers: Vec<WorkerStatus>,
+    /// The job dispatcher (for `status`, when the watcher runs jobs): the
+    /// store, its pools (`name`, `slots`, `workers`, `running`,
+    /// `capacity`), the counters since start (`claimed`, `done`, `failed`,
+    /// `retried`, `cancelled`, `lost`) and the store's counts per state
+    /// (`store_counts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jobs: Option<serde_json::Value>,
 }
 
 /// Sends `request` to the watcher listening on `socket` and returns its

@@ -96,7 +96,7 @@ pub use watcher::{
     Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
     WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
 };
-pub use worker::{Cluster, MessageChannel, ServerSocketFactory};
+pub use worker::{Cluster, JobContext, JobError, Jobs, MessageChannel, ServerSocketFactory};
 
 #[doc(hidden)]
 pub use jobs::bench as __jobs_bench;

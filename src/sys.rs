@@ -187,22 +187,23 @@ pub(crate) struct Credentials {
     pub gid: Option<libc::gid_t>,
 }
 
-/// Installs the hook that runs in the forked child before `exec`:
+/// Installs the hook that runs in the forked child (a worker, or a
+/// per-job process) before `exec`:
 ///
 /// * with `creds`, drops privileges: clears the supplementary groups
 ///   (`setgroups(0)`), then `setgid`, then `setuid` (in that order: once
 ///   the uid changes, the group calls are no longer permitted). This comes
 ///   first because a credential change clears `PR_SET_PDEATHSIG`;
-/// * clears `FD_CLOEXEC` on `keep_fd` (the worker's end of its socketpair)
-///   so it survives `exec`, while every other descriptor of the watcher
-///   (all opened with `O_CLOEXEC`) is closed;
+/// * clears `FD_CLOEXEC` on `keep_fd`, if any (a worker's end of its
+///   socketpair) so it survives `exec`, while every other descriptor of the
+///   watcher (all opened with `O_CLOEXEC`) is closed;
 /// * asks for `SIGTERM` when the watcher dies (`PR_SET_PDEATHSIG`), and
 ///   exits at once if the watcher is already gone;
 /// * moves the worker into its own process group, so a terminal's Ctrl-C
 ///   reaches only the watcher, which then stops the workers in order.
-pub(crate) fn prepare_worker_exec(
+pub(crate) fn prepare_child_exec(
     cmd: &mut tokio::process::Command,
-    keep_fd: RawFd,
+    keep_fd: Option<RawFd>,
     creds: Option<Credentials>,
 ) {
     // SAFETY: the closure runs in the child between fork and exec, where
@@ -230,9 +231,11 @@ pub(crate) fn prepare_worker_exec(
                     }
                 }
             }
-            let flags = libc::fcntl(keep_fd, libc::F_GETFD);
-            if flags < 0 || libc::fcntl(keep_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
-                return Err(io::Error::last_os_error());
+            if let Some(keep_fd) = keep_fd {
+                let flags = libc::fcntl(keep_fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(keep_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
             }
             if libc::prctl(
                 libc::PR_SET_PDEATHSIG,

@@ -12,3 +12,14 @@ pub(crate) const CONTEXT_ID: &str = "CLUSTER_CONTEXT_ID";
 pub(crate) const SLOT: &str = "CLUSTER_SLOT";
 /// Milliseconds a worker has to exit once its watcher is gone.
 pub(crate) const SHUTDOWN_TIMEOUT_MS: &str = "CLUSTER_SHUTDOWN_TIMEOUT_MS";
+/// The pool a worker belongs to (job pools).
+pub(crate) const POOL: &str = "CLUSTER_POOL";
+/// How many jobs a worker runs at once (`--job-concurrency`).
+pub(crate) const JOB_CONCURRENCY: &str = "CLUSTER_JOB_CONCURRENCY";
+/// A per-job process's job id, attempt, queue and node.
+pub(crate) const JOB_ID: &str = "CLUSTER_JOB_ID";
+pub(crate) const JOB_ATTEMPT: &str = "CLUSTER_JOB_ATTEMPT";
+pub(crate) const QUEUE: &str = "CLUSTER_QUEUE";
+pub(crate) const NODE: &str = "CLUSTER_NODE";
+/// How many jobs a job source should list at most (the pool's slots).
+pub(crate) const LIMIT: &str = "CLUSTER_LIMIT";

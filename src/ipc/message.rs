@@ -51,6 +51,42 @@ pub(crate) enum ToWorker {
     },
     /// A user message (postcard bytes, typed at the API edge).
     Data(Vec<u8>),
+    /// Run this job (the worker said `JobsReady` and has room for it).
+    Job(Box<JobOrder>),
+    /// Stop running job `ticket` (timed out or cancelled); answered with
+    /// its `JobDone`.
+    CancelJob { ticket: u64 },
+}
+
+/// A job for a worker's handler.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct JobOrder {
+    /// The watcher's id for this run, echoed in `JobDone`.
+    pub ticket: u64,
+    /// The stored job's id and attempt (`None` for an in-memory call).
+    pub job: Option<(i64, u32)>,
+    /// The handler to run.
+    pub name: String,
+    /// The arguments, as JSON text.
+    pub args: String,
+    pub queue: String,
+    pub pool: String,
+    pub node: String,
+}
+
+/// Why a job did not produce a result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum JobFailure {
+    /// The handler returned an error.
+    Failed(String),
+    /// The handler panicked.
+    Panicked(String),
+    /// The worker has no handler by that name.
+    NoHandler(String),
+    /// The arguments do not deserialize into what the handler takes.
+    BadArgs(String),
+    /// Stopped after `CancelJob`.
+    Cancelled,
 }
 
 /// Worker to watcher.
@@ -83,6 +119,16 @@ pub(crate) enum ToWatcher {
     /// The worker's code accepted these handed-off connections: the
     /// watcher closes the copies it kept in case the worker died first.
     ConnectionsAccepted { listener: u64, conns: Vec<u64> },
+    /// The worker runs jobs: these handlers, this many at once.
+    JobsReady {
+        handlers: Vec<String>,
+        concurrency: u32,
+    },
+    /// Job `ticket` ended: its result as JSON text, or why it has none.
+    JobDone {
+        ticket: u64,
+        result: Result<String, JobFailure>,
+    },
 }
 
 /// A balanced listener granted to a worker: the watcher accepts and sends
@@ -131,6 +177,16 @@ mod tests {
                 conn: 2,
                 peer: "127.0.0.1:5000".into(),
             },
+            ToWorker::Job(Box::new(JobOrder {
+                ticket: 4,
+                job: Some((12, 1)),
+                name: "resize".into(),
+                args: "{\"w\":1}".into(),
+                queue: "q".into(),
+                pool: "p".into(),
+                node: "n".into(),
+            })),
+            ToWorker::CancelJob { ticket: 4 },
         ];
         for m in to_worker {
             assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
@@ -164,6 +220,22 @@ mod tests {
                 listener: 1,
                 conn: 2,
                 peer: "127.0.0.1:9".into(),
+            },
+            ToWatcher::ConnectionsAccepted {
+                listener: 1,
+                conns: vec![2, 3],
+            },
+            ToWatcher::JobsReady {
+                handlers: vec!["a".into()],
+                concurrency: 2,
+            },
+            ToWatcher::JobDone {
+                ticket: 4,
+                result: Ok("null".into()),
+            },
+            ToWatcher::JobDone {
+                ticket: 5,
+                result: Err(JobFailure::BadArgs("x".into())),
             },
         ];
         for m in to_watcher {

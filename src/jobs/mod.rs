@@ -26,6 +26,8 @@
 //! See `store/sqlite/` for the threading (`mod.rs`), the schema
 //! (`schema.rs`) and the wake-up channel (`wake.rs`).
 
+pub(crate) mod dispatch;
+pub(crate) mod line;
 mod model;
 mod paths;
 mod queue;
@@ -36,6 +38,7 @@ pub use model::{
     AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, StateCounts,
     Submitted,
 };
+pub(crate) use model::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
 pub use queue::JobQueue;
 
 // The old paths of the pid-file helpers, kept for the watcher's code (it

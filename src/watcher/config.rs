@@ -11,6 +11,7 @@ use super::balance::Balance;
 use super::bind_policy::BindPolicy;
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
+use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
 use crate::socket::DEFAULT_BACKLOG;
 
 /// Settings shared by the supervisor and the process spawner.
@@ -42,6 +43,10 @@ pub(crate) struct Config {
     pub systemd: bool,
     /// Become the child subreaper and kill what workers leave behind.
     pub subreaper: bool,
+    /// `--jobs` and its options: the job dispatcher runs when set.
+    pub jobs: Option<JobsConfig>,
+    /// `--pool` as given, parsed by `validate` into `jobs.specs`.
+    pub pool_args: Vec<String>,
     /// `--allow-bind` patterns, parsed by `validate` into `bind_policy`.
     pub allow_bind: Vec<String>,
     pub bind_policy: BindPolicy,
@@ -86,6 +91,8 @@ impl Config {
             metrics: None,
             systemd: true,
             subreaper: false,
+            jobs: None,
+            pool_args: Vec::new(),
             allow_bind: Vec::new(),
             bind_policy: BindPolicy::default(),
             user: None,
@@ -276,6 +283,118 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Run jobs from the job store at `url` (`jobs.db`, `sqlite://path`):
+    /// the watcher claims the jobs of its pools' queues and hands them to
+    /// workers that serve [`Cluster::jobs`](crate::Cluster::jobs) (or, with
+    /// [`per_job`](Self::per_job), runs the program once per job). See the
+    /// README's "Jobs" section for the model and its guarantees.
+    pub fn jobs(mut self, url: impl Into<String>) -> Self {
+        self.config.jobs = Some(JobsConfig::new(url.into()));
+        self
+    }
+
+    fn jobs_mut(&mut self) -> &mut JobsConfig {
+        self.config
+            .jobs
+            .get_or_insert_with(|| JobsConfig::new(String::new()))
+    }
+
+    /// A pool, `NAME=RATIO` or `NAME=RATIO:shared` (repeatable; needs
+    /// [`jobs`](Self::jobs)): `ceil(workers × RATIO)` slots that take the
+    /// jobs of queue NAME; a shared pool also takes the other pools'
+    /// excess, in definition order. Without any, one pool `default` has
+    /// every worker.
+    pub fn pool(mut self, spec: impl Into<String>) -> Self {
+        self.config.pool_args.push(spec.into());
+        self
+    }
+
+    /// Run the program once per job (`PROGRAM ARGS... JOBARGS...`) instead
+    /// of persistent workers (default off).
+    pub fn per_job(mut self, on: bool) -> Self {
+        self.jobs_mut().per_job = on;
+        self
+    }
+
+    /// Jobs a persistent worker runs at once (default 1).
+    pub fn job_concurrency(mut self, n: u32) -> Self {
+        self.jobs_mut().concurrency = n.max(1);
+        self
+    }
+
+    /// Safe mode (default on): never two running jobs with the same key.
+    pub fn safe_mode(mut self, on: bool) -> Self {
+        self.jobs_mut().safe_mode = on;
+        self
+    }
+
+    /// Attempts of the jobs job sources queue (default 3).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.jobs_mut().max_attempts = n.max(1);
+        self
+    }
+
+    /// Stop an attempt that runs longer than `timeout` (default: none).
+    pub fn job_timeout(mut self, timeout: Duration) -> Self {
+        self.jobs_mut().timeout = Some(timeout).filter(|t| !t.is_zero());
+        self
+    }
+
+    /// The first delay before a failed job runs again (default 1 s;
+    /// doubling per attempt, ±25 % jitter, at most 10 min).
+    pub fn retry_delay(mut self, delay: Duration) -> Self {
+        self.jobs_mut().retry_delay = delay;
+        self
+    }
+
+    /// A job source command, run through `sh -c` once per pool every
+    /// [`job_source_interval`](Self::job_source_interval) with
+    /// `CLUSTER_POOL` and `CLUSTER_LIMIT` set; each JSON line it prints is
+    /// a job, deduplicated by key against queued and running jobs.
+    pub fn job_source_command(mut self, command: impl Into<String>) -> Self {
+        self.jobs_mut()
+            .sources
+            .push(Source::Command(command.into()));
+        self
+    }
+
+    /// A job source in code: called once per pool every interval with the
+    /// pool's name and slot count; the jobs it returns are queued,
+    /// deduplicated by key.
+    ///
+    /// ```no_run
+    /// # fn build() -> Result<(), cluster::Error> {
+    /// use cluster::{ClusterWatcher, NewJob};
+    /// let watcher = ClusterWatcher::builder(std::process::Command::new("./worker"))
+    ///     .jobs("jobs.db")
+    ///     .job_source(|pool: String, limit: usize| async move {
+    ///         (0..limit).map(|i| NewJob::new(serde_json::json!([i])).queue(pool.clone())).collect()
+    ///     })
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn job_source<F, Fut>(mut self, f: F) -> Self
+    where
+        F: Fn(String, usize) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Vec<crate::NewJob>> + Send + 'static,
+    {
+        let f: JobSourceFn = std::sync::Arc::new(move |pool, limit| Box::pin(f(pool, limit)));
+        self.jobs_mut().sources.push(Source::Closure(f));
+        self
+    }
+
+    /// How often job sources run (default 5 s).
+    pub fn job_source_interval(mut self, every: Duration) -> Self {
+        self.jobs_mut().source_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long finished jobs are kept before they are deleted (default 7 days).
+    pub fn jobs_retention(mut self, keep: Duration) -> Self {
+        self.jobs_mut().retention = keep;
+        self
+    }
+
     /// Allow workers to listen on addresses matching `pattern`
     /// (repeatable): `HOST:PORT`, `:PORT`, `HOST:LOW-HIGH`,
     /// `unix:///path/file.sock` or `unix:///path/dir/`. Once one is given,
@@ -315,6 +434,27 @@ impl ClusterWatcherBuilder {
                 Kind::Config,
                 "the number of workers must be at least 1",
             ));
+        }
+        if let Some(jobs) = self.config.jobs.as_mut() {
+            if jobs.url.is_empty() {
+                return Err(Error::new(
+                    Kind::Config,
+                    "job options need a job store (--jobs URL)",
+                ));
+            }
+            jobs.specs = self
+                .config
+                .pool_args
+                .iter()
+                .map(|p| p.parse().map_err(|e: String| Error::new(Kind::Config, e)))
+                .collect::<Result<Vec<_>>>()?;
+            let (pools, warnings) = plan(&jobs.specs, self.config.workers)?;
+            jobs.pools = pools;
+            jobs.warnings = warnings;
+            // Per-job processes are the dispatcher's; no persistent worker runs.
+            self.config.workers = if jobs.per_job { 0 } else { jobs.slots() };
+        } else if !self.config.pool_args.is_empty() {
+            return Err(Error::new(Kind::Config, "--pool needs --jobs"));
         }
         check_program(&self.config.program, self.config.current_dir.as_deref())?;
         for path in &self.config.watch {

@@ -191,6 +191,12 @@ async fn handle(request: Request, commands: &CommandSender) -> Response {
             let Some(report) = ask(commands, Command::Status).await else {
                 return gone();
             };
+            let jobs =
+                tokio::time::timeout(Duration::from_secs(2), ask(commands, Command::JobsStatus))
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|j| serde_json::to_value(j).ok());
             let pids: Vec<u32> = report.workers.iter().map(|w| w.pid).collect();
             let cpu = if quick {
                 vec![None; pids.len()]
@@ -199,6 +205,7 @@ async fn handle(request: Request, commands: &CommandSender) -> Response {
             };
             Response {
                 workers_wanted: Some(report.wanted),
+                jobs,
                 workers: report
                     .workers
                     .into_iter()

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::status::{Snapshot, StatusReport};
+use super::status::{JobsStatus, Snapshot, StatusReport};
 use crate::error::{Error, Result};
 use crate::ipc::message::{ToWatcher, ToWorker};
 use crate::ipc::RecvError;
@@ -72,6 +72,11 @@ pub(crate) enum Command {
     },
     /// A user message to one worker (by context id), or to all.
     Send { to: Option<u64>, bytes: Vec<u8> },
+    /// Kill one worker now (a job it does not let go of).
+    KillWorker { context_id: u64, why: String },
+    /// The job dispatcher's counters (the reply is dropped when the
+    /// watcher runs no jobs).
+    JobsStatus(oneshot::Sender<JobsStatus>),
 }
 
 /// Where requests to the supervisor go.

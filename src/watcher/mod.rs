@@ -8,17 +8,17 @@
 
 mod balance;
 mod bind_policy;
-mod config;
+pub(crate) mod config;
 mod control;
-mod event;
+pub(crate) mod event;
 mod metrics;
-mod output;
-mod process;
+pub(crate) mod output;
+pub(crate) mod process;
 mod procfs;
 mod reload_triggers;
-mod status;
+pub(crate) mod status;
 mod supervise;
-mod systemd;
+pub(crate) mod systemd;
 
 pub use balance::Balance;
 pub use config::ClusterWatcherBuilder;

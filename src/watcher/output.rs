@@ -41,9 +41,24 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Source {
     Watcher,
-    Worker { slot: u32, pid: u32 },
-    Stdout { slot: u32, pid: u32 },
-    Stderr { slot: u32, pid: u32 },
+    Worker {
+        slot: u32,
+        pid: u32,
+    },
+    Stdout {
+        slot: u32,
+        pid: u32,
+    },
+    Stderr {
+        slot: u32,
+        pid: u32,
+    },
+    /// A line a per-job process printed (`stderr` or stdout).
+    Job {
+        job: i64,
+        pid: u32,
+        stderr: bool,
+    },
 }
 
 struct Entry {
@@ -316,6 +331,8 @@ struct JsonLine<'a> {
     source: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     slot: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    job: Option<i64>,
     pid: u32,
     #[serde(skip_serializing_if = "str::is_empty")]
     target: &'a str,
@@ -332,12 +349,18 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
         Source::Worker { slot, pid } => ("worker", Some(slot), pid),
         Source::Stdout { slot, pid } => ("stdout", Some(slot), pid),
         Source::Stderr { slot, pid } => ("stderr", Some(slot), pid),
+        Source::Job { pid, stderr, .. } => (if stderr { "stderr" } else { "stdout" }, None, pid),
+    };
+    let job = match entry.source {
+        Source::Job { job, .. } => Some(job),
+        _ => None,
     };
     match format {
         LogFormat::Text => {
             let tag = match (entry.source, slot) {
                 (Source::Watcher, _) => "watcher".to_string(),
                 (Source::Worker { .. }, Some(slot)) => format!("w{slot} {pid}"),
+                (Source::Job { job, .. }, _) => format!("job {job} {pid} {source}"),
                 (_, Some(slot)) => format!("w{slot} {pid} {source}"),
                 (_, None) => String::new(),
             };
@@ -351,6 +374,7 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
                 level: level_name(entry.record.level),
                 source,
                 slot,
+                job,
                 pid,
                 target: &entry.record.target,
                 message: &entry.record.message,

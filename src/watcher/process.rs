@@ -230,6 +230,12 @@ fn spawn(
     for var in systemd::ENV_VARS {
         cmd.env_remove(var);
     }
+    if let Some(jobs) = &config.jobs {
+        if let Some(i) = crate::jobs::dispatch::pool_of(&jobs.pools, slot) {
+            cmd.env(env::POOL, &jobs.pools[i].name);
+        }
+        cmd.env(env::JOB_CONCURRENCY, jobs.concurrency.to_string());
+    }
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
@@ -242,7 +248,7 @@ fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    sys::prepare_worker_exec(&mut cmd, theirs.as_raw_fd(), config.credentials);
+    sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials);
     // Registered under the lock, so the orphan reaper never sees the new
     // child as someone else's.
     let (mut child, pid) = {
@@ -263,6 +269,7 @@ fn spawn(
             out,
             config.output.clone(),
             Source::Stdout { slot, pid },
+            None,
         ));
     }
     if let Some(err) = child.stderr.take() {
@@ -270,6 +277,7 @@ fn spawn(
             err,
             config.output.clone(),
             Source::Stderr { slot, pid },
+            None,
         ));
     }
     let channel = match Channel::new(ours) {
@@ -355,14 +363,44 @@ const DRAIN_AFTER_EXIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// Longest captured line; the rest of a longer line is cut with a note.
 const MAX_LINE: usize = 16 * 1024;
 
-/// Forwards each line a worker writes on `stream` to the log output.
-/// Lines are never split: an over-long line is cut at [`MAX_LINE`] bytes
-/// with a note, invalid UTF-8 is replaced, and a last line without a
-/// newline is still forwarded at EOF.
-fn capture(
+/// The end of what a process printed on one stream: its last line, and
+/// its last [`TAIL_BYTES`] bytes of lines (for a per-job process, its
+/// result and its error text).
+#[derive(Debug, Default)]
+pub(crate) struct Tail {
+    pub last_line: String,
+    pub text: String,
+}
+
+/// How much of a stream a [`Tail`] keeps.
+pub(crate) const TAIL_BYTES: usize = 4096;
+
+impl Tail {
+    fn push(&mut self, line: &str) {
+        self.last_line = line.to_string();
+        if !self.text.is_empty() {
+            self.text.push('\n');
+        }
+        self.text.push_str(line);
+        if self.text.len() > TAIL_BYTES {
+            let mut cut = self.text.len() - TAIL_BYTES;
+            while !self.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.text.drain(..cut);
+        }
+    }
+}
+
+/// Forwards each line a process writes on `stream` to the log output (and
+/// into `tail`, when given). Lines are never split: an over-long line is
+/// cut at [`MAX_LINE`] bytes with a note, invalid UTF-8 is replaced, and a
+/// last line without a newline is still forwarded at EOF.
+pub(crate) fn capture(
     stream: impl tokio::io::AsyncRead + Unpin + Send + 'static,
     output: LogOutput,
     source: Source,
+    tail: Option<Arc<Mutex<Tail>>>,
 ) -> tokio::task::JoinHandle<()> {
     use tokio::io::AsyncBufReadExt;
     tokio::spawn(async move {
@@ -404,6 +442,11 @@ fn capture(
                 let mut message = String::from_utf8_lossy(&line).into_owned();
                 if cut > 0 {
                     message.push_str(&format!("… [{cut} bytes cut]"));
+                }
+                if let Some(tail) = &tail {
+                    if let Ok(mut t) = tail.lock() {
+                        t.push(&message);
+                    }
                 }
                 output.emit(
                     source,

@@ -86,3 +86,35 @@ pub(crate) struct Snapshot {
     pub messages_in: u64,
     pub messages_out: u64,
 }
+
+/// One pool in a status report.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub(crate) struct PoolStatus {
+    pub name: String,
+    pub slots: u32,
+    pub shared: bool,
+    pub queues: Vec<String>,
+    /// Workers that run jobs (persistent mode).
+    pub workers: usize,
+    pub running: usize,
+    /// Jobs it can run at once now.
+    pub capacity: usize,
+}
+
+/// What the dispatcher reports.
+#[derive(Debug, Clone, Default, serde::Serialize, PartialEq, Eq)]
+pub(crate) struct JobsStatus {
+    pub store: String,
+    pub node: String,
+    pub pools: Vec<PoolStatus>,
+    /// Claimed and waiting for a free worker.
+    pub buffered: usize,
+    pub claimed: u64,
+    pub done: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub cancelled: u64,
+    pub lost: u64,
+    /// The store's counts (every node's jobs), when they could be read.
+    pub store_counts: Option<crate::jobs::JobStats>,
+}

@@ -10,9 +10,9 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::shared::{Granted, Shared};
+use super::shared::{Granted, Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
+use crate::ipc::message::{JobFailure, ToWatcher, ToWorker, VERSION};
 use crate::ipc::Channel;
 use crate::listener::Handed;
 use crate::socket::Address;
@@ -119,6 +119,32 @@ impl Inbound {
             }
             ToWorker::Data(bytes) => {
                 let _ = self.inbox.send(bytes);
+            }
+            ToWorker::Job(order) => {
+                let ticket = order.ticket;
+                let undelivered = match self.shared.jobs.lock() {
+                    Ok(jobs) => match jobs.as_ref() {
+                        Some(tx) => tx.send(ToJobs::Run(*order)).is_err(),
+                        None => true,
+                    },
+                    Err(_) => true,
+                };
+                if undelivered {
+                    let result = Err(JobFailure::NoHandler(
+                        "this worker serves no jobs (Cluster::jobs().run() is not running)".into(),
+                    ));
+                    channel
+                        .send(&ToWatcher::JobDone { ticket, result }, &[])
+                        .await
+                        .map_err(write_err)?;
+                }
+            }
+            ToWorker::CancelJob { ticket } => {
+                if let Ok(jobs) = self.shared.jobs.lock() {
+                    if let Some(tx) = jobs.as_ref() {
+                        let _ = tx.send(ToJobs::Cancel(ticket));
+                    }
+                }
             }
         }
         Ok(())

@@ -82,6 +82,7 @@ fn connect() -> Option<Arc<Shared>> {
         },
         inbox: tokio::sync::Mutex::new(inbox_rx),
         balanced: Arc::new(Balanced::new(to_ipc)),
+        jobs: std::sync::Mutex::new(None),
     });
     sys::at_exit(flush_at_exit);
     ipc_thread::start(

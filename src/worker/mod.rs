@@ -12,8 +12,11 @@
 
 mod dispatch;
 mod ipc_thread;
+mod jobs;
 mod link;
 mod shared;
+
+pub use jobs::{JobContext, JobError, Jobs};
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -130,6 +133,15 @@ impl Cluster {
         }
     }
 
+    /// Job handlers for this worker: register them by name with
+    /// [`Jobs::handle`], then [`Jobs::run`]. The watcher (run with
+    /// `--jobs`) hands this worker jobs of its pool's queues, at most
+    /// [`Jobs::concurrency`] at once; a worker may serve HTTP and jobs at
+    /// once (spawn `run`).
+    pub fn jobs() -> Jobs {
+        Jobs::new()
+    }
+
     /// Tells the watcher that this worker is ready to serve. Idempotent;
     /// a no-op when standalone. [`await_termination`](Cluster::await_termination)
     /// calls it too, so most programs never need to.
@@ -161,7 +173,7 @@ impl Cluster {
 /// signal, answering the watcher's pings meanwhile. Holds nothing that is
 /// not `Send` across an await, so `await_termination()` can be given to
 /// `axum::serve(..).with_graceful_shutdown(..)` or spawned.
-async fn serve_until_stopped(link: Arc<Shared>) {
+pub(crate) async fn serve_until_stopped(link: Arc<Shared>) {
     let mut stop = link.stop.clone();
     let mut pings = link.pings.latest.subscribe();
     link.pings.awaiters.fetch_add(1, Ordering::SeqCst);

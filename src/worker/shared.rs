@@ -9,7 +9,7 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::ToWatcher;
+use crate::ipc::message::{JobOrder, ToWatcher};
 use crate::listener::{Balanced, ToIpc};
 use crate::log::WorkerLogQueue;
 
@@ -35,6 +35,12 @@ pub(crate) enum Granted {
     /// ip-hash); the listener was registered by the IPC thread before it
     /// read the next message.
     Balanced(crate::listener::BalancedListener),
+}
+
+/// What the IPC thread hands to `Cluster::jobs().run()`.
+pub(crate) enum ToJobs {
+    Run(JobOrder),
+    Cancel(u64),
 }
 
 /// Heartbeat routing: while some task awaits `Cluster::await_termination()`
@@ -69,6 +75,8 @@ pub(crate) struct Shared {
     pub inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
     /// Balanced listeners (round-robin, least-connections, ip-hash).
     pub balanced: Arc<Balanced>,
+    /// Where jobs go while `Cluster::jobs().run()` serves them.
+    pub jobs: std::sync::Mutex<Option<mpsc::UnboundedSender<ToJobs>>>,
 }
 
 impl Shared {

@@ -102,6 +102,62 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
+    /// Run jobs from this job store (a SQLite file: jobs.db, sqlite://PATH):
+    /// the watcher claims the jobs of its pools' queues for its workers
+    #[arg(long, value_name = "URL", help_heading = "Jobs")]
+    pub jobs: Option<String>,
+
+    /// A pool of workers for queue NAME: NAME=RATIO or NAME=RATIO:shared
+    /// (repeatable; ceil(workers x RATIO) slots; a shared pool also takes
+    /// the other pools' excess) [default: one pool "default"]
+    #[arg(
+        long,
+        value_name = "NAME=RATIO",
+        help_heading = "Jobs",
+        requires = "jobs"
+    )]
+    pub pool: Vec<String>,
+
+    /// Run PROGRAM once per job (PROGRAM ARGS... JOBARGS...) instead of
+    /// persistent workers
+    #[arg(long, help_heading = "Jobs", requires = "jobs")]
+    pub per_job: bool,
+
+    /// Jobs a persistent worker runs at once
+    #[arg(long, value_name = "K", default_value = "1", value_parser = parse_count, help_heading = "Jobs")]
+    pub job_concurrency: u32,
+
+    /// Allow two running jobs with the same key (safe mode is on by default)
+    #[arg(long, help_heading = "Jobs", requires = "jobs")]
+    pub no_safe_mode: bool,
+
+    /// Attempts of the jobs a job source queues
+    #[arg(long, value_name = "N", default_value = "3", value_parser = parse_count, help_heading = "Jobs")]
+    pub max_attempts: u32,
+
+    /// Stop a job attempt that runs longer than SECS (0: no limit)
+    #[arg(long, value_name = "SECS", default_value = "0", value_parser = parse_seconds, help_heading = "Jobs")]
+    pub job_timeout: Duration,
+
+    /// First delay before a failed job runs again (doubling per attempt,
+    /// jitter, at most 10 minutes)
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds, help_heading = "Jobs")]
+    pub retry_delay: Duration,
+
+    /// A command that lists jobs, run once per pool every interval with
+    /// CLUSTER_POOL and CLUSTER_LIMIT set (repeatable); each JSON line it
+    /// prints is a job, queued unless its key is queued or running
+    #[arg(long, value_name = "CMD", help_heading = "Jobs", requires = "jobs")]
+    pub job_source: Vec<String>,
+
+    /// How often job sources run
+    #[arg(long, value_name = "SECS", default_value = "5", value_parser = parse_seconds, help_heading = "Jobs")]
+    pub job_source_interval: Duration,
+
+    /// How long finished jobs are kept, in seconds
+    #[arg(long, value_name = "SECS", default_value = "604800", value_parser = parse_retention, help_heading = "Jobs")]
+    pub jobs_retention: Duration,
+
     /// Let workers listen on addresses matching PATTERN (repeatable):
     /// HOST:PORT, :PORT, HOST:LOW-HIGH, unix:///path/file.sock or
     /// unix:///path/dir/. Once given, workers get only matching addresses;
@@ -228,6 +284,24 @@ fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("'{s}' is not a host:port address ({e})"))?
         .next()
         .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
+fn parse_count(s: &str) -> Result<u32, String> {
+    let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
+}
+
+fn parse_retention(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=3_162_240_000.0).contains(&secs) {
+        return Err("must be between 0 and 100 years in seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_backlog(s: &str) -> Result<u32, String> {

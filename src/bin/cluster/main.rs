@@ -121,6 +121,24 @@ fn main() -> ExitCode {
     for pattern in &args.allow_bind {
         builder = builder.allow_bind(pattern);
     }
+    if let Some(url) = &args.jobs {
+        builder = builder
+            .jobs(url)
+            .per_job(args.per_job)
+            .job_concurrency(args.job_concurrency)
+            .safe_mode(!args.no_safe_mode)
+            .max_attempts(args.max_attempts)
+            .job_timeout(args.job_timeout)
+            .retry_delay(args.retry_delay)
+            .job_source_interval(args.job_source_interval)
+            .jobs_retention(args.jobs_retention);
+        for pool in &args.pool {
+            builder = builder.pool(pool);
+        }
+        for cmd in &args.job_source {
+            builder = builder.job_source_command(cmd);
+        }
+    }
     let watcher = match builder.build() {
         Ok(w) => w,
         Err(e) => return fail(&output, &e, daemon),

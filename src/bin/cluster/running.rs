@@ -172,6 +172,62 @@ fn print_table(r: &Response) {
             w.last_exit.as_deref().unwrap_or("-")
         );
     }
+    if let Some(jobs) = &r.jobs {
+        print_jobs(jobs);
+    }
+}
+
+/// The job section of `cluster status`.
+fn print_jobs(j: &serde_json::Value) {
+    let n = |v: &serde_json::Value, k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+    println!();
+    println!(
+        "jobs from {}: {} claimed, {} done, {} failed, {} retried, {} cancelled, {} lost since start",
+        j.get("store").and_then(|s| s.as_str()).unwrap_or("?"),
+        n(j, "claimed"),
+        n(j, "done"),
+        n(j, "failed"),
+        n(j, "retried"),
+        n(j, "cancelled"),
+        n(j, "lost")
+    );
+    if let Some(c) = j.get("store_counts") {
+        println!(
+            "store: {} queued, {} running, {} done, {} failed, {} cancelled",
+            n(c, "queued"),
+            n(c, "running"),
+            n(c, "done"),
+            n(c, "failed"),
+            n(c, "cancelled")
+        );
+    }
+    println!(
+        "{:<16} {:>5} {:>7} {:>7} {:>5}  QUEUES",
+        "POOL", "SLOTS", "WORKERS", "RUNNING", "FREE"
+    );
+    for p in j
+        .get("pools")
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+    {
+        let queues: Vec<&str> = p
+            .get("queues")
+            .and_then(|q| q.as_array())
+            .into_iter()
+            .flatten()
+            .filter_map(|q| q.as_str())
+            .collect();
+        println!(
+            "{:<16} {:>5} {:>7} {:>7} {:>5}  {}",
+            p.get("name").and_then(|x| x.as_str()).unwrap_or("?"),
+            n(p, "slots"),
+            n(p, "workers"),
+            n(p, "running"),
+            n(p, "capacity"),
+            queues.join(", ")
+        );
+    }
 }
 
 /// `12.3M`-style sizes (binary units).

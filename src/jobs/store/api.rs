@@ -174,6 +174,13 @@ pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// becomes cancelled.
     async fn recover(&self, node: Option<&str>) -> Result<RecoverReport>;
 
+    /// Gives back claimed jobs that never started (a clean stop): each
+    /// `(id, attempt)` still running goes back to `queued`, due now, with
+    /// its attempt uncounted (`attempt - 1`) and no error. Fenced like
+    /// `finish`; returns how many applied. A job whose cancel was
+    /// requested becomes cancelled instead.
+    async fn release(&self, jobs: Vec<(JobId, u32)>) -> Result<u64>;
+
     /// Deletes done, failed and cancelled jobs that finished more than
     /// `older_than` ago; returns how many.
     async fn purge(&self, older_than: Duration) -> Result<u64>;

@@ -14,6 +14,7 @@ use super::listeners::Grant;
 use super::Supervisor;
 use crate::error::{Error, Kind};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
+use crate::jobs::dispatch::JobsEvent;
 use crate::socket::Address;
 use crate::watcher::event::{Incoming, Outbound, MAX_QUEUED_FDS};
 
@@ -104,6 +105,35 @@ impl Supervisor {
             }
             ToWatcher::ConnectionsAccepted { listener, conns } => {
                 self.listeners.accepted(listener, context_id, &conns);
+            }
+            ToWatcher::JobsReady {
+                handlers,
+                concurrency,
+            } => {
+                let joined = JobsEvent::WorkerJoined {
+                    context_id,
+                    slot: w.slot,
+                    pid: w.pid,
+                    outbound: w.outbound.clone(),
+                    accepting: w.accepting.clone(),
+                    handlers,
+                    concurrency,
+                };
+                if self.services.jobs.is_none() {
+                    tracing::warn!(
+                        "worker {} (pid {}) serves jobs, but the watcher runs none (no --jobs)",
+                        w.slot,
+                        w.pid
+                    );
+                }
+                self.services.jobs(joined);
+            }
+            ToWatcher::JobDone { ticket, result } => {
+                self.services.jobs(JobsEvent::JobDone {
+                    context_id,
+                    ticket,
+                    result,
+                });
             }
             ToWatcher::Data(bytes) => {
                 self.counters.messages_in += 1;

@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Kind, Result};
 use crate::ipc::RecvError;
+use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
 use crate::watcher::process::Launcher;
@@ -156,6 +157,7 @@ impl Supervisor {
             &self.ctx.config,
             &self.channels.commands_tx,
             self.ctx.notifier.as_ref(),
+            self.channels.ready.subscribe(),
         )
         .await;
         match services {
@@ -178,6 +180,12 @@ impl Supervisor {
             }
         }
         let _ = started.send(Ok(()));
+        if self.pool.slots.is_empty() {
+            // Nothing to wait for (per-job processes only).
+            self.channels.ready.send_replace(true);
+            self.ctx
+                .notify(&["READY=1".into(), format!("MAINPID={}", std::process::id())]);
+        }
         tracing::debug!(
             "started {} worker(s) of {}",
             self.pool.slots.len(),
@@ -204,6 +212,10 @@ impl Supervisor {
             }
         }
         self.counters.report_drops();
+        if let Some(jobs) = &self.services.jobs {
+            jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
+                .await;
+        }
         self.listeners.shutdown();
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
@@ -265,6 +277,13 @@ impl Supervisor {
                 }
             }
             Command::Send { to, bytes } => self.send(to, bytes),
+            Command::KillWorker { context_id, why } => {
+                if let Some(w) = self.pool.workers.get_mut(&context_id) {
+                    tracing::error!("killing worker {} (pid {}): {why}", w.slot, w.pid);
+                    w.kill(&self.ctx, why);
+                }
+            }
+            Command::JobsStatus(reply) => self.services.jobs(JobsEvent::Status(reply)),
         }
     }
 
@@ -283,7 +302,13 @@ impl Supervisor {
                     // EOF: the worker closed its end, most likely exiting;
                     // everything it sent was handled, so what it was handed
                     // and never accepted can go to another worker now.
-                    RecvError::Closed => self.listeners.worker_gone(context_id),
+                    RecvError::Closed => {
+                        self.listeners.worker_gone(context_id);
+                        self.services.jobs(JobsEvent::WorkerGone {
+                            context_id,
+                            how: "closed its channel".into(),
+                        });
+                    }
                     error => {
                         tracing::error!(
                             "worker {} (pid {}) broke the protocol ({error}); replacing it",
@@ -360,6 +385,10 @@ impl Supervisor {
             return;
         };
         self.listeners.worker_gone(context_id);
+        self.services.jobs(JobsEvent::WorkerGone {
+            context_id,
+            how: exit.how.clone(),
+        });
         let (slot, pid, how) = (exit.slot, exit.pid, &exit.how);
         let replacement = self.reloads.replacement(slot);
         if replacement == Some(context_id) {
@@ -445,6 +474,7 @@ impl Supervisor {
         self.stopping = true;
         self.reloads.abort();
         let timeout = timeout.unwrap_or(self.ctx.config.shutdown_timeout);
+        self.services.jobs(JobsEvent::Stopping { timeout });
         self.pool.stop_all(&self.ctx, timeout);
     }
 
@@ -471,6 +501,13 @@ impl Supervisor {
             return Err(Error::new(
                 Kind::Config,
                 "a cluster keeps at least 1 worker",
+            ));
+        }
+        let pools = self.ctx.config.jobs.as_ref().map(|j| j.specs.len());
+        if pools.is_some_and(|n| n > 0) {
+            return Err(Error::new(
+                Kind::Config,
+                "a cluster with job pools keeps their sizes: change --workers and restart",
             ));
         }
         if target > MAX_WORKERS {

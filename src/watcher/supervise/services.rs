@@ -3,9 +3,13 @@
 //! metrics endpoint and the systemd watchdog. Each one failing at start-up
 //! stops the watcher with that error, before any worker ran.
 
+use std::sync::Arc;
+
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{Error, Kind, Result};
+use crate::jobs::dispatch::{self, JobsEvent, JobsHandle};
 use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
@@ -18,6 +22,8 @@ use crate::watcher::systemd::Notifier;
 /// pid file and stops the metrics responder.
 #[derive(Default)]
 pub(crate) struct Services {
+    /// The job dispatcher (`--jobs`), stopped first.
+    pub jobs: Option<JobsHandle>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
     metrics: Option<metrics::Server>,
@@ -34,6 +40,7 @@ impl Services {
         config: &Config,
         commands: &CommandSender,
         notifier: Option<&Notifier>,
+        ready: watch::Receiver<bool>,
     ) -> Result<Services> {
         let mut services = Services::default();
         if let Some(path) = &config.pid_file {
@@ -60,11 +67,32 @@ impl Services {
             tracing::info!("serving metrics on http://{addr}/metrics");
             services.metrics = Some(metrics::Server::start(listener, commands.clone()));
         }
+        if let Some(jobs) = &config.jobs {
+            for w in &jobs.warnings {
+                tracing::warn!("{w}");
+            }
+            let handle = dispatch::start(
+                jobs.clone(),
+                Arc::new(config.clone()),
+                commands.clone(),
+                ready,
+            )
+            .await?;
+            tracing::info!("running jobs from {}", jobs.url);
+            services.jobs = Some(handle);
+        }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
             services.watchdog_at = Some(Instant::now());
         }
         Ok(services)
+    }
+
+    /// Tells the job dispatcher, if one runs.
+    pub(crate) fn jobs(&self, event: JobsEvent) {
+        if let Some(j) = &self.jobs {
+            j.send(event);
+        }
     }
 
     /// Sends `WATCHDOG=1` when it is due.

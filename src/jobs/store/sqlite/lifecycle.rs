@@ -327,4 +327,35 @@ impl Db {
         }
         Ok(report)
     }
+
+    pub(super) fn release(&mut self, jobs: Vec<(JobId, u32)>) -> Result<u64> {
+        let label = self.label.clone();
+        let e = |what: &'static str| sql_error(&label, what);
+        let now_us = to_micros(now());
+        let tx = self.write_tx("release")?;
+        let mut applied = 0;
+        {
+            let mut back = tx
+                .prepare_cached(
+                    "UPDATE jobs SET \
+                     state = CASE WHEN cancel_requested THEN 'cancelled' ELSE 'queued' END, \
+                     attempt = CASE WHEN cancel_requested THEN attempt ELSE attempt - 1 END, \
+                     run_at = CASE WHEN cancel_requested THEN run_at ELSE ?3 END, \
+                     finished_at = CASE WHEN cancel_requested THEN ?3 ELSE NULL END, \
+                     started_at = CASE WHEN cancel_requested THEN started_at ELSE NULL END \
+                     WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+                )
+                .map_err(e("release"))?;
+            for (id, attempt) in jobs {
+                applied += back
+                    .execute(params![id.get(), attempt, now_us])
+                    .map_err(e("release"))? as u64;
+            }
+        }
+        tx.commit().map_err(e("release"))?;
+        if applied > 0 {
+            self.wake();
+        }
+        Ok(applied)
+    }
 }

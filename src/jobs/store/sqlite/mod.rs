@@ -195,6 +195,10 @@ impl Store for SqliteStore {
         self.call(move |db| db.recover(node)).await
     }
 
+    async fn release(&self, jobs: Vec<(JobId, u32)>) -> Result<u64> {
+        self.call(move |db| db.release(jobs)).await
+    }
+
     async fn purge(&self, older_than: Duration) -> Result<u64> {
         self.call(move |db| db.purge(older_than)).await
     }

@@ -1,0 +1,101 @@
+//! The watcher's job settings (`--jobs` and the options around it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::pools::{Pool, PoolSpec};
+use crate::jobs::NewJob;
+
+/// A job source given as a library closure: called once per pool every
+/// interval with the pool's name and its slot count; returns the jobs to
+/// queue (deduplicated by key against queued and running jobs).
+pub type JobSourceFn = Arc<
+    dyn Fn(
+            String,
+            usize,
+        ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Vec<NewJob>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A job source.
+#[derive(Clone)]
+pub(crate) enum Source {
+    /// `--job-source CMD`: run through `sh -c` once per pool.
+    Command(String),
+    /// A closure from `ClusterWatcherBuilder::job_source`.
+    Closure(JobSourceFn),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Command(c) => f.debug_tuple("Command").field(c).finish(),
+            Source::Closure(_) => f.write_str("Closure"),
+        }
+    }
+}
+
+/// Everything the job dispatcher is configured with.
+#[derive(Debug, Clone)]
+pub(crate) struct JobsConfig {
+    /// The store URL (`jobs.db`, `sqlite://…`).
+    pub url: String,
+    /// `--pool` as given; `pools` is the plan made from it.
+    pub specs: Vec<PoolSpec>,
+    pub pools: Vec<Pool>,
+    /// `--per-job`: one process per job instead of persistent workers.
+    pub per_job: bool,
+    /// `--job-concurrency`: jobs per persistent worker at once.
+    pub concurrency: u32,
+    /// Never two running jobs with the same key (default on).
+    pub safe_mode: bool,
+    /// Attempts of the jobs a source queues.
+    pub max_attempts: u32,
+    /// `--job-timeout`: an attempt that runs longer is stopped.
+    pub timeout: Option<Duration>,
+    /// The first retry delay (doubling, ±25 % jitter, capped at 10 min).
+    pub retry_delay: Duration,
+    pub sources: Vec<Source>,
+    pub source_interval: Duration,
+    /// How long finished jobs are kept.
+    pub retention: Duration,
+    /// What the pool plan warned about, logged at start.
+    pub warnings: Vec<String>,
+}
+
+impl JobsConfig {
+    pub(crate) fn new(url: String) -> JobsConfig {
+        JobsConfig {
+            url,
+            specs: Vec::new(),
+            pools: Vec::new(),
+            per_job: false,
+            concurrency: 1,
+            safe_mode: true,
+            max_attempts: crate::jobs::DEFAULT_MAX_ATTEMPTS,
+            timeout: None,
+            retry_delay: Duration::from_secs(1),
+            sources: Vec::new(),
+            source_interval: Duration::from_secs(5),
+            retention: crate::jobs::store::DEFAULT_RETENTION,
+            warnings: Vec::new(),
+        }
+    }
+
+    /// The workers the pools need in all.
+    pub(crate) fn slots(&self) -> usize {
+        self.pools.iter().map(|p| p.slots as usize).sum()
+    }
+
+    /// Every queue some pool takes, in pool order, each once.
+    pub(crate) fn queues(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for q in self.pools.iter().flat_map(|p| p.queues.iter()) {
+            if !out.contains(q) {
+                out.push(q.clone());
+            }
+        }
+        out
+    }
+}

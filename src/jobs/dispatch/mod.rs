@@ -1,0 +1,213 @@
+//! The watcher's job dispatcher: one task beside the supervisor that owns
+//! the job store. It claims jobs for its pools in batches, keeps them in a
+//! small buffer per queue, hands them to free workers (persistent workers
+//! over their socketpair, or one process per job), records outcomes in
+//! batches, and retries what failed.
+//!
+//! The supervisor tells it about workers ([`JobsEvent`]): a worker that
+//! says `JobsReady` joins its slot's pool; one that exits or whose channel
+//! closes leaves it, and every job it ran fails at once (no lease to wait
+//! out); a worker asked to stop (its `accepting` flag is cleared) is handed
+//! nothing more and finishes what it runs.
+//!
+//! Claimed jobs are `running` in the store from the claim on (a crash of
+//! the watcher re-queues them at the next start, attempt counted); on a
+//! clean stop the ones never started are released without counting.
+
+mod config;
+mod pools;
+mod runner;
+mod sources;
+mod state;
+
+pub(crate) use config::{JobSourceFn, JobsConfig, Source};
+pub(crate) use pools::{plan, pool_of};
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::error::{Error, Kind, Result};
+use crate::ipc::message::JobFailure;
+use crate::jobs::store::sqlite::WakeListener;
+use crate::jobs::store::{self, StoreOptions};
+use crate::watcher::config::Config;
+use crate::watcher::event::{CommandSender, OutboundSender};
+use crate::watcher::status::JobsStatus;
+use runner::ProcessDone;
+use state::Dispatcher;
+
+/// What the supervisor (and the dispatcher's own tasks) tell the dispatcher.
+pub(crate) enum JobsEvent {
+    /// A worker said `JobsReady`.
+    WorkerJoined {
+        context_id: u64,
+        slot: u32,
+        pid: u32,
+        outbound: OutboundSender,
+        accepting: Arc<AtomicBool>,
+        handlers: Vec<String>,
+        concurrency: u32,
+    },
+    /// A worker exited, or its channel closed (everything it sent was
+    /// handled before).
+    WorkerGone { context_id: u64, how: String },
+    /// A worker finished a job.
+    JobDone {
+        context_id: u64,
+        ticket: u64,
+        result: std::result::Result<String, JobFailure>,
+    },
+    /// A per-job process ended.
+    ProcessDone(ProcessDone),
+    /// The counters, for `cluster status` and metrics.
+    Status(oneshot::Sender<JobsStatus>),
+    /// The watcher is stopping: claim nothing more, stop job processes
+    /// (SIGTERM, SIGKILL after `timeout`).
+    Stopping { timeout: Duration },
+    /// Every worker has exited: record what is left, release the jobs
+    /// never started, and answer.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// The running dispatcher: a sender for its events and its task.
+pub(crate) struct JobsHandle {
+    tx: mpsc::UnboundedSender<JobsEvent>,
+    task: JoinHandle<()>,
+    sources: Option<JoinHandle<()>>,
+    url_file: Option<PathBuf>,
+}
+
+impl JobsHandle {
+    /// Sends an event (dropped when the dispatcher is gone).
+    pub(crate) fn send(&self, event: JobsEvent) {
+        let _ = self.tx.send(event);
+    }
+
+    /// Records what is left and releases the jobs never started; waits at
+    /// most `timeout`.
+    pub(crate) async fn shutdown(&self, timeout: Duration) {
+        if let Some(s) = &self.sources {
+            s.abort();
+        }
+        let (tx, rx) = oneshot::channel();
+        self.send(JobsEvent::Shutdown(tx));
+        let _ = tokio::time::timeout(timeout, rx).await;
+    }
+}
+
+impl Drop for JobsHandle {
+    fn drop(&mut self) {
+        self.task.abort();
+        if let Some(s) = &self.sources {
+            s.abort();
+        }
+        if let Some(f) = &self.url_file {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+/// The database file of a SQLite store URL.
+fn sqlite_path(url: &str) -> Option<PathBuf> {
+    match store::StoreUrl::parse(url) {
+        Ok(store::StoreUrl::Sqlite(p)) => Some(p),
+        _ => None,
+    }
+}
+
+/// This watcher's node name: the host name and a per-start id, so a
+/// restarted watcher is never mistaken for its old self.
+fn node_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into());
+    let id = {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.finish() as u32
+    };
+    format!("{host}-{id:08x}")
+}
+
+/// Opens the store, takes it over (a second watcher on one store is
+/// refused), re-queues what a dead watcher left running, registers the
+/// queues, writes the store's URL beside the pid file, and starts the
+/// dispatcher and the job sources.
+///
+/// # Errors
+///
+/// [`Error::is_store`] when the store cannot be opened or is corrupt;
+/// [`Error::is_config`] when another watcher runs it.
+pub(crate) async fn start(
+    jobs: JobsConfig,
+    watcher: Arc<Config>,
+    commands: CommandSender,
+    ready: watch::Receiver<bool>,
+) -> Result<JobsHandle> {
+    let options = StoreOptions {
+        retry_base: jobs.retry_delay,
+        ..StoreOptions::default()
+    };
+    let store = store::open(&jobs.url, options).await?;
+    let wake = match sqlite_path(&jobs.url) {
+        Some(path) => Some(WakeListener::bind(&path).map_err(|e| {
+            Error::new(
+                Kind::Config,
+                format!("cannot run the job store {}: {e}", jobs.url),
+            )
+        })?),
+        None => None,
+    };
+    let node = node_name();
+    let report = store.recover(None).await?;
+    if report.requeued + report.failed + report.cancelled > 0 {
+        tracing::warn!(
+            "jobs left running by a watcher that died: {} queued again, {} failed (last attempt), {} cancelled",
+            report.requeued,
+            report.failed,
+            report.cancelled
+        );
+    }
+    store.register_queues(&node, &jobs.queues()).await?;
+    let url_file = match &watcher.pid_file {
+        Some(pid_file) => Some(write_url_file(pid_file, &jobs.url)?),
+        None => None,
+    };
+    let sources = sources::start(&jobs, store.clone());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let dispatcher = Dispatcher::new(jobs, watcher, store, node, commands, tx.clone());
+    let task = tokio::spawn(dispatcher.run(rx, wake, ready));
+    Ok(JobsHandle {
+        tx,
+        task,
+        sources,
+        url_file,
+    })
+}
+
+/// Writes the store URL (an absolute path for a file) beside the pid file.
+fn write_url_file(pid_file: &Path, url: &str) -> Result<PathBuf> {
+    let file = crate::jobs::jobs_url_file_for_pid_file(pid_file);
+    let absolute = match sqlite_path(url) {
+        Some(p) if p.is_relative() => std::env::current_dir()
+            .map(|d| d.join(&p).display().to_string())
+            .unwrap_or_else(|_| url.to_string()),
+        Some(p) => p.display().to_string(),
+        None => url.to_string(),
+    };
+    std::fs::write(&file, format!("{absolute}\n")).map_err(|e| {
+        Error::with_io(
+            Kind::Config,
+            format!("cannot write the job store URL to {}", file.display()),
+            e,
+        )
+    })?;
+    Ok(file)
+}

@@ -1,0 +1,731 @@
+//! The dispatcher's state and loop: workers and their free capacity,
+//! claimed jobs waiting per queue, running jobs with their deadlines, and
+//! outcomes waiting to be written.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::signal::Signal;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::config::JobsConfig;
+use super::pools::{assign, pool_of};
+use super::runner::{self, ProcessDone};
+use super::JobsEvent;
+use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
+use crate::jobs::store::sqlite::WakeListener;
+use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
+use crate::jobs::{Job, JobId};
+use crate::watcher::config::Config;
+use crate::watcher::event::{Command, CommandSender, Outbound, OutboundSender};
+use crate::watcher::status::{JobsStatus, PoolStatus};
+
+/// Most jobs claimed in one statement.
+const MAX_CLAIM: usize = 1000;
+
+/// How often the dispatcher looks for cancel requests and due retries
+/// when nothing wakes it.
+const TICK: Duration = Duration::from_secs(1);
+
+/// A worker that runs jobs.
+struct Worker {
+    slot: u32,
+    pid: u32,
+    pool: usize,
+    outbound: OutboundSender,
+    accepting: Arc<AtomicBool>,
+    handlers: HashSet<String>,
+    concurrency: usize,
+    running: HashSet<u64>,
+}
+
+impl Worker {
+    fn free(&self) -> usize {
+        if self.accepting.load(Ordering::Relaxed) {
+            self.concurrency.saturating_sub(self.running.len())
+        } else {
+            0
+        }
+    }
+}
+
+/// Where a running job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum On {
+    Worker(u64),
+    Process(u32),
+}
+
+/// Why the watcher is ending a job early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    TimedOut,
+    Cancelled,
+    /// The watcher stops: not the job's fault, it runs again.
+    Stopping,
+}
+
+struct Running {
+    job: Job,
+    pool: usize,
+    on: On,
+    deadline: Option<Instant>,
+    /// When to escalate an ending (SIGKILL, or kill the worker).
+    kill_at: Option<Instant>,
+    ending: Option<Ending>,
+}
+
+pub(super) struct Dispatcher {
+    jobs: JobsConfig,
+    watcher: Arc<Config>,
+    store: Arc<dyn Store>,
+    node: String,
+    commands: CommandSender,
+    events: mpsc::UnboundedSender<JobsEvent>,
+    workers: HashMap<u64, Worker>,
+    buffers: HashMap<String, VecDeque<Job>>,
+    /// Queues whose last claim came back short: not claimed again until a
+    /// wake, a retry falls due, or the tick.
+    dry: HashSet<String>,
+    running: HashMap<u64, Running>,
+    /// Processes per pool (per-job mode).
+    processes: Vec<usize>,
+    next_ticket: u64,
+    finished: Vec<Finished>,
+    /// Set when the watcher stops: nothing more is claimed or started.
+    stopping: Option<Duration>,
+    /// When the earliest queued job of a dry queue is due (a retry).
+    due_at: Option<Instant>,
+    status: JobsStatus,
+}
+
+impl Dispatcher {
+    pub(super) fn new(
+        jobs: JobsConfig,
+        watcher: Arc<Config>,
+        store: Arc<dyn Store>,
+        node: String,
+        commands: CommandSender,
+        events: mpsc::UnboundedSender<JobsEvent>,
+    ) -> Dispatcher {
+        let processes = vec![0; jobs.pools.len()];
+        let status = JobsStatus {
+            store: jobs.url.clone(),
+            node: node.clone(),
+            ..JobsStatus::default()
+        };
+        Dispatcher {
+            jobs,
+            watcher,
+            store,
+            node,
+            commands,
+            events,
+            workers: HashMap::new(),
+            buffers: HashMap::new(),
+            dry: HashSet::new(),
+            running: HashMap::new(),
+            processes,
+            next_ticket: 1,
+            finished: Vec::new(),
+            stopping: None,
+            due_at: None,
+            status,
+        }
+    }
+
+    pub(super) async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<JobsEvent>,
+        wake: Option<WakeListener>,
+        mut ready: watch::Receiver<bool>,
+    ) {
+        // Persistent workers register as they start; dispatching waits for
+        // all of them, so the first jobs spread over the pools by the rule
+        // and not by who came first.
+        let mut started = self.jobs.per_job || *ready.borrow();
+        let mut next_tick = Instant::now() + TICK;
+        loop {
+            let deadline = self
+                .running
+                .values()
+                .flat_map(|r| [r.deadline, r.kill_at])
+                .flatten()
+                .chain(Some(next_tick))
+                .chain(self.due_at)
+                .min();
+            tokio::select! {
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { return };
+                    if self.handle(ev).await {
+                        return;
+                    }
+                    // Take what else is queued: outcomes are written together.
+                    for _ in 0..4096 {
+                        match rx.try_recv() {
+                            Ok(ev) => {
+                                if self.handle(ev).await {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = wait_wake(wake.as_ref()) => self.dry.clear(),
+                changed = ready.changed(), if !started => {
+                    started = changed.is_err() || *ready.borrow();
+                }
+                _ = sleep_until(deadline) => {
+                    let now = Instant::now();
+                    self.timers(now);
+                    if self.due_at.is_some_and(|t| t <= now) {
+                        self.due_at = None;
+                        self.dry.clear();
+                    }
+                    if now >= next_tick {
+                        next_tick = now + TICK;
+                        self.dry.clear();
+                        self.cancel_requested().await;
+                    }
+                }
+            }
+            self.flush().await;
+            if started && self.stopping.is_none() {
+                self.dispatch();
+                self.claim().await;
+                self.dispatch();
+                self.flush().await;
+            }
+        }
+    }
+
+    /// Handles one event; true when the dispatcher is done.
+    async fn handle(&mut self, ev: JobsEvent) -> bool {
+        match ev {
+            JobsEvent::WorkerJoined {
+                context_id,
+                slot,
+                pid,
+                outbound,
+                accepting,
+                handlers,
+                concurrency,
+            } => {
+                let Some(pool) = pool_of(&self.jobs.pools, slot) else {
+                    return false;
+                };
+                self.workers.insert(
+                    context_id,
+                    Worker {
+                        slot,
+                        pid,
+                        pool,
+                        outbound,
+                        accepting,
+                        handlers: handlers.into_iter().collect(),
+                        concurrency: concurrency.max(1) as usize,
+                        running: HashSet::new(),
+                    },
+                );
+            }
+            JobsEvent::WorkerGone { context_id, how } => {
+                if let Some(w) = self.workers.remove(&context_id) {
+                    for ticket in w.running {
+                        if let Some(r) = self.running.remove(&ticket) {
+                            let text = format!("worker {} (pid {}) {how}", w.slot, w.pid);
+                            let outcome = match r.ending {
+                                Some(Ending::TimedOut) => Outcome::Failed(self.timed_out()),
+                                Some(Ending::Cancelled) => Outcome::Cancelled,
+                                _ => Outcome::Lost(text.clone()),
+                            };
+                            self.record(&r, Some(text), outcome);
+                        }
+                    }
+                }
+            }
+            JobsEvent::JobDone {
+                context_id,
+                ticket,
+                result,
+            } => {
+                let Some(r) = self.running.remove(&ticket) else {
+                    return false;
+                };
+                let who = self.workers.get_mut(&context_id).map(|w| {
+                    w.running.remove(&ticket);
+                    format!("slot {} pid {}", w.slot, w.pid)
+                });
+                let outcome = match (result, r.ending) {
+                    (Ok(json), _) => Outcome::Done(serde_json::from_str(&json).ok()),
+                    (Err(JobFailure::Cancelled), Some(Ending::TimedOut)) => {
+                        Outcome::Failed(self.timed_out())
+                    }
+                    (Err(JobFailure::Cancelled), _) => Outcome::Cancelled,
+                    (Err(f), _) => Outcome::Failed(failure_text(f)),
+                };
+                self.record(&r, who, outcome);
+            }
+            JobsEvent::ProcessDone(done) => self.process_done(done),
+            JobsEvent::Status(reply) => {
+                let mut status = self.status();
+                status.store_counts = self.store.stats().await.ok();
+                let _ = reply.send(status);
+            }
+            JobsEvent::Stopping { timeout } => {
+                self.stopping = Some(timeout);
+                let kill_at = Instant::now() + timeout;
+                for r in self.running.values_mut() {
+                    if let On::Process(pid) = r.on {
+                        r.ending.get_or_insert(Ending::Stopping);
+                        r.kill_at = Some(kill_at);
+                        runner::signal(pid, Signal::SIGTERM);
+                    }
+                }
+            }
+            JobsEvent::Shutdown(ack) => {
+                self.flush().await;
+                let unstarted: Vec<(JobId, u32)> = self
+                    .buffers
+                    .drain()
+                    .flat_map(|(_, q)| q.into_iter())
+                    .map(|j| (j.id, j.attempt))
+                    .collect();
+                if !unstarted.is_empty() {
+                    if let Err(e) = self.store.release(unstarted).await {
+                        tracing::error!("cannot give back the jobs never started: {e}");
+                    }
+                }
+                if let Err(e) = self.store.register_queues(&self.node, &[]).await {
+                    tracing::debug!("unregistering the queues: {e}");
+                }
+                let _ = ack.send(());
+                return true;
+            }
+        }
+        false
+    }
+
+    fn timed_out(&self) -> String {
+        let t = self.jobs.timeout.unwrap_or_default();
+        format!("timed out after {t:?}")
+    }
+
+    /// Queues an outcome for the next batch and counts it.
+    fn record(&mut self, r: &Running, worker: Option<String>, outcome: Outcome) {
+        match &outcome {
+            Outcome::Done(_) => self.status.done += 1,
+            Outcome::Cancelled => self.status.cancelled += 1,
+            Outcome::Lost(_) => self.status.lost += 1,
+            Outcome::Failed(_) => {}
+        }
+        if matches!(outcome, Outcome::Failed(_) | Outcome::Lost(_)) {
+            if r.job.attempt < r.job.max_attempts {
+                self.status.retried += 1;
+            } else {
+                self.status.failed += 1;
+            }
+        }
+        if let Outcome::Failed(e) | Outcome::Lost(e) = &outcome {
+            tracing::warn!(
+                "job {} ({}) attempt {} of {} failed: {e}",
+                r.job.id,
+                r.job.queue,
+                r.job.attempt,
+                r.job.max_attempts
+            );
+        }
+        self.finished.push(Finished {
+            id: r.job.id,
+            attempt: r.job.attempt,
+            worker,
+            outcome,
+        });
+    }
+
+    fn process_done(&mut self, done: ProcessDone) {
+        let Some(r) = self.running.remove(&done.ticket) else {
+            return;
+        };
+        self.processes[r.pool] = self.processes[r.pool].saturating_sub(1);
+        let pid = match r.on {
+            On::Process(pid) => pid,
+            On::Worker(_) => 0,
+        };
+        let who = Some(format!("pid {pid}"));
+        let outcome = match (r.ending, runner::outcome(&done)) {
+            (Some(Ending::Stopping), Err(_)) => {
+                // Stopped by the watcher's own stop: it runs again,
+                // without counting an attempt.
+                let id = (r.job.id, r.job.attempt);
+                let store = self.store.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.release(vec![id]).await {
+                        tracing::error!("cannot give back job {}: {e}", id.0);
+                    }
+                });
+                return;
+            }
+            (Some(Ending::TimedOut), Err(_)) => Outcome::Failed(self.timed_out()),
+            (Some(Ending::Cancelled), Err(_)) => Outcome::Cancelled,
+            (_, Ok(result)) => Outcome::Done(result),
+            (_, Err(e)) if runner::killed_by(&done, libc::SIGKILL) => Outcome::Lost(e),
+            (_, Err(e)) => Outcome::Failed(e),
+        };
+        self.record(&r, who, outcome);
+    }
+
+    /// Deadlines of running jobs: stop what ran too long, escalate what
+    /// does not stop.
+    fn timers(&mut self, now: Instant) {
+        let grace = self.watcher.shutdown_timeout;
+        let mut kill_workers = Vec::new();
+        for (&ticket, r) in self.running.iter_mut() {
+            if r.deadline.is_some_and(|t| t <= now) {
+                r.deadline = None;
+                r.ending.get_or_insert(Ending::TimedOut);
+                r.kill_at = Some(now + grace);
+                match r.on {
+                    On::Process(pid) => runner::signal(pid, Signal::SIGTERM),
+                    On::Worker(ctx) => {
+                        if let Some(w) = self.workers.get(&ctx) {
+                            let _ = w
+                                .outbound
+                                .send(Outbound::msg(ToWorker::CancelJob { ticket }));
+                        }
+                    }
+                }
+            }
+            if r.kill_at.is_some_and(|t| t <= now) {
+                r.kill_at = None;
+                match r.on {
+                    On::Process(pid) => runner::signal(pid, Signal::SIGKILL),
+                    // It did not let go of the job: replace the worker.
+                    On::Worker(ctx) => kill_workers.push((ctx, r.job.id)),
+                }
+            }
+        }
+        for (context_id, job) in kill_workers {
+            let _ = self.commands.send(Command::KillWorker {
+                context_id,
+                why: format!("job {job} did not stop"),
+            });
+        }
+    }
+
+    /// Stops the running jobs whose cancel was requested; drops the
+    /// buffered ones.
+    async fn cancel_requested(&mut self) {
+        let Ok(requests) = self.store.cancel_requests(&self.node).await else {
+            return;
+        };
+        for (id, attempt) in requests {
+            for q in self.buffers.values_mut() {
+                if let Some(i) = q.iter().position(|j| j.id == id && j.attempt == attempt) {
+                    if let Some(job) = q.remove(i) {
+                        self.status.cancelled += 1;
+                        self.finished.push(Finished {
+                            id: job.id,
+                            attempt: job.attempt,
+                            worker: None,
+                            outcome: Outcome::Cancelled,
+                        });
+                    }
+                }
+            }
+            let grace = self.watcher.shutdown_timeout;
+            for (&ticket, r) in self.running.iter_mut() {
+                if r.job.id != id || r.job.attempt != attempt || r.ending.is_some() {
+                    continue;
+                }
+                r.ending = Some(Ending::Cancelled);
+                r.kill_at = Some(Instant::now() + grace);
+                match r.on {
+                    On::Process(pid) => runner::signal(pid, Signal::SIGTERM),
+                    On::Worker(ctx) => {
+                        if let Some(w) = self.workers.get(&ctx) {
+                            let _ = w
+                                .outbound
+                                .send(Outbound::msg(ToWorker::CancelJob { ticket }));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes the outcomes waiting.
+    async fn flush(&mut self) {
+        if self.finished.is_empty() {
+            return;
+        }
+        let batch = std::mem::take(&mut self.finished);
+        match self.store.finish(batch).await {
+            Ok(report) => {
+                for (id, attempt) in report.stale {
+                    tracing::debug!(
+                        "job {id} attempt {attempt}: the outcome came too late (retried, cancelled or purged meanwhile)"
+                    );
+                }
+                // A retry may now be due: let the next round claim.
+                self.dry.clear();
+            }
+            Err(e) => tracing::error!("cannot record job outcomes: {e}"),
+        }
+    }
+
+    /// Free capacity per pool.
+    fn free(&self) -> Vec<usize> {
+        let mut free = vec![0usize; self.jobs.pools.len()];
+        if self.jobs.per_job {
+            for (i, p) in self.jobs.pools.iter().enumerate() {
+                free[i] = (p.slots as usize).saturating_sub(self.processes[i]);
+            }
+        } else {
+            for w in self.workers.values() {
+                free[w.pool] += w.free();
+            }
+        }
+        free
+    }
+
+    /// Hands buffered jobs to free capacity, by the pool rule.
+    fn dispatch(&mut self) {
+        let waiting: HashMap<String, usize> = self
+            .buffers
+            .iter()
+            .map(|(q, b)| (q.clone(), b.len()))
+            .collect();
+        if waiting.values().all(|&n| n == 0) {
+            return;
+        }
+        let free = self.free();
+        for (pool, queue, n) in assign(&self.jobs.pools, &free, &waiting) {
+            for _ in 0..n {
+                let Some(job) = self.buffers.get_mut(&queue).and_then(|b| b.pop_front()) else {
+                    break;
+                };
+                self.start(job, pool);
+            }
+        }
+    }
+
+    /// Starts `job` in `pool`.
+    fn start(&mut self, job: Job, pool: usize) {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let deadline = self.jobs.timeout.map(|t| Instant::now() + t);
+        let pool_name = self.jobs.pools[pool].name.clone();
+        if self.jobs.per_job {
+            let events = self.events.clone();
+            let spawned = runner::spawn(
+                &self.watcher,
+                &job,
+                &pool_name,
+                &self.node,
+                ticket,
+                move |d| {
+                    let _ = events.send(JobsEvent::ProcessDone(d));
+                },
+            );
+            match spawned {
+                Ok(pid) => {
+                    self.processes[pool] += 1;
+                    self.running.insert(
+                        ticket,
+                        Running {
+                            job,
+                            pool,
+                            on: On::Process(pid),
+                            deadline,
+                            kill_at: None,
+                            ending: None,
+                        },
+                    );
+                }
+                Err(e) => {
+                    let r = Running {
+                        job,
+                        pool,
+                        on: On::Process(0),
+                        deadline: None,
+                        kill_at: None,
+                        ending: None,
+                    };
+                    self.record(&r, None, Outcome::Failed(e.to_string()));
+                }
+            }
+            return;
+        }
+        let handler = job.name.clone().unwrap_or_else(|| job.queue.clone());
+        let worker = self
+            .workers
+            .iter_mut()
+            .filter(|(_, w)| w.pool == pool && w.free() > 0)
+            .find(|(_, w)| w.handlers.contains(&handler));
+        let Some((&ctx, w)) = worker else {
+            let r = Running {
+                job,
+                pool,
+                on: On::Worker(u64::MAX),
+                deadline: None,
+                kill_at: None,
+                ending: None,
+            };
+            let why = format!("no worker of pool {pool_name} has a handler named {handler:?}");
+            self.record(&r, None, Outcome::Failed(why));
+            return;
+        };
+        let order = JobOrder {
+            ticket,
+            job: Some((job.id.get(), job.attempt)),
+            name: handler,
+            args: job.args.to_string(),
+            queue: job.queue.clone(),
+            pool: pool_name,
+            node: self.node.clone(),
+        };
+        if w.outbound
+            .send(Outbound::msg(ToWorker::Job(Box::new(order))))
+            .is_err()
+        {
+            // Its writer is gone: it is exiting. The job waits for another.
+            w.accepting.store(false, Ordering::Relaxed);
+            self.buffers
+                .entry(job.queue.clone())
+                .or_default()
+                .push_front(job);
+            return;
+        }
+        w.running.insert(ticket);
+        self.running.insert(
+            ticket,
+            Running {
+                job,
+                pool,
+                on: On::Worker(ctx),
+                deadline,
+                kill_at: None,
+                ending: None,
+            },
+        );
+    }
+
+    /// Claims for every queue that can use more: what its pools could run
+    /// now plus one more round, less what waits already.
+    async fn claim(&mut self) {
+        let free = self.free();
+        let capacity: Vec<usize> = if self.jobs.per_job {
+            self.jobs.pools.iter().map(|p| p.slots as usize).collect()
+        } else {
+            let mut c = vec![0usize; self.jobs.pools.len()];
+            for w in self.workers.values() {
+                c[w.pool] += w.concurrency;
+            }
+            c
+        };
+        for queue in self.jobs.queues() {
+            if self.dry.contains(&queue) {
+                continue;
+            }
+            let takers: Vec<usize> = (0..self.jobs.pools.len())
+                .filter(|&i| self.jobs.pools[i].queues.contains(&queue))
+                .collect();
+            let want: usize = takers.iter().map(|&i| free[i] + capacity[i]).sum();
+            let have = self.buffers.get(&queue).map(|b| b.len()).unwrap_or(0);
+            let limit = want.saturating_sub(have).min(MAX_CLAIM);
+            if limit == 0 {
+                continue;
+            }
+            let owner = takers
+                .iter()
+                .find(|&&i| self.jobs.pools[i].name == queue)
+                .or(takers.first())
+                .map(|&i| self.jobs.pools[i].name.clone())
+                .unwrap_or_else(|| queue.clone());
+            let req = ClaimRequest {
+                pool: owner,
+                queues: vec![queue.clone()],
+                limit,
+                node: self.node.clone(),
+                safe_mode: self.jobs.safe_mode,
+            };
+            match self.store.claim(req).await {
+                Ok(jobs) => {
+                    if jobs.len() < limit {
+                        self.dry.insert(queue.clone());
+                    }
+                    self.status.claimed += jobs.len() as u64;
+                    self.buffers.entry(queue).or_default().extend(jobs);
+                }
+                Err(e) => {
+                    tracing::error!("cannot claim jobs of queue {queue}: {e}");
+                    self.dry.insert(queue);
+                }
+            }
+        }
+        // Dry queues may hold retries that fall due later: wake for them.
+        if self.due_at.is_none() && !self.dry.is_empty() {
+            let dry: Vec<String> = self.dry.iter().cloned().collect();
+            if let Ok(Some(at)) = self.store.next_due(&dry).await {
+                let wait = at
+                    .duration_since(SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                self.due_at = Some(Instant::now() + wait.min(TICK));
+            }
+        }
+    }
+
+    fn status(&self) -> JobsStatus {
+        let free = self.free();
+        let mut s = self.status.clone();
+        s.buffered = self.buffers.values().map(|b| b.len()).sum();
+        s.pools = self
+            .jobs
+            .pools
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PoolStatus {
+                name: p.name.clone(),
+                slots: p.slots,
+                shared: p.shared,
+                queues: p.queues.clone(),
+                workers: self.workers.values().filter(|w| w.pool == i).count(),
+                running: self.running.values().filter(|r| r.pool == i).count(),
+                capacity: free[i],
+            })
+            .collect();
+        s
+    }
+}
+
+fn failure_text(f: JobFailure) -> String {
+    match f {
+        JobFailure::Failed(m)
+        | JobFailure::Panicked(m)
+        | JobFailure::NoHandler(m)
+        | JobFailure::BadArgs(m) => m,
+        JobFailure::Cancelled => "cancelled".into(),
+    }
+}
+
+async fn wait_wake(wake: Option<&WakeListener>) {
+    match wake {
+        Some(w) => {
+            if w.wait().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
