@@ -322,6 +322,16 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Jobs claimed per queue beyond what its pools can start now (default
+    /// 0): they wait in the watcher, so a worker that finishes gets the
+    /// next one without a store round trip. They count as `running` in the
+    /// store meanwhile (a watcher crash re-queues them; a clean stop gives
+    /// them back).
+    pub fn job_prefetch(mut self, n: usize) -> Self {
+        self.jobs_mut().prefetch = n;
+        self
+    }
+
     /// Safe mode (default on): never two running jobs with the same key.
     pub fn safe_mode(mut self, on: bool) -> Self {
         self.jobs_mut().safe_mode = on;

@@ -48,8 +48,33 @@ pub(crate) trait Launcher: Send {
     fn signal(&self, pid: u32, sig: Signal);
 }
 
-/// Pids of the workers started here that tokio has not reaped yet.
-type Ours = Arc<Mutex<HashSet<u32>>>;
+/// Pids of the children this watcher started (workers and per-job
+/// processes) that tokio has not reaped yet: every other child of a
+/// subreaper watcher is an orphan something left behind.
+static OURS: Mutex<Option<HashSet<u32>>> = Mutex::new(None);
+
+/// Spawns `cmd` and registers the child as the watcher's own, under the
+/// registry's lock, so the orphan reaper never sees it as someone else's.
+pub(crate) fn spawn_registered(
+    cmd: &mut tokio::process::Command,
+) -> std::io::Result<(tokio::process::Child, u32)> {
+    let mut ours = OURS
+        .lock()
+        .map_err(|_| std::io::Error::other("launcher state poisoned"))?;
+    let child = cmd.spawn()?;
+    let pid = child.id().unwrap_or(0);
+    ours.get_or_insert_with(HashSet::new).insert(pid);
+    Ok((child, pid))
+}
+
+/// Forgets a child that tokio reaped.
+pub(crate) fn unregister(pid: u32) {
+    if let Ok(mut ours) = OURS.lock() {
+        if let Some(set) = ours.as_mut() {
+            set.remove(&pid);
+        }
+    }
+}
 
 /// Real worker processes. Each worker leads its own process group, and
 /// every signal goes to the group, so a shell script's children stop with
@@ -61,18 +86,16 @@ type Ours = Arc<Mutex<HashSet<u32>>>;
 /// watcher when the worker dies, and is killed and reaped here instead of
 /// living on under init.
 pub(crate) struct Processes {
-    ours: Ours,
     reaper: Option<JoinHandle<()>>,
 }
 
 impl Processes {
     /// Must be called within a tokio runtime when `subreaper` is set.
     pub(crate) fn new(subreaper: bool) -> Processes {
-        let ours = Ours::default();
         let reaper = subreaper
             .then(|| match nix::sys::prctl::set_child_subreaper(true) {
                 Ok(()) => match crate::signal::child_exits() {
-                    Ok(sigchld) => Some(tokio::spawn(reap_orphans(ours.clone(), sigchld))),
+                    Ok(sigchld) => Some(tokio::spawn(reap_orphans(sigchld))),
                     Err(e) => {
                         tracing::warn!("cannot watch SIGCHLD: {e}; orphans are not reaped");
                         None
@@ -84,7 +107,7 @@ impl Processes {
                 }
             })
             .flatten();
-        Processes { ours, reaper }
+        Processes { reaper }
     }
 }
 
@@ -98,7 +121,7 @@ impl Drop for Processes {
 
 impl Launcher for Processes {
     fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
-        spawn(config, id.slot, id.context_id, events, &self.ours)
+        spawn(config, id.slot, id.context_id, events)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -139,13 +162,13 @@ fn children() -> Vec<u32> {
 
 /// Kills and reaps the children that are not workers: processes a worker
 /// left behind, re-parented to the watcher when their parent died.
-async fn reap_orphans(ours: Ours, mut sigchld: tokio::signal::unix::Signal) {
+async fn reap_orphans(mut sigchld: tokio::signal::unix::Signal) {
     loop {
         let orphans: Vec<u32> = {
-            let Ok(ours) = ours.lock() else { return };
+            let Ok(ours) = OURS.lock() else { return };
             children()
                 .into_iter()
-                .filter(|p| !ours.contains(p))
+                .filter(|p| !ours.as_ref().is_some_and(|o| o.contains(p)))
                 .collect()
         };
         for pid in orphans {
@@ -200,13 +223,7 @@ pub(crate) fn kill_left_behind(pid: u32) -> usize {
 
 /// Forks and execs one worker for `slot` with `context_id`, and starts the
 /// tasks that read its channel, write to it, and wait for its exit.
-fn spawn(
-    config: &Config,
-    slot: u32,
-    context_id: u64,
-    events: &EventSender,
-    registry: &Ours,
-) -> Result<Spawned> {
+fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -251,15 +268,7 @@ fn spawn(
     sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials);
     // Registered under the lock, so the orphan reaper never sees the new
     // child as someone else's.
-    let (mut child, pid) = {
-        let mut registered = registry
-            .lock()
-            .map_err(|_| spawn_err(std::io::Error::other("launcher state poisoned")))?;
-        let child = cmd.spawn().map_err(spawn_err)?;
-        let pid = child.id().unwrap_or(0);
-        registered.insert(pid);
-        (child, pid)
-    };
+    let (mut child, pid) = spawn_registered(&mut cmd).map_err(spawn_err)?;
     drop(theirs);
     // Tasks whose work must be done before the exit is reported, so that
     // every line and message a worker sent is handled before its exit.
@@ -318,14 +327,11 @@ fn spawn(
     // Exit watcher: reports the exit after the worker's channel and output
     // reached EOF (bounded: a grandchild may hold them open).
     let tx = events.clone();
-    let registry = registry.clone();
     tokio::spawn(async move {
         let status = child.wait().await;
         // Whatever the worker left in its group goes with it.
         signal_group(pid, Signal::SIGKILL);
-        if let Ok(mut registered) = registry.lock() {
-            registered.remove(&pid);
-        }
+        unregister(pid);
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
             for task in drained {
                 let _ = task.await;

@@ -127,6 +127,10 @@ pub struct Args {
     #[arg(long, value_name = "K", default_value = "1", value_parser = parse_count, help_heading = "Jobs")]
     pub job_concurrency: u32,
 
+    /// Jobs claimed ahead per queue, beyond what its pools can start now
+    #[arg(long, value_name = "N", default_value = "0", help_heading = "Jobs")]
+    pub job_prefetch: usize,
+
     /// Allow two running jobs with the same key (safe mode is on by default)
     #[arg(long, help_heading = "Jobs", requires = "jobs")]
     pub no_safe_mode: bool,

@@ -126,6 +126,7 @@ fn main() -> ExitCode {
             .jobs(url)
             .per_job(args.per_job)
             .job_concurrency(args.job_concurrency)
+            .job_prefetch(args.job_prefetch)
             .safe_mode(!args.no_safe_mode)
             .max_attempts(args.max_attempts)
             .job_timeout(args.job_timeout)

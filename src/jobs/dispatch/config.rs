@@ -48,6 +48,9 @@ pub(crate) struct JobsConfig {
     pub per_job: bool,
     /// `--job-concurrency`: jobs per persistent worker at once.
     pub concurrency: u32,
+    /// `--job-prefetch`: jobs claimed per queue beyond what its pools can
+    /// start now (they wait in the watcher, `running` in the store).
+    pub prefetch: usize,
     /// Never two running jobs with the same key (default on).
     pub safe_mode: bool,
     /// Attempts of the jobs a source queues.
@@ -72,6 +75,7 @@ impl JobsConfig {
             pools: Vec::new(),
             per_job: false,
             concurrency: 1,
+            prefetch: 0,
             safe_mode: true,
             max_attempts: crate::jobs::DEFAULT_MAX_ATTEMPTS,
             timeout: None,

@@ -28,7 +28,7 @@ use crate::jobs::Job;
 use crate::sys;
 use crate::watcher::config::Config;
 use crate::watcher::output::Source;
-use crate::watcher::process::{capture, describe_exit, Tail};
+use crate::watcher::process::{capture, describe_exit, spawn_registered, unregister, Tail};
 
 /// How a job process ended.
 pub(crate) struct ProcessDone {
@@ -125,8 +125,7 @@ pub(crate) fn spawn(
         .stderr(Stdio::piped())
         .kill_on_drop(false);
     sys::prepare_child_exec(&mut cmd, None, config.credentials);
-    let mut child = cmd.spawn().map_err(spawn_err)?;
-    let pid = child.id().unwrap_or(0);
+    let (mut child, pid) = spawn_registered(&mut cmd).map_err(spawn_err)?;
     if let (Some(json), Some(mut stdin)) = (stdin_json, child.stdin.take()) {
         tokio::spawn(async move {
             // A process that does not read its stdin is not our problem:
@@ -167,6 +166,7 @@ pub(crate) fn spawn(
     }
     tokio::spawn(async move {
         let status = child.wait().await.ok();
+        unregister(pid);
         // What it left in its group goes with it.
         if pid > 0 && pid <= i32::MAX as u32 {
             let _ = nix::sys::signal::killpg(

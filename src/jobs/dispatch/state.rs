@@ -614,19 +614,10 @@ impl Dispatcher {
         );
     }
 
-    /// Claims for every queue that can use more: what its pools could run
-    /// now plus one more round, less what waits already.
+    /// Claims for every queue that can use more: what its pools could
+    /// start now plus the prefetch, less what waits already.
     async fn claim(&mut self) {
         let free = self.free();
-        let capacity: Vec<usize> = if self.jobs.per_job {
-            self.jobs.pools.iter().map(|p| p.slots as usize).collect()
-        } else {
-            let mut c = vec![0usize; self.jobs.pools.len()];
-            for w in self.workers.values() {
-                c[w.pool] += w.concurrency;
-            }
-            c
-        };
         for queue in self.jobs.queues() {
             if self.dry.contains(&queue) {
                 continue;
@@ -634,7 +625,7 @@ impl Dispatcher {
             let takers: Vec<usize> = (0..self.jobs.pools.len())
                 .filter(|&i| self.jobs.pools[i].queues.contains(&queue))
                 .collect();
-            let want: usize = takers.iter().map(|&i| free[i] + capacity[i]).sum();
+            let want: usize = takers.iter().map(|&i| free[i]).sum::<usize>() + self.jobs.prefetch;
             let have = self.buffers.get(&queue).map(|b| b.len()).unwrap_or(0);
             let limit = want.saturating_sub(have).min(MAX_CLAIM);
             if limit == 0 {

@@ -304,10 +304,9 @@ impl Supervisor {
                     // and never accepted can go to another worker now.
                     RecvError::Closed => {
                         self.listeners.worker_gone(context_id);
-                        self.services.jobs(JobsEvent::WorkerGone {
-                            context_id,
-                            how: "closed its channel".into(),
-                        });
+                        // Its exit follows; one that lives on without its
+                        // channel cannot be supervised and is killed.
+                        w.channel_closed_at = Some(Instant::now());
                     }
                     error => {
                         tracing::error!(

@@ -23,6 +23,9 @@ use crate::watcher::process::{describe_exit, Launcher, WorkerId};
 use crate::watcher::status::{WorkerInfo, WorkerState};
 use crate::watcher::systemd::Notifier;
 
+/// How long a worker whose channel closed may take to exit.
+const CHANNEL_CLOSED_GRACE: Duration = Duration::from_secs(2);
+
 /// Longest wait between the stop message and SIGTERM for a library worker.
 const TERM_REMINDER: Duration = Duration::from_secs(1);
 
@@ -70,6 +73,8 @@ pub(crate) struct Worker {
     pub accepting: Arc<AtomicBool>,
     /// `SocketRequest`s it made (bounded).
     pub socket_requests: u32,
+    /// When its channel reached EOF (it is exiting, or must be killed).
+    pub channel_closed_at: Option<Instant>,
 }
 
 impl Worker {
@@ -237,6 +242,7 @@ impl Pool {
                 killed_for: None,
                 accepting: Arc::new(AtomicBool::new(true)),
                 socket_requests: 0,
+                channel_closed_at: None,
             },
         );
         if let Some(s) = self.slot_mut(slot) {
@@ -437,6 +443,17 @@ impl Pool {
                 w.kill_at = None;
                 ctx.launcher.signal(w.pid, Signal::SIGKILL);
             }
+            if w.channel_closed_at
+                .is_some_and(|t| now.duration_since(t) >= CHANNEL_CLOSED_GRACE)
+            {
+                w.channel_closed_at = None;
+                tracing::error!(
+                    "worker {} (pid {}) closed its channel but did not exit; killing it",
+                    w.slot,
+                    w.pid
+                );
+                w.kill(ctx, "closed its channel");
+            }
             if w.outbound.queued_messages() > MAX_QUEUED_MESSAGES {
                 tracing::error!(
                     "worker {} (pid {}) does not read its channel ({} messages wait for it); killing it",
@@ -482,7 +499,15 @@ impl Pool {
         let workers = self.workers.values().flat_map(|w| {
             let assumed =
                 (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
-            [w.kill_at, w.term_at, w.ready_by, w.next_ping_at, assumed]
+            let closed = w.channel_closed_at.map(|t| t + CHANNEL_CLOSED_GRACE);
+            [
+                w.kill_at,
+                w.term_at,
+                w.ready_by,
+                w.next_ping_at,
+                assumed,
+                closed,
+            ]
         });
         respawns.chain(workers.flatten()).min()
     }
