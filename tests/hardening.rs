@@ -372,11 +372,19 @@ fn a_worker_gets_at_most_64_addresses_and_listeners_nobody_uses_are_closed() {
         s.contains("evil: done").then_some(s)
     })
     .unwrap_or_else(|| panic!("no answers:\n{}", c.stderr()));
-    assert_eq!(
-        out.matches("evil: granted").count(),
-        64,
-        "at most 64 addresses per worker:\n{out}"
-    );
+    // A port another test took meanwhile is refused as in use and does
+    // not count; the rest stop at 64.
+    let lines: Vec<&str> = out.lines().filter(|l| l.contains("evil: ")).collect();
+    let granted = lines.iter().filter(|l| l.contains("evil: granted")).count();
+    let refused = lines.iter().filter(|l| l.contains("evil: refused")).count();
+    let capped = lines
+        .iter()
+        .filter(|l| l.contains("evil: refused") && l.contains("at most 64 addresses"))
+        .count();
+    let in_use = refused - capped;
+    assert_eq!(granted, 64.min(70 - in_use), "{granted} granted, {capped} capped, {in_use} in use:\n{out}");
+    assert_eq!(granted + capped + in_use, 70, "{out}");
+    assert!(capped >= 1, "{out}");
     let with_listeners = open_fds(c.pid);
     // Its replacement asks for the first address only: the other 63
     // listeners are closed once nobody has used them for a while.
