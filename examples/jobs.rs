@@ -19,8 +19,8 @@
 //! * `panic`: panics, which fails that attempt, not the worker.
 //!
 //! With `JOBS_TRACE=FILE`, every job appends `start` and `end` lines to
-//! FILE (`start JOB ATTEMPT POOL QUEUE PID UNIX_MS`), to watch how jobs
-//! spread over pools and workers.
+//! FILE (`start JOB ATTEMPT POOL QUEUE PID UNIX_MICROS`), to watch how
+//! jobs spread over pools and workers.
 
 use std::io::Write;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,16 +45,16 @@ fn trace(what: &str, ctx: &JobContext) {
     let Some(path) = std::env::var_os("JOBS_TRACE") else {
         return;
     };
-    let ms = SystemTime::now()
+    let us = SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis())
+        .map(|d| d.as_micros())
         .unwrap_or(0);
     let id = ctx
         .id()
         .map(|i| i.to_string())
         .unwrap_or_else(|| "-".into());
     let line = format!(
-        "{what} {id} {} {} {} {} {ms}\n",
+        "{what} {id} {} {} {} {} {us}\n",
         ctx.attempt(),
         ctx.pool(),
         ctx.queue(),

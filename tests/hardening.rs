@@ -382,7 +382,11 @@ fn a_worker_gets_at_most_64_addresses_and_listeners_nobody_uses_are_closed() {
         .filter(|l| l.contains("evil: refused") && l.contains("at most 64 addresses"))
         .count();
     let in_use = refused - capped;
-    assert_eq!(granted, 64.min(70 - in_use), "{granted} granted, {capped} capped, {in_use} in use:\n{out}");
+    assert_eq!(
+        granted,
+        64.min(70 - in_use),
+        "{granted} granted, {capped} capped, {in_use} in use:\n{out}"
+    );
     assert_eq!(granted + capped + in_use, 70, "{out}");
     assert!(capped >= 1, "{out}");
     let with_listeners = open_fds(c.pid);

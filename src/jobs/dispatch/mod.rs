@@ -72,6 +72,14 @@ pub(crate) enum JobsEvent {
     /// Every worker has exited: record what is left, release the jobs
     /// never started, and answer.
     Shutdown(oneshot::Sender<()>),
+    /// A claim the dispatcher started came back.
+    Claimed {
+        queue: String,
+        limit: usize,
+        result: Result<Vec<crate::jobs::Job>>,
+    },
+    /// A batch of outcomes the dispatcher started writing is written.
+    Flushed(Result<crate::jobs::store::FinishReport>),
 }
 
 /// The running dispatcher: a sender for its events and its task.

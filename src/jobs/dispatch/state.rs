@@ -99,6 +99,11 @@ pub(super) struct Dispatcher {
     stopping: Option<Duration>,
     /// When the earliest queued job of a dry queue is due (a retry).
     due_at: Option<Instant>,
+    /// Queues with a claim in flight (claims and writes run beside the
+    /// loop, so dispatching never waits for the store).
+    claiming: HashSet<String>,
+    /// A batch of outcomes is being written.
+    flushing: bool,
     status: JobsStatus,
 }
 
@@ -133,6 +138,8 @@ impl Dispatcher {
             finished: Vec::new(),
             stopping: None,
             due_at: None,
+            claiming: HashSet::new(),
+            flushing: false,
             status,
         }
     }
@@ -159,18 +166,16 @@ impl Dispatcher {
                 .min();
             tokio::select! {
                 ev = rx.recv() => {
-                    let Some(ev) = ev else { return };
-                    if self.handle(ev).await {
-                        return;
-                    }
+                    let Some(mut ev) = ev else { return };
                     // Take what else is queued: outcomes are written together.
                     for _ in 0..4096 {
+                        if let JobsEvent::Shutdown(ack) = ev {
+                            self.shutdown(&mut rx, ack).await;
+                            return;
+                        }
+                        self.handle(ev).await;
                         match rx.try_recv() {
-                            Ok(ev) => {
-                                if self.handle(ev).await {
-                                    return;
-                                }
-                            }
+                            Ok(next) => ev = next,
                             Err(_) => break,
                         }
                     }
@@ -193,13 +198,11 @@ impl Dispatcher {
                     }
                 }
             }
-            self.flush().await;
             if started && self.stopping.is_none() {
                 self.dispatch();
                 self.claim().await;
-                self.dispatch();
-                self.flush().await;
             }
+            self.start_flush();
         }
     }
 
@@ -286,22 +289,43 @@ impl Dispatcher {
                     }
                 }
             }
-            JobsEvent::Shutdown(ack) => {
-                self.flush().await;
-                let unstarted: Vec<(JobId, u32)> = self
-                    .buffers
-                    .drain()
-                    .flat_map(|(_, q)| q.into_iter())
-                    .map(|j| (j.id, j.attempt))
-                    .collect();
-                if !unstarted.is_empty() {
-                    if let Err(e) = self.store.release(unstarted).await {
-                        tracing::error!("cannot give back the jobs never started: {e}");
+            JobsEvent::Claimed {
+                queue,
+                limit,
+                result,
+            } => {
+                self.claiming.remove(&queue);
+                match result {
+                    Ok(jobs) => {
+                        if jobs.len() < limit {
+                            self.dry.insert(queue.clone());
+                        }
+                        self.status.claimed += jobs.len() as u64;
+                        self.buffers.entry(queue).or_default().extend(jobs);
+                    }
+                    Err(e) => {
+                        tracing::error!("cannot claim jobs of queue {queue}: {e}");
+                        self.dry.insert(queue);
                     }
                 }
-                if let Err(e) = self.store.register_queues(&self.node, &[]).await {
-                    tracing::debug!("unregistering the queues: {e}");
+            }
+            JobsEvent::Flushed(result) => {
+                self.flushing = false;
+                match result {
+                    Ok(report) => {
+                        for (id, attempt) in report.stale {
+                            tracing::debug!(
+                                "job {id} attempt {attempt}: the outcome came too late (retried, cancelled or purged meanwhile)"
+                            );
+                        }
+                        // A retry may now be due: let the next round claim.
+                        self.dry.clear();
+                    }
+                    Err(e) => tracing::error!("cannot record job outcomes: {e}"),
                 }
+            }
+            JobsEvent::Shutdown(ack) => {
+                // Handled by `run`, which owns the event channel.
                 let _ = ack.send(());
                 return true;
             }
@@ -457,7 +481,57 @@ impl Dispatcher {
         }
     }
 
-    /// Writes the outcomes waiting.
+    /// Starts writing the outcomes waiting, unless a write runs.
+    fn start_flush(&mut self) {
+        if self.flushing || self.finished.is_empty() {
+            return;
+        }
+        self.flushing = true;
+        let batch = std::mem::take(&mut self.finished);
+        let (store, events) = (self.store.clone(), self.events.clone());
+        tokio::spawn(async move {
+            let _ = events.send(JobsEvent::Flushed(store.finish(batch).await));
+        });
+    }
+
+    /// At the end: waits for the claims and writes in flight (their
+    /// results come on the event channel), writes what is left, gives back
+    /// the jobs never started, unregisters the queues, and answers.
+    async fn shutdown(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<JobsEvent>,
+        ack: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.flushing || !self.claiming.is_empty() {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, rx.recv()).await {
+                Ok(Some(JobsEvent::Shutdown(other))) => drop(other),
+                Ok(Some(ev)) => {
+                    self.handle(ev).await;
+                }
+                _ => break,
+            }
+        }
+        self.flush().await;
+        let unstarted: Vec<(JobId, u32)> = self
+            .buffers
+            .drain()
+            .flat_map(|(_, q)| q.into_iter())
+            .map(|j| (j.id, j.attempt))
+            .collect();
+        if !unstarted.is_empty() {
+            if let Err(e) = self.store.release(unstarted).await {
+                tracing::error!("cannot give back the jobs never started: {e}");
+            }
+        }
+        if let Err(e) = self.store.register_queues(&self.node, &[]).await {
+            tracing::debug!("unregistering the queues: {e}");
+        }
+        let _ = ack.send(());
+    }
+
+    /// Writes the outcomes waiting, now.
     async fn flush(&mut self) {
         if self.finished.is_empty() {
             return;
@@ -614,12 +688,12 @@ impl Dispatcher {
         );
     }
 
-    /// Claims for every queue that can use more: what its pools could
-    /// start now plus the prefetch, less what waits already.
+    /// Starts a claim for every queue that can use more: what its pools
+    /// could start now plus the prefetch, less what waits already.
     async fn claim(&mut self) {
         let free = self.free();
         for queue in self.jobs.queues() {
-            if self.dry.contains(&queue) {
+            if self.dry.contains(&queue) || self.claiming.contains(&queue) {
                 continue;
             }
             let takers: Vec<usize> = (0..self.jobs.pools.len())
@@ -644,19 +718,16 @@ impl Dispatcher {
                 node: self.node.clone(),
                 safe_mode: self.jobs.safe_mode,
             };
-            match self.store.claim(req).await {
-                Ok(jobs) => {
-                    if jobs.len() < limit {
-                        self.dry.insert(queue.clone());
-                    }
-                    self.status.claimed += jobs.len() as u64;
-                    self.buffers.entry(queue).or_default().extend(jobs);
-                }
-                Err(e) => {
-                    tracing::error!("cannot claim jobs of queue {queue}: {e}");
-                    self.dry.insert(queue);
-                }
-            }
+            self.claiming.insert(queue.clone());
+            let (store, events) = (self.store.clone(), self.events.clone());
+            tokio::spawn(async move {
+                let result = store.claim(req).await;
+                let _ = events.send(JobsEvent::Claimed {
+                    queue,
+                    limit,
+                    result,
+                });
+            });
         }
         // Dry queues may hold retries that fall due later: wake for them.
         if self.due_at.is_none() && !self.dry.is_empty() {

@@ -32,6 +32,21 @@ pub(super) const CLAIM_NEXT_IDS: &str = "SELECT id FROM jobs INDEXED BY jobs_que
      LIMIT ?3";
 pub(super) const RUNNING_KEYS: &str = "SELECT key FROM jobs INDEXED BY jobs_running_node \
      WHERE state = 'running'";
+/// Claims the batch whose ids are the JSON array `?1`. The `+` keeps the
+/// planner off any index on state: each id is a primary-key lookup.
+pub(super) const CLAIM_TAKE: &str =
+    "UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = ?2, \
+     pool = ?3, node = ?4, worker = NULL, cancel_requested = 0 \
+     WHERE id IN (SELECT value FROM json_each(?1)) AND +state = 'queued'";
+/// Records the successes in the JSON array `?1` (`{i, a, r, w}`: id,
+/// attempt, result as JSON text, worker), fenced; returns the ids applied.
+/// A primary-key lookup per element, as in `CLAIM_TAKE`.
+pub(super) const FINISH_DONE: &str =
+    "UPDATE jobs SET state = 'done', result = j.value ->> 'r', finished_at = ?2, \
+     worker = COALESCE(j.value ->> 'w', jobs.worker) \
+     FROM json_each(?1) AS j \
+     WHERE jobs.id = j.value ->> 'i' AND jobs.attempt = j.value ->> 'a' \
+     AND +jobs.state = 'running' RETURNING jobs.id";
 pub(super) const FIND_ACTIVE_KEY: &str =
     "SELECT id FROM jobs WHERE finished_at IS NULL AND key = ?1 ORDER BY id LIMIT 1";
 
@@ -169,26 +184,25 @@ impl Db {
                 }
             }
         }
+        // One statement for the batch: the ids go in as a JSON array, the
+        // claimed rows come back (one temporary table per statement, not
+        // per row).
         let mut jobs = Vec::with_capacity(picked.len());
-        {
-            // Not `RETURNING`: it builds a temporary table per statement,
-            // which costs more than the read by primary key.
+        if !picked.is_empty() {
+            let ids = serde_json::to_string(&picked).unwrap_or_else(|_| "[]".into());
             let mut take = tx
-                .prepare_cached(
-                    "UPDATE jobs SET state = 'running', attempt = attempt + 1, started_at = ?2, \
-                     pool = ?3, node = ?4, worker = NULL, cancel_requested = 0 \
-                     WHERE id = ?1 AND state = 'queued'",
-                )
+                .prepare_cached(&format!("{CLAIM_TAKE} RETURNING {JOB_COLUMNS}"))
                 .map_err(e("claim"))?;
-            let mut read = tx
-                .prepare_cached(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = ?1"))
+            let rows = take
+                .query_map(params![ids, now_us, req.pool, req.node], RawJob::from_row)
                 .map_err(e("claim"))?;
-            for id in picked {
-                take.execute(params![id, now_us, req.pool, req.node])
-                    .map_err(e("claim"))?;
-                let raw = read.query_row([id], RawJob::from_row).map_err(e("claim"))?;
-                jobs.push(raw.into_job(&label)?);
+            for raw in rows {
+                jobs.push(raw.map_err(e("claim"))?.into_job(&label)?);
             }
+            // RETURNING gives no order; the claim's order is the queue's.
+            let rank: std::collections::HashMap<i64, usize> =
+                picked.iter().enumerate().map(|(i, &id)| (id, i)).collect();
+            jobs.sort_by_key(|j| rank.get(&j.id.get()).copied().unwrap_or(usize::MAX));
         }
         tx.commit().map_err(e("claim"))?;
         Ok(jobs)
@@ -205,6 +219,37 @@ impl Db {
         let now_t = now();
         let now_us = to_micros(now_t);
         let tx = self.write_tx("finish")?;
+        // Successes, the bulk, in one statement (the batch as JSON).
+        let (ok_batch, rest): (Vec<Finished>, Vec<Finished>) = done
+            .into_iter()
+            .partition(|f| matches!(f.outcome, Outcome::Done(_)));
+        if !ok_batch.is_empty() {
+            let rows: Vec<serde_json::Value> = ok_batch
+                .iter()
+                .map(|f| {
+                    let result = match &f.outcome {
+                        Outcome::Done(Some(v)) => serde_json::Value::String(v.to_string()),
+                        _ => serde_json::Value::Null,
+                    };
+                    serde_json::json!({"i": f.id.get(), "a": f.attempt, "r": result, "w": f.worker})
+                })
+                .collect();
+            let batch = serde_json::Value::Array(rows).to_string();
+            let mut ok = tx.prepare_cached(FINISH_DONE).map_err(e("finish"))?;
+            let applied: HashSet<i64> = ok
+                .query_map(params![batch, now_us], |r| r.get::<_, i64>(0))
+                .map_err(e("finish"))?
+                .collect::<rusqlite::Result<_>>()
+                .map_err(e("finish"))?;
+            for f in &ok_batch {
+                if applied.contains(&f.id.get()) {
+                    report.applied += 1;
+                } else {
+                    report.stale.push((f.id, f.attempt));
+                }
+            }
+        }
+        let done = rest;
         {
             let fence = "WHERE id = ?1 AND attempt = ?2 AND state = 'running'";
             let mut ok = tx
