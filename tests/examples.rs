@@ -82,7 +82,8 @@ fn logging_example_reaches_the_watchers_stream() {
 /// per-job processes), run as written, in a temp dir instead of /tmp/avatars.
 #[test]
 fn readme_avatar_walkthrough_resizes_every_avatar_once() {
-    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     let start = readme
         .find("### Walkthrough: avatars")
         .expect("walkthrough section");
@@ -97,7 +98,10 @@ fn readme_avatar_walkthrough_resizes_every_avatar_once() {
         .replace("--job-source-interval 1", "--job-source-interval 0.2")
         .replace("sleep 1\n", "sleep 0.2\n");
     // The last command starts the watcher: run it in the background.
-    let script = format!("{script} &\necho $! > {}/watcher.pid\nwait\n", dir.path().display());
+    let script = format!(
+        "{script} &\necho $! > {}/watcher.pid\nwait\n",
+        dir.path().display()
+    );
     let mut child = std::process::Command::new("sh")
         .arg("-c")
         .arg(&script)

@@ -39,6 +39,11 @@ pub(crate) struct Config {
     pub output: LogOutput,
     pub balance: Balance,
     pub metrics: Option<SocketAddr>,
+    /// `--http`: the dashboard and its API.
+    pub http: Option<SocketAddr>,
+    pub http_token_file: Option<PathBuf>,
+    /// The token file's contents, read by `validate`.
+    pub http_token: Option<Token>,
     /// Socket activation and `sd_notify` when systemd's variables are set.
     pub systemd: bool,
     /// Become the child subreaper and kill what workers leave behind.
@@ -54,6 +59,38 @@ pub(crate) struct Config {
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
     pub credentials: Option<crate::sys::Credentials>,
+}
+
+/// The dashboard's token: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Reads the dashboard's token file: at least 16 characters once trimmed.
+fn read_token(path: &Path) -> Result<Token> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::with_io(
+            Kind::Config,
+            format!("cannot read the token file {}", path.display()),
+            e,
+        )
+    })?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "the token in {} is too short: it needs at least 16 characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Token(token.to_string()))
 }
 
 impl Config {
@@ -89,6 +126,9 @@ impl Config {
             output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
             balance: Balance::Shared,
             metrics: None,
+            http: None,
+            http_token_file: None,
+            http_token: None,
             systemd: true,
             subreaper: false,
             jobs: None,
@@ -250,6 +290,25 @@ impl ClusterWatcherBuilder {
     /// [`start`](ClusterWatcher::start) fail.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.config.metrics = Some(addr);
+        self
+    }
+
+    /// Serve the web dashboard and its JSON API on `http://ADDR/` (see the
+    /// README's "Dashboard"). A loopback address needs nothing more; any
+    /// other needs [`http_token_file`](Self::http_token_file), else
+    /// [`start`](ClusterWatcher::start) fails with
+    /// [`Error::is_config`](crate::Error::is_config).
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.config.http = Some(addr);
+        self
+    }
+
+    /// The file that holds the dashboard's token (at least 16 characters;
+    /// surrounding white space is ignored). Every request then needs it:
+    /// `Authorization: Bearer TOKEN`, or `?token=TOKEN` once in the
+    /// browser. Needs [`http`](Self::http).
+    pub fn http_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.http_token_file = Some(path.into());
         self
     }
 
@@ -465,6 +524,20 @@ impl ClusterWatcherBuilder {
             self.config.workers = if jobs.per_job { 0 } else { jobs.slots() };
         } else if !self.config.pool_args.is_empty() {
             return Err(Error::new(Kind::Config, "--pool needs --jobs"));
+        }
+        if let Some(path) = &self.config.http_token_file {
+            if self.config.http.is_none() {
+                return Err(Error::new(Kind::Config, "--http-token-file needs --http"));
+            }
+            self.config.http_token = Some(read_token(path)?);
+        }
+        if let Some(addr) = self.config.http {
+            if !addr.ip().is_loopback() && self.config.http_token.is_none() {
+                return Err(Error::new(
+                    Kind::Config,
+                    format!("--http {addr} is not a loopback address: it needs --http-token-file"),
+                ));
+            }
         }
         check_program(&self.config.program, self.config.current_dir.as_deref())?;
         for path in &self.config.watch {

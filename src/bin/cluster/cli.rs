@@ -93,6 +93,17 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
 
+    /// Serve the web dashboard and its JSON API on http://ADDR/ (host:port,
+    /// or :port for 127.0.0.1:port); an address that is not loopback needs
+    /// --http-token-file
+    #[arg(long, value_name = "ADDR", value_parser = parse_http_addr)]
+    pub http: Option<SocketAddr>,
+
+    /// File holding the dashboard's token (16 characters or more); every
+    /// request must carry it
+    #[arg(long, value_name = "FILE", requires = "http")]
+    pub http_token_file: Option<PathBuf>,
+
     /// Run the workers as this user (the watcher must run as root; it
     /// keeps root to bind the listeners)
     #[arg(long, value_name = "NAME")]
@@ -290,6 +301,14 @@ fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
         .ok_or_else(|| format!("'{s}' resolves to no address"))
 }
 
+/// Like `--metrics`, but `:port` is loopback: the dashboard can act.
+fn parse_http_addr(s: &str) -> Result<SocketAddr, String> {
+    match s.strip_prefix(':') {
+        Some(port) => parse_metrics_addr(&format!("127.0.0.1:{port}")),
+        None => parse_metrics_addr(s),
+    }
+}
+
 fn parse_count(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if n == 0 {
@@ -371,6 +390,9 @@ mod tests {
         assert!(a.daemon);
         let a = parse(&["--metrics", "127.0.0.1:9100", "./srv"]).unwrap();
         assert_eq!(a.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        let a = parse(&["--http", ":8081", "./srv"]).unwrap();
+        assert_eq!(a.http, Some("127.0.0.1:8081".parse().unwrap()));
+        assert!(parse(&["--http-token-file", "t", "./srv"]).is_err());
     }
 
     #[test]

@@ -112,6 +112,12 @@ fn main() -> ExitCode {
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
     }
+    if let Some(addr) = args.http {
+        builder = builder.http(addr);
+    }
+    if let Some(path) = &args.http_token_file {
+        builder = builder.http_token_file(path);
+    }
     if let Some(user) = &args.user {
         builder = builder.user(user);
     }

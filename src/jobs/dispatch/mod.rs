@@ -34,7 +34,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::JobFailure;
 use crate::jobs::store::sqlite::WakeListener;
-use crate::jobs::store::{self, StoreOptions};
+use crate::jobs::store::{self, Store, StoreOptions};
 use crate::watcher::config::Config;
 use crate::watcher::event::{CommandSender, OutboundSender};
 use crate::watcher::status::JobsStatus;
@@ -85,12 +85,18 @@ pub(crate) enum JobsEvent {
 /// The running dispatcher: a sender for its events and its task.
 pub(crate) struct JobsHandle {
     tx: mpsc::UnboundedSender<JobsEvent>,
+    store: Arc<dyn Store>,
     task: JoinHandle<()>,
     sources: Option<JoinHandle<()>>,
     url_file: Option<PathBuf>,
 }
 
 impl JobsHandle {
+    /// The store the dispatcher runs (the dashboard's job queries use it).
+    pub(crate) fn store(&self) -> Arc<dyn Store> {
+        self.store.clone()
+    }
+
     /// Sends an event (dropped when the dispatcher is gone).
     pub(crate) fn send(&self, event: JobsEvent) {
         let _ = self.tx.send(event);
@@ -190,10 +196,11 @@ pub(crate) async fn start(
     };
     let sources = sources::start(&jobs, store.clone());
     let (tx, rx) = mpsc::unbounded_channel();
-    let dispatcher = Dispatcher::new(jobs, watcher, store, node, commands, tx.clone());
+    let dispatcher = Dispatcher::new(jobs, watcher, store.clone(), node, commands, tx.clone());
     let task = tokio::spawn(dispatcher.run(rx, wake, ready));
     Ok(JobsHandle {
         tx,
+        store,
         task,
         sources,
         url_file,
