@@ -375,7 +375,7 @@ fn run_in_browser(token: Option<&str>, screenshot: Option<PathBuf>) {
         return;
     };
     let port = free_port();
-    let w = watcher().workers(2);
+    let w = watcher().workers(2).pid_file();
     let db = w.dir().join("jobs.db");
     let mut w = w
         .arg("--http")
@@ -401,12 +401,17 @@ fn run_in_browser(token: Option<&str>, screenshot: Option<PathBuf>) {
         .env("BASE_URL", format!("http://127.0.0.1:{port}"))
         .env("WORKERS", "2")
         .env("FAILED_JOB", id.to_string())
+        .env("CLUSTER_BIN", cluster_bin())
+        .env("PID_FILE", c.pid_file())
         .env("CHROMIUM", &chromium);
     if let Some(t) = token {
         cmd.env("TOKEN", t);
     }
     if let Some(path) = &screenshot {
         cmd.env("SCREENSHOT", path);
+    }
+    if let Some(path) = &screenshot {
+        let _ = std::fs::remove_file(path);
     }
     let out = cmd.output().expect("run node");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -418,6 +423,11 @@ fn run_in_browser(token: Option<&str>, screenshot: Option<PathBuf>) {
     );
     let seen = json_of(stdout.trim());
     assert_eq!(seen["scaledUp"], 3, "{seen}");
+    assert!(seen["killedRowMs"].as_u64().unwrap() <= 2000, "{seen}");
+    if let Some(path) = &screenshot {
+        assert!(path.exists(), "no screenshot at {}", path.display());
+        eprintln!("screenshot: {}; the page saw {seen}", path.display());
+    }
     assert!(seen["phoneWidth"].as_u64().unwrap() <= 390);
     // What the page did, seen from outside: the retry ran the job again.
     let again = wait_for(START, || {
@@ -439,8 +449,11 @@ fn run_in_browser(token: Option<&str>, screenshot: Option<PathBuf>) {
 
 #[test]
 fn dashboard_in_a_browser_shows_and_acts() {
-    let screenshot = std::env::var_os("CLUSTER_DASHBOARD_SCREENSHOT").map(PathBuf::from);
-    run_in_browser(None, screenshot);
+    // A test artifact: target/tmp/dashboard.png (and dashboard-phone.png).
+    let screenshot = std::env::var_os("CLUSTER_DASHBOARD_SCREENSHOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_TARGET_TMPDIR")).join("dashboard.png"));
+    run_in_browser(None, Some(screenshot));
 }
 
 #[test]

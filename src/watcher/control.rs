@@ -204,11 +204,17 @@ pub(crate) async fn status(
     quick: bool,
 ) -> Option<Response> {
     let report = ask(commands, Command::Status).await?;
-    let jobs = tokio::time::timeout(Duration::from_secs(2), ask(commands, Command::JobsStatus))
-        .await
-        .ok()
-        .flatten()
-        .and_then(|j| serde_json::to_value(j).ok());
+    let jobs = tokio::time::timeout(
+        Duration::from_secs(2),
+        ask(commands, |reply| Command::JobsStatus {
+            reply,
+            counts: true,
+        }),
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|j| serde_json::to_value(j).ok());
     let pids: Vec<u32> = report.workers.iter().map(|w| w.pid).collect();
     let mut cpu: Vec<Option<f64>> = match sampler {
         Some(s) => pids.iter().map(|&p| s.cpu_percent(p)).collect(),

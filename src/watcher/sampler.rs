@@ -85,7 +85,10 @@ impl Sampler {
                 }
                 let Ok(report) = rx.await else { return };
                 let (jtx, jrx) = oneshot::channel();
-                let jobs = match commands.send(Command::JobsStatus(jtx)) {
+                let jobs = match commands.send(Command::JobsStatus {
+                    reply: jtx,
+                    counts: false,
+                }) {
                     Ok(()) => jrx.await.ok(),
                     Err(_) => None,
                 };

@@ -117,4 +117,41 @@ pub(crate) struct JobsStatus {
     pub lost: u64,
     /// The store's counts (every node's jobs), when they could be read.
     pub store_counts: Option<crate::jobs::JobStats>,
+    /// The latest outcomes this watcher recorded, oldest first (at most
+    /// [`RECENT_OUTCOMES`]); the dashboard's event stream sends the new
+    /// ones as `job` events.
+    pub recent: std::collections::VecDeque<JobOutcomeInfo>,
+}
+
+/// How many outcomes [`JobsStatus::recent`] keeps.
+pub(crate) const RECENT_OUTCOMES: usize = 50;
+
+/// One attempt's outcome, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub(crate) struct JobOutcomeInfo {
+    /// Increases by one per outcome since the watcher started.
+    pub seq: u64,
+    pub id: i64,
+    pub queue: String,
+    pub name: Option<String>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// `done`, `retry` (failed, another attempt follows), `failed`,
+    /// `cancelled` or `lost` (its worker died; retried while attempts
+    /// remain).
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl JobsStatus {
+    /// Appends an outcome to `recent`, dropping the oldest past the bound.
+    pub(crate) fn note(&mut self, mut info: JobOutcomeInfo) {
+        info.seq = self.recent.back().map_or(1, |l| l.seq + 1);
+        if self.recent.len() >= RECENT_OUTCOMES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(info);
+    }
 }

@@ -3,11 +3,13 @@
 //
 // Environment: BASE_URL (http://127.0.0.1:PORT), TOKEN (when the watcher
 // has one), WORKERS (how many run), FAILED_JOB (the id of a failed job
-// whose error is HTML), SCREENSHOT (a path, optional), CHROMIUM (default
-// /usr/bin/chromium).
+// whose error is HTML), CLUSTER_BIN and PID_FILE (to compare with
+// `cluster status --json`), SCREENSHOT (a path, optional), CHROMIUM
+// (default /usr/bin/chromium).
 //
 // Prints one JSON line of what it saw; exits 1 with the reason on the
 // first check that fails.
+import { execFileSync } from 'node:child_process';
 import { chromium } from 'playwright-core';
 
 const base = process.env.BASE_URL;
@@ -33,6 +35,12 @@ async function waitRows(page, n, what) {
     return trs.length === n && trs.every((tr) => tr.querySelector('.pill').textContent === 'ready');
   }, n, { timeout: T }).catch(() => { throw new Error(`${what}: not ${n} ready workers`); });
   return rows(page);
+}
+
+// What `cluster status --json` says: [slot, pid, state] sorted.
+function cliRows() {
+  const out = execFileSync(process.env.CLUSTER_BIN, ['status', '--json', '--pid-file', process.env.PID_FILE]);
+  return JSON.parse(out).workers.map((w) => [w.slot, w.pid, w.state]).sort((a, b) => a[0] - b[0]);
 }
 
 const browser = await chromium.launch({
@@ -66,6 +74,22 @@ try {
   const first = await waitRows(page, workers, 'at start');
   seen.pids = first.map((r) => r.pid);
 
+  // The rows are what `cluster status --json` says.
+  const pageRows = await page.$$eval('#workers tbody tr', (trs) => trs.map((tr) =>
+    [Number(tr.dataset.slot), Number(tr.dataset.pid), tr.querySelector('.pill').textContent]));
+  const cli = cliRows();
+  check(JSON.stringify(pageRows) === JSON.stringify(cli),
+    `the rows match cluster status: ${JSON.stringify(pageRows)} vs ${JSON.stringify(cli)}`);
+
+  // A killed worker: its row changes within 2 s.
+  const victim = first[0].pid;
+  const killedAt = Date.now();
+  process.kill(victim, 'SIGKILL');
+  await page.waitForFunction((pid) => !document.querySelector(`#workers tr[data-pid="${pid}"]`),
+    victim, { timeout: 2000, polling: 50 }).catch(() => { throw new Error('the killed worker\'s row did not change within 2 s'); });
+  seen.killedRowMs = Date.now() - killedAt;
+  await waitRows(page, workers, 'after the kill');
+
   // The failed job, its HTML error shown as text.
   await page.waitForSelector('#jobs:not([hidden])', { timeout: T });
   const row = `#job-list tr[data-job="${failedJob}"]`;
@@ -87,6 +111,11 @@ try {
   await page.click('#detail-retry');
   await page.waitForFunction(() => document.querySelector('#message').textContent.includes('queued again'),
     null, { timeout: T });
+  // The retry runs (and fails again): the open detail follows by itself.
+  await page.waitForFunction(() => document.querySelectorAll('#detail-errors li').length >= 2
+    && document.querySelector('#detail-state').textContent === 'failed', null, { timeout: T })
+    .catch(() => { throw new Error('the detail did not follow the retry'); });
+  check(await page.$(`#recent tr td:nth-child(2)`) !== null, 'the latest outcomes are listed');
 
   // Scale up and down with the buttons.
   await page.click('#scale-up');

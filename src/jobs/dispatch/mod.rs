@@ -65,7 +65,12 @@ pub(crate) enum JobsEvent {
     /// A per-job process ended.
     ProcessDone(ProcessDone),
     /// The counters, for `cluster status` and metrics.
-    Status(oneshot::Sender<JobsStatus>),
+    /// The dispatcher's report; with the store's counts per state when
+    /// `counts` (a query over every job, run beside the loop).
+    Status {
+        reply: oneshot::Sender<JobsStatus>,
+        counts: bool,
+    },
     /// The watcher is stopping: claim nothing more, stop job processes
     /// (SIGTERM, SIGKILL after `timeout`).
     Stopping { timeout: Duration },

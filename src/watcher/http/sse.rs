@@ -1,11 +1,21 @@
-//! `/api/events`: a server-sent event stream. Once a second it sends a
-//! `status` event (what `/api/status` answers: each worker's state, CPU
-//! use and memory, and the jobs' counters); the dashboard loads the history
-//! once from `/api/samples` and extends it from these. The stream ends when
-//! the client goes away or the watcher stops.
+//! `/api/events`: a server-sent event stream.
+//!
+//! * `status`: what `/api/status` answers (each worker's state, CPU use and
+//!   memory, the jobs' counters), once a second and within 250 ms of a
+//!   change of the workers (one started, changed state or exited, the
+//!   number wanted changed);
+//! * `job`: each job outcome this watcher records from the moment the
+//!   stream opened (`seq`, `id`, `queue`, `name`, `attempt`,
+//!   `max_attempts`, `outcome`: done, retry, failed, cancelled or lost,
+//!   `error`, `at_ms`).
+//!
+//! The dashboard loads the history once from `/api/samples` and extends it
+//! from these. The stream ends when the client goes away or the watcher
+//! stops.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::BodyExt;
@@ -14,10 +24,30 @@ use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
 use super::{api, Body, State};
+use crate::watcher::control;
+use crate::watcher::event::Command;
 use crate::watcher::sampler::EVERY;
+use crate::watcher::status::{StatusReport, WorkerState};
 
 /// Events buffered for a slow client before the stream waits for it.
 const BUFFER: usize = 4;
+
+/// How often the stream looks for changes.
+const POLL: Duration = Duration::from_millis(250);
+
+/// What counts as a change of the workers: each one's slot, pid and state,
+/// and the number wanted.
+#[derive(PartialEq, Eq)]
+struct Shape(usize, Vec<(u32, u32, WorkerState)>);
+
+impl Shape {
+    fn of(r: &StatusReport) -> Shape {
+        Shape(
+            r.wanted,
+            r.workers.iter().map(|w| (w.slot, w.pid, w.state)).collect(),
+        )
+    }
+}
 
 /// A body that yields what a channel receives.
 struct ChannelBody(mpsc::Receiver<Bytes>);
@@ -47,16 +77,46 @@ pub(super) fn events(state: &std::sync::Arc<State>) -> Response<Body> {
         if tx.send(Bytes::from_static(b": cluster\n\n")).await.is_err() {
             return;
         }
-        let mut tick = tokio::time::interval(EVERY);
+        let mut tick = tokio::time::interval(POLL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<(tokio::time::Instant, Shape)> = None;
+        let mut seen_seq: Option<u64> = None;
         loop {
             tick.tick().await;
+            // The workers alone first (cheap); the whole status when they
+            // changed or a second passed.
+            let Some(report) = control::ask(&state.commands, Command::Status).await else {
+                return;
+            };
+            let shape = Shape::of(&report);
+            if last
+                .as_ref()
+                .is_some_and(|(at, before)| *before == shape && at.elapsed() < EVERY)
+            {
+                continue;
+            }
             let Some(status) = api::status_value(&state).await else {
                 return;
             };
+            let recent = status["jobs"]["recent"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let newest = recent.iter().filter_map(|e| e["seq"].as_u64()).max();
+            // Outcomes newer than the last one sent (none of those before
+            // the stream opened).
+            if let Some(seen) = seen_seq {
+                for e in recent.iter().filter(|e| e["seq"].as_u64() > Some(seen)) {
+                    if tx.send(event("job", e)).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            seen_seq = newest.or(seen_seq).or(Some(0));
             if tx.send(event("status", &status)).await.is_err() {
                 return;
             }
+            last = Some((tokio::time::Instant::now(), shape));
         }
     });
     let mut r = Response::new(ChannelBody(rx).boxed());

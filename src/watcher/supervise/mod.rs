@@ -283,7 +283,9 @@ impl Supervisor {
                     w.kill(&self.ctx, why);
                 }
             }
-            Command::JobsStatus(reply) => self.services.jobs(JobsEvent::Status(reply)),
+            Command::JobsStatus { reply, counts } => {
+                self.services.jobs(JobsEvent::Status { reply, counts })
+            }
         }
     }
 

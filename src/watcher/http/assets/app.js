@@ -97,6 +97,9 @@ function pill(state) {
 
 const SVG = 'http://www.w3.org/2000/svg';
 
+// A line of the last 60 values: from 0 to `max` (or the largest value) when
+// `max` is given, else between the smallest and the largest (a flat line
+// in the middle when they are equal).
 function sparkline(values, max) {
   const w = 80, h = 20;
   const svg = document.createElementNS(SVG, 'svg');
@@ -106,10 +109,12 @@ function sparkline(values, max) {
   svg.setAttribute('viewBox', `0 0 ${w} ${h}`);
   const pts = values.slice(-60);
   if (pts.length > 1) {
-    const top = Math.max(max || 0, ...pts) || 1;
+    const top = max ? Math.max(max, ...pts) : Math.max(...pts);
+    const bottom = max ? 0 : Math.min(...pts);
+    const y = (v) => top === bottom ? h / 2 : h - 1 - (v - bottom) / (top - bottom) * (h - 2);
     const line = document.createElementNS(SVG, 'polyline');
     line.setAttribute('points', pts.map((v, i) =>
-      `${(i * (w - 2) / (pts.length - 1) + 1).toFixed(1)},${(h - 1 - v / top * (h - 2)).toFixed(1)}`).join(' '));
+      `${(i * (w - 2) / (pts.length - 1) + 1).toFixed(1)},${y(v).toFixed(1)}`).join(' '));
     svg.append(line);
   }
   return svg;
@@ -185,6 +190,17 @@ function drawJobs(j) {
       el('td', {}, `${p.running} of ${p.running + p.capacity}`, bar));
   }));
 
+  const recent = (j.recent || []).slice(-10).reverse();
+  $('recent').tBodies[0].replaceChildren(...recent.map((e) => {
+    const tr = el('tr', { class: 'clickable', 'data-seq': e.seq },
+      el('td', {}, new Date(e.at_ms).toLocaleTimeString()), el('td', {}, e.id), el('td', {}, e.queue),
+      el('td', {}, e.name || '–'), el('td', {}, pill(e.outcome)), el('td', {}, `${e.attempt} of ${e.max_attempts}`),
+      el('td', { class: 'wrap' }, e.error || ''));
+    tr.addEventListener('click', () => showJob(e.id));
+    return tr;
+  }));
+  $('recent-empty').hidden = recent.length > 0;
+
   const queues = $('queues').tBodies[0];
   const per = (j.store_counts && j.store_counts.per_queue) || {};
   queues.replaceChildren(...Object.entries(per).map(([q, c]) =>
@@ -249,7 +265,7 @@ async function loadJobList() {
   $('job-list-empty').hidden = jobs.length > 0;
 }
 
-async function showJob(id) {
+async function showJob(id, scroll = true) {
   let job;
   try { job = await api('/api/jobs/' + encodeURIComponent(id)); } catch (e) { say(e.message, true); return; }
   selectedJob = job.id;
@@ -270,7 +286,7 @@ async function showJob(id) {
     el('li', {}, el('span', { class: 'muted' }, `attempt ${e.attempt}, ${e.at}: `), e.error)));
   $('detail-retry').disabled = !(job.state === 'failed' || job.state === 'cancelled');
   $('detail-cancel').disabled = !(job.state === 'queued' || job.state === 'running');
-  $('job-detail').scrollIntoView({ behavior: 'smooth', block: 'start' });
+  if (scroll) $('job-detail').scrollIntoView({ behavior: 'smooth', block: 'start' });
 }
 
 async function jobAction(action) {
@@ -346,6 +362,15 @@ function connect() {
     live.className = 'pill on';
     onStatus(JSON.parse(ev.data));
   });
+  // A failure refreshes the job list (at most once a second).
+  let pending = null;
+  events.addEventListener('job', (ev) => {
+    const e = JSON.parse(ev.data);
+    if (e.id === selectedJob) showJob(selectedJob, false);
+    if (e.outcome !== 'done' && !pending) {
+      pending = setTimeout(() => { pending = null; loadJobList(); }, 1000);
+    }
+  });
   events.onerror = () => {
     live.textContent = 'disconnected';
     live.className = 'pill off';
@@ -365,7 +390,10 @@ async function start() {
   loadJobList();
   connect();
   setInterval(() => loadSamples(false), 30000);
-  setInterval(loadJobList, 5000);
+  setInterval(() => {
+    loadJobList();
+    if (selectedJob != null && !$('job-detail').hidden) showJob(selectedJob, false);
+  }, 5000);
 }
 
 start();
