@@ -1,12 +1,12 @@
 //! The control socket's protocol and its client: a Unix stream socket
 //! beside the pid file (mode 0600) through which `cluster status`, `reload`,
-//! `stop` and `scale` talk to a running watcher. The server side is
+//! `stop`, `scale` and `upgrade` talk to a running watcher. The server side is
 //! `watcher/control.rs`.
 //!
 //! Protocol: the client writes one JSON object on one line and reads one
 //! JSON object on one line, then both close. Requests:
 //! `{"command":"status"}`, `{"command":"reload"}`, `{"command":"stop"}`,
-//! `{"command":"scale","workers":N}`. Responses carry `"ok": true` and the
+//! `{"command":"scale","workers":N}`, `{"command":"upgrade"}`. Responses carry `"ok": true` and the
 //! result, or `"ok": false` and `"error"`.
 
 use std::io;
@@ -44,6 +44,11 @@ pub enum Request {
         /// The new number of workers.
         workers: usize,
     },
+    /// Upgrade the watcher itself: start the watcher binary again as a new
+    /// watcher that inherits the listeners; answered once the new watcher
+    /// serves (with its pid in `upgraded_to`) or the upgrade was rolled
+    /// back (with the reason).
+    Upgrade,
 }
 
 /// One worker in a status response.
@@ -93,6 +98,18 @@ pub struct Response {
     /// The watcher's pid.
     #[serde(default)]
     pub pid: u32,
+    /// The watcher's version (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// When the watcher started, RFC 3339 in UTC (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// Seconds since the watcher started (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uptime_secs: Option<f64>,
+    /// The new watcher's pid (for `upgrade`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgraded_to: Option<u32>,
     /// Number of worker slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_wanted: Option<usize>,

@@ -63,6 +63,9 @@ impl Daemon {
 }
 
 /// Detaches the process (see the module docs). Returns in the daemon only.
+/// In the new watcher of an upgrade (`CLUSTER_UPGRADE` is set) it does
+/// nothing: the old watcher already detached, and its successor inherits
+/// its session and stdio.
 ///
 /// `log_file`, when given, is opened for appending (created if missing)
 /// before the fork, so an unwritable path is reported by the caller in the
@@ -74,6 +77,14 @@ impl Daemon {
 /// runs more than one thread, or `fork`/`setsid` fail; nothing was forked
 /// then (or the launcher reports the failure of the child).
 pub fn daemonize(log_file: Option<&Path>) -> io::Result<Daemon> {
+    if std::env::var_os(crate::watcher::upgrade::ENV).is_some() {
+        // The new watcher of an upgrade: the old one was the daemon (its
+        // session, its stdio); this one inherited all that and has no
+        // launcher to report to.
+        return Ok(Daemon {
+            report: Mutex::new(None),
+        });
+    }
     let null = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

@@ -44,6 +44,9 @@ pub(crate) enum Kind {
     AlreadyStarted,
     /// A rolling restart failed (a replacement was not ready in time).
     Reload,
+    /// A watcher upgrade failed and was rolled back (the new watcher did
+    /// not start, or its workers were not ready in time).
+    Upgrade,
     /// Any other I/O error.
     Io,
     /// The job store failed: it cannot be opened, is corrupt or of an
@@ -163,6 +166,14 @@ impl Error {
     /// time. The old workers keep serving.
     pub fn is_reload(&self) -> bool {
         self.kind == Kind::Reload
+    }
+
+    /// A watcher upgrade (`cluster upgrade`, SIGUSR2,
+    /// [`ClusterWatcher::upgrade`](crate::ClusterWatcher::upgrade)) failed:
+    /// the new watcher could not be started, exited, or its workers were
+    /// not ready in time. It was rolled back: the old watcher keeps serving.
+    pub fn is_upgrade(&self) -> bool {
+        self.kind == Kind::Upgrade
     }
 
     /// The job store failed: it could not be opened (missing directory, not

@@ -59,6 +59,63 @@ fn random_suffix() -> u64 {
     h.finish()
 }
 
+/// The directory of `path` (opened) and the file's name in it.
+fn open_dir(path: &Path) -> Result<(OwnedFd, PathBuf)> {
+    let shown = path.display().to_string();
+    let err = |what: &str, e: io::Error| {
+        Error::with_io(Kind::PidFile, format!("cannot {what} pid file {shown}"), e)
+    };
+    let name = path
+        .file_name()
+        .map(PathBuf::from)
+        .ok_or_else(|| err("use", io::Error::from(io::ErrorKind::InvalidInput)))?;
+    let dir_path = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let dir = nix::fcntl::open(
+        dir_path,
+        OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| err("create", e.into()))?;
+    Ok((dir, name))
+}
+
+/// Writes this process's pid into an unpredictably named temporary file
+/// beside `name`, locks it and renames it over `name`: readers never see a
+/// partial pid, and the file at the name is locked from the moment it is
+/// there.
+fn write_locked(dir: &OwnedFd, name: &Path, shown: &str) -> Result<Flock<File>> {
+    let err =
+        |e: io::Error| Error::with_io(Kind::PidFile, format!("cannot write pid file {shown}"), e);
+    let tmp = PathBuf::from(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        random_suffix()
+    ));
+    let fd = openat(
+        dir,
+        tmp.as_path(),
+        OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+        Mode::from_bits_truncate(0o644),
+    )
+    .map_err(|e| err(e.into()))?;
+    let mut file = File::from(fd);
+    let result = (|| {
+        writeln!(file, "{}", std::process::id())?;
+        file.sync_all()?;
+        let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| io::Error::from(e))?;
+        renameat(dir, tmp.as_path(), dir, name)?;
+        Ok::<_, io::Error>(lock)
+    })();
+    result.map_err(|e| {
+        let _ = unlinkat(dir, tmp.as_path(), UnlinkatFlags::NoRemoveDir);
+        err(e)
+    })
+}
+
 impl PidFile {
     /// Acquires `path` and writes this process's pid into it.
     pub(crate) fn acquire(path: &Path) -> Result<PidFile> {
@@ -66,20 +123,7 @@ impl PidFile {
         let err = |what: &str, e: io::Error| {
             Error::with_io(Kind::PidFile, format!("cannot {what} pid file {shown}"), e)
         };
-        let name = path
-            .file_name()
-            .map(PathBuf::from)
-            .ok_or_else(|| err("use", io::Error::from(io::ErrorKind::InvalidInput)))?;
-        let dir_path = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let dir = nix::fcntl::open(
-            dir_path,
-            OFlag::O_DIRECTORY | OFlag::O_RDONLY | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| err("create", e.into()))?;
+        let (dir, name) = open_dir(path)?;
         if let Ok(st) = fstatat(
             &dir,
             name.as_path(),
@@ -130,38 +174,67 @@ impl PidFile {
             }
         };
         // 2. Write the new content beside it, lock it, rename it into place.
-        let tmp = PathBuf::from(format!(
-            ".{}.{:016x}.tmp",
-            name.to_string_lossy(),
-            random_suffix()
-        ));
-        let fd = openat(
-            &dir,
-            tmp.as_path(),
-            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o644),
-        )
-        .map_err(|e| err("write", e.into()))?;
-        let mut file = File::from(fd);
-        let result = (|| {
-            writeln!(file, "{}", std::process::id())?;
-            file.sync_all()?;
-            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock)
-                .map_err(|(_, e)| io::Error::from(e))?;
-            renameat(&dir, tmp.as_path(), &dir, name.as_path())?;
-            Ok::<_, io::Error>(lock)
-        })();
-        match result {
-            Ok(lock) => Ok(PidFile {
-                dir,
-                name,
-                lock: Some(lock),
-                previous,
-            }),
-            Err(e) => {
-                let _ = unlinkat(&dir, tmp.as_path(), UnlinkatFlags::NoRemoveDir);
-                Err(err("write", e))
-            }
+        let lock = write_locked(&dir, &name, &shown)?;
+        Ok(PidFile {
+            dir,
+            name,
+            lock: Some(lock),
+            previous,
+        })
+    }
+
+    /// Takes over the pid file at `path` from the old watcher of an
+    /// upgrade, which passed `held`, its locked descriptor of the file (one
+    /// open file description: the lock is ours too). The file must still be
+    /// the one at `path`; then this process's pid is written as
+    /// [`acquire`](Self::acquire) does (a locked temporary renamed over
+    /// it). Nothing of the old watcher counts as stale: `previous` is
+    /// `None`, so what its workers run is not killed.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_pid_file`] when `held` is not the file at `path` (it was
+    /// removed or replaced) or the new file cannot be written.
+    pub(crate) fn take_over(path: &Path, held: OwnedFd) -> Result<PidFile> {
+        let shown = path.display().to_string();
+        let (dir, name) = open_dir(path)?;
+        let held = File::from(held);
+        if !same_file(&dir, &name, &held) {
+            return Err(Error::new(
+                Kind::PidFile,
+                format!("pid file {shown} is not the old watcher's any more; not taking it over"),
+            ));
+        }
+        let lock = write_locked(&dir, &name, &shown)?;
+        Ok(PidFile {
+            dir,
+            name,
+            lock: Some(lock),
+            previous: None,
+        })
+    }
+
+    /// Writes this process's pid into the file again (a new locked file
+    /// renamed over the path): the old watcher of a failed upgrade takes
+    /// its pid file back this way.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_pid_file`] when the file cannot be written; the old one
+    /// stays as it was.
+    pub(crate) fn rewrite(&mut self) -> Result<()> {
+        let shown = self.name.display().to_string();
+        let lock = write_locked(&self.dir, &self.name, &shown)?;
+        self.lock = Some(lock);
+        Ok(())
+    }
+
+    /// A duplicate of the locked descriptor (same open file description,
+    /// so the same lock), to hand to the new watcher of an upgrade.
+    pub(crate) fn lock_fd(&self) -> io::Result<OwnedFd> {
+        match &self.lock {
+            Some(l) => l.as_fd().try_clone_to_owned(),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }
     }
 
@@ -262,6 +335,50 @@ mod tests {
         fs::write(&path, "4242\n").unwrap();
         let held = PidFile::acquire(&path).unwrap();
         assert_eq!(held.previous(), Some(4242));
+    }
+
+    #[test]
+    fn an_upgrade_takes_the_pid_file_over_with_the_locked_descriptor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pid");
+        let old = PidFile::acquire(&path).unwrap();
+        let new = PidFile::take_over(&path, old.lock_fd().unwrap()).unwrap();
+        assert_eq!(new.previous(), None);
+        assert_eq!(read_pid(&path), Some(std::process::id() as i32));
+        // Locked by the new file: a third watcher is refused.
+        assert!(PidFile::acquire(&path).unwrap_err().is_pid_file_locked());
+        // The old watcher's exit leaves the new watcher's file alone.
+        drop(old);
+        assert!(path.exists());
+        drop(new);
+        assert!(!path.exists());
+    }
+
+    #[test]
+    fn a_replaced_pid_file_is_not_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pid");
+        let old = PidFile::acquire(&path).unwrap();
+        let held = old.lock_fd().unwrap();
+        fs::remove_file(&path).unwrap();
+        fs::write(&path, "4242\n").unwrap();
+        let err = PidFile::take_over(&path, held).unwrap_err();
+        assert!(err.is_pid_file(), "{err}");
+        assert_eq!(fs::read_to_string(&path).unwrap(), "4242\n");
+    }
+
+    #[test]
+    fn the_old_watcher_takes_its_pid_file_back_after_a_failed_take_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.pid");
+        let mut old = PidFile::acquire(&path).unwrap();
+        let new = PidFile::take_over(&path, old.lock_fd().unwrap()).unwrap();
+        old.rewrite().unwrap();
+        drop(new); // not its file any more: left in place
+        assert!(path.exists());
+        assert!(PidFile::acquire(&path).unwrap_err().is_pid_file_locked());
+        drop(old);
+        assert!(!path.exists());
     }
 
     #[test]

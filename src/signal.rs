@@ -1,4 +1,6 @@
 //! Signal handling: the only module that installs signal handlers.
+//! The watcher's: TERM/INT/QUIT stop, USR1/HUP reload, TTIN/TTOU scale, USR2
+//! upgrade.
 //!
 //! Handlers are installed through `tokio::signal::unix`, lazily, when a
 //! caller first waits: a program that never asks keeps the default
@@ -19,6 +21,8 @@ pub(crate) enum WatcherSignal {
     ScaleUp,
     /// SIGTTOU: one worker less.
     ScaleDown,
+    /// SIGUSR2: upgrade the watcher itself.
+    Upgrade,
 }
 
 /// The signals a watcher listens to.
@@ -27,6 +31,7 @@ pub(crate) struct WatcherSignals {
     int: Signal,
     quit: Signal,
     usr1: Signal,
+    usr2: Signal,
     hup: Signal,
     ttin: Signal,
     ttou: Signal,
@@ -40,6 +45,7 @@ impl WatcherSignals {
             int: signal(SignalKind::interrupt())?,
             quit: signal(SignalKind::quit())?,
             usr1: signal(SignalKind::user_defined1())?,
+            usr2: signal(SignalKind::user_defined2())?,
             hup: signal(SignalKind::hangup())?,
             ttin: signal(SignalKind::from_raw(libc::SIGTTIN))?,
             ttou: signal(SignalKind::from_raw(libc::SIGTTOU))?,
@@ -54,6 +60,7 @@ impl WatcherSignals {
             _ = self.quit.recv() => WatcherSignal::Stop("SIGQUIT"),
             _ = self.usr1.recv() => WatcherSignal::Reload("SIGUSR1"),
             _ = self.hup.recv() => WatcherSignal::Reload("SIGHUP"),
+            _ = self.usr2.recv() => WatcherSignal::Upgrade,
             _ = self.ttin.recv() => WatcherSignal::ScaleUp,
             _ = self.ttou.recv() => WatcherSignal::ScaleDown,
         }

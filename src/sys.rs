@@ -2,8 +2,8 @@
 //!
 //! Everything here is a thin, audited wrapper over a system call whose
 //! soundness argument is local: taking ownership of file descriptors that
-//! arrive with `SCM_RIGHTS`, through `exec` or from systemd's socket
-//! activation, probing an inherited descriptor without owning it, the
+//! arrive with `SCM_RIGHTS`, through `exec` (systemd's socket activation,
+//! a watcher upgrade), probing an inherited descriptor without owning it, the
 //! `pre_exec` hook that runs in the forked child between `fork` and `exec`,
 //! and the daemon's `fork` while the process is still single-threaded.
 
@@ -270,15 +270,19 @@ fn set_cloexec(fd: OwnedFd) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Takes ownership of a listening socket that systemd passed at `raw`
-/// (socket activation: `LISTEN_FDS`, descriptors from 3 on), and sets
-/// `FD_CLOEXEC` on it so that workers do not inherit it: they get their own
-/// duplicate over IPC, like any other listener.
+/// Takes ownership of a descriptor passed to this process through `exec`
+/// by the process that started it, and sets `FD_CLOEXEC` on it so that
+/// workers do not inherit it (they get their own duplicates over IPC):
 ///
-/// The caller (`watcher::systemd::listen_fds`) guarantees this runs at most
-/// once per descriptor number and process, after checking `LISTEN_PID` is
-/// this process.
-pub(crate) fn take_listen_fd(raw: RawFd) -> io::Result<OwnedFd> {
+/// * systemd's socket activation (`LISTEN_FDS`, descriptors from 3 on);
+/// * a watcher upgrade (`CLUSTER_UPGRADE`): the old watcher's listeners,
+///   pid file lock, control socket and the link to the old watcher.
+///
+/// The callers (`watcher::systemd::listen_fds`, `watcher::upgrade::take`)
+/// guarantee this runs at most once per descriptor number and process,
+/// after checking that the descriptors are meant for this process
+/// (`LISTEN_PID` is ours; the upgrade's parent pid is our parent's).
+pub(crate) fn take_exec_fd(raw: RawFd) -> io::Result<OwnedFd> {
     if raw < 3 {
         return Err(io::Error::from_raw_os_error(libc::EBADF));
     }
@@ -288,11 +292,37 @@ pub(crate) fn take_listen_fd(raw: RawFd) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: the descriptor is open (checked above) and was passed to this
-    // process by its service manager for this process alone (LISTEN_PID is
-    // ours); the caller takes each number once (guarded by a process-wide
-    // flag), so no other OwnedFd will ever close it.
+    // process through exec for this process alone (the caller checked the
+    // variables naming it are meant for us); the callers take each number
+    // once (guarded by a process-wide flag), so no other OwnedFd will ever
+    // close it.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     set_cloexec(fd)
+}
+
+/// Installs the hook that runs in the forked child before `exec` when a
+/// watcher starts its successor (an upgrade): it clears `FD_CLOEXEC` on
+/// `keep` (the listeners, the pid file lock, the control socket and the
+/// link), so exactly these survive `exec` at the same numbers. Unlike a
+/// worker, the new watcher gets no parent-death signal and stays in the
+/// old watcher's process group and session: it must outlive the old one.
+pub(crate) fn prepare_upgrade_exec(cmd: &mut tokio::process::Command, keep: Vec<RawFd>) {
+    // SAFETY: the closure runs in the child between fork and exec, where
+    // only async-signal-safe calls are allowed. It only reads the vector it
+    // owns (allocated before the fork; nothing is allocated or freed in the
+    // child) and calls fcntl through libc, a system call wrapper that takes
+    // no locks.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &fd in &keep {
+                let flags = libc::fcntl(fd, libc::F_GETFD);
+                if flags < 0 || libc::fcntl(fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Number of threads of this process (entries of `/proc/self/task`).

@@ -282,6 +282,8 @@ fn hash_ip(ip: IpAddr) -> u64 {
 pub(crate) struct Balancer {
     pub id: u64,
     pub local: String,
+    /// A duplicate of the listener it accepts on (for a watcher upgrade).
+    fd: OwnedFd,
     pool: Arc<Mutex<Pool>>,
     wake: Arc<Notify>,
     task: JoinHandle<()>,
@@ -302,6 +304,7 @@ impl Balancer {
         address: &Address,
         fd: OwnedFd,
     ) -> std::io::Result<Balancer> {
+        let keep = fd.try_clone()?;
         let listener = Listener::from_fd(address, fd)?;
         let local = match (&listener, address) {
             (Listener::Tcp(l), _) => l.local_addr()?.to_string(),
@@ -313,10 +316,16 @@ impl Balancer {
         Ok(Balancer {
             id,
             local,
+            fd: keep,
             pool,
             wake,
             task,
         })
+    }
+
+    /// A duplicate of the listener it accepts on.
+    pub(crate) fn listener_fd(&self) -> std::io::Result<OwnedFd> {
+        self.fd.try_clone()
     }
 
     /// Runs `f` on the pool; wakes the accept loop when `f` says something

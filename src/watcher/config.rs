@@ -59,6 +59,8 @@ pub(crate) struct Config {
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
     pub credentials: Option<crate::sys::Credentials>,
+    /// What an upgrade starts: the program and its arguments.
+    pub upgrade_exec: (PathBuf, Vec<OsString>),
 }
 
 /// The dashboard's token: never printed by `Debug`.
@@ -138,6 +140,7 @@ impl Config {
             user: None,
             group: None,
             credentials: None,
+            upgrade_exec: super::upgrade::own_command(),
         }
     }
 
@@ -330,6 +333,25 @@ impl ClusterWatcherBuilder {
     /// is killed too.
     pub fn subreaper(mut self, enabled: bool) -> Self {
         self.config.subreaper = enabled;
+        self
+    }
+
+    /// What a watcher upgrade ([`ClusterWatcher::upgrade`](super::ClusterWatcher::upgrade),
+    /// SIGUSR2 under [`run`](super::ClusterWatcher::run)) starts as the new
+    /// watcher. Default: this process again, by the path it was started as
+    /// (symbolic links are followed anew, so a deploy that switched one
+    /// upgrades to the new binary) with its arguments. The program must
+    /// build the same watcher and [`start`](super::ClusterWatcher::start)
+    /// it: it finds what it inherits in `CLUSTER_UPGRADE`.
+    pub fn upgrade_exec<S: AsRef<OsStr>>(
+        mut self,
+        program: impl Into<PathBuf>,
+        args: impl IntoIterator<Item = S>,
+    ) -> Self {
+        self.config.upgrade_exec = (
+            program.into(),
+            args.into_iter().map(|a| a.as_ref().to_owned()).collect(),
+        );
         self
     }
 

@@ -4,8 +4,10 @@
 //! the client are in `crate::control`).
 
 use std::io;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -27,16 +29,25 @@ const CPU_SAMPLE: Duration = Duration::from_millis(200);
 /// How long a client has to send its request.
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A bound control socket; the file is removed when dropped.
+/// A bound control socket; the file is removed when dropped (unless it
+/// was handed to the new watcher of an upgrade).
 pub(crate) struct Server {
     path: PathBuf,
-    task: tokio::task::JoinHandle<()>,
+    listener: Arc<UnixListener>,
+    commands: CommandSender,
+    sampler: Option<Sampler>,
+    /// The accept loop; `None` while paused.
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// The socket file belongs to someone else now: leave it.
+    handed_over: bool,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.task.abort();
-        let _ = std::fs::remove_file(&self.path);
+        self.pause();
+        if !self.handed_over {
+            let _ = std::fs::remove_file(&self.path);
+        }
     }
 }
 
@@ -82,8 +93,73 @@ impl Server {
             Err(_) => {}
         }
         let listener = bind_private(path).map_err(err)?;
+        Ok(Server::serve(path, listener, commands, sampler))
+    }
+
+    /// Serves on `fd`, the control socket at `path` that the old watcher
+    /// of an upgrade handed over (it stopped accepting on it).
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_control`] when `fd` is not a listening Unix socket.
+    pub(crate) fn adopt(
+        path: &Path,
+        fd: OwnedFd,
+        commands: CommandSender,
+        sampler: Option<Sampler>,
+    ) -> Result<Server> {
+        let std = std::os::unix::net::UnixListener::from(fd);
+        let listener = std
+            .set_nonblocking(true)
+            .and_then(|()| UnixListener::from_std(std))
+            .map_err(|e| {
+                Error::with_io(
+                    Kind::Control,
+                    format!("cannot take over control socket {}", path.display()),
+                    e,
+                )
+            })?;
+        Ok(Server::serve(path, listener, commands, sampler))
+    }
+
+    fn serve(
+        path: &Path,
+        listener: UnixListener,
+        commands: CommandSender,
+        sampler: Option<Sampler>,
+    ) -> Server {
+        let mut server = Server {
+            path: path.to_path_buf(),
+            listener: Arc::new(listener),
+            commands,
+            sampler,
+            task: None,
+            handed_over: false,
+        };
+        server.resume();
+        server
+    }
+
+    /// Stops accepting (connections wait in the backlog; requests being
+    /// answered are answered).
+    pub(crate) fn pause(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Accepts again after [`pause`](Self::pause).
+    pub(crate) fn resume(&mut self) {
+        if self.task.is_some() {
+            return;
+        }
+        let (listener, commands, sampler) = (
+            self.listener.clone(),
+            self.commands.clone(),
+            self.sampler.clone(),
+        );
         let me = nix::unistd::geteuid().as_raw();
-        let task = tokio::spawn(async move {
+        self.task = Some(tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     tokio::time::sleep(Duration::from_millis(50)).await;
@@ -94,11 +170,19 @@ impl Server {
                     let _ = serve(stream, commands, sampler, me).await;
                 });
             }
-        });
-        Ok(Server {
-            path: path.to_path_buf(),
-            task,
-        })
+        }));
+    }
+
+    /// A duplicate of the listening socket, for the new watcher.
+    pub(crate) fn fd(&self) -> io::Result<OwnedFd> {
+        self.listener.as_fd().try_clone_to_owned()
+    }
+
+    /// The new watcher serves the socket now: stop accepting and leave
+    /// the file when dropped.
+    pub(crate) fn hand_over(&mut self) {
+        self.pause();
+        self.handed_over = true;
     }
 }
 
@@ -233,6 +317,11 @@ pub(crate) async fn status(
     }
     Some(Response {
         workers_wanted: Some(report.wanted),
+        version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        started_at: report
+            .started_at
+            .map(crate::jobs::cli_support::format_rfc3339),
+        uptime_secs: Some(report.uptime.as_secs_f64()),
         jobs,
         workers: report
             .workers
@@ -276,6 +365,17 @@ async fn handle(request: Request, commands: &CommandSender, sampler: Option<&Sam
                 return gone();
             }
             success()
+        }
+        Request::Upgrade => {
+            tracing::info!("upgrade requested");
+            match ask(commands, |done| Command::Upgrade { done: Some(done) }).await {
+                Some(Ok(pid)) => Response {
+                    upgraded_to: Some(pid),
+                    ..success()
+                },
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
         }
         Request::Scale { workers } => {
             let scale = ask(commands, |done| Command::Scale {

@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 use super::status::{JobsStatus, Snapshot, StatusReport};
+use super::upgrade::UpgradeEvent;
 use crate::error::{Error, Result};
 use crate::ipc::message::{ToWatcher, ToWorker};
 use crate::ipc::RecvError;
@@ -37,6 +38,8 @@ pub(crate) enum Event {
         context_id: u64,
         status: Option<ExitStatus>,
     },
+    /// The other watcher of an upgrade said something, or exited.
+    Upgrade(UpgradeEvent),
 }
 
 /// Where worker tasks send their events.
@@ -69,6 +72,11 @@ pub(crate) enum Command {
     Scale {
         to: Scale,
         done: Option<oneshot::Sender<Result<usize>>>,
+    },
+    /// Upgrade the watcher itself (SIGUSR2, `cluster upgrade`): `done`
+    /// gets the new watcher's pid once it serves, or why it was rolled back.
+    Upgrade {
+        done: Option<oneshot::Sender<Result<u32>>>,
     },
     /// A user message to one worker (by context id), or to all.
     Send { to: Option<u64>, bytes: Vec<u8> },
@@ -205,5 +213,7 @@ pub(crate) const MESSAGE_QUEUE: usize = 4096;
 #[derive(Debug, Clone)]
 pub(crate) enum Outcome {
     Stopped,
+    /// Stopped after handing over to the new watcher (its pid).
+    Upgraded(u32),
     Failed(Error),
 }

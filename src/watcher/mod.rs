@@ -21,6 +21,7 @@ mod sampler;
 pub(crate) mod status;
 mod supervise;
 pub(crate) mod systemd;
+pub(crate) mod upgrade;
 
 pub use balance::Balance;
 pub use config::ClusterWatcherBuilder;
@@ -143,6 +144,12 @@ pub enum Stopped {
     Graceful,
     /// A second stop signal killed the workers.
     Forced,
+    /// The watcher handed over to a new watcher (an upgrade) and stopped
+    /// its own workers; the new one, with this pid, runs on.
+    Upgraded {
+        /// The new watcher's pid.
+        pid: u32,
+    },
 }
 
 impl ClusterWatcherBuilder {
@@ -227,6 +234,8 @@ impl ClusterWatcher {
             .map_err(|_| Error::new(Kind::Io, "watcher state poisoned"))?
             .take()
             .ok_or_else(|| Error::new(Kind::AlreadyStarted, "the watcher was already started"))?;
+        // The new watcher of an upgrade: what the old one handed over.
+        let inherited = upgrade::take()?;
         let (tx, rx) = mpsc::unbounded_channel();
         let (started_tx, started_rx) = oneshot::channel();
         let (messages_tx, messages_rx) = mpsc::channel(MESSAGE_QUEUE);
@@ -236,6 +245,7 @@ impl ClusterWatcher {
             commands_tx: tx.clone(),
             messages: messages_tx,
             ready: ready_tx,
+            inherited,
         };
         let supervisor = Supervisor::new(
             self.config.clone(),
@@ -412,15 +422,43 @@ impl ClusterWatcher {
             Err(_) => return Err(Error::closed("the watcher was never started")),
         };
         match outcome {
-            Some(Outcome::Stopped) | None => Ok(()),
+            Some(Outcome::Stopped | Outcome::Upgraded(_)) | None => Ok(()),
             Some(Outcome::Failed(e)) => Err(e),
         }
+    }
+
+    /// The new watcher's pid when this one stopped after an upgrade.
+    fn upgraded_to(&self) -> Option<u32> {
+        match &*self.state.borrow() {
+            Some(Outcome::Upgraded(pid)) => Some(*pid),
+            _ => None,
+        }
+    }
+
+    /// Upgrades the watcher itself without downtime: starts the program
+    /// of [`upgrade_exec`](ClusterWatcherBuilder::upgrade_exec) (this
+    /// process again, by default) as a new watcher that inherits every
+    /// listening socket, waits until its workers are ready, then hands it
+    /// the pid file, the control socket and the job store, and drains this
+    /// watcher's workers; this watcher then stops ([`wait`](Self::wait)
+    /// returns, [`run`](Self::run) returns [`Stopped::Upgraded`]). Returns
+    /// the new watcher's pid once it serves.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_upgrade`] when the new watcher cannot be started, exits,
+    /// or its workers are not ready within the ready timeout: it is stopped
+    /// and this watcher keeps serving (rollback). [`Error::is_closed`] when
+    /// the watcher is stopping or not started.
+    pub async fn upgrade(&self) -> Result<u32> {
+        self.ask(|done| Command::Upgrade { done: Some(done) }).await
     }
 
     /// Starts the watcher and runs it as the `cluster` CLI does, until it
     /// stops: SIGTERM, SIGINT or SIGQUIT stop it gracefully (a second one
     /// kills the workers at once), SIGUSR1 and SIGHUP start a rolling
-    /// restart, SIGTTIN adds a worker and SIGTTOU removes one. Signal
+    /// restart, SIGTTIN adds a worker and SIGTTOU removes one, SIGUSR2
+    /// [upgrades](Self::upgrade) the watcher. Signal
     /// handlers are installed before the first worker starts.
     ///
     /// # Errors
@@ -436,7 +474,11 @@ impl ClusterWatcher {
             tokio::select! {
                 result = self.wait() => {
                     result?;
-                    return Ok(if forced { Stopped::Forced } else { Stopped::Graceful });
+                    return Ok(match self.upgraded_to() {
+                        Some(pid) => Stopped::Upgraded { pid },
+                        None if forced => Stopped::Forced,
+                        None => Stopped::Graceful,
+                    });
                 }
                 sig = signals.recv() => match sig {
                     WatcherSignal::Stop(name) if !stopping => {
@@ -451,6 +493,10 @@ impl ClusterWatcher {
                     }
                     WatcherSignal::Reload(name) => {
                         let _ = self.command(Command::Restart { reason: name.to_string(), done: None });
+                    }
+                    WatcherSignal::Upgrade => {
+                        tracing::info!("SIGUSR2: upgrading the watcher");
+                        let _ = self.command(Command::Upgrade { done: None });
                     }
                     WatcherSignal::ScaleUp => {
                         let _ = self.command(Command::Scale { to: Scale::Up, done: None });

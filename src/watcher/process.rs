@@ -20,6 +20,7 @@ use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
 use super::output::{LogOutput, Source};
 use super::systemd;
+use super::upgrade::{self, NewWatcher, Plan, ToOld, UpgradeEvent};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::{self, env, Channel};
 use crate::log::{now_nanos, LogRecord};
@@ -46,6 +47,15 @@ pub(crate) trait Launcher: Send {
 
     /// Sends `sig` to the worker `pid`.
     fn signal(&self, pid: u32, sig: Signal);
+
+    /// Starts the new watcher of an upgrade from `plan`. What it says on
+    /// the link and, at the end, its exit are reported on `events` as
+    /// [`Event::Upgrade`].
+    fn spawn_watcher(&self, plan: Plan, events: &EventSender) -> Result<NewWatcher>;
+
+    /// Sends `sig` to the process `pid` alone (the new watcher of an
+    /// upgrade, which is in the old one's process group, not its own).
+    fn signal_watcher(&self, pid: u32, sig: Signal);
 }
 
 /// Pids of the children this watcher started (workers and per-job
@@ -127,6 +137,62 @@ impl Launcher for Processes {
     fn signal(&self, pid: u32, sig: Signal) {
         signal_group(pid, sig);
     }
+
+    fn spawn_watcher(&self, plan: Plan, events: &EventSender) -> Result<NewWatcher> {
+        spawn_watcher(plan, events)
+    }
+
+    fn signal_watcher(&self, pid: u32, sig: Signal) {
+        if pid == 0 || pid > i32::MAX as u32 {
+            return;
+        }
+        let _ = nix::sys::signal::kill(Pid::from_raw(pid as i32), sig);
+    }
+}
+
+/// Forks and execs the new watcher of an upgrade: the binary and arguments
+/// of `plan`, `CLUSTER_UPGRADE` describing what it inherits, every
+/// descriptor of the plan and one end of the link kept open across `exec`,
+/// stdio shared with this watcher. It gets no parent-death signal and stays
+/// in this process group: it outlives this watcher. A task reads the link
+/// and another waits for its exit (after the link's EOF, bounded).
+fn spawn_watcher(plan: Plan, events: &EventSender) -> Result<NewWatcher> {
+    let err = |e: std::io::Error| {
+        Error::with_io(
+            Kind::Upgrade,
+            format!("cannot start the new watcher {}", plan.program.display()),
+            e,
+        )
+    };
+    let (ours, theirs) = upgrade::link_pair().map_err(err)?;
+    let (link, reader) = upgrade::split(ours).map_err(err)?;
+    let (description, keep) = plan.describe(theirs.as_raw_fd());
+    let mut cmd = tokio::process::Command::new(&plan.program);
+    cmd.args(&plan.args)
+        .env(upgrade::ENV, description)
+        .kill_on_drop(false);
+    for var in &plan.env_remove {
+        cmd.env_remove(var);
+    }
+    sys::prepare_upgrade_exec(&mut cmd, keep);
+    let (mut child, pid) = spawn_registered(&mut cmd).map_err(err)?;
+    // The child has its copies; ours close now.
+    drop((theirs, plan));
+    let tx = events.clone();
+    let read = tokio::spawn(upgrade::read_link::<ToOld>(reader, move |msg| {
+        let _ = tx.send(Event::Upgrade(UpgradeEvent::FromNew { pid, msg }));
+    }));
+    let tx = events.clone();
+    tokio::spawn(async move {
+        let status = child.wait().await;
+        unregister(pid);
+        let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, read).await;
+        let _ = tx.send(Event::Upgrade(UpgradeEvent::NewExited {
+            pid,
+            status: status.ok(),
+        }));
+    });
+    Ok(NewWatcher { pid, link })
 }
 
 /// Sends `sig` to the process group led by worker `pid`.
@@ -243,10 +309,11 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
     if let Some(dir) = &config.current_dir {
         cmd.current_dir(dir);
     }
-    // Socket activation and notification are the watcher's business.
+    // Socket activation, notification and upgrades are the watcher's business.
     for var in systemd::ENV_VARS {
         cmd.env_remove(var);
     }
+    cmd.env_remove(upgrade::ENV);
     if let Some(jobs) = &config.jobs {
         if let Some(i) = crate::jobs::dispatch::pool_of(&jobs.pools, slot) {
             cmd.env(env::POOL, &jobs.pools[i].name);

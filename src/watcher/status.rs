@@ -70,6 +70,9 @@ impl std::fmt::Display for WorkerState {
 pub(crate) struct StatusReport {
     pub workers: Vec<WorkerInfo>,
     pub wanted: usize,
+    /// When this watcher started, and how long ago.
+    pub started_at: Option<std::time::SystemTime>,
+    pub uptime: Duration,
 }
 
 /// What the supervisor reports for one metrics scrape.

@@ -96,14 +96,14 @@ pub(crate) fn listen_fds() -> Vec<Activated> {
             Some(n) => format!("fd {number} ({n})"),
             None => format!("fd {number}"),
         };
-        let fd = match crate::sys::take_listen_fd(number) {
+        let fd = match crate::sys::take_exec_fd(number) {
             Ok(fd) => fd,
             Err(e) => {
                 tracing::warn!("socket activation: cannot take {shown}: {e}");
                 continue;
             }
         };
-        match activated_address(&fd) {
+        match listening_address(&fd) {
             Ok(addr) => {
                 tracing::info!("socket activation: adopted {shown} listening on {addr}");
                 out.push(Activated { addr, fd });
@@ -114,7 +114,10 @@ pub(crate) fn listen_fds() -> Vec<Activated> {
     out
 }
 
-fn activated_address(fd: &OwnedFd) -> Result<Address, String> {
+/// The local address of `fd` when it is a listening stream socket with a
+/// TCP or Unix path address (what socket activation and a watcher upgrade
+/// pass); why not otherwise.
+pub(crate) fn listening_address(fd: &OwnedFd) -> Result<Address, String> {
     let sock = SockRef::from(fd);
     if sock.r#type().map_err(|e| e.to_string())? != Type::STREAM {
         return Err("not a stream socket".into());

@@ -14,7 +14,7 @@ use clap::Parser;
 ///
 /// Signals: TERM, INT and QUIT stop gracefully (a second one kills the
 /// workers); USR1 and HUP restart the workers one by one; TTIN adds a
-/// worker, TTOU removes one.
+/// worker, TTOU removes one; USR2 upgrades the watcher itself.
 #[derive(Debug, Parser)]
 #[command(
     name = "cluster",
@@ -240,6 +240,13 @@ pub enum Control {
         /// The new number of workers
         #[arg(value_name = "N", value_parser = parse_workers)]
         workers: usize,
+    },
+    /// Upgrade the watcher itself: start its binary again as a new watcher
+    /// that inherits the listeners; once its workers are ready the old one
+    /// drains and exits (exit 0), else the old one keeps serving (exit 1)
+    Upgrade {
+        #[command(flatten)]
+        target: Target,
     },
 }
 

@@ -189,7 +189,7 @@ fn main() -> ExitCode {
         }
     });
     match result {
-        Ok(Stopped::Graceful) => {
+        Ok(Stopped::Graceful | Stopped::Upgraded { .. }) => {
             output.flush(Duration::from_secs(2));
             ExitCode::SUCCESS
         }

@@ -1,5 +1,5 @@
 //! The subcommands that talk to a running watcher through its control
-//! socket: status, reload, stop, scale.
+//! socket: status, reload, stop, scale, upgrade.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -107,6 +107,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
                 Err(code) => code,
             }
         }
+        Control::Upgrade { target } => upgrade(&target).await,
         Control::Stop { target, timeout } => {
             let response = match ask(&target, Request::Stop).await {
                 Ok(r) => r,
@@ -130,6 +131,45 @@ async fn dispatch(cmd: Control) -> ExitCode {
     }
 }
 
+/// `cluster upgrade`: waits for the outcome; on success asks the new
+/// watcher (which answers the control socket now) who it is.
+async fn upgrade(target: &crate::cli::Target) -> ExitCode {
+    let r = match ask(target, Request::Upgrade).await {
+        Ok(r) => r,
+        Err(code) => return code,
+    };
+    let old = r.pid;
+    let new = r.upgraded_to.unwrap_or(0);
+    let socket = match target.socket() {
+        Ok(s) => s,
+        Err(e) => return error(e),
+    };
+    match request(&socket, &Request::Status { quick: true }).await {
+        Ok(s) if s.ok => println!("upgraded: {} (was pid {old})", watcher_line(&s)),
+        _ => println!("upgraded: watcher pid {new} (was pid {old})"),
+    }
+    ExitCode::SUCCESS
+}
+
+/// `watcher pid N (cluster 0.1.0, up 5m02s, started 2026-...)`.
+fn watcher_line(r: &Response) -> String {
+    let mut about = Vec::new();
+    if let Some(v) = &r.version {
+        about.push(format!("cluster {v}"));
+    }
+    if let Some(up) = r.uptime_secs {
+        about.push(format!("up {}", human(up)));
+    }
+    if let Some(at) = &r.started_at {
+        about.push(format!("started {at}"));
+    }
+    if about.is_empty() {
+        format!("watcher pid {}", r.pid)
+    } else {
+        format!("watcher pid {} ({})", r.pid, about.join(", "))
+    }
+}
+
 /// Whether `pid` is a live process (a zombie waiting for its parent to
 /// reap it has exited).
 fn running(pid: nix::unistd::Pid) -> bool {
@@ -147,8 +187,8 @@ fn running(pid: nix::unistd::Pid) -> bool {
 
 fn print_table(r: &Response) {
     println!(
-        "watcher pid {}: {} worker(s) running, {} wanted",
-        r.pid,
+        "{}: {} worker(s) running, {} wanted",
+        watcher_line(r),
         r.workers.len(),
         r.workers_wanted.unwrap_or(0)
     );

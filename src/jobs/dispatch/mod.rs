@@ -108,14 +108,18 @@ impl JobsHandle {
     }
 
     /// Records what is left and releases the jobs never started; waits at
-    /// most `timeout`.
-    pub(crate) async fn shutdown(&self, timeout: Duration) {
+    /// most `timeout`, then (briefly) for the dispatcher's task to end, so
+    /// its wake socket is closed when this returns: the new watcher of an
+    /// upgrade binds it next.
+    pub(crate) async fn shutdown(&mut self, timeout: Duration) {
         if let Some(s) = &self.sources {
             s.abort();
         }
         let (tx, rx) = oneshot::channel();
         self.send(JobsEvent::Shutdown(tx));
-        let _ = tokio::time::timeout(timeout, rx).await;
+        if tokio::time::timeout(timeout, rx).await.is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.task).await;
+        }
     }
 }
 

@@ -110,6 +110,7 @@ pub(crate) fn spawn(
     for var in crate::watcher::systemd::ENV_VARS {
         cmd.env_remove(var);
     }
+    cmd.env_remove(crate::watcher::upgrade::ENV);
     cmd.env(env::JOB_ID, job.id.to_string())
         .env(env::JOB_ATTEMPT, job.attempt.to_string())
         .env(env::QUEUE, &job.queue)

@@ -119,6 +119,7 @@ async fn command_output(cmd: &str, pool: &str, limit: usize) -> std::io::Result<
         .arg(cmd)
         .env(env::POOL, pool)
         .env(env::LIMIT, limit.to_string())
+        .env_remove(crate::watcher::upgrade::ENV)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -57,12 +57,16 @@ pub(crate) struct State {
 
 /// The running server; stops when dropped.
 pub(crate) struct Server {
-    task: tokio::task::JoinHandle<()>,
+    listener: Arc<TcpListener>,
+    state: Arc<State>,
+    limit: Arc<Semaphore>,
+    /// The accept loop; `None` while paused.
+    task: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        self.task.abort();
+        self.pause();
     }
 }
 
@@ -75,20 +79,41 @@ impl Server {
     /// [`Error::is_config`] for a non-loopback address without a token,
     /// [`Error::is_bind`] when the address cannot be bound.
     pub(crate) async fn bind(addr: SocketAddr, state: State) -> Result<Server> {
-        if !addr.ip().is_loopback() && state.token.is_none() && !state.metrics_only {
-            return Err(Error::new(
-                Kind::Config,
-                format!("--http on {addr} is not loopback: it needs --http-token-file"),
-            ));
-        }
-        let what = if state.metrics_only {
-            "metrics"
-        } else {
-            "the dashboard"
-        };
-        let listener = TcpListener::bind(addr)
-            .await
-            .map_err(|e| Error::with_io(Kind::Bind, format!("cannot serve {what} on {addr}"), e))?;
+        check(addr, &state)?;
+        let listener = TcpListener::bind(addr).await.map_err(|e| {
+            Error::with_io(
+                Kind::Bind,
+                format!("cannot serve {} on {addr}", what(&state)),
+                e,
+            )
+        })?;
+        Ok(Server::start(listener, state))
+    }
+
+    /// Serves on `fd`, the listener for `addr` that the old watcher of an
+    /// upgrade handed over (it stopped accepting on it).
+    ///
+    /// # Errors
+    ///
+    /// As [`bind`](Self::bind), and [`Error::is_bind`] when `fd` is not a
+    /// TCP listener.
+    pub(crate) fn adopt(
+        addr: SocketAddr,
+        fd: std::os::fd::OwnedFd,
+        state: State,
+    ) -> Result<Server> {
+        check(addr, &state)?;
+        let std = std::net::TcpListener::from(fd);
+        let listener = std
+            .set_nonblocking(true)
+            .and_then(|()| TcpListener::from_std(std))
+            .map_err(|e| {
+                Error::with_io(
+                    Kind::Bind,
+                    format!("cannot take over {} on {addr}", what(&state)),
+                    e,
+                )
+            })?;
         Ok(Server::start(listener, state))
     }
 
@@ -101,9 +126,35 @@ impl Server {
                 false => tracing::info!("dashboard on http://{addr}/"),
             }
         }
-        let state = Arc::new(state);
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let task = tokio::spawn(async move {
+        let mut server = Server {
+            listener: Arc::new(listener),
+            state: Arc::new(state),
+            limit: Arc::new(Semaphore::new(MAX_CONNECTIONS)),
+            task: None,
+        };
+        server.resume();
+        server
+    }
+
+    /// Stops accepting (connections wait in the backlog; those being
+    /// served are served).
+    pub(crate) fn pause(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+
+    /// Accepts again after [`pause`](Self::pause).
+    pub(crate) fn resume(&mut self) {
+        if self.task.is_some() {
+            return;
+        }
+        let (listener, state, limit) = (
+            self.listener.clone(),
+            self.state.clone(),
+            self.limit.clone(),
+        );
+        self.task = Some(tokio::spawn(async move {
             loop {
                 let Ok(permit) = limit.clone().acquire_owned().await else {
                     return;
@@ -126,8 +177,32 @@ impl Server {
                     drop(permit);
                 });
             }
-        });
-        Server { task }
+        }));
+    }
+
+    /// A duplicate of the listening socket, for the new watcher.
+    pub(crate) fn fd(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.listener.as_fd().try_clone_to_owned()
+    }
+}
+
+/// The dashboard may listen on `addr`: loopback, or with a token.
+fn check(addr: SocketAddr, state: &State) -> Result<()> {
+    if !addr.ip().is_loopback() && state.token.is_none() && !state.metrics_only {
+        return Err(Error::new(
+            Kind::Config,
+            format!("--http on {addr} is not loopback: it needs --http-token-file"),
+        ));
+    }
+    Ok(())
+}
+
+fn what(state: &State) -> &'static str {
+    if state.metrics_only {
+        "metrics"
+    } else {
+        "the dashboard"
     }
 }
 

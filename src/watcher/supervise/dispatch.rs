@@ -110,6 +110,7 @@ impl Supervisor {
                 handlers,
                 concurrency,
             } => {
+                w.jobs = Some((handlers.clone(), concurrency));
                 let joined = JobsEvent::WorkerJoined {
                     context_id,
                     slot: w.slot,
@@ -119,7 +120,7 @@ impl Supervisor {
                     handlers,
                     concurrency,
                 };
-                if self.services.jobs.is_none() {
+                if self.services.jobs.is_none() && self.ctx.config.jobs.is_none() {
                     tracing::warn!(
                         "worker {} (pid {}) serves jobs, but the watcher runs none (no --jobs)",
                         w.slot,

@@ -25,6 +25,7 @@ use crate::watcher::bind_policy::BindPolicy;
 use crate::watcher::event::OutboundSender;
 use crate::watcher::procfs;
 use crate::watcher::systemd::{self, Activated};
+use crate::watcher::upgrade::{HandedListener, ListenerKind};
 
 /// Listening sockets the watcher holds at most (every mode and address).
 pub(crate) const MAX_LISTENERS: usize = 1024;
@@ -74,6 +75,9 @@ pub(crate) struct Listeners {
     unheld_since: HashMap<Key, Instant>,
     /// The distinct addresses each live worker asked for.
     asked: HashMap<u64, HashSet<Address>>,
+    /// Balanced-mode listeners an old watcher handed over, started as
+    /// balancers on the first request.
+    adopted_balanced: HashMap<Address, OwnedFd>,
 }
 
 impl Listeners {
@@ -95,7 +99,104 @@ impl Listeners {
             holders: HashMap::new(),
             unheld_since: HashMap::new(),
             asked: HashMap::new(),
+            adopted_balanced: HashMap::new(),
         }
+    }
+
+    /// Duplicates of every listener, for the new watcher of an upgrade.
+    ///
+    /// # Errors
+    ///
+    /// `is_io` when a descriptor cannot be duplicated (none are left).
+    pub(crate) fn handover(&self) -> Result<Vec<HandedListener>> {
+        let mut out = Vec::new();
+        let mut push = |kind, addr: &Address, slot, fd: std::io::Result<OwnedFd>| {
+            let fd = fd.map_err(|e| {
+                Error::with_io(
+                    Kind::Io,
+                    format!("cannot duplicate the listener for {addr}"),
+                    e,
+                )
+            })?;
+            out.push(HandedListener {
+                kind,
+                addr: addr.clone(),
+                slot,
+                fd,
+            });
+            Ok::<_, Error>(())
+        };
+        for (addr, fd) in &self.shared {
+            push(ListenerKind::Shared, addr, None, fd.try_clone())?;
+        }
+        for ((addr, slot), fd) in &self.reuseport {
+            push(ListenerKind::Reuseport, addr, Some(*slot), fd.try_clone())?;
+        }
+        for (addr, b) in &self.balancers {
+            push(ListenerKind::Balanced, addr, None, b.listener_fd())?;
+        }
+        for (addr, fd) in &self.adopted_balanced {
+            push(ListenerKind::Balanced, addr, None, fd.try_clone())?;
+        }
+        for a in &self.activated {
+            push(ListenerKind::Activated, &a.addr, None, a.fd.try_clone())?;
+        }
+        Ok(out)
+    }
+
+    /// Takes the listeners the old watcher of an upgrade handed over: the
+    /// workers' requests find them as if this watcher had bound them (an
+    /// address no worker asks for again is closed like any unused one).
+    pub(crate) fn adopt(&mut self, handed: Vec<HandedListener>) {
+        let now = Instant::now();
+        for h in handed {
+            tracing::debug!(
+                "upgrade: took over the listener for {} ({:?})",
+                h.addr,
+                h.kind
+            );
+            let key = match (h.kind, h.slot) {
+                (ListenerKind::Shared, _) => {
+                    self.shared.insert(h.addr.clone(), h.fd);
+                    Key::Shared(h.addr)
+                }
+                (ListenerKind::Reuseport, Some(slot)) => {
+                    self.reuseport.insert((h.addr.clone(), slot), h.fd);
+                    Key::Reuseport(h.addr, slot)
+                }
+                (ListenerKind::Balanced, _) => {
+                    self.adopted_balanced.insert(h.addr, h.fd);
+                    continue;
+                }
+                (ListenerKind::Activated, _) => {
+                    self.activated.push(Activated {
+                        addr: h.addr,
+                        fd: h.fd,
+                    });
+                    continue;
+                }
+                (ListenerKind::Reuseport, None) => {
+                    tracing::warn!(
+                        "upgrade: a reuseport listener for {} without a slot; closed",
+                        h.addr
+                    );
+                    continue;
+                }
+            };
+            self.unheld_since.insert(key, now);
+        }
+    }
+
+    /// The new watcher of an upgrade holds the listeners now: forget them
+    /// without removing Unix socket files (they are its files).
+    pub(crate) fn hand_over(&mut self) {
+        self.shared.clear();
+        self.reuseport.clear();
+        self.balancers.clear();
+        self.adopted_balanced.clear();
+        self.activated.clear();
+        self.holders.clear();
+        self.unheld_since.clear();
     }
 
     /// What worker `context_id` of `slot` asking for `addr` gets, binding
@@ -294,9 +395,10 @@ impl Listeners {
     fn balancer_for(&mut self, addr: &Address) -> Result<BalancedGrant> {
         if !self.balancers.contains_key(addr) {
             self.check_room(addr)?;
-            let fd = match self.activated_for(addr) {
-                Some(fd) => fd?,
-                None => addr.bind(self.backlog)?,
+            let fd = match (self.adopted_balanced.remove(addr), self.activated_for(addr)) {
+                (Some(fd), _) => fd,
+                (None, Some(fd)) => fd?,
+                (None, None) => addr.bind(self.backlog)?,
             };
             let id = self.next_balancer_id;
             self.next_balancer_id += 1;

@@ -8,9 +8,10 @@
 //!
 //! The state lives in parts with their own files: [`slots`] (slots,
 //! workers, backoff, heartbeat), [`reload`] (rolling restart),
-//! [`listeners`] (the listener registry) and [`services`] (pid file,
-//! control socket, metrics, watchdog); [`dispatch`] handles each worker
-//! message. Processes are started through the [`Launcher`] in [`Ctx`], so
+//! [`listeners`] (the listener registry), [`services`] (pid file,
+//! control socket, metrics, watchdog), [`upgrade`] (the old watcher's side
+//! of a watcher upgrade) and [`takeover`] (the new watcher's side);
+//! [`dispatch`] handles each worker message. Processes are started through the [`Launcher`] in [`Ctx`], so
 //! the unit tests in `tests.rs` run all of this with fake processes under
 //! paused time.
 
@@ -19,11 +20,13 @@ mod listeners;
 mod reload;
 mod services;
 mod slots;
+mod takeover;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 
 use std::process::ExitStatus;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -36,10 +39,13 @@ use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Sc
 use crate::watcher::process::Launcher;
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
 use crate::watcher::systemd::{self, Notifier};
+use crate::watcher::upgrade::Inherited;
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
 use slots::{Ctx, Exit, Pool, Respawn};
+use takeover::Takeover;
+use upgrade::Upgrades;
 
 /// The most workers a watcher runs.
 pub(crate) const MAX_WORKERS: usize = 4096;
@@ -93,6 +99,9 @@ pub(crate) struct Channels {
     pub messages: mpsc::Sender<Incoming>,
     /// Becomes true once every initial worker has been ready.
     pub ready: watch::Sender<bool>,
+    /// What the old watcher handed over, when this one is the new watcher
+    /// of an upgrade.
+    pub inherited: Option<Inherited>,
 }
 
 pub(crate) struct Supervisor {
@@ -104,6 +113,13 @@ pub(crate) struct Supervisor {
     listeners: Listeners,
     services: Services,
     counters: Counters,
+    /// Upgrades of this watcher (the old watcher's side).
+    upgrades: Upgrades,
+    /// Taking over from an old watcher (the new watcher's side).
+    takeover: Option<Takeover>,
+    /// When this watcher started.
+    started_at: SystemTime,
+    started: std::time::Instant,
     /// Some worker has been ready at least once: past start-up.
     ever_ready: bool,
     stopping: bool,
@@ -112,22 +128,32 @@ pub(crate) struct Supervisor {
 
 impl Supervisor {
     pub(crate) fn new(
-        config: Config,
+        mut config: Config,
         launcher: Box<dyn Launcher>,
-        channels: Channels,
+        mut channels: Channels,
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
-        let (activated, notifier) = if config.systemd {
-            (systemd::listen_fds(), Notifier::from_env())
-        } else {
-            (Vec::new(), None)
+        let inherited = channels.inherited.take();
+        let (activated, mut notifier) = match (config.systemd, &inherited) {
+            // The old watcher adopted systemd's sockets: they come with
+            // the rest of its listeners.
+            (true, Some(_)) => (Vec::new(), Notifier::from_env()),
+            (true, None) => (systemd::listen_fds(), Notifier::from_env()),
+            (false, _) => (Vec::new(), None),
         };
-        let listeners = Listeners::new(
+        let mut listeners = Listeners::new(
             config.balance,
             config.backlog,
             activated,
             config.bind_policy.clone(),
         );
+        let takeover = inherited.map(|i| {
+            // As many workers as the old watcher ran (after `cluster scale`).
+            config.workers = i.workers;
+            let (takeover, handed) = Takeover::new(i, notifier.take());
+            listeners.adopt(handed);
+            takeover
+        });
         let pool = Pool::new(config.workers);
         Supervisor {
             ctx: Ctx {
@@ -143,6 +169,10 @@ impl Supervisor {
             listeners,
             services: Services::default(),
             counters: Counters::default(),
+            upgrades: Upgrades::default(),
+            takeover,
+            started_at: SystemTime::now(),
+            started: std::time::Instant::now(),
             ever_ready: false,
             stopping: false,
             failure: None,
@@ -153,16 +183,19 @@ impl Supervisor {
     /// `started` gets the result of start-up: the services, then the first
     /// worker's spawn.
     pub(crate) async fn run(mut self, started: oneshot::Sender<Result<()>>) -> Outcome {
+        self.start_takeover();
         let services = Services::start(
             &self.ctx.config,
             &self.channels.commands_tx,
             self.ctx.notifier.as_ref(),
             self.channels.ready.subscribe(),
+            self.takeover.is_some(),
         )
         .await;
         match services {
             Ok(s) => self.services = s,
             Err(e) => {
+                self.takeover_failed(&e);
                 let _ = started.send(Err(e.clone()));
                 return Outcome::Failed(e);
             }
@@ -171,6 +204,7 @@ impl Supervisor {
             if let Err(e) = self.pool.spawn(&self.ctx, slot, false) {
                 if slot == 1 {
                     // Nothing runs yet: report and stop.
+                    self.takeover_failed(&e);
                     let _ = started.send(Err(e.clone()));
                     return Outcome::Failed(e);
                 }
@@ -182,9 +216,7 @@ impl Supervisor {
         let _ = started.send(Ok(()));
         if self.pool.slots.is_empty() {
             // Nothing to wait for (per-job processes only).
-            self.channels.ready.send_replace(true);
-            self.ctx
-                .notify(&["READY=1".into(), format!("MAINPID={}", std::process::id())]);
+            self.all_ready();
         }
         tracing::debug!(
             "started {} worker(s) of {}",
@@ -199,7 +231,10 @@ impl Supervisor {
             }
             let deadline = self.next_deadline();
             tokio::select! {
-                Some(event) = self.events.recv() => self.on_event(event),
+                Some(event) = self.events.recv() => match event {
+                    Event::Upgrade(u) => self.on_upgrade(u).await,
+                    event => self.on_event(event),
+                },
                 cmd = self.channels.commands.recv(), if commands_open => match cmd {
                     Some(cmd) => self.on_command(cmd),
                     None => {
@@ -208,19 +243,33 @@ impl Supervisor {
                         self.begin_stop(None);
                     }
                 },
-                _ = sleep_until(deadline) => self.on_timer(),
+                _ = sleep_until(deadline) => {
+                    self.on_timer();
+                    self.takeover_timer().await;
+                }
             }
         }
         self.counters.report_drops();
-        if let Some(jobs) = &self.services.jobs {
+        if let Some(jobs) = &mut self.services.jobs {
             jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
                 .await;
         }
-        self.listeners.shutdown();
+        let upgraded = self.upgrades.handed_to();
+        if upgraded.is_some() {
+            // The new watcher holds the listeners and their files now.
+            self.listeners.hand_over();
+        } else {
+            self.listeners.shutdown();
+        }
         drop(std::mem::take(&mut self.services));
-        match self.failure.take() {
-            Some(e) => Outcome::Failed(e),
-            None => {
+        match (self.failure.take(), upgraded) {
+            (Some(e), _) => Outcome::Failed(e),
+            (None, Some(pid)) => {
+                self.upgrades.released();
+                tracing::info!("all workers stopped; the new watcher (pid {pid}) runs on");
+                Outcome::Upgraded(pid)
+            }
+            (None, None) => {
                 tracing::info!("all workers stopped");
                 Outcome::Stopped
             }
@@ -233,6 +282,8 @@ impl Supervisor {
             .into_iter()
             .chain(self.services.watchdog_at)
             .chain(self.counters.drop_report_at)
+            .chain(self.upgrades.next_deadline())
+            .chain(self.takeover.as_ref().and_then(Takeover::next_deadline))
             .chain(self.listener_sweep())
             .min()
     }
@@ -255,6 +306,8 @@ impl Supervisor {
                 let _ = reply.send(StatusReport {
                     workers: self.pool.status(),
                     wanted: self.pool.slots.len(),
+                    started_at: Some(self.started_at),
+                    uptime: self.started.elapsed(),
                 });
             }
             Command::Snapshot(reply) => {
@@ -270,6 +323,7 @@ impl Supervisor {
                 self.reloads
                     .request(&mut self.pool, &self.ctx, reason, done);
             }
+            Command::Upgrade { done } => self.request_upgrade(done),
             Command::Scale { to, done } => {
                 let result = self.scale(to);
                 if let Some(done) = done {
@@ -321,6 +375,8 @@ impl Supervisor {
                 }
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
+            // Handled (asynchronously) by the loop.
+            Event::Upgrade(_) => {}
         }
     }
 
@@ -333,6 +389,7 @@ impl Supervisor {
         if !self.stopping {
             self.pool.spawn_due(&self.ctx, now);
         }
+        self.upgrade_timer(now);
         if self.listener_sweep().is_some_and(|t| t <= now) {
             self.listeners.sweep(now);
         }
@@ -370,15 +427,24 @@ impl Supervisor {
         let wanted = self.pool.slots.len();
         if !*self.channels.ready.borrow() && self.pool.ready_slots() == wanted {
             tracing::debug!("every worker is ready");
-            self.channels.ready.send_replace(true);
-            self.ctx.notify(&[
-                "READY=1".into(),
-                format!("MAINPID={}", std::process::id()),
-                format!("STATUS={wanted} worker(s) ready"),
-            ]);
+            self.all_ready();
         }
         self.reloads
             .ready(&mut self.pool, &self.ctx, slot, context_id);
+    }
+
+    /// Every initial worker has been ready (or there are none to wait for).
+    fn all_ready(&mut self) {
+        self.channels.ready.send_replace(true);
+        let wanted = self.pool.slots.len();
+        // The new watcher of an upgrade has no notifier until it took
+        // over: systemd learns about it from the old one (`MAINPID=`).
+        self.ctx.notify(&[
+            "READY=1".into(),
+            format!("MAINPID={}", std::process::id()),
+            format!("STATUS={wanted} worker(s) ready"),
+        ]);
+        self.takeover_ready();
     }
 
     fn on_exit(&mut self, context_id: u64, status: Option<ExitStatus>) {
@@ -465,12 +531,24 @@ impl Supervisor {
     }
 
     fn begin_stop(&mut self, timeout: Option<Duration>) {
+        if self.upgrades.in_progress() {
+            self.roll_back_upgrade("the watcher is stopping".into(), true);
+        }
         if !self.stopping {
-            if self.failure.is_none() {
-                tracing::info!("stopping {} worker(s)", self.pool.workers.len());
+            match self.upgrades.handed_to() {
+                // systemd follows the new watcher (MAINPID): no STOPPING=1.
+                Some(pid) => tracing::info!(
+                    "handing over to the new watcher (pid {pid}): draining {} worker(s)",
+                    self.pool.workers.len()
+                ),
+                None => {
+                    if self.failure.is_none() {
+                        tracing::info!("stopping {} worker(s)", self.pool.workers.len());
+                    }
+                    self.ctx
+                        .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
+                }
             }
-            self.ctx
-                .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         }
         self.stopping = true;
         self.reloads.abort();
@@ -481,6 +559,7 @@ impl Supervisor {
 
     /// Stops with an error: used when start-up cannot succeed.
     fn fail(&mut self, error: Error) {
+        self.takeover_failed(&error);
         if self.failure.is_none() {
             // The caller (the CLI) reports the failure once, as its last line.
             tracing::debug!("fatal: {error}");
@@ -492,6 +571,12 @@ impl Supervisor {
     fn scale(&mut self, to: Scale) -> Result<usize> {
         if self.stopping {
             return Err(Error::closed("the watcher is stopping"));
+        }
+        if self.upgrades.in_progress() {
+            return Err(Error::new(
+                Kind::Config,
+                "an upgrade is in progress: scale after it",
+            ));
         }
         let target = match to {
             Scale::Up => self.pool.slots.len() + 1,

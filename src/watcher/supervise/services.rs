@@ -1,15 +1,27 @@
 //! What the supervisor sets up before the first worker starts and tears
 //! down after the last one exits: the pid file, the control socket, the
-//! metrics endpoint and the systemd watchdog. Each one failing at start-up
-//! stops the watcher with that error, before any worker ran.
+//! metrics endpoint, the job dispatcher, the dashboard and the systemd
+//! watchdog. Each one failing at start-up stops the watcher with that
+//! error, before any worker ran.
+//!
+//! A watcher upgrade moves them between watchers: the old one hands out
+//! duplicates of their descriptors ([`Services::handover_fds`]), pauses
+//! them when it commits (and resumes them on a rollback), and at the end
+//! leaves the files that are the new watcher's now. The new one starts
+//! with them deferred and takes them over ([`Services::take_over`]) once
+//! the old one commits; its job dispatcher starts when the old one
+//! released the store ([`Services::start_jobs`]).
 
+use std::os::fd::OwnedFd;
+use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::Result;
+use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{self, JobsEvent, JobsHandle};
+use crate::jobs::store::{self, Store, StoreOptions};
 use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
@@ -18,6 +30,15 @@ use crate::watcher::http;
 use crate::watcher::process;
 use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
+
+/// The services' descriptors an old watcher hands to the new one.
+#[derive(Debug, Default)]
+pub(crate) struct HandedServices {
+    pub pid_file: Option<OwnedFd>,
+    pub control: Option<OwnedFd>,
+    pub metrics: Option<OwnedFd>,
+    pub http: Option<OwnedFd>,
+}
 
 /// The running services; dropping them removes the control socket and the
 /// pid file and stops the metrics responder.
@@ -38,31 +59,71 @@ pub(crate) struct Services {
     pub watchdog_at: Option<Instant>,
 }
 
+/// Takes the pid file at `path`, killing what a previous watcher that died
+/// without stopping its workers left running.
+fn acquire_pid_file(path: &Path) -> Result<PidFile> {
+    let pid_file = PidFile::acquire(path)?;
+    if let Some(old) = pid_file.previous() {
+        // A previous watcher died without stopping its workers (it was
+        // SIGKILLed): what they left running goes now.
+        let killed = process::kill_left_behind(old);
+        if killed > 0 {
+            tracing::warn!(
+                "killed {killed} process(es) left running by a previous watcher (pid {old})"
+            );
+        }
+    }
+    Ok(pid_file)
+}
+
+fn metrics_state(commands: &CommandSender, sampler: &Sampler) -> http::State {
+    http::State {
+        commands: commands.clone(),
+        sampler: sampler.clone(),
+        store: None,
+        token: None,
+        metrics_only: true,
+    }
+}
+
+fn http_state(
+    config: &Config,
+    commands: &CommandSender,
+    sampler: &Sampler,
+    store: Option<Arc<dyn Store>>,
+) -> http::State {
+    http::State {
+        commands: commands.clone(),
+        sampler: sampler.clone(),
+        store,
+        token: config.http_token.as_ref().map(|t| t.0.clone()),
+        metrics_only: false,
+    }
+}
+
 impl Services {
     /// Starts what `config` asks for. `commands` is where the control
-    /// socket and the metrics responder send their requests.
+    /// socket and the metrics responder send their requests. With
+    /// `deferred` (the new watcher of an upgrade) only the sampler starts:
+    /// the rest belongs to the old watcher until it commits.
     pub(crate) async fn start(
         config: &Config,
         commands: &CommandSender,
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
+        deferred: bool,
     ) -> Result<Services> {
-        let mut services = Services::default();
-        if let Some(path) = &config.pid_file {
-            let pid_file = PidFile::acquire(path)?;
-            if let Some(old) = pid_file.previous() {
-                // A previous watcher died without stopping its workers (it
-                // was SIGKILLed): what they left running goes now.
-                let killed = process::kill_left_behind(old);
-                if killed > 0 {
-                    tracing::warn!(
-                        "killed {killed} process(es) left running by a previous watcher (pid {old})"
-                    );
-                }
-            }
-            services.pid_file = Some(pid_file);
+        let mut services = Services {
+            sampler: Some(Sampler::start(commands.clone())),
+            ..Services::default()
+        };
+        if deferred {
+            return Ok(services);
         }
-        let sampler = Sampler::start(commands.clone());
+        let sampler = services.sampler.clone().expect("started above");
+        if let Some(path) = &config.pid_file {
+            services.pid_file = Some(acquire_pid_file(path)?);
+        }
         if let Some(path) = config.control_path() {
             services.control = Some(control::Server::bind(
                 &path,
@@ -71,45 +132,179 @@ impl Services {
             )?);
         }
         if let Some(addr) = config.metrics {
-            let state = http::State {
-                commands: commands.clone(),
-                sampler: sampler.clone(),
-                store: None,
-                token: None,
-                metrics_only: true,
-            };
+            let state = metrics_state(commands, &sampler);
             services.metrics = Some(http::Server::bind(addr, state).await?);
         }
-        if let Some(jobs) = &config.jobs {
-            for w in &jobs.warnings {
-                tracing::warn!("{w}");
-            }
-            let handle = dispatch::start(
-                jobs.clone(),
-                Arc::new(config.clone()),
-                commands.clone(),
-                ready,
-            )
-            .await?;
-            tracing::info!("running jobs from {}", jobs.url);
-            services.jobs = Some(handle);
-        }
+        services.start_jobs(config, commands, ready).await?;
         if let Some(addr) = config.http {
-            let state = http::State {
-                commands: commands.clone(),
-                sampler: sampler.clone(),
-                store: services.jobs.as_ref().map(JobsHandle::store),
-                token: config.http_token.as_ref().map(|t| t.0.clone()),
-                metrics_only: false,
-            };
+            let store = services.jobs.as_ref().map(JobsHandle::store);
+            let state = http_state(config, commands, &sampler, store);
             services.http = Some(http::Server::bind(addr, state).await?);
         }
-        services.sampler = Some(sampler);
+        services.start_watchdog(notifier);
+        Ok(services)
+    }
+
+    /// Starts the job dispatcher, when `config` runs jobs.
+    pub(crate) async fn start_jobs(
+        &mut self,
+        config: &Config,
+        commands: &CommandSender,
+        ready: watch::Receiver<bool>,
+    ) -> Result<()> {
+        let Some(jobs) = &config.jobs else {
+            return Ok(());
+        };
+        for w in &jobs.warnings {
+            tracing::warn!("{w}");
+        }
+        let handle = dispatch::start(
+            jobs.clone(),
+            Arc::new(config.clone()),
+            commands.clone(),
+            ready,
+        )
+        .await?;
+        tracing::info!("running jobs from {}", jobs.url);
+        self.jobs = Some(handle);
+        Ok(())
+    }
+
+    /// Feeds systemd's watchdog from now on, when it asks for it.
+    pub(crate) fn start_watchdog(&mut self, notifier: Option<&Notifier>) {
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
-            services.watchdog_at = Some(Instant::now());
+            self.watchdog_at = Some(Instant::now());
         }
-        Ok(services)
+    }
+
+    /// The new watcher of an upgrade takes over what the old one handed
+    /// over: the pid file (rewritten with this pid), the control socket,
+    /// the metrics and dashboard listeners. What the old watcher did not
+    /// have is set up as at a start. The dashboard gets a store handle of
+    /// its own: the dispatcher starts only once the old one released it.
+    ///
+    /// # Errors
+    ///
+    /// What taking over or setting up one of them returns; those taken
+    /// over before are given back when `self` drops.
+    pub(crate) async fn take_over(
+        &mut self,
+        config: &Config,
+        commands: &CommandSender,
+        handed: HandedServices,
+    ) -> Result<()> {
+        let sampler = self
+            .sampler
+            .clone()
+            .ok_or_else(|| Error::new(Kind::Upgrade, "no sampler"))?;
+        if let Some(path) = &config.pid_file {
+            self.pid_file = Some(match handed.pid_file {
+                Some(fd) => PidFile::take_over(path, fd)?,
+                None => acquire_pid_file(path)?,
+            });
+        }
+        if let Some(path) = config.control_path() {
+            let (c, s) = (commands.clone(), Some(sampler.clone()));
+            self.control = Some(match handed.control {
+                Some(fd) => control::Server::adopt(&path, fd, c, s)?,
+                None => control::Server::bind(&path, c, s)?,
+            });
+        }
+        if let Some(addr) = config.metrics {
+            let state = metrics_state(commands, &sampler);
+            self.metrics = Some(match handed.metrics {
+                Some(fd) => http::Server::adopt(addr, fd, state)?,
+                None => http::Server::bind(addr, state).await?,
+            });
+        }
+        if let Some(addr) = config.http {
+            let store = match &config.jobs {
+                Some(jobs) => {
+                    let options = StoreOptions {
+                        retry_base: jobs.retry_delay,
+                        ..StoreOptions::default()
+                    };
+                    Some(store::open(&jobs.url, options).await?)
+                }
+                None => None,
+            };
+            let state = http_state(config, commands, &sampler, store);
+            self.http = Some(match handed.http {
+                Some(fd) => http::Server::adopt(addr, fd, state)?,
+                None => http::Server::bind(addr, state).await?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Duplicates of the descriptors a new watcher takes over.
+    ///
+    /// # Errors
+    ///
+    /// `is_io` when a descriptor cannot be duplicated.
+    pub(crate) fn handover_fds(&self) -> Result<HandedServices> {
+        let dup = |what: &str, fd: std::io::Result<OwnedFd>| {
+            fd.map_err(|e| Error::with_io(Kind::Io, format!("cannot duplicate the {what}"), e))
+        };
+        Ok(HandedServices {
+            pid_file: self
+                .pid_file
+                .as_ref()
+                .map(|p| dup("pid file", p.lock_fd()))
+                .transpose()?,
+            control: self
+                .control
+                .as_ref()
+                .map(|c| dup("control socket", c.fd()))
+                .transpose()?,
+            metrics: self
+                .metrics
+                .as_ref()
+                .map(|m| dup("metrics listener", m.fd()))
+                .transpose()?,
+            http: self
+                .http
+                .as_ref()
+                .map(|h| dup("dashboard listener", h.fd()))
+                .transpose()?,
+        })
+    }
+
+    /// Stops answering the control socket, metrics and dashboard (the
+    /// old watcher commits an upgrade).
+    pub(crate) fn pause(&mut self) {
+        for h in [&mut self.metrics, &mut self.http].into_iter().flatten() {
+            h.pause();
+        }
+        if let Some(c) = &mut self.control {
+            c.pause();
+        }
+    }
+
+    /// Answers again after [`pause`](Self::pause), and takes the pid file
+    /// back (the new watcher may have written its own): a rolled back
+    /// upgrade.
+    pub(crate) fn resume(&mut self) {
+        for h in [&mut self.metrics, &mut self.http].into_iter().flatten() {
+            h.resume();
+        }
+        if let Some(c) = &mut self.control {
+            c.resume();
+        }
+        if let Some(p) = &mut self.pid_file {
+            if let Err(e) = p.rewrite() {
+                tracing::error!("upgrade rolled back, but {e}");
+            }
+        }
+    }
+
+    /// The new watcher serves: the control socket's file is its own now
+    /// (the pid file is too: a new file, which ours leaves alone).
+    pub(crate) fn hand_over(&mut self) {
+        if let Some(c) = &mut self.control {
+            c.hand_over();
+        }
     }
 
     /// Tells the job dispatcher, if one runs.

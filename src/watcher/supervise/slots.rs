@@ -75,6 +75,9 @@ pub(crate) struct Worker {
     pub socket_requests: u32,
     /// When its channel reached EOF (it is exiting, or must be killed).
     pub channel_closed_at: Option<Instant>,
+    /// It serves jobs (`JobsReady`): its handlers and concurrency, told
+    /// again to a job dispatcher that starts later (after an upgrade).
+    pub jobs: Option<(Vec<String>, u32)>,
 }
 
 impl Worker {
@@ -243,6 +246,7 @@ impl Pool {
                 accepting: Arc::new(AtomicBool::new(true)),
                 socket_requests: 0,
                 channel_closed_at: None,
+                jobs: None,
             },
         );
         if let Some(s) = self.slot_mut(slot) {

@@ -139,6 +139,21 @@ impl Launcher for Fake {
             }
         }
     }
+
+    fn spawn_watcher(
+        &self,
+        _plan: crate::watcher::upgrade::Plan,
+        _events: &EventSender,
+    ) -> Result<crate::watcher::upgrade::NewWatcher> {
+        Err(crate::error::Error::new(
+            crate::error::Kind::Upgrade,
+            "fake: no new watcher",
+        ))
+    }
+
+    fn signal_watcher(&self, pid: u32, sig: Signal) {
+        let _ = self.signals.send((pid, sig, Instant::now()));
+    }
 }
 
 struct Harness {
@@ -181,6 +196,7 @@ fn start(config: Config) -> Harness {
             commands_tx: commands_tx.clone(),
             messages,
             ready: ready_tx,
+            inherited: None,
         },
     );
     let (started, _) = oneshot::channel();
