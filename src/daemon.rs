@@ -62,6 +62,29 @@ impl Daemon {
     }
 }
 
+/// Opens `path` again (creating it, appending) and points stdout and
+/// stderr at it: after logrotate moved the daemon's `--log-file` away,
+/// the stream goes to a new file at the old name (`cluster reopen-logs`).
+///
+/// ```no_run
+/// cluster::daemon::reopen_log_file(std::path::Path::new("/var/log/app.log"))?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// When the file cannot be opened or the descriptors not replaced; stdout
+/// and stderr are unchanged then.
+pub fn reopen_log_file(path: &Path) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    nix::unistd::dup2_stdout(&file)?;
+    nix::unistd::dup2_stderr(&file)?;
+    Ok(())
+}
+
 /// Detaches the process (see the module docs). Returns in the daemon only.
 ///
 /// `log_file`, when given, is opened for appending (created if missing)

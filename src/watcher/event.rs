@@ -77,6 +77,11 @@ pub(crate) enum Command {
     /// The job dispatcher's counters (the reply is dropped when the
     /// watcher runs no jobs).
     JobsStatus(oneshot::Sender<JobsStatus>),
+    /// Replace one ready worker through the rolling-restart path
+    /// (`--max-memory`, `--max-requests`); `why` is logged.
+    Recycle { context_id: u64, why: String },
+    /// Reopen the log file (`--log-file`) after logrotate moved it.
+    ReopenLogs(oneshot::Sender<Result<()>>),
 }
 
 /// Where requests to the supervisor go.

@@ -11,17 +11,19 @@ mod bind_policy;
 pub(crate) mod config;
 mod control;
 pub(crate) mod event;
+mod hooks;
 mod metrics;
 pub(crate) mod output;
 pub(crate) mod process;
 mod procfs;
+pub(crate) mod recycle;
 mod reload_triggers;
 pub(crate) mod status;
 mod supervise;
 pub(crate) mod systemd;
 
 pub use balance::Balance;
-pub use config::ClusterWatcherBuilder;
+pub use config::{ClusterWatcherBuilder, DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW};
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 pub use status::{WorkerInfo, WorkerState};
 

@@ -79,10 +79,15 @@ impl Cluster {
         ServerSocketFactory { _private: () }
     }
 
-    /// A `tracing_subscriber` layer that forwards every event (level,
-    /// target, message, fields, span names, timestamp) to the watcher, which
-    /// writes it to its log stream tagged with this worker's slot and pid.
-    /// Standalone, it writes the same lines to stderr.
+    /// A `tracing_subscriber` layer that forwards events (level, target,
+    /// message, typed fields, span names, timestamp) to the watcher, which
+    /// writes them to its log stream tagged with this worker's slot and
+    /// pid. Standalone, it writes the same lines to stderr.
+    ///
+    /// It filters with the watcher's `--log-level` (an `EnvFilter`,
+    /// span and field directives included; standalone: `RUST_LOG`, else
+    /// `info`) before anything is built or queued, so filtered events cost
+    /// next to nothing.
     ///
     /// Forwarding never blocks: events go through a bounded queue (16,384
     /// records); when it is full they are dropped and counted, and the
@@ -94,7 +99,10 @@ impl Cluster {
     /// tracing::info!(user = "ann", "logged in");
     /// ```
     pub fn log_layer() -> ClusterLogLayer {
-        ClusterLogLayer::new(link().map(|l| &l.logs))
+        match link() {
+            Some(l) => ClusterLogLayer::new(Some(&l.logs), &l.log_filter),
+            None => ClusterLogLayer::new(None, &standalone_filter()),
+        }
     }
 
     /// A `slog::Drain` that forwards records (level, module or tag, message,
@@ -109,7 +117,10 @@ impl Cluster {
     /// ```
     #[cfg(feature = "slog")]
     pub fn slog_drain() -> crate::log::ClusterSlogDrain {
-        crate::log::ClusterSlogDrain::new(link().map(|l| &l.logs))
+        match link() {
+            Some(l) => crate::log::ClusterSlogDrain::new(Some(&l.logs), l.log_filter.clone()),
+            None => crate::log::ClusterSlogDrain::new(None, standalone_filter()),
+        }
     }
 
     /// A typed channel to the watcher: [`send`](MessageChannel::send)
@@ -167,6 +178,14 @@ impl Cluster {
             }
         }
     }
+}
+
+/// The log filter of a process without a watcher: `RUST_LOG`, else `info`.
+fn standalone_filter() -> crate::log::LogFilter {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| crate::log::LogFilter::parse(&s).ok())
+        .unwrap_or_default()
 }
 
 /// Waits for the stop request, the watcher's departure or a termination

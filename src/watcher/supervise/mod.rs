@@ -33,7 +33,8 @@ use crate::ipc::RecvError;
 use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
-use crate::watcher::process::Launcher;
+use crate::watcher::hooks::{event_fields, HOOK_TIMEOUT};
+use crate::watcher::process::{signal_name, Launcher};
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
 use crate::watcher::systemd::{self, Notifier};
 use listeners::Listeners;
@@ -56,6 +57,10 @@ struct Counters {
     drop_report_at: Option<Instant>,
     /// Records workers reported dropping from their own queues.
     worker_log_drops: u64,
+    /// Workers replaced for `--max-requests` or `--max-memory`.
+    recycled: u64,
+    /// Failed reloads already told to the `--on-event` hook.
+    reloads_failed_told: u64,
 }
 
 /// How often dropped messages are reported at most.
@@ -186,6 +191,10 @@ impl Supervisor {
             self.ctx
                 .notify(&["READY=1".into(), format!("MAINPID={}", std::process::id())]);
         }
+        self.services.hooks.emit(
+            "watcher_started",
+            event_fields!("workers" => self.pool.slots.len(), "program" => std::path::Path::new(&self.ctx.config.program).display().to_string()),
+        );
         tracing::debug!(
             "started {} worker(s) of {}",
             self.pool.slots.len(),
@@ -210,6 +219,7 @@ impl Supervisor {
                 },
                 _ = sleep_until(deadline) => self.on_timer(),
             }
+            self.report_reload_failures();
         }
         self.counters.report_drops();
         if let Some(jobs) = &self.services.jobs {
@@ -217,6 +227,7 @@ impl Supervisor {
                 .await;
         }
         self.listeners.shutdown();
+        self.services.hooks.finish(HOOK_TIMEOUT).await;
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
             Some(e) => Outcome::Failed(e),
@@ -255,7 +266,18 @@ impl Supervisor {
                 let _ = reply.send(StatusReport {
                     workers: self.pool.status(),
                     wanted: self.pool.slots.len(),
+                    ready: self.pool.ready_slots(),
+                    idle: self.pool.idle_slots(),
+                    program: std::path::Path::new(&self.ctx.config.program)
+                        .display()
+                        .to_string(),
+                    addresses: self.listeners.addresses(),
+                    log_file: self.ctx.config.log_file.clone(),
                 });
+            }
+            Command::Recycle { context_id, why } => self.recycle(context_id, &why),
+            Command::ReopenLogs(reply) => {
+                let _ = reply.send(self.reopen_logs());
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -415,7 +437,99 @@ impl Supervisor {
         }
         let why = format!("(pid {pid}) {how}");
         let kind = respawn_kind(&exit, self.ctx.config.backoff_reset);
-        self.pool.schedule_respawn(&self.ctx, slot, &why, kind);
+        let (code, signal) = self
+            .pool
+            .slot(slot)
+            .map(|s| (s.last_exit_code, s.last_exit_signal))
+            .unwrap_or_default();
+        self.services.hooks.emit(
+            "worker_crashed",
+            event_fields!("slot" => slot, "pid" => pid, "how" => how, "code" => code, "signal" => signal.map(signal_name)),
+        );
+        if self.pool.schedule_respawn(&self.ctx, slot, &why, kind) {
+            self.gave_up(slot, how);
+        }
+    }
+
+    /// `slot` crashed too often and is not restarted any more: tell
+    /// systemd and the hook.
+    fn gave_up(&mut self, slot: u32, how: &str) {
+        let limit = self.ctx.config.max_restarts.unwrap_or(0);
+        let window = self.ctx.config.restart_window.as_secs_f64();
+        self.services.hooks.emit(
+            "slot_gave_up",
+            event_fields!("slot" => slot, "last_exit" => how, "max_restarts" => limit, "restart_window_secs" => window),
+        );
+        let failed: Vec<String> = (1..=self.pool.slots.len() as u32)
+            .filter(|&n| self.pool.slot(n).is_some_and(|s| s.gave_up))
+            .map(|n| n.to_string())
+            .collect();
+        self.ctx.notify(&[format!(
+            "STATUS={} worker(s) ready; slot(s) {} gave up after --max-restarts",
+            self.pool.ready_slots(),
+            failed.join(", ")
+        )]);
+        if self.pool.all_gave_up() {
+            tracing::error!(
+                "every worker slot gave up: nothing serves until `cluster reload` (or a --watch/--reload-on-deploy trigger) starts them again"
+            );
+        }
+    }
+
+    /// Replaces the ready serving worker `context_id` through the rolling
+    /// path (`--max-memory`, `--max-requests`), unless it is already
+    /// being replaced or stopped.
+    fn recycle(&mut self, context_id: u64, why: &str) {
+        if self.stopping {
+            return;
+        }
+        let Some(w) = self.pool.workers.get(&context_id) else {
+            return;
+        };
+        let (slot, pid) = (w.slot, w.pid);
+        let serving = w.state == WorkerState::Ready
+            && self.pool.slot(slot).and_then(|s| s.current) == Some(context_id);
+        if !serving || self.reloads.replacement(slot).is_some() {
+            return;
+        }
+        if self.reloads.recycle(&mut self.pool, &self.ctx, slot, why) {
+            self.counters.recycled += 1;
+            self.services.hooks.emit(
+                "worker_recycled",
+                event_fields!("slot" => slot, "pid" => pid, "why" => why),
+            );
+        }
+    }
+
+    /// Reopens `--log-file` (stdout and stderr point to it again).
+    fn reopen_logs(&self) -> Result<()> {
+        let Some(path) = &self.ctx.config.log_file else {
+            return Err(Error::new(
+                Kind::Config,
+                "this watcher writes no log file (start it with --daemon --log-file FILE)",
+            ));
+        };
+        self.ctx.config.output.flush(Duration::from_millis(500));
+        crate::daemon::reopen_log_file(path).map_err(|e| {
+            Error::with_io(
+                Kind::Io,
+                format!("cannot reopen log file {}", path.display()),
+                e,
+            )
+        })?;
+        tracing::info!("reopened log file {}", path.display());
+        Ok(())
+    }
+
+    /// Tells the hook about rolling restarts that failed since last time.
+    fn report_reload_failures(&mut self) {
+        if self.reloads.failed > self.counters.reloads_failed_told {
+            self.counters.reloads_failed_told = self.reloads.failed;
+            self.services.hooks.emit(
+                "reload_failed",
+                event_fields!("failed_reloads" => self.reloads.failed),
+            );
+        }
     }
 
     /// A user message to one worker, or to every worker not stopping.
@@ -459,6 +573,10 @@ impl Supervisor {
             log_dropped: output_drops + self.counters.worker_log_drops,
             messages_in: self.counters.messages_in,
             messages_out: self.counters.messages_out,
+            gave_up: (1..=self.pool.slots.len() as u32)
+                .filter(|&n| self.pool.slot(n).is_some_and(|s| s.gave_up))
+                .collect(),
+            recycled: self.counters.recycled,
         }
     }
 
@@ -467,6 +585,10 @@ impl Supervisor {
             if self.failure.is_none() {
                 tracing::info!("stopping {} worker(s)", self.pool.workers.len());
             }
+            let why = self.failure.as_ref().map(|e| e.to_string());
+            self.services
+                .hooks
+                .emit("watcher_stopping", event_fields!("error" => why));
             self.ctx
                 .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         }
