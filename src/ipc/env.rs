@@ -17,7 +17,7 @@ pub(crate) const SHUTDOWN_TIMEOUT_MS: &str = "CLUSTER_SHUTDOWN_TIMEOUT_MS";
 pub(crate) const LOG_FILTER: &str = "CLUSTER_LOG_FILTER";
 /// Requests (connections accepted through the crate's listener) after
 /// which the worker asks to be replaced (`--max-requests`, jitter included).
-pub(crate) const MAX_REQUESTS: &str = "CLUSTER_MAX_REQUESTS";
+pub(crate) const MAX_REQUESTS: &str = "CLUSTER_RECYCLE_AFTER";
 /// The pool a worker belongs to (job pools).
 pub(crate) const POOL: &str = "CLUSTER_POOL";
 /// How many jobs a worker runs at once (`--job-concurrency`).

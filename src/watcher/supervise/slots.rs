@@ -294,7 +294,7 @@ impl Pool {
                 s.respawn_at = None;
                 s.gave_up = true;
                 tracing::error!(
-                    "worker {slot} {why}; giving up on slot {slot}: {} failures within {:?} (--max-restarts {}); `cluster reload` or `cluster scale` starts it again",
+                    "worker {slot} {why}; giving up on slot {slot}: {} failures within {:?} (--max-restarts {}); a rolling restart (`cluster reload`) starts it again",
                     s.recent_failures.len(),
                     ctx.config.restart_window,
                     ctx.config.max_restarts.unwrap_or(0)
