@@ -689,7 +689,10 @@ async fn a_backoff_slot_is_listed_with_its_next_start() {
     let idle = &report.idle[0];
     assert_eq!((idle.slot, idle.gave_up), (1, false));
     let next = idle.next_start.expect("a next start");
-    assert!(next > Duration::ZERO && next <= Duration::from_millis(100), "{next:?}");
+    assert!(
+        next > Duration::ZERO && next <= Duration::from_millis(100),
+        "{next:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -705,7 +708,10 @@ async fn recycling_replaces_one_worker_through_the_rolling_path() {
     let new = h.spawned().await;
     assert_eq!(new.slot, 2);
     settle().await;
-    assert!(!old[1].got_stop(), "the old worker serves until its replacement is ready");
+    assert!(
+        !old[1].got_stop(),
+        "the old worker serves until its replacement is ready"
+    );
     // Asking again while it is being replaced does nothing more.
     h.command(Command::Recycle {
         context_id: old[1].context_id,
@@ -723,7 +729,11 @@ async fn recycling_replaces_one_worker_through_the_rolling_path() {
     let (tx, rx) = oneshot::channel();
     h.command(Command::Snapshot(tx));
     let s = rx.await.unwrap();
-    assert_eq!((s.recycled, s.reloads_ok), (1, 0), "a recycle is not a reload");
+    assert_eq!(
+        (s.recycled, s.reloads_ok),
+        (1, 0),
+        "a recycle is not a reload"
+    );
     // A worker that is not ready (starting) is not recycled.
     h.command(Command::Scale {
         to: Scale::To(3),
