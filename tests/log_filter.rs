@@ -37,7 +37,10 @@ fn run(options: &[&str], args: &[&str], until: &str) -> String {
 fn a_trace_flood_under_log_level_info_loses_no_info_record() {
     let stderr = run(&["--log-level", "info"], &["trace", "50000"], "done");
     assert!(!stderr.contains("dropped"), "{stderr}");
-    assert!(!stderr.contains("noise"), "trace records are filtered in the worker");
+    assert!(
+        !stderr.contains("noise"),
+        "trace records are filtered in the worker"
+    );
     assert!(stderr.contains("done n=50000 ok=true"), "{stderr}");
 }
 
@@ -50,10 +53,12 @@ fn log_level_takes_envfilter_span_and_field_directives() {
     );
     assert!(stderr.contains("ann's"), "{stderr}");
     assert!(!stderr.contains("bob's"), "{stderr}");
-    let (status, err) = cluster_output(&["--log-level", "info,=x=y", "/bin/true"], T)
-        .map_parts();
+    let (status, err) = cluster_output(&["--log-level", "info,=x=y", "/bin/true"], T).map_parts();
     assert_eq!(status, Some(2), "{err}");
-    assert!(err.starts_with("cluster: error: invalid --log-level"), "{err}");
+    assert!(
+        err.starts_with("cluster: error: invalid --log-level"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -86,7 +91,10 @@ fn a_json_object_on_stdout_stays_an_object_and_stderr_is_a_warning() {
     assert_eq!(out["fields"]["tags"], serde_json::json!(["a", "b"]));
     assert_eq!(out["level"], "INFO");
     let err = lines.iter().find(|v| v["source"] == "stderr").unwrap();
-    assert_eq!(err["level"], "WARN", "a panic on stderr is a warning: {err}");
+    assert_eq!(
+        err["level"], "WARN",
+        "a panic on stderr is a warning: {err}"
+    );
 
     let stderr = run(
         &["--log-format", "json", "--stderr-level", "error"],

@@ -112,7 +112,10 @@ async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: CommandSender
 /// An inotify watcher on `paths` (recursive) and the channel it reports on.
 fn inotify(
     paths: &[PathBuf],
-) -> notify::Result<(notify::RecommendedWatcher, tokio::sync::mpsc::UnboundedReceiver<()>)> {
+) -> notify::Result<(
+    notify::RecommendedWatcher,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+)> {
     use notify::{EventKind, RecursiveMode, Watcher};
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let watched: Vec<PathBuf> = paths.to_vec();
@@ -140,7 +143,11 @@ fn inotify(
         // still seen.
         match path.parent().filter(|_| path.is_file()) {
             Some(dir) => {
-                let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
                 watcher.watch(dir, RecursiveMode::NonRecursive)?
             }
             None => watcher.watch(path, RecursiveMode::Recursive)?,
