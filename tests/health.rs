@@ -53,7 +53,7 @@ fn a_crash_loop_gives_up_after_max_restarts_and_status_says_so() {
 #[test]
 fn status_lists_backoff_slots_exit_codes_signals_program_and_addresses() {
     let script = "if [ \"$CLUSTER_SLOT\" = 1 ]; then exit 7; fi; exec sleep 1000";
-    let mut c = watcher()
+    let c = watcher()
         .workers(2)
         .pid_file()
         .args(["--max-restarts", "0"])

@@ -91,7 +91,7 @@ fn with_file(
         let long = key.replace('_', "-");
         if long == "program" {
             if !set_outside("command") {
-                program = strings(&value, key, &shown.to_string())?
+                program = strings(value, key, &shown.to_string())?
                     .into_iter()
                     .map(OsString::from)
                     .collect();
