@@ -24,6 +24,12 @@ pub fn socket_for_pid_file(pid_file: &Path) -> PathBuf {
 }
 
 /// A request to the watcher.
+///
+/// ```no_run
+/// use cluster::control::Request;
+/// let line = serde_json::to_string(&Request::Scale { workers: 4 }).unwrap();
+/// assert_eq!(line, r#"{"command":"scale","workers":4}"#);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 #[non_exhaustive]
@@ -50,6 +56,16 @@ pub enum Request {
 }
 
 /// One worker in a status response.
+///
+/// ```no_run
+/// # async fn ask() -> Result<(), cluster::Error> {
+/// use cluster::control::{request, Request};
+/// let status = request("x.sock".as_ref(), &Request::Status { quick: true }).await?;
+/// for w in &status.workers {
+///     println!("slot {} {} pid {} last exit {:?}", w.slot, w.state, w.pid, w.last_exit_code);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct WorkerStatus {
@@ -93,6 +109,16 @@ pub struct WorkerStatus {
 }
 
 /// The watcher's answer.
+///
+/// ```no_run
+/// # async fn ask() -> Result<(), cluster::Error> {
+/// use cluster::control::{request, Request};
+/// let status = request("x.sock".as_ref(), &Request::Status { quick: true }).await?;
+/// if status.degraded {
+///     eprintln!("{:?} of {:?} ready", status.workers_ready, status.workers_wanted);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[non_exhaustive]
 pub struct Response {

@@ -26,6 +26,14 @@ use nix::unistd::ForkResult;
 use crate::sys;
 
 /// The daemon's end of the report pipe; see [`daemonize`].
+///
+/// ```no_run
+/// // In main, before any thread or runtime exists:
+/// let daemon = cluster::daemon::daemonize(Some(std::path::Path::new("app.log")))?;
+/// // ... start the watcher, then, once it serves:
+/// daemon.report_ready(None);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Daemon {
     report: Mutex<Option<File>>,

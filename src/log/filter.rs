@@ -81,6 +81,17 @@ impl LogFilter {
         if spec.is_empty() {
             return Err(bad("empty log filter".into()));
         }
+        // EnvFilter takes any text before `[` or `=` as a target; a typo
+        // such as `--log-level 'not a level!'` would silently log nothing.
+        for directive in spec.split(',').map(str::trim) {
+            let target = directive.split(['[', '=']).next().unwrap_or_default();
+            let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | ':' | '-' | '.');
+            if !target.chars().all(ok) {
+                return Err(bad(format!(
+                    "'{directive}' is not a level (off, error, warn, info, debug, trace) or a target=level directive"
+                )));
+            }
+        }
         let env = EnvFilter::builder()
             .parse(spec)
             .map_err(|e| bad(format!("'{spec}' is not a valid filter: {e}")))?;
@@ -154,7 +165,7 @@ mod tests {
 
     #[test]
     fn bad_filters_are_refused_with_is_config() {
-        for bad in ["", "  ", "x=loud", "info,=debug=x"] {
+        for bad in ["", "  ", "x=loud", "info,=debug=x", "not a level!!"] {
             let e = LogFilter::parse(bad).unwrap_err();
             assert!(e.is_config(), "{bad}: {e}");
         }

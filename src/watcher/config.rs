@@ -275,7 +275,7 @@ impl ClusterWatcherBuilder {
 
     /// Serve Prometheus metrics on `GET http://ADDR/metrics` (see the
     /// README for the series). An address that cannot be bound makes
-    /// [`start`](ClusterWatcher::start) fail.
+    /// [`start`](super::ClusterWatcher::start) fail.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.config.metrics = Some(addr);
         self

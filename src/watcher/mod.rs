@@ -40,6 +40,16 @@ use event::{Command, CommandSender, Incoming, Outcome, Scale, MESSAGE_QUEUE};
 use supervise::{Channels, Supervisor};
 
 /// The stream of [`WorkerMessage`]s; see [`ClusterWatcher::messages`].
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// let mut messages: cluster::Messages = watcher.messages();
+/// while let Some(m) = messages.next().await {
+///     let text: String = m.decode()?;
+///     m.worker().send(&format!("echo {text}"))?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Messages<'a> {
     watcher: &'a ClusterWatcher,
@@ -65,6 +75,14 @@ impl Messages<'_> {
 }
 
 /// A message from a worker.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// if let Some(m) = watcher.messages().next().await {
+///     println!("{} bytes from slot {}", m.bytes().len(), m.worker().slot());
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct WorkerMessage {
     worker: WorkerRef,
@@ -93,6 +111,15 @@ impl WorkerMessage {
 }
 
 /// A worker as seen from the watcher, to send messages to.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// if let Some(m) = watcher.messages().next().await {
+///     let w: &cluster::WorkerRef = m.worker();
+///     w.send(&format!("hello, pid {}", w.pid()))?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct WorkerRef {
     slot: u32,
@@ -136,6 +163,15 @@ impl WorkerRef {
 }
 
 /// How [`ClusterWatcher::run`] ended.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// match watcher.run().await? {
+///     cluster::Stopped::Graceful => println!("stopped"),
+///     _ => println!("workers were killed"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Stopped {

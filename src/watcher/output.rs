@@ -30,6 +30,12 @@ use crate::log::{
 const QUEUE: usize = 64 * 1024;
 
 /// How the watcher writes its log stream.
+///
+/// ```no_run
+/// use cluster::{LogFilter, LogFormat, LogOutput};
+/// let output = LogOutput::stderr(LogFormat::Json, LogFilter::default());
+/// # drop(output);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum LogFormat {

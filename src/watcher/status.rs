@@ -8,6 +8,14 @@ use std::time::Duration;
 use super::procfs;
 
 /// What the watcher knows about one running worker.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) {
+/// for w in watcher.workers().await {
+///     println!("slot {} pid {} {} rss {:?}", w.slot, w.pid, w.state, w.rss_bytes);
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerInfo {
@@ -48,6 +56,18 @@ impl WorkerInfo {
 }
 
 /// The life of a worker: starting → ready → stopping → gone.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) {
+/// let ready = watcher
+///     .workers()
+///     .await
+///     .iter()
+///     .filter(|w| w.state == cluster::WorkerState::Ready)
+///     .count();
+/// # drop(ready);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WorkerState {

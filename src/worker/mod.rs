@@ -220,6 +220,15 @@ pub(crate) async fn serve_until_stopped(link: Arc<Shared>) {
 }
 
 /// A typed channel between a worker and its watcher; see [`Cluster::channel`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// let chan = cluster::Cluster::channel::<String>()?;
+/// chan.send(&"hello".to_string())?;
+/// let reply: String = chan.recv().await?;
+/// # drop(reply);
+/// # Ok(()) }
+/// ```
 pub struct MessageChannel<T> {
     link: &'static Shared,
     _type: std::marker::PhantomData<fn() -> T>,
@@ -266,6 +275,15 @@ impl<T: Serialize + DeserializeOwned> MessageChannel<T> {
 }
 
 /// Hands out listening sockets; get one with [`Cluster::server_socket_factory`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// let factory = cluster::Cluster::server_socket_factory();
+/// let http = factory.listen("127.0.0.1:8080").await?;
+/// let admin = factory.listen("unix:///tmp/admin.sock").await?;
+/// # drop((http, admin));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSocketFactory {
     _private: (),
