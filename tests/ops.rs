@@ -92,7 +92,8 @@ fn status_shows_memory_cpu_and_the_last_exit() {
         assert!(header.contains(column), "{table}");
     }
     assert!(table.contains("killed by SIGKILL"), "{table}");
-    assert_eq!(table.lines().count(), 4, "{table}");
+    // Summary, program and addresses, header, two slots.
+    assert_eq!(table.lines().count(), 5, "{table}");
 }
 
 /// The value of the sample `series` (name and labels, exactly) in `body`.

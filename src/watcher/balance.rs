@@ -34,7 +34,7 @@ use crate::socket::{Address, PeerAddr};
 /// ```no_run
 /// # fn build() -> Result<(), cluster::Error> {
 /// let watcher = cluster::ClusterWatcher::builder(std::process::Command::new("./srv"))
-///     .balance("least-connections".parse()?)
+///     .balance(cluster::Balance::LeastConnections)
 ///     .build()?;
 /// # drop(watcher); Ok(()) }
 /// ```

@@ -79,7 +79,7 @@ impl<E: std::error::Error> From<E> for JobError {
 /// ```no_run
 /// # async fn run() -> Result<(), cluster::Error> {
 /// cluster::Cluster::jobs()
-///     .handle("resize", |ctx: cluster::JobContext, args: serde_json::Value| async move {
+///     .handle_with_context("resize", |args: serde_json::Value, ctx: cluster::JobContext| async move {
 ///         println!("job {:?} attempt {}", ctx.id(), ctx.attempt());
 ///         Ok::<_, cluster::JobError>(args)
 ///     })
