@@ -15,8 +15,10 @@ use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
 use crate::watcher::http;
+use crate::watcher::hooks::Hooks;
 use crate::watcher::process;
 use crate::watcher::sampler::Sampler;
+use crate::watcher::recycle::MemoryWatch;
 use crate::watcher::systemd::Notifier;
 
 /// The running services; dropping them removes the control socket and the
@@ -36,6 +38,10 @@ pub(crate) struct Services {
     pid_file: Option<PidFile>,
     /// When `WATCHDOG=1` is due next.
     pub watchdog_at: Option<Instant>,
+    /// `--on-event`.
+    pub hooks: Hooks,
+    /// `--max-memory`.
+    memory: Option<MemoryWatch>,
 }
 
 impl Services {
@@ -47,7 +53,10 @@ impl Services {
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
     ) -> Result<Services> {
-        let mut services = Services::default();
+        let mut services = Services {
+            hooks: Hooks::start(config.on_event.as_deref()),
+            ..Services::default()
+        };
         if let Some(path) = &config.pid_file {
             let pid_file = PidFile::acquire(path)?;
             if let Some(old) = pid_file.previous() {
@@ -105,6 +114,9 @@ impl Services {
             services.http = Some(http::Server::bind(addr, state).await?);
         }
         services.sampler = Some(sampler);
+        if let Some(limit) = config.max_memory {
+            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
+        }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
             services.watchdog_at = Some(Instant::now());
