@@ -14,11 +14,11 @@ use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
-use crate::watcher::http;
 use crate::watcher::hooks::Hooks;
+use crate::watcher::http;
 use crate::watcher::process;
-use crate::watcher::sampler::Sampler;
 use crate::watcher::recycle::MemoryWatch;
+use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
 /// The running services; dropping them removes the control socket and the
