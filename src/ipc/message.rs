@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.
@@ -129,6 +129,8 @@ pub(crate) enum ToWatcher {
         ticket: u64,
         result: Result<String, JobFailure>,
     },
+    /// The worker served its `--max-requests` (`requests` of them): replace it.
+    Recycle { requests: u64 },
 }
 
 /// A balanced listener granted to a worker: the watcher accepts and sends
@@ -237,6 +239,7 @@ mod tests {
                 ticket: 5,
                 result: Err(JobFailure::BadArgs("x".into())),
             },
+            ToWatcher::Recycle { requests: 1000 },
         ];
         for m in to_watcher {
             assert_eq!(decode::<ToWatcher>(&encode(&m).unwrap()).unwrap(), m);

@@ -61,6 +61,20 @@ pub(crate) struct Config {
     pub credentials: Option<crate::sys::Credentials>,
     /// What an upgrade starts: the program and its arguments.
     pub upgrade_exec: (PathBuf, Vec<OsString>),
+    /// A slot whose workers fail more than this often within
+    /// `restart_window` is not restarted any more (`None`: never gives up).
+    pub max_restarts: Option<u32>,
+    pub restart_window: Duration,
+    /// Recycling: a library worker asks to be replaced after this many
+    /// requests, plus up to `max_requests_jitter` more.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    /// Recycling: a worker whose RSS passes this is replaced.
+    pub max_memory: Option<u64>,
+    /// `--on-event`: a shell command run for each lifecycle event.
+    pub on_event: Option<String>,
+    /// `--log-file`: where the daemon's stream goes, reopened on request.
+    pub log_file: Option<PathBuf>,
 }
 
 /// The dashboard's token: never printed by `Debug`.
@@ -94,6 +108,12 @@ fn read_token(path: &Path) -> Result<Token> {
     }
     Ok(Token(token.to_string()))
 }
+/// Default of [`ClusterWatcherBuilder::max_restarts`]: failures a slot
+/// may have within [`DEFAULT_RESTART_WINDOW`] before it gives up.
+pub const DEFAULT_MAX_RESTARTS: u32 = 10;
+
+/// Default of the window of [`ClusterWatcherBuilder::max_restarts`].
+pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(300);
 
 impl Config {
     /// The defaults, running `command` (program, arguments, environment and
@@ -141,6 +161,13 @@ impl Config {
             group: None,
             credentials: None,
             upgrade_exec: super::upgrade::own_command(),
+            max_restarts: Some(DEFAULT_MAX_RESTARTS),
+            restart_window: DEFAULT_RESTART_WINDOW,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_memory: None,
+            on_event: None,
+            log_file: None,
         }
     }
 
@@ -290,7 +317,7 @@ impl ClusterWatcherBuilder {
 
     /// Serve Prometheus metrics on `GET http://ADDR/metrics` (see the
     /// README for the series). An address that cannot be bound makes
-    /// [`start`](ClusterWatcher::start) fail.
+    /// [`start`](super::ClusterWatcher::start) fail.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.config.metrics = Some(addr);
         self
@@ -495,6 +522,68 @@ impl ClusterWatcherBuilder {
     /// [`build`](Self::build) fail with [`Error::is_config`].
     pub fn allow_bind(mut self, pattern: impl Into<String>) -> Self {
         self.config.allow_bind.push(pattern.into());
+        self
+    }
+
+    /// Crash-loop limit: a slot whose workers fail (exit or crash before
+    /// they served for the backoff reset time, or cannot be started) more
+    /// than `max` times within `window` is not restarted any more; it is
+    /// reported as `failed` by `cluster status` (which then exits 5), in
+    /// the metrics and the log, and a rolling restart starts it again.
+    /// `None` restarts forever. Default: [`DEFAULT_MAX_RESTARTS`] within
+    /// [`DEFAULT_RESTART_WINDOW`].
+    ///
+    /// ```no_run
+    /// # fn build() -> Result<(), cluster::Error> {
+    /// use std::time::Duration;
+    /// let watcher = cluster::ClusterWatcher::builder(std::process::Command::new("./srv"))
+    ///     .max_restarts(Some(5), Duration::from_secs(60))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_restarts(mut self, max: Option<u32>, window: Duration) -> Self {
+        self.config.max_restarts = max;
+        self.config.restart_window = window;
+        self
+    }
+
+    /// Recycling, like gunicorn's `--max-requests`: a worker that uses the
+    /// library asks to be replaced after serving `n` requests (connections
+    /// accepted through [`Listener`](crate::Listener)) plus a random
+    /// `0..=jitter` more, so workers do not all recycle at once. The
+    /// replacement goes through the rolling-restart path: it is started and
+    /// ready before the old worker drains.
+    pub fn max_requests(mut self, n: u64, jitter: u64) -> Self {
+        self.config.max_requests = Some(n).filter(|&n| n > 0);
+        self.config.max_requests_jitter = jitter;
+        self
+    }
+
+    /// Recycling, like PM2's `max_memory_restart`: a worker whose resident
+    /// memory (`VmRSS`) passes `bytes` is replaced through the
+    /// rolling-restart path (checked every second).
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.config.max_memory = Some(bytes).filter(|&b| b > 0);
+        self
+    }
+
+    /// Run `command` (through `sh -c`) for each lifecycle event: a worker
+    /// crashed, a slot gave up after [`max_restarts`](Self::max_restarts),
+    /// a worker was recycled, a rolling restart failed, the watcher
+    /// started or is stopping. The event is a JSON object on the command's
+    /// stdin and in `CLUSTER_EVENT_JSON`; its name is in `CLUSTER_EVENT`.
+    /// Commands run one at a time, at most 30 s each; events beyond 64
+    /// waiting are dropped with a warning.
+    pub fn on_event(mut self, command: impl Into<String>) -> Self {
+        self.config.on_event = Some(command.into());
+        self
+    }
+
+    /// The file the watcher's stderr was redirected to (`cluster --daemon
+    /// --log-file`): `cluster reopen-logs` reopens it (after logrotate
+    /// moved it) and `cluster logs` reads it.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.log_file = Some(path.into());
         self
     }
 

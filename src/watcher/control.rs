@@ -15,6 +15,7 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use super::event::{Command, CommandSender, Scale};
+use super::process::signal_name;
 use super::procfs;
 use super::sampler::Sampler;
 use crate::control::{Request, Response, WorkerStatus};
@@ -315,6 +316,43 @@ pub(crate) async fn status(
             cpu[i] = v;
         }
     }
+    let mut workers: Vec<WorkerStatus> = report
+        .workers
+        .into_iter()
+        .zip(cpu)
+        .map(|(w, cpu_percent)| WorkerStatus {
+            slot: w.slot,
+            context_id: w.context_id,
+            pid: w.pid,
+            state: w.state.to_string(),
+            uptime_secs: w.uptime.as_secs_f64(),
+            restarts: w.restarts,
+            rss_bytes: procfs::rss_bytes(w.pid),
+            cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
+            cpu_percent,
+            last_exit: w.last_exit,
+            last_exit_code: w.last_exit_code,
+            last_exit_signal: w.last_exit_signal.map(signal_name),
+            next_start_secs: None,
+        })
+        .collect();
+    let gave_up = report.idle.iter().any(|s| s.gave_up);
+    workers.extend(report.idle.into_iter().map(|s| WorkerStatus {
+        slot: s.slot,
+        context_id: 0,
+        pid: 0,
+        state: if s.gave_up { "failed" } else { "backoff" }.into(),
+        uptime_secs: 0.0,
+        restarts: s.restarts,
+        rss_bytes: None,
+        cpu_seconds: None,
+        cpu_percent: None,
+        last_exit: s.last_exit,
+        last_exit_code: s.last_exit_code,
+        last_exit_signal: s.last_exit_signal.map(signal_name),
+        next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+    }));
+    workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
     Some(Response {
         workers_wanted: Some(report.wanted),
         version: Some(env!("CARGO_PKG_VERSION").to_string()),
@@ -322,24 +360,13 @@ pub(crate) async fn status(
             .started_at
             .map(crate::jobs::cli_support::format_rfc3339),
         uptime_secs: Some(report.uptime.as_secs_f64()),
+        workers_ready: Some(report.ready),
+        degraded: report.ready < report.wanted || gave_up,
+        program: Some(report.program),
+        addresses: report.addresses,
+        log_file: report.log_file.map(|p| p.display().to_string()),
         jobs,
-        workers: report
-            .workers
-            .into_iter()
-            .zip(cpu)
-            .map(|(w, cpu_percent)| WorkerStatus {
-                slot: w.slot,
-                context_id: w.context_id,
-                pid: w.pid,
-                state: w.state.to_string(),
-                uptime_secs: w.uptime.as_secs_f64(),
-                restarts: w.restarts,
-                rss_bytes: procfs::rss_bytes(w.pid),
-                cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
-                cpu_percent,
-                last_exit: w.last_exit,
-            })
-            .collect(),
+        workers,
         ..success()
     })
 }
@@ -359,6 +386,11 @@ async fn handle(request: Request, commands: &CommandSender, sampler: Option<&Sam
                 None => gone(),
             }
         }
+        Request::ReopenLogs => match ask(commands, Command::ReopenLogs).await {
+            Some(Ok(())) => success(),
+            Some(Err(e)) => failure(e.to_string()),
+            None => gone(),
+        },
         Request::Stop => {
             tracing::info!("stop requested");
             if commands.send(Command::Stop { timeout: None }).is_err() {

@@ -88,6 +88,11 @@ pub(crate) enum Command {
         reply: oneshot::Sender<JobsStatus>,
         counts: bool,
     },
+    /// Replace one ready worker through the rolling-restart path
+    /// (`--max-memory`, `--max-requests`); `why` is logged.
+    Recycle { context_id: u64, why: String },
+    /// Reopen the log file (`--log-file`) after logrotate moved it.
+    ReopenLogs(oneshot::Sender<Result<()>>),
 }
 
 /// Where requests to the supervisor go.

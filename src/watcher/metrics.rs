@@ -81,6 +81,24 @@ pub(crate) fn render(s: &Snapshot) -> String {
 
     family(
         &mut out,
+        "cluster_slot_gave_up",
+        "gauge",
+        "1 for a slot that crashed more than --max-restarts times within --restart-window and is not restarted.",
+    );
+    for (slot, _, _) in &s.slots {
+        let up = u8::from(s.gave_up.contains(slot));
+        let _ = writeln!(out, "cluster_slot_gave_up{{slot=\"{slot}\"}} {up}");
+    }
+    family(
+        &mut out,
+        "cluster_workers_recycled_total",
+        "counter",
+        "Workers replaced for --max-requests or --max-memory.",
+    );
+    let _ = writeln!(out, "cluster_workers_recycled_total {}", s.recycled);
+
+    family(
+        &mut out,
         "cluster_log_records_total",
         "counter",
         "Log records and output lines from workers queued for the log stream.",
@@ -167,6 +185,8 @@ mod tests {
             log_dropped: 4,
             messages_in: 5,
             messages_out: 6,
+            gave_up: vec![2],
+            recycled: 7,
         };
         let text = render(&s);
         for line in [
@@ -176,6 +196,9 @@ mod tests {
             "cluster_worker_restarts_total{slot=\"1\"} 2",
             "cluster_worker_crashes_total{slot=\"1\"} 1",
             "cluster_reloads_total{result=\"ok\"} 3",
+            "cluster_slot_gave_up{slot=\"1\"} 0",
+            "cluster_slot_gave_up{slot=\"2\"} 1",
+            "cluster_workers_recycled_total 7",
             "cluster_reloads_total{result=\"failed\"} 1",
             "cluster_log_records_total 10",
             "cluster_log_records_dropped_total 4",

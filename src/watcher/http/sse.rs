@@ -36,15 +36,16 @@ const BUFFER: usize = 4;
 const POLL: Duration = Duration::from_millis(250);
 
 /// What counts as a change of the workers: each one's slot, pid and state,
-/// and the number wanted.
+/// the number wanted, and the slots waiting to respawn or given up.
 #[derive(PartialEq, Eq)]
-struct Shape(usize, Vec<(u32, u32, WorkerState)>);
+struct Shape(usize, Vec<(u32, u32, WorkerState)>, Vec<(u32, bool)>);
 
 impl Shape {
     fn of(r: &StatusReport) -> Shape {
         Shape(
             r.wanted,
             r.workers.iter().map(|w| (w.slot, w.pid, w.state)).collect(),
+            r.idle.iter().map(|s| (s.slot, s.gave_up)).collect(),
         )
     }
 }

@@ -16,6 +16,7 @@
 //! paused time.
 
 mod dispatch;
+mod health;
 mod listeners;
 mod reload;
 mod services;
@@ -36,7 +37,8 @@ use crate::ipc::RecvError;
 use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
-use crate::watcher::process::Launcher;
+use crate::watcher::hooks::{event_fields, HOOK_TIMEOUT};
+use crate::watcher::process::{signal_name, Launcher};
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
 use crate::watcher::systemd::{self, Notifier};
 use crate::watcher::upgrade::Inherited;
@@ -62,6 +64,10 @@ struct Counters {
     drop_report_at: Option<Instant>,
     /// Records workers reported dropping from their own queues.
     worker_log_drops: u64,
+    /// Workers replaced for `--max-requests` or `--max-memory`.
+    recycled: u64,
+    /// Failed reloads already told to the `--on-event` hook.
+    reloads_failed_told: u64,
 }
 
 /// How often dropped messages are reported at most.
@@ -218,6 +224,10 @@ impl Supervisor {
             // Nothing to wait for (per-job processes only).
             self.all_ready();
         }
+        self.services.hooks.emit(
+            "watcher_started",
+            event_fields!("workers" => self.pool.slots.len(), "program" => std::path::Path::new(&self.ctx.config.program).display().to_string()),
+        );
         tracing::debug!(
             "started {} worker(s) of {}",
             self.pool.slots.len(),
@@ -248,6 +258,7 @@ impl Supervisor {
                     self.takeover_timer().await;
                 }
             }
+            self.report_reload_failures();
         }
         self.counters.report_drops();
         if let Some(jobs) = &mut self.services.jobs {
@@ -261,11 +272,15 @@ impl Supervisor {
         } else {
             self.listeners.shutdown();
         }
+        let mut hooks = std::mem::take(&mut self.services.hooks);
         drop(std::mem::take(&mut self.services));
+        // The job store and every file are free: the new watcher may run
+        // jobs before this one's last hooks are done.
+        self.upgrades.released();
+        hooks.finish(HOOK_TIMEOUT).await;
         match (self.failure.take(), upgraded) {
             (Some(e), _) => Outcome::Failed(e),
             (None, Some(pid)) => {
-                self.upgrades.released();
                 tracing::info!("all workers stopped; the new watcher (pid {pid}) runs on");
                 Outcome::Upgraded(pid)
             }
@@ -308,7 +323,18 @@ impl Supervisor {
                     wanted: self.pool.slots.len(),
                     started_at: Some(self.started_at),
                     uptime: self.started.elapsed(),
+                    ready: self.pool.ready_slots(),
+                    idle: self.pool.idle_slots(),
+                    program: std::path::Path::new(&self.ctx.config.program)
+                        .display()
+                        .to_string(),
+                    addresses: self.listeners.addresses(),
+                    log_file: self.ctx.config.log_file.clone(),
                 });
+            }
+            Command::Recycle { context_id, why } => self.recycle(context_id, &why),
+            Command::ReopenLogs(reply) => {
+                let _ = reply.send(self.reopen_logs());
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -483,7 +509,18 @@ impl Supervisor {
         }
         let why = format!("(pid {pid}) {how}");
         let kind = respawn_kind(&exit, self.ctx.config.backoff_reset);
-        self.pool.schedule_respawn(&self.ctx, slot, &why, kind);
+        let (code, signal) = self
+            .pool
+            .slot(slot)
+            .map(|s| (s.last_exit_code, s.last_exit_signal))
+            .unwrap_or_default();
+        self.services.hooks.emit(
+            "worker_crashed",
+            event_fields!("slot" => slot, "pid" => pid, "how" => how, "code" => code, "signal" => signal.map(signal_name)),
+        );
+        if self.pool.schedule_respawn(&self.ctx, slot, &why, kind) {
+            self.gave_up(slot, how);
+        }
     }
 
     /// A user message to one worker, or to every worker not stopping.
@@ -527,6 +564,10 @@ impl Supervisor {
             log_dropped: output_drops + self.counters.worker_log_drops,
             messages_in: self.counters.messages_in,
             messages_out: self.counters.messages_out,
+            gave_up: (1..=self.pool.slots.len() as u32)
+                .filter(|&n| self.pool.slot(n).is_some_and(|s| s.gave_up))
+                .collect(),
+            recycled: self.counters.recycled,
         }
     }
 
@@ -549,6 +590,11 @@ impl Supervisor {
                         .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
                 }
             }
+            let why = self.failure.as_ref().map(|e| e.to_string());
+            self.services.hooks.emit(
+                "watcher_stopping",
+                event_fields!("error" => why, "upgraded_to" => self.upgrades.handed_to()),
+            );
         }
         self.stopping = true;
         self.reloads.abort();

@@ -26,8 +26,10 @@ use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
+use crate::watcher::hooks::Hooks;
 use crate::watcher::http;
 use crate::watcher::process;
+use crate::watcher::recycle::MemoryWatch;
 use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
@@ -57,6 +59,10 @@ pub(crate) struct Services {
     pid_file: Option<PidFile>,
     /// When `WATCHDOG=1` is due next.
     pub watchdog_at: Option<Instant>,
+    /// `--on-event`.
+    pub hooks: Hooks,
+    /// `--max-memory`.
+    memory: Option<MemoryWatch>,
 }
 
 /// Takes the pid file at `path`, killing what a previous watcher that died
@@ -113,14 +119,19 @@ impl Services {
         ready: watch::Receiver<bool>,
         deferred: bool,
     ) -> Result<Services> {
+        let sampler = Sampler::start(commands.clone());
         let mut services = Services {
-            sampler: Some(Sampler::start(commands.clone())),
+            sampler: Some(sampler.clone()),
+            hooks: Hooks::start(config.on_event.as_deref()),
             ..Services::default()
         };
+        // Both watchers of an upgrade watch their own workers' memory.
+        if let Some(limit) = config.max_memory {
+            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
+        }
         if deferred {
             return Ok(services);
         }
-        let sampler = services.sampler.clone().expect("started above");
         if let Some(path) = &config.pid_file {
             services.pid_file = Some(acquire_pid_file(path)?);
         }

@@ -125,6 +125,7 @@ function sparkline(values, max) {
 function remember(workers) {
   const live = new Set();
   for (const w of workers) {
+    if (!w.pid) continue;
     live.add(w.pid);
     let h = history_.get(w.pid);
     if (!h) { h = { cpu: [], rss: [] }; history_.set(w.pid, h); }
@@ -145,16 +146,19 @@ function drawWorkers(s) {
     const cpu = w.cpu_percent == null ? '–' : w.cpu_percent.toFixed(1) + '%';
     body.append(el('tr', { 'data-slot': w.slot, 'data-pid': w.pid },
       el('td', { 'data-label': 'slot' }, w.slot),
-      el('td', { 'data-label': 'pid' }, w.pid),
+      el('td', { 'data-label': 'pid' }, w.pid || '–'),
       el('td', { 'data-label': 'state' }, pill(w.state)),
-      el('td', { 'data-label': 'uptime' }, duration(w.uptime_secs)),
+      el('td', { 'data-label': 'uptime' }, w.pid ? duration(w.uptime_secs)
+        : w.next_start_secs != null ? `starts in ${duration(w.next_start_secs)}` : '–'),
       el('td', { 'data-label': 'restarts' }, w.restarts),
       el('td', { 'data-label': 'CPU' }, cpu, sparkline(h.cpu, 100)),
       el('td', { 'data-label': 'memory' }, bytes(w.rss_bytes), sparkline(h.rss)),
       el('td', { 'data-label': 'last exit', class: 'wrap' }, w.last_exit || '–'),
     ));
   }
-  $('worker-count').textContent = `${workers.length} running, ${s.workers_wanted} wanted`;
+  const running = workers.filter((w) => w.pid).length;
+  $('worker-count').textContent = `${running} running, ${s.workers_wanted} wanted` + (s.degraded ? ' · degraded' : '');
+  $('program').textContent = s.program ? `${s.program}${(s.addresses || []).length ? ' on ' + s.addresses.join(', ') : ''}` : '';
   $('watcher').textContent = `watcher pid ${s.pid}`;
   const to = $('scale-to');
   if (document.activeElement !== to) to.value = s.workers_wanted;
