@@ -25,6 +25,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use super::event::{Outbound, OutboundSender, MAX_QUEUED_FDS};
+use super::upgrade::ConnForward;
 use crate::ipc::message::ToWorker;
 use crate::listener::Listener;
 use crate::socket::{Address, PeerAddr};
@@ -295,6 +296,8 @@ pub(crate) struct Balancer {
     pool: Arc<Mutex<Pool>>,
     wake: Arc<Notify>,
     task: JoinHandle<()>,
+    /// Where what it holds goes once it forwards (a watcher upgrade).
+    forward: Option<(Address, Arc<ConnForward>)>,
 }
 
 impl Drop for Balancer {
@@ -328,7 +331,43 @@ impl Balancer {
             pool,
             wake,
             task,
+            forward: None,
         })
+    }
+
+    /// Stops accepting and sends every connection it holds or gets back
+    /// from now on (waiting for a worker, given back by a draining worker,
+    /// left unaccepted by one that exited) to the new watcher of an
+    /// upgrade, whose balancer accepts on the same listener. Nothing more
+    /// is handed to this watcher's workers.
+    pub(crate) fn forward(&mut self, address: &Address, to: Arc<ConnForward>) {
+        self.task.abort();
+        let (pool, wake) = (self.pool.clone(), self.wake.clone());
+        let (addr, sink) = (address.clone(), to.clone());
+        self.task = tokio::spawn(async move {
+            loop {
+                forward_pending(&pool, &addr, &sink);
+                let _ = tokio::time::timeout(Duration::from_millis(100), wake.notified()).await;
+            }
+        });
+        self.forward = Some((address.clone(), to));
+    }
+
+    /// Forwards what is left now (the watcher is about to exit).
+    pub(crate) fn flush(&self) {
+        if let Some((addr, to)) = &self.forward {
+            forward_pending(&self.pool, addr, to);
+        }
+    }
+
+    /// A connection the old watcher of an upgrade accepted: it goes to a
+    /// worker before new ones.
+    pub(crate) fn inject(&self, fd: OwnedFd, peer: String) {
+        let ip = peer.parse::<std::net::SocketAddr>().ok().map(|a| a.ip());
+        self.with_pool(|pool| {
+            pool.pending.push_back(Accepted { fd, ip, peer });
+            true
+        });
     }
 
     /// A duplicate of the listener it accepts on.
@@ -419,6 +458,25 @@ impl Balancer {
             pool.remove(context_id);
             !pool.pending.is_empty()
         });
+    }
+}
+
+/// Sends the connections waiting in `pool` to the new watcher.
+fn forward_pending(pool: &Mutex<Pool>, addr: &Address, to: &ConnForward) {
+    let batch: Vec<Accepted> = match pool.lock() {
+        Ok(mut p) => p.pending.drain(..).collect(),
+        Err(_) => return,
+    };
+    let n = batch.len();
+    for a in batch {
+        if let Err(e) = to.send(addr, &a.fd, &a.peer) {
+            tracing::warn!(
+                "upgrade: cannot hand a connection on {addr} to the new watcher: {e}; closed"
+            );
+        }
+    }
+    if n > 0 {
+        tracing::debug!("upgrade: handed {n} connection(s) on {addr} to the new watcher");
     }
 }
 

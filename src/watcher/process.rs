@@ -152,9 +152,10 @@ impl Launcher for Processes {
 
 /// Forks and execs the new watcher of an upgrade: the binary and arguments
 /// of `plan`, `CLUSTER_UPGRADE` describing what it inherits, every
-/// descriptor of the plan and one end of the link kept open across `exec`,
-/// stdio shared with this watcher. It gets no parent-death signal and stays
-/// in this process group: it outlives this watcher. A task reads the link
+/// descriptor of the plan and one end of the link and of the connection
+/// link kept open across `exec`, stdio shared with this watcher. It gets no
+/// parent-death signal and stays in this process group: it outlives this
+/// watcher. A task reads the link
 /// and another waits for its exit (after the link's EOF, bounded).
 fn spawn_watcher(plan: Plan, events: &EventSender) -> Result<NewWatcher> {
     let err = |e: std::io::Error| {
@@ -166,7 +167,8 @@ fn spawn_watcher(plan: Plan, events: &EventSender) -> Result<NewWatcher> {
     };
     let (ours, theirs) = upgrade::link_pair().map_err(err)?;
     let (link, reader) = upgrade::split(ours).map_err(err)?;
-    let (description, keep) = plan.describe(theirs.as_raw_fd());
+    let (conns, conns_theirs) = upgrade::conns_pair().map_err(err)?;
+    let (description, keep) = plan.describe(theirs.as_raw_fd(), conns_theirs.as_raw_fd());
     let mut cmd = tokio::process::Command::new(&plan.program);
     cmd.args(&plan.args)
         .env(upgrade::ENV, description)
@@ -177,7 +179,7 @@ fn spawn_watcher(plan: Plan, events: &EventSender) -> Result<NewWatcher> {
     sys::prepare_upgrade_exec(&mut cmd, keep);
     let (mut child, pid) = spawn_registered(&mut cmd).map_err(err)?;
     // The child has its copies; ours close now.
-    drop((theirs, plan));
+    drop((theirs, conns_theirs, plan));
     let tx = events.clone();
     let read = tokio::spawn(upgrade::read_link::<ToOld>(reader, move |msg| {
         let _ = tx.send(Event::Upgrade(UpgradeEvent::FromNew { pid, msg }));
@@ -192,7 +194,11 @@ fn spawn_watcher(plan: Plan, events: &EventSender) -> Result<NewWatcher> {
             status: status.ok(),
         }));
     });
-    Ok(NewWatcher { pid, link })
+    Ok(NewWatcher {
+        pid,
+        link,
+        conns: std::sync::Arc::new(upgrade::ConnForward::new(conns)),
+    })
 }
 
 /// Sends `sig` to the process group led by worker `pid`.

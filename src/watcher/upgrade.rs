@@ -14,7 +14,12 @@
 //! * its pid file's locked descriptor, its control socket and the
 //!   `--metrics` and `--http` listeners, which the new watcher uses only
 //!   once the old one commits;
-//! * one end of a stream socketpair, the *link*.
+//! * one end of a stream socketpair, the *link*, and one end of a
+//!   `SOCK_SEQPACKET` pair, the *connection link*: in the balanced modes
+//!   the old watcher accepted connections itself, and those it holds when
+//!   it commits (waiting for a worker, or given back by its draining
+//!   workers) go over it, one per datagram with its address, to the new
+//!   watcher's balancer for that address instead of being dropped.
 //!
 //! `CLUSTER_UPGRADE` describes them as one JSON object (the format number,
 //! the old watcher's pid, the link, the number of workers, each descriptor
@@ -29,16 +34,19 @@
 
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 
 use crate::error::{Error, Kind, Result};
+use crate::ipc::{self, codec, Channel};
 use crate::socket::Address;
 use crate::watcher::systemd;
 
@@ -50,6 +58,10 @@ const FORMAT: u32 = 1;
 
 /// Longest line either side sends on the link.
 const MAX_LINE: u64 = 4096;
+
+/// How long forwarding one connection may wait for room in the
+/// connection link before the connection is closed.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What kind of listener a handed-over descriptor is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +109,8 @@ struct State {
     format: u32,
     parent: u32,
     link: RawFd,
+    #[serde(default)]
+    conns: Option<RawFd>,
     workers: usize,
     #[serde(default)]
     pid_file: Option<RawFd>,
@@ -120,14 +134,16 @@ struct ListenerEntry {
 }
 
 impl Plan {
-    /// The value of [`ENV`] for a child that gets `link` and this plan's
-    /// descriptors at their numbers, and every number it must keep open.
-    pub(crate) fn describe(&self, link: RawFd) -> (String, Vec<RawFd>) {
+    /// The value of [`ENV`] for a child that gets `link`, `conns` (the
+    /// connection link) and this plan's descriptors at their numbers, and
+    /// every number it must keep open.
+    pub(crate) fn describe(&self, link: RawFd, conns: RawFd) -> (String, Vec<RawFd>) {
         let raw = |fd: &Option<OwnedFd>| fd.as_ref().map(|f| f.as_raw_fd());
         let state = State {
             format: FORMAT,
             parent: std::process::id(),
             link,
+            conns: Some(conns),
             workers: self.workers,
             pid_file: raw(&self.pid_file),
             control: raw(&self.control),
@@ -144,7 +160,7 @@ impl Plan {
                 })
                 .collect(),
         };
-        let mut keep = vec![link];
+        let mut keep = vec![link, conns];
         keep.extend(
             [&state.pid_file, &state.control, &state.metrics, &state.http]
                 .into_iter()
@@ -190,6 +206,8 @@ pub(crate) struct Inherited {
     /// The old watcher's pid.
     pub parent: u32,
     pub link: OwnedFd,
+    /// The connection link (an old watcher of this build always sends one).
+    pub conns: Option<OwnedFd>,
     pub workers: usize,
     pub pid_file: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
@@ -231,9 +249,15 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
     }
     let mut numbers: Vec<RawFd> = vec![state.link];
     numbers.extend(
-        [state.pid_file, state.control, state.metrics, state.http]
-            .into_iter()
-            .flatten(),
+        [
+            state.conns,
+            state.pid_file,
+            state.control,
+            state.metrics,
+            state.http,
+        ]
+        .into_iter()
+        .flatten(),
     );
     numbers.extend(state.listeners.iter().map(|l| l.fd));
     let mut sorted = numbers.clone();
@@ -247,6 +271,7 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
     };
     let opt = |n: Option<RawFd>, what: &str| n.map(|n| take(n, what)).transpose();
     let link = take(state.link, "the link")?;
+    let conns = opt(state.conns, "the connection link")?;
     let pid_file = opt(state.pid_file, "the pid file")?;
     let control = opt(state.control, "the control socket")?;
     let metrics = opt(state.metrics, "the metrics listener")?;
@@ -268,6 +293,7 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
     Ok(Some(Inherited {
         parent: state.parent,
         link,
+        conns,
         workers: state.workers,
         pid_file,
         control,
@@ -313,6 +339,13 @@ pub(crate) enum UpgradeEvent {
     FromOld(ToNew),
     /// In the new watcher: the link closed (the old watcher exited).
     OldGone,
+    /// In the new watcher: a connection the old one accepted, for the
+    /// balancer of `addr`.
+    Connection {
+        addr: Address,
+        peer: String,
+        fd: OwnedFd,
+    },
 }
 
 /// The writing end of a link: one JSON line per message.
@@ -344,6 +377,109 @@ impl std::fmt::Debug for LinkTx {
 pub(crate) struct NewWatcher {
     pub pid: u32,
     pub link: LinkTx,
+    /// Where the connections this watcher's balancers hold go.
+    pub conns: Arc<ConnForward>,
+}
+
+/// One connection on the connection link (its descriptor rides along).
+#[derive(Debug, Serialize, Deserialize)]
+struct Forwarded {
+    /// The address the workers asked for, as the balancers know it.
+    addr: String,
+    /// The client's address, as the balancer printed it.
+    peer: String,
+}
+
+/// The old watcher's end of the connection link.
+#[derive(Debug)]
+pub(crate) struct ConnForward {
+    fd: OwnedFd,
+}
+
+impl ConnForward {
+    pub(crate) fn new(fd: OwnedFd) -> ConnForward {
+        ConnForward { fd }
+    }
+
+    /// Sends connection `fd` from `peer`, accepted on `addr`, to the new
+    /// watcher. Waits at most [`FORWARD_TIMEOUT`] for room (the new
+    /// watcher reads at once; a datagram is a few dozen bytes); the caller
+    /// closes `fd` either way.
+    ///
+    /// # Errors
+    ///
+    /// The socket's error: the new watcher is gone or does not read.
+    pub(crate) fn send(&self, addr: &Address, fd: &OwnedFd, peer: &str) -> io::Result<()> {
+        let msg = Forwarded {
+            addr: addr.to_string(),
+            peer: peer.to_string(),
+        };
+        let bytes = codec::encode(&msg).map_err(|e| io::Error::other(e.to_string()))?;
+        let deadline = Instant::now() + FORWARD_TIMEOUT;
+        loop {
+            match crate::sys::send_with_fds(self.fd.as_fd(), &bytes, &[fd.as_fd()]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(io::Error::from(io::ErrorKind::TimedOut));
+                    }
+                    let ms = u16::try_from(left.as_millis().max(1)).unwrap_or(u16::MAX);
+                    let mut poll = [nix::poll::PollFd::new(
+                        self.fd.as_fd(),
+                        nix::poll::PollFlags::POLLOUT,
+                    )];
+                    match nix::poll::poll(&mut poll, nix::poll::PollTimeout::from(ms)) {
+                        Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+/// A pair for a connection link (`SOCK_SEQPACKET`, both ends close-on-exec).
+pub(crate) fn conns_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    ipc::pair()
+}
+
+/// Reads connections from the old watcher until the connection link
+/// closes, handing each to `on`. A datagram that is not one connection
+/// with one descriptor is logged and dropped (its descriptors closed).
+/// Must be called within a tokio runtime.
+pub(crate) async fn read_conns(fd: OwnedFd, mut on: impl FnMut(Address, String, OwnedFd)) {
+    let channel = match Channel::new(fd) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!("upgrade: cannot read the connection link: {e}");
+            return;
+        }
+    };
+    let mut buf = Vec::new();
+    loop {
+        match channel.recv::<Forwarded>(&mut buf).await {
+            Ok((msg, fds)) => {
+                let addr = Address::parse(&msg.addr);
+                match (addr, <[OwnedFd; 1]>::try_from(fds)) {
+                    (Ok(addr), Ok([fd])) => on(addr, msg.peer, fd),
+                    _ => tracing::warn!(
+                        "upgrade: a malformed connection from the old watcher ({:?}); closed",
+                        msg.addr
+                    ),
+                }
+            }
+            Err(ipc::RecvError::Closed) => return,
+            Err(e) => {
+                tracing::warn!("upgrade: connection link: {e}");
+                if matches!(e, ipc::RecvError::Io(_)) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// A socketpair for a link (both ends close-on-exec).
@@ -423,14 +559,15 @@ mod tests {
             http: None,
             env_remove: Vec::new(),
         };
-        let (json, keep) = plan.describe(b.as_raw_fd());
+        let (json, keep) = plan.describe(b.as_raw_fd(), 99);
         let state: State = serde_json::from_str(&json).unwrap();
         assert_eq!(state.format, FORMAT);
         assert_eq!(state.workers, 3);
         assert_eq!(state.parent, std::process::id());
         assert_eq!(state.listeners[0].addr, "127.0.0.1:0");
-        assert_eq!(keep.len(), 3);
-        assert!(keep.contains(&b.as_raw_fd()));
+        assert_eq!(state.conns, Some(99));
+        assert_eq!(keep.len(), 4);
+        assert!(keep.contains(&b.as_raw_fd()) && keep.contains(&99));
     }
 
     #[tokio::test]
@@ -445,5 +582,31 @@ mod tests {
         let mut got = Vec::new();
         read_link::<ToOld>(rx, |m| got.push(m)).await;
         assert_eq!(got, vec![ToOld::Ready, ToOld::Failed { why: "x".into() }]);
+    }
+
+    #[tokio::test]
+    async fn connections_cross_the_connection_link_with_their_address() {
+        let (a, b) = conns_pair().unwrap();
+        let tx = ConnForward::new(a);
+        let (mine, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let addr = Address::parse("127.0.0.1:8080").unwrap();
+        tx.send(&addr, &OwnedFd::from(theirs), "10.0.0.1:5000")
+            .unwrap();
+        // A datagram without a descriptor is dropped, the link goes on.
+        crate::sys::send_with_fds(tx.fd.as_fd(), b"\x00\x00", &[]).unwrap();
+        let (a2, _keep) = std::os::unix::net::UnixStream::pair().unwrap();
+        tx.send(&addr, &OwnedFd::from(a2), "10.0.0.2:5000").unwrap();
+        drop(tx);
+        let mut got = Vec::new();
+        read_conns(b, |addr, peer, fd| got.push((addr.to_string(), peer, fd))).await;
+        assert_eq!(got.len(), 2);
+        assert_eq!(got[0].0, "127.0.0.1:8080");
+        assert_eq!(got[0].1, "10.0.0.1:5000");
+        // The descriptor is the same socket: what is written arrives.
+        let mut s = std::os::unix::net::UnixStream::from(got.remove(0).2);
+        s.write_all(b"hi").unwrap();
+        let mut buf = [0u8; 2];
+        std::io::Read::read_exact(&mut &mine, &mut buf).unwrap();
+        assert_eq!(&buf, b"hi");
     }
 }

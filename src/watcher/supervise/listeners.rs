@@ -25,7 +25,7 @@ use crate::watcher::bind_policy::BindPolicy;
 use crate::watcher::event::OutboundSender;
 use crate::watcher::procfs;
 use crate::watcher::systemd::{self, Activated};
-use crate::watcher::upgrade::{HandedListener, ListenerKind};
+use crate::watcher::upgrade::{ConnForward, HandedListener, ListenerKind};
 
 /// Listening sockets the watcher holds at most (every mode and address).
 pub(crate) const MAX_LISTENERS: usize = 1024;
@@ -78,6 +78,8 @@ pub(crate) struct Listeners {
     /// Balanced-mode listeners an old watcher handed over, started as
     /// balancers on the first request.
     adopted_balanced: HashMap<Address, OwnedFd>,
+    /// The balancers forward to the new watcher of an upgrade.
+    forwarding: bool,
 }
 
 impl Listeners {
@@ -100,6 +102,7 @@ impl Listeners {
             unheld_since: HashMap::new(),
             asked: HashMap::new(),
             adopted_balanced: HashMap::new(),
+            forwarding: false,
         }
     }
 
@@ -187,9 +190,34 @@ impl Listeners {
         }
     }
 
+    /// The new watcher of an upgrade serves: the balancers stop accepting
+    /// and send what they hold, and what draining workers give back, to it.
+    /// No listener is closed for want of a holder from now on.
+    pub(crate) fn forward(&mut self, to: &Arc<ConnForward>) {
+        self.forwarding = true;
+        for (addr, b) in &mut self.balancers {
+            b.forward(addr, to.clone());
+        }
+    }
+
+    /// In the new watcher of an upgrade: a connection the old one accepted
+    /// on `addr`. Closed when no worker here asked for `addr`.
+    pub(crate) fn inject(&self, addr: &Address, fd: OwnedFd, peer: String) {
+        match self.balancers.get(addr) {
+            Some(b) => b.inject(fd, peer),
+            None => tracing::warn!(
+                "upgrade: the old watcher handed over a connection on {addr}, where no worker listens; closed"
+            ),
+        }
+    }
+
     /// The new watcher of an upgrade holds the listeners now: forget them
-    /// without removing Unix socket files (they are its files).
+    /// without removing Unix socket files (they are its files), after the
+    /// balancers sent it what they still held.
     pub(crate) fn hand_over(&mut self) {
+        for b in self.balancers.values() {
+            b.flush();
+        }
         self.shared.clear();
         self.reuseport.clear();
         self.balancers.clear();
@@ -290,6 +318,9 @@ impl Listeners {
     }
 
     pub(crate) fn next_sweep(&self) -> Option<Instant> {
+        if self.forwarding {
+            return None;
+        }
         self.unheld_since.values().min().map(|&t| t + UNUSED_GRACE)
     }
 
@@ -297,6 +328,9 @@ impl Listeners {
     /// The caller sweeps only while every slot's worker is ready: a worker
     /// that is starting may still ask for a listener nobody holds.
     pub(crate) fn sweep(&mut self, now: Instant) {
+        if self.forwarding {
+            return;
+        }
         let due: Vec<Key> = self
             .unheld_since
             .iter()

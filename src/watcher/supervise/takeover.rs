@@ -12,6 +12,9 @@
 //!    inherited locked descriptor: nothing counts as stale, nothing of the
 //!    old watcher is killed), the control socket, the metrics and dashboard
 //!    listeners; systemd's notifier and watchdog from now on; `serving`.
+//!    From then on, the connections the old watcher's balancers still
+//!    held arrive on the connection link and join this watcher's
+//!    balancer for their address.
 //! 3. `released` (or the link's EOF: the old watcher exited): start the job
 //!    dispatcher, which now owns the store, and tell it about the workers
 //!    that registered as job workers meanwhile.
@@ -54,6 +57,8 @@ pub(crate) struct Takeover {
     parent: u32,
     /// The link, until [`Supervisor::start_takeover`] splits it.
     link: Option<OwnedFd>,
+    /// The connection link, until [`Supervisor::start_takeover`] reads it.
+    conns: Option<OwnedFd>,
     tx: Option<LinkTx>,
     handed: Option<HandedServices>,
     /// systemd's notifier, used once this watcher took over.
@@ -73,6 +78,7 @@ impl Takeover {
         let takeover = Takeover {
             parent: inherited.parent,
             link: Some(inherited.link),
+            conns: inherited.conns,
             tx: None,
             handed: Some(HandedServices {
                 pid_file: inherited.pid_file,
@@ -135,6 +141,12 @@ impl Supervisor {
             }
             // The old watcher rolls back when it hears nothing in time.
             Err(e) => tracing::error!("upgrade: cannot use the link to the old watcher: {e}"),
+        }
+        if let Some(fd) = t.conns.take() {
+            let events = self.ctx.events.clone();
+            tokio::spawn(upgrade::read_conns(fd, move |addr, peer, fd| {
+                let _ = events.send(Event::Upgrade(UpgradeEvent::Connection { addr, peer, fd }));
+            }));
         }
     }
 

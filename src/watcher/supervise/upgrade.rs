@@ -8,7 +8,8 @@
 //! 2. `ready`: stop answering the control socket, metrics and dashboard,
 //!    send `commit`, and wait (at most [`COMMIT_TIMEOUT`]) for `serving`.
 //! 3. `serving`: the upgrade succeeded. Tell systemd the new main pid,
-//!    answer the waiters with the new pid, and stop: the workers drain
+//!    answer the waiters with the new pid, turn the balancers (if any)
+//!    into forwarders to the new watcher, and stop: the workers drain
 //!    (running jobs finish, claimed ones are given back), then the
 //!    listeners are forgotten without removing their files, `released` goes
 //!    to the new watcher, and this one exits.
@@ -22,6 +23,7 @@
 
 use std::collections::HashMap;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
@@ -31,7 +33,7 @@ use tokio::time::Instant;
 use super::Supervisor;
 use crate::error::{Error, Kind, Result};
 use crate::watcher::process::describe_exit;
-use crate::watcher::upgrade::{LinkTx, NewWatcher, Plan, ToNew, ToOld, UpgradeEvent};
+use crate::watcher::upgrade::{ConnForward, LinkTx, NewWatcher, Plan, ToNew, ToOld, UpgradeEvent};
 
 /// How long the new watcher has to take over once told to.
 pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +56,7 @@ enum Phase {
 struct Attempt {
     pid: u32,
     link: LinkTx,
+    conns: Arc<ConnForward>,
     phase: Phase,
     deadline: Instant,
     waiters: Vec<Waiter>,
@@ -140,7 +143,7 @@ impl Supervisor {
             .upgrade_plan()
             .and_then(|plan| self.ctx.launcher.spawn_watcher(plan, &self.ctx.events));
         match started {
-            Ok(NewWatcher { pid, link }) => {
+            Ok(NewWatcher { pid, link, conns }) => {
                 let timeout = self.ctx.config.ready_timeout;
                 tracing::info!(
                     "upgrade: started the new watcher {} (pid {pid}); waiting up to {timeout:?} for its workers",
@@ -149,6 +152,7 @@ impl Supervisor {
                 self.upgrades.current = Some(Attempt {
                     pid,
                     link,
+                    conns,
                     phase: Phase::Starting,
                     deadline: Instant::now() + timeout,
                     waiters: done.into_iter().collect(),
@@ -200,6 +204,7 @@ impl Supervisor {
             UpgradeEvent::NewExited { pid, status } => self.new_exited(pid, status),
             UpgradeEvent::FromOld(msg) => self.on_old_says(msg).await,
             UpgradeEvent::OldGone => self.old_gone().await,
+            UpgradeEvent::Connection { addr, peer, fd } => self.listeners.inject(&addr, fd, peer),
         }
     }
 
@@ -241,7 +246,9 @@ impl Supervisor {
                     Phase::Starting => "before its workers were ready",
                     Phase::Committing => "before it took over",
                 };
-                let why = format!("the new watcher (pid {pid}) {how} {when} (see the log above)");
+                let why = format!(
+                    "the new watcher (pid {pid}) {how} {when} (its output is in the watcher's log)"
+                );
                 self.roll_back_upgrade(why, false);
             }
             None if self.upgrades.handed_to() == Some(pid) => {
@@ -268,6 +275,9 @@ impl Supervisor {
         for w in a.waiters {
             let _ = w.send(Ok(pid));
         }
+        // Connections this watcher accepted itself (the balanced modes)
+        // and has not handed to a worker go to the new one from now on.
+        self.listeners.forward(&a.conns);
         self.upgrades.handed_to = Some((pid, a.link));
         self.begin_stop(None);
     }
