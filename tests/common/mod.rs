@@ -185,6 +185,7 @@ pub fn watcher() -> Watcher {
         envs: Vec::new(),
         pid_file: None,
         debug_log: true,
+        binary: None,
     }
 }
 
@@ -197,9 +198,17 @@ pub struct Watcher {
     envs: Vec<(OsString, OsString)>,
     pid_file: Option<PathBuf>,
     debug_log: bool,
+    binary: Option<PathBuf>,
 }
 
 impl Watcher {
+    /// Starts the watcher by `path` (a link to or copy of the `cluster`
+    /// binary) instead of [`cluster_bin`].
+    pub fn binary(mut self, path: impl Into<PathBuf>) -> Self {
+        self.binary = Some(path.into());
+        self
+    }
+
     /// The run's temp dir, for files a test creates before the start.
     pub fn dir(&self) -> &Path {
         self.dir.path()
@@ -286,7 +295,7 @@ impl Watcher {
     pub fn spawn(self) -> Running {
         let stdout = std::fs::File::create(self.dir.path().join("stdout")).unwrap();
         let stderr = std::fs::File::create(self.dir.path().join("stderr")).unwrap();
-        let mut cmd = Command::new(cluster_bin());
+        let mut cmd = Command::new(self.binary.unwrap_or_else(cluster_bin));
         cmd.args(&self.args)
             .stdin(Stdio::null())
             .stdout(stdout)
