@@ -451,3 +451,77 @@ fn status_names_the_watchers_version_and_start_time() {
     let started = v["started_at"].as_str().unwrap();
     assert!(started.ends_with('Z') && started.contains('T'), "{started}");
 }
+
+/// `cluster jobs ARGS... --jobs DB --json` as a value.
+fn jobs_json(db: &Path, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["jobs"];
+    all.extend_from_slice(args);
+    let db = db.to_str().unwrap();
+    all.extend_from_slice(&["--jobs", db, "--json"]);
+    let out = cli(&all);
+    assert!(out.status.success(), "{out:?}");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn jobs_running_at_an_upgrade_finish_on_the_old_watcher_and_the_new_one_takes_the_queue() {
+    let w = watcher().workers(2).log_level("info").pid_file();
+    let pid_file = w.pid_path();
+    let _guard = Watchers(pid_file.clone());
+    let db = w.dir().join("jobs.db");
+    let mut c = w.arg("--jobs").arg(&db).start(example("jobs"), &[]);
+    wait_ready(&pid_file, 2, "at start");
+    let old_workers = c.wait_workers(2, START);
+    let db_s = db.to_str().unwrap();
+    for i in 0..6 {
+        // Distinct arguments: jobs with the same key never run at once.
+        let args = format!(r#"{{"ms": 1000, "n": {i}}}"#);
+        let out = cli([
+            "jobs", "submit", "--jobs", db_s, "--name", "sleep", "--json", &args,
+        ]);
+        assert!(out.status.success(), "{out:?}");
+    }
+    // Two run (one per worker) when the upgrade starts.
+    let running = wait_for(START, || {
+        let r = jobs_json(&db, &["list", "--state", "running"]);
+        let ids: Vec<u64> = r
+            .as_array()?
+            .iter()
+            .filter_map(|j| j["id"].as_u64())
+            .collect();
+        (ids.len() == 2).then_some(ids)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "never two jobs running: {}\n{}",
+            jobs_json(&db, &["stats"]),
+            c.stderr()
+        )
+    });
+    let out = control(&pid_file, &["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", c.stderr());
+    let done = wait_for(UPGRADE, || {
+        let s = jobs_json(&db, &["stats"]);
+        (s["done"] == 6).then_some(s)
+    })
+    .unwrap_or_else(|| panic!("not all jobs done:\n{}", c.stderr()));
+    assert_eq!(done["failed"], 0, "{done}");
+    let jobs = jobs_json(&db, &["list"]);
+    let jobs = jobs.as_array().unwrap();
+    let on_old = |j: &serde_json::Value| {
+        let w = j["worker"].as_str().unwrap_or("");
+        old_workers.iter().any(|p| w.ends_with(&format!("pid {p}")))
+    };
+    // Each ran once; the two running at the upgrade finished on the old
+    // workers, and the new watcher's workers took the queue.
+    assert!(jobs.iter().all(|j| j["attempt"] == 1), "{jobs:?}");
+    for j in jobs
+        .iter()
+        .filter(|j| running.contains(&j["id"].as_u64().unwrap()))
+    {
+        assert!(on_old(j), "{j}");
+    }
+    assert!(jobs.iter().any(|j| !on_old(j)), "{jobs:?}");
+    assert!(c.wait_exit(UPGRADE).is_some_and(|s| s.success()));
+    assert_eq!(watchers_on(&pid_file).len(), 1);
+}

@@ -91,6 +91,7 @@ async fn run(command: &str, event: &serde_json::Value) {
         .arg(command)
         .env("CLUSTER_EVENT", &name)
         .env("CLUSTER_EVENT_JSON", &json)
+        .env_remove(super::upgrade::ENV)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
