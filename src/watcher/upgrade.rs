@@ -98,6 +98,8 @@ pub(crate) struct Plan {
     pub listeners: Vec<HandedListener>,
     pub pid_file: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
+    /// Where `control` is (a new configuration may name another path).
+    pub control_path: Option<PathBuf>,
     pub metrics: Option<OwnedFd>,
     pub http: Option<OwnedFd>,
     /// Variables the new watcher must not see (systemd's watchdog pid).
@@ -116,6 +118,8 @@ struct State {
     pid_file: Option<RawFd>,
     #[serde(default)]
     control: Option<RawFd>,
+    #[serde(default)]
+    control_path: Option<PathBuf>,
     #[serde(default)]
     metrics: Option<RawFd>,
     #[serde(default)]
@@ -147,6 +151,7 @@ impl Plan {
             workers: self.workers,
             pid_file: raw(&self.pid_file),
             control: raw(&self.control),
+            control_path: self.control_path.clone(),
             metrics: raw(&self.metrics),
             http: raw(&self.http),
             listeners: self
@@ -211,6 +216,8 @@ pub(crate) struct Inherited {
     pub workers: usize,
     pub pid_file: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
+    /// Where the old watcher's control socket is.
+    pub control_path: Option<PathBuf>,
     pub metrics: Option<OwnedFd>,
     pub http: Option<OwnedFd>,
     pub listeners: Vec<HandedListener>,
@@ -297,6 +304,7 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
         workers: state.workers,
         pid_file,
         control,
+        control_path: state.control_path,
         metrics,
         http,
         listeners,
@@ -555,6 +563,7 @@ mod tests {
             }],
             pid_file: Some(OwnedFd::from(a)),
             control: None,
+            control_path: None,
             metrics: None,
             http: None,
             env_remove: Vec::new(),

@@ -16,6 +16,7 @@ use std::os::fd::OwnedFd;
 use std::path::Path;
 use std::sync::Arc;
 
+use socket2::SockRef;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -38,6 +39,7 @@ use crate::watcher::systemd::Notifier;
 pub(crate) struct HandedServices {
     pub pid_file: Option<OwnedFd>,
     pub control: Option<OwnedFd>,
+    pub control_path: Option<std::path::PathBuf>,
     pub metrics: Option<OwnedFd>,
     pub http: Option<OwnedFd>,
 }
@@ -105,6 +107,14 @@ fn http_state(
         token: config.http_token.as_ref().map(|t| t.0.clone()),
         metrics_only: false,
     }
+}
+
+/// Whether `fd` listens on `addr` (a handed-over listener of a
+/// configuration that did not change).
+fn listens_on(fd: &OwnedFd, addr: std::net::SocketAddr) -> bool {
+    SockRef::from(fd)
+        .local_addr()
+        .is_ok_and(|a| a.as_socket() == Some(addr) || addr.port() == 0)
 }
 
 impl Services {
@@ -217,14 +227,18 @@ impl Services {
         }
         if let Some(path) = config.control_path() {
             let (c, s) = (commands.clone(), Some(sampler.clone()));
-            self.control = Some(match handed.control {
+            // A socket at another path (a changed configuration) is closed.
+            let handed = handed
+                .control
+                .filter(|_| handed.control_path.as_deref() == Some(path.as_path()));
+            self.control = Some(match handed {
                 Some(fd) => control::Server::adopt(&path, fd, c, s)?,
                 None => control::Server::bind(&path, c, s)?,
             });
         }
         if let Some(addr) = config.metrics {
             let state = metrics_state(commands, &sampler);
-            self.metrics = Some(match handed.metrics {
+            self.metrics = Some(match handed.metrics.filter(|fd| listens_on(fd, addr)) {
                 Some(fd) => http::Server::adopt(addr, fd, state)?,
                 None => http::Server::bind(addr, state).await?,
             });
@@ -241,7 +255,7 @@ impl Services {
                 None => None,
             };
             let state = http_state(config, commands, &sampler, store);
-            self.http = Some(match handed.http {
+            self.http = Some(match handed.http.filter(|fd| listens_on(fd, addr)) {
                 Some(fd) => http::Server::adopt(addr, fd, state)?,
                 None => http::Server::bind(addr, state).await?,
             });
@@ -254,7 +268,7 @@ impl Services {
     /// # Errors
     ///
     /// `is_io` when a descriptor cannot be duplicated.
-    pub(crate) fn handover_fds(&self) -> Result<HandedServices> {
+    pub(crate) fn handover_fds(&self, config: &Config) -> Result<HandedServices> {
         let dup = |what: &str, fd: std::io::Result<OwnedFd>| {
             fd.map_err(|e| Error::with_io(Kind::Io, format!("cannot duplicate the {what}"), e))
         };
@@ -269,6 +283,7 @@ impl Services {
                 .as_ref()
                 .map(|c| dup("control socket", c.fd()))
                 .transpose()?,
+            control_path: self.control.as_ref().and_then(|_| config.control_path()),
             metrics: self
                 .metrics
                 .as_ref()

@@ -83,6 +83,7 @@ impl Takeover {
             handed: Some(HandedServices {
                 pid_file: inherited.pid_file,
                 control: inherited.control,
+                control_path: inherited.control_path,
                 metrics: inherited.metrics,
                 http: inherited.http,
             }),

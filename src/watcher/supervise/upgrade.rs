@@ -171,7 +171,7 @@ impl Supervisor {
     /// descriptors, the number of workers, the command to run.
     fn upgrade_plan(&self) -> Result<Plan> {
         let listeners = self.listeners.handover()?;
-        let services = self.services.handover_fds()?;
+        let services = self.services.handover_fds(&self.ctx.config)?;
         let (program, args) = self.ctx.config.upgrade_exec.clone();
         // Its own listeners come from us; the watchdog is its own once it
         // is the main process (`WATCHDOG_PID` names us).
@@ -191,6 +191,7 @@ impl Supervisor {
             listeners,
             pid_file: services.pid_file,
             control: services.control,
+            control_path: services.control_path,
             metrics: services.metrics,
             http: services.http,
             env_remove,
