@@ -75,6 +75,12 @@ pub struct WorkerStatus {
     /// How the previous worker of this slot ended, if one did.
     #[serde(default)]
     pub last_exit: Option<String>,
+    /// What the worker last said with `STATUS=` (`--notify`).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and not `READY=1` since (`--notify`).
+    #[serde(default)]
+    pub reloading: bool,
 }
 
 /// The watcher's answer.

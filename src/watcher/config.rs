@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
+use super::listen::{self, ListenSpec};
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
@@ -54,6 +55,16 @@ pub(crate) struct Config {
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
     pub credentials: Option<crate::sys::Credentials>,
+    /// `--listen` as given, parsed by `validate` into `listen`.
+    pub listen_args: Vec<String>,
+    /// Sockets every worker inherits as descriptors 3, 4, ...
+    pub listen: Vec<ListenSpec>,
+    /// Give each worker its own `NOTIFY_SOCKET` (and no assumed readiness).
+    pub notify: bool,
+    /// What a worker that does not use the library gets to stop.
+    pub stop_signal: nix::sys::signal::Signal,
+    /// `--stop-signal` as given, parsed by `validate` into `stop_signal`.
+    pub stop_signal_arg: Option<String>,
 }
 
 impl Config {
@@ -98,6 +109,11 @@ impl Config {
             user: None,
             group: None,
             credentials: None,
+            listen_args: Vec::new(),
+            listen: Vec::new(),
+            notify: false,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_signal_arg: None,
         }
     }
 
@@ -210,9 +226,53 @@ impl ClusterWatcherBuilder {
 
     /// A worker that never contacts the watcher (a program that does not
     /// use the library) counts as ready once it has run this long
-    /// (default 1 s).
+    /// (default 1 s; the CLI's `--ready-delay`). Not used with
+    /// [`notify`](Self::notify), where such a worker is ready when it says
+    /// `READY=1`.
     pub fn assume_ready_after(mut self, after: Duration) -> Self {
         self.config.assume_ready_after = after;
+        self
+    }
+
+    /// Bind `spec` (`ADDR` or `NAME=ADDR`, repeatable) at start-up and start
+    /// every worker with these sockets as descriptors 3, 4, ... and
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the worker's own
+    /// pid), as systemd's socket activation passes them: any program can
+    /// serve from the watcher's sockets. With [`Balance::Reuseport`] each
+    /// slot has its own; the balanced modes cannot be combined with it.
+    /// Workers that use the library get the matching inherited socket from
+    /// [`listen`](crate::ServerSocketFactory::listen).
+    ///
+    /// A bad address or name, or a balanced mode, makes
+    /// [`build`](Self::build) fail ([`Error::is_config`] or
+    /// [`Error::is_invalid_address`]); an address that cannot be bound
+    /// makes [`start`](super::ClusterWatcher::start) fail.
+    pub fn listen(mut self, spec: impl Into<String>) -> Self {
+        self.config.listen_args.push(spec.into());
+        self
+    }
+
+    /// Give every worker its own `NOTIFY_SOCKET` (default off): `READY=1`
+    /// marks it ready (the readiness gate of rolling restarts; no readiness
+    /// is assumed after a delay), `WATCHDOG=1` answers the heartbeat
+    /// (`WATCHDOG_USEC` is the heartbeat timeout; a worker is held to it
+    /// from its first `WATCHDOG=1` on), `STATUS=` shows in `cluster status`,
+    /// `STOPPING=1` marks it draining (a new worker starts for its slot),
+    /// `RELOADING=1` until the next `READY=1` shows it reloading. Messages
+    /// from processes other than the worker and its process group are
+    /// ignored.
+    pub fn notify(mut self, enabled: bool) -> Self {
+        self.config.notify = enabled;
+        self
+    }
+
+    /// The signal that asks a worker that does not use the library to stop
+    /// (default `SIGTERM`): `"SIGQUIT"`, `"QUIT"`, `"3"`. It then has the
+    /// [`shutdown_timeout`](Self::shutdown_timeout) before SIGKILL. Library
+    /// workers get the stop message and SIGTERM. A name that is not a
+    /// signal makes [`build`](Self::build) fail with [`Error::is_config`].
+    pub fn stop_signal(mut self, name: impl Into<String>) -> Self {
+        self.config.stop_signal_arg = Some(name.into());
         self
     }
 
@@ -445,6 +505,10 @@ impl ClusterWatcherBuilder {
                 "the number of workers must be at least 1",
             ));
         }
+        self.config.listen = listen::parse_all(&self.config.listen_args, self.config.balance)?;
+        if let Some(name) = &self.config.stop_signal_arg {
+            self.config.stop_signal = parse_signal(name)?;
+        }
         if let Some(jobs) = self.config.jobs.as_mut() {
             if jobs.url.is_empty() {
                 return Err(Error::new(
@@ -478,6 +542,18 @@ impl ClusterWatcherBuilder {
         }
         Ok(self.config)
     }
+}
+
+/// A signal by name (`SIGQUIT`, `QUIT`, any case) or number.
+fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    let upper = name.trim().to_ascii_uppercase();
+    let parsed = match upper.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).ok(),
+        Err(_) if upper.starts_with("SIG") => upper.parse().ok(),
+        Err(_) => format!("SIG{upper}").parse().ok(),
+    };
+    parsed.ok_or_else(|| Error::new(Kind::Config, format!("not a signal: {name}")))
 }
 
 /// Resolves `user` and `group` names to ids (before any fork: the child
@@ -567,4 +643,19 @@ fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
         Kind::Spawn,
         found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
+        assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
+        assert_eq!(parse_signal("15").unwrap(), Signal::SIGTERM);
+        assert!(parse_signal("SIGNOPE").unwrap_err().is_config());
+        assert!(parse_signal("99").is_err());
+    }
 }

@@ -221,6 +221,8 @@ async fn handle(request: Request, commands: &CommandSender) -> Response {
                         cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
                         cpu_percent,
                         last_exit: w.last_exit,
+                        status: w.status,
+                        reloading: w.reloading,
                     })
                     .collect(),
                 ..success()

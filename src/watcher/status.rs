@@ -32,6 +32,11 @@ pub struct WorkerInfo {
     /// How the previous worker of this slot ended, if one did: for example
     /// `exited with status 1` or `killed by SIGKILL (missed heartbeats)`.
     pub last_exit: Option<String>,
+    /// What the worker last said with `STATUS=` on its notify socket
+    /// (`--notify`).
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and has not said `READY=1` since.
+    pub reloading: bool,
 }
 
 impl WorkerInfo {

@@ -96,7 +96,13 @@ fn main() -> ExitCode {
         .heartbeat_timeout(heartbeat)
         .reload_on_deploy(args.reload_on_deploy)
         .subreaper(true)
-        .balance(args.balance);
+        .balance(args.balance)
+        .notify(args.notify)
+        .assume_ready_after(args.ready_delay)
+        .stop_signal(&args.stop_signal);
+    for spec in &args.listen {
+        builder = builder.listen(spec);
+    }
     for path in &args.watch {
         builder = builder.watch(path);
     }

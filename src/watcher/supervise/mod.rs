@@ -16,6 +16,7 @@
 
 mod dispatch;
 mod listeners;
+mod notify;
 mod reload;
 mod services;
 mod slots;
@@ -35,7 +36,7 @@ use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
 use crate::watcher::process::Launcher;
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
-use crate::watcher::systemd::{self, Notifier};
+use crate::watcher::systemd::Notifier;
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
@@ -101,7 +102,6 @@ pub(crate) struct Supervisor {
     events: mpsc::UnboundedReceiver<Event>,
     pool: Pool,
     reloads: Reloads,
-    listeners: Listeners,
     services: Services,
     counters: Counters,
     /// Some worker has been ready at least once: past start-up.
@@ -118,9 +118,9 @@ impl Supervisor {
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (activated, notifier) = if config.systemd {
-            (systemd::listen_fds(), Notifier::from_env())
+            (crate::activation::inherited(), Notifier::from_env())
         } else {
-            (Vec::new(), None)
+            (&[][..], None)
         };
         let listeners = Listeners::new(
             config.balance,
@@ -128,7 +128,7 @@ impl Supervisor {
             activated,
             config.bind_policy.clone(),
         );
-        let pool = Pool::new(config.workers);
+        let pool = Pool::new(config.workers, listeners);
         Supervisor {
             ctx: Ctx {
                 config,
@@ -140,7 +140,6 @@ impl Supervisor {
             events,
             pool,
             reloads: Reloads::default(),
-            listeners,
             services: Services::default(),
             counters: Counters::default(),
             ever_ready: false,
@@ -164,6 +163,16 @@ impl Supervisor {
             Ok(s) => self.services = s,
             Err(e) => {
                 let _ = started.send(Err(e.clone()));
+                return Outcome::Failed(e);
+            }
+        }
+        // `--listen` sockets are bound before the first worker starts: an
+        // address that cannot be bound is a start-up error.
+        for slot in 1..=self.pool.slots.len() as u32 {
+            let listen = &self.ctx.config.listen;
+            if let Err(e) = self.pool.listeners.inherited(listen, slot) {
+                let _ = started.send(Err(e.clone()));
+                self.pool.listeners.shutdown();
                 return Outcome::Failed(e);
             }
         }
@@ -216,7 +225,7 @@ impl Supervisor {
             jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
                 .await;
         }
-        self.listeners.shutdown();
+        self.pool.listeners.shutdown();
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
             Some(e) => Outcome::Failed(e),
@@ -241,7 +250,7 @@ impl Supervisor {
     /// worker is ready (a worker that starts may still ask for them).
     fn listener_sweep(&self) -> Option<Instant> {
         let settled = !self.stopping && self.pool.ready_slots() == self.pool.slots.len();
-        settled.then(|| self.listeners.next_sweep()).flatten()
+        settled.then(|| self.pool.listeners.next_sweep()).flatten()
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -303,7 +312,7 @@ impl Supervisor {
                     // everything it sent was handled, so what it was handed
                     // and never accepted can go to another worker now.
                     RecvError::Closed => {
-                        self.listeners.worker_gone(context_id);
+                        self.pool.listeners.worker_gone(context_id);
                         // Its exit follows; one that lives on without its
                         // channel cannot be supervised and is killed.
                         w.channel_closed_at = Some(Instant::now());
@@ -319,6 +328,7 @@ impl Supervisor {
                 }
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
+            Event::Notify { context_id } => self.on_notify(context_id),
         }
     }
 
@@ -332,7 +342,7 @@ impl Supervisor {
             self.pool.spawn_due(&self.ctx, now);
         }
         if self.listener_sweep().is_some_and(|t| t <= now) {
-            self.listeners.sweep(now);
+            self.pool.listeners.sweep(now);
         }
         let due = self.pool.tick(&self.ctx, now);
         for id in due.assumed_ready {
@@ -383,7 +393,7 @@ impl Supervisor {
         let Some(exit) = self.pool.remove(context_id, status) else {
             return;
         };
-        self.listeners.worker_gone(context_id);
+        self.pool.listeners.worker_gone(context_id);
         self.services.jobs(JobsEvent::WorkerGone {
             context_id,
             how: exit.how.clone(),
@@ -523,7 +533,7 @@ impl Supervisor {
         while self.pool.slots.len() > target {
             let slot = self.pool.slots.len() as u32;
             let removed = self.pool.slots.pop().expect("more than target");
-            self.listeners.retire_slot(slot);
+            self.pool.listeners.retire_slot(slot);
             self.reloads.slot_retired(&mut self.pool, &self.ctx, slot);
             if let Some(id) = removed.current {
                 self.pool.stop(&self.ctx, id);
