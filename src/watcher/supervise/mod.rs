@@ -346,13 +346,6 @@ impl Supervisor {
         }
         let due = self.pool.tick(&self.ctx, now);
         for id in due.assumed_ready {
-            if let Some(w) = self.pool.workers.get(&id) {
-                tracing::debug!(
-                    "worker {} (pid {}) has not contacted the watcher; assumed ready",
-                    w.slot,
-                    w.pid
-                );
-            }
             self.on_ready(id);
         }
         let ready_timeout = self.ctx.config.ready_timeout;

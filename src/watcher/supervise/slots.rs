@@ -413,6 +413,13 @@ impl Pool {
         let said_ready = w.notify.as_ref().is_some_and(|n| n.seen.ready);
         if w.hello || said_ready {
             tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
+        } else {
+            tracing::info!(
+                "worker {} (pid {}) is ready (it ran for --ready-delay {:?})",
+                w.slot,
+                w.pid,
+                ctx.config.assume_ready_after
+            );
         }
         if w.hello || w.notify.as_ref().is_some_and(|n| n.armed) {
             w.start_heartbeat(ctx);
