@@ -187,12 +187,11 @@ impl Listeners {
             socket2::SockRef::from(&fd)
                 .set_nonblocking(false)
                 .map_err(|e| Error::with_io(Kind::Bind, format!("cannot listen on {addr}"), e))?;
-            if let Some(local) = socket2::SockRef::from(&fd)
-                .local_addr()
-                .ok()
-                .and_then(|a| a.as_socket())
-            {
-                tracing::info!("--listen {addr}: workers inherit it ({local})");
+            let local = socket2::SockRef::from(&fd).local_addr().ok();
+            if let Some(local) = local.and_then(|a| a.as_socket()) {
+                if Address::Tcp(local) != *addr {
+                    tracing::info!("--listen {addr} is {local}");
+                }
             }
         }
         Ok(fd)
