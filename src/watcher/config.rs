@@ -1,14 +1,14 @@
 //! The watcher's settings: [`Config`], shared by the supervisor and the
 //! process spawner, and the [`ClusterWatcherBuilder`] that fills it in.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
+use super::exec::find_program;
 use super::listen::{self, ListenSpec};
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
@@ -530,7 +530,19 @@ impl ClusterWatcherBuilder {
         } else if !self.config.pool_args.is_empty() {
             return Err(Error::new(Kind::Config, "--pool needs --jobs"));
         }
-        check_program(&self.config.program, self.config.current_dir.as_deref())?;
+        let path = self
+            .config
+            .envs
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| std::env::var_os("PATH"));
+        find_program(
+            &self.config.program,
+            path.as_deref(),
+            self.config.current_dir.as_deref(),
+        )
+        .map_err(|why| Error::new(Kind::Spawn, why))?;
         for path in &self.config.watch {
             if let Err(e) = std::fs::metadata(path) {
                 return Err(Error::with_io(
@@ -609,40 +621,6 @@ fn resolve_credentials(
         uid: user.map(|u| u.uid.as_raw()),
         gid: gid.map(|g| g.as_raw()),
     }))
-}
-
-/// Checks that `program` names an executable file, searching `PATH` when it
-/// has no slash, as exec would.
-fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
-    let shown = Path::new(program).display().to_string();
-    let candidates: Vec<PathBuf> = if program.as_encoded_bytes().contains(&b'/') {
-        let p = PathBuf::from(program);
-        vec![match cwd {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }]
-    } else {
-        std::env::var_os("PATH")
-            .map(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(program))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut found_not_executable = None;
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
-            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
-            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
-            Err(_) => {}
-        }
-    }
-    Err(Error::new(
-        Kind::Spawn,
-        found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
-    ))
 }
 
 #[cfg(test)]

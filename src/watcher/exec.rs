@@ -36,11 +36,12 @@ pub(crate) fn child_exec(
         };
     }
     let program = cmd.get_program();
-    let path = resolve(
+    let path = find_program(
         program,
         env.get(OsStr::new("PATH")).map(|p| p.as_os_str()),
         cmd.get_current_dir(),
-    )?;
+    )
+    .map_err(|why| io::Error::new(io::ErrorKind::NotFound, why))?;
     let argv: Vec<OsString> = std::iter::once(program.to_owned())
         .chain(cmd.get_args().map(|a| a.to_owned()))
         .collect();
@@ -48,35 +49,40 @@ pub(crate) fn child_exec(
     ChildExec::new(path.as_os_str(), &argv, &env, &PID_VARS, moves)
 }
 
-/// The path `execvp` would run for `program`: as it is when it has a slash,
-/// else the first executable file in `PATH` (the child's; `/bin:/usr/bin`
-/// without one), relative entries resolved in the child's directory `cwd`.
-fn resolve(program: &OsStr, path: Option<&OsStr>, cwd: Option<&Path>) -> io::Result<PathBuf> {
-    if program.as_bytes().contains(&b'/') {
-        return Ok(PathBuf::from(program));
-    }
-    let path = path.unwrap_or(OsStr::new("/bin:/usr/bin"));
-    for dir in std::env::split_paths(path) {
-        let dir = if dir.as_os_str().is_empty() {
-            PathBuf::from(".")
-        } else {
-            dir
-        };
-        let candidate = dir.join(program);
+/// The path `execvp` would run for `program`: as it is when it has a
+/// slash, else the first executable file in `path` (the child's `PATH`;
+/// `/bin:/usr/bin` without one), relative paths seen from the child's
+/// directory `cwd`. The error says why none would run.
+pub(crate) fn find_program(
+    program: &OsStr,
+    path: Option<&OsStr>,
+    cwd: Option<&Path>,
+) -> Result<PathBuf, String> {
+    let shown = Path::new(program).display();
+    let candidates: Vec<PathBuf> = if program.as_bytes().contains(&b'/') {
+        vec![PathBuf::from(program)]
+    } else {
+        std::env::split_paths(path.unwrap_or(OsStr::new("/bin:/usr/bin")))
+            .map(|dir| match dir.as_os_str().is_empty() {
+                true => PathBuf::from(".").join(program),
+                false => dir.join(program),
+            })
+            .collect()
+    };
+    let mut found_not_executable = None;
+    for candidate in candidates {
         let seen_from_here = match cwd {
             Some(cwd) if candidate.is_relative() => cwd.join(&candidate),
             _ => candidate.clone(),
         };
-        if std::fs::metadata(&seen_from_here)
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        {
-            return Ok(candidate);
+        match std::fs::metadata(&seen_from_here) {
+            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
+            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
+            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
+            Err(_) => {}
         }
     }
-    Err(io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("{} not found on PATH", Path::new(program).display()),
-    ))
+    Err(found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")))
 }
 
 #[cfg(test)]
@@ -85,16 +91,20 @@ mod tests {
 
     #[test]
     fn programs_resolve_as_execvp_would() {
-        let sh = resolve(
+        let sh = find_program(
             OsStr::new("sh"),
             Some(OsStr::new("/nonexistent:/bin")),
             None,
         )
         .unwrap();
         assert_eq!(sh, Path::new("/bin/sh"));
-        let rel = resolve(OsStr::new("./x"), None, None).unwrap();
-        assert_eq!(rel, Path::new("./x"));
-        assert!(resolve(
+        let abs = find_program(OsStr::new("/bin/sh"), None, None).unwrap();
+        assert_eq!(abs, Path::new("/bin/sh"));
+        let missing = find_program(OsStr::new("./nope"), None, None).unwrap_err();
+        assert_eq!(missing, "program not found: ./nope");
+        let dir = find_program(OsStr::new("/bin"), None, None).unwrap_err();
+        assert_eq!(dir, "/bin is a directory");
+        assert!(find_program(
             OsStr::new("no-such-program-here"),
             Some(OsStr::new("/bin")),
             None
@@ -105,7 +115,7 @@ mod tests {
         let prog = dir.path().join("bin/prog");
         std::fs::write(&prog, "#!/bin/sh\n").unwrap();
         std::fs::set_permissions(&prog, std::fs::Permissions::from_mode(0o755)).unwrap();
-        let found = resolve(
+        let found = find_program(
             OsStr::new("prog"),
             Some(OsStr::new("bin")),
             Some(dir.path()),
