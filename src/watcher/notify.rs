@@ -323,7 +323,7 @@ impl Handler {
             Some(format!("it is longer than {MAX_DATAGRAM} bytes"))
         } else {
             match received.pid {
-                Some(pid) if self.from_owner(pid) => None,
+                Some(pid) if self.sent_by_owner(pid) => None,
                 Some(pid) => Some(format!(
                     "pid {pid} is neither the worker nor in its process group"
                 )),
@@ -358,7 +358,7 @@ impl Handler {
     /// worker leads its own group; its children stay in it unless they
     /// leave). The sender is alive while its credentials are checked when
     /// it waits for the answer to a barrier, as `systemd-notify` does.
-    fn from_owner(&self, pid: i32) -> bool {
+    fn sent_by_owner(&self, pid: i32) -> bool {
         if pid <= 0 {
             return false;
         }
