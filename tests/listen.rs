@@ -16,17 +16,9 @@ use nix::sys::signal::Signal;
 
 const START: Duration = Duration::from_secs(15);
 
-/// `program` when it runs here (`--version` works), else `None` after
-/// saying why the test is skipped.
+/// `program` when it is installed (else the test says it is skipped).
 fn interpreter(program: &str) -> Option<&str> {
-    let ok = std::process::Command::new(program)
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: {program} is not installed");
-    }
-    ok.then_some(program)
+    installed(program).then_some(program)
 }
 
 fn example_file(path: &str) -> String {

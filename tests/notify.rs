@@ -15,14 +15,7 @@ use common::*;
 const START: Duration = Duration::from_secs(15);
 
 fn python() -> Option<&'static str> {
-    let ok = std::process::Command::new("python3")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        eprintln!("skipped: python3 is not installed");
-    }
-    ok.then_some("python3")
+    installed("python3").then_some("python3")
 }
 
 fn notify_worker() -> String {
@@ -212,14 +205,7 @@ fn workers_get_the_stop_signal() {
 
 #[test]
 fn node_says_ready_through_systemd_notify() {
-    let have = |p: &str| {
-        std::process::Command::new(p)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    };
-    if !have("node") || !have("systemd-notify") {
-        eprintln!("skipped: needs node and systemd-notify");
+    if !installed("node") || !installed("systemd-notify") {
         return;
     }
     let port = free_port();

@@ -7,12 +7,25 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 
 use super::{config, settle, start};
+use crate::watcher::config::Config;
+
+/// One worker with `--notify`.
+fn notify_config() -> Config {
+    let mut c = config(1);
+    c.notify = true;
+    c
+}
+
+/// One worker with `--notify` and a 1 s heartbeat.
+fn watchdog_config() -> Config {
+    let mut c = notify_config();
+    c.heartbeat_timeout = Some(Duration::from_secs(1));
+    c
+}
 
 #[tokio::test(start_paused = true)]
 async fn with_notify_only_ready_1_makes_a_worker_ready() {
-    let mut c = config(1);
-    c.notify = true;
-    let mut h = start(c);
+    let mut h = start(notify_config());
     let p = h.spawned().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(!*h.ready.borrow(), "no readiness is assumed after a delay");
@@ -39,10 +52,7 @@ async fn without_notify_a_worker_is_ready_after_the_ready_delay() {
 
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_stops_sending_watchdog_is_killed_and_replaced() {
-    let mut c = config(1);
-    c.notify = true;
-    c.heartbeat_timeout = Some(Duration::from_secs(1));
-    let mut h = start(c);
+    let mut h = start(watchdog_config());
     let p = h.spawned().await;
     p.notify("READY=1");
     p.notify("WATCHDOG=1");
@@ -67,10 +77,7 @@ async fn a_worker_that_stops_sending_watchdog_is_killed_and_replaced() {
 
 #[tokio::test(start_paused = true)]
 async fn a_worker_that_never_sends_watchdog_is_not_held_to_it() {
-    let mut c = config(1);
-    c.notify = true;
-    c.heartbeat_timeout = Some(Duration::from_secs(1));
-    let mut h = start(c);
+    let mut h = start(watchdog_config());
     let p = h.spawned().await;
     p.notify("READY=1");
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -79,8 +86,7 @@ async fn a_worker_that_never_sends_watchdog_is_not_held_to_it() {
 
 #[tokio::test(start_paused = true)]
 async fn stopping_1_drains_the_worker_and_starts_a_new_one_at_once() {
-    let mut c = config(1);
-    c.notify = true;
+    let mut c = notify_config();
     c.shutdown_timeout = Duration::from_secs(3);
     let mut h = start(c);
     let old = h.spawned().await;
@@ -106,9 +112,7 @@ async fn stopping_1_drains_the_worker_and_starts_a_new_one_at_once() {
 
 #[tokio::test(start_paused = true)]
 async fn a_replacement_that_says_stopping_before_ready_fails_the_reload() {
-    let mut c = config(1);
-    c.notify = true;
-    let mut h = start(c);
+    let mut h = start(notify_config());
     let old = h.spawned().await;
     old.notify("READY=1");
     settle().await;
@@ -142,9 +146,7 @@ async fn workers_that_do_not_use_the_library_get_the_stop_signal() {
 
 #[tokio::test(start_paused = true)]
 async fn watchdog_trigger_kills_the_worker() {
-    let mut c = config(1);
-    c.notify = true;
-    let mut h = start(c);
+    let mut h = start(notify_config());
     let p = h.spawned().await;
     p.notify("READY=1");
     p.notify("WATCHDOG=trigger");
