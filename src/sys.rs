@@ -233,7 +233,9 @@ pub(crate) fn prepare_child_exec(
     // captures integers, `Option`s of integers and a `ChildExec` by value;
     // the null pointer passed to setgroups with a count of 0 is never read.
     // `ChildExec::run` only calls dup2, getpid, execve and write and writes
-    // into memory it owns (see there).
+    // into memory it owns, allocated before the fork (see there); the
+    // closure runs once per fork, in a child that has one thread, and the
+    // parent never runs it (it only drops it, freeing those buffers).
     unsafe {
         cmd.pre_exec(move || {
             if let Some(creds) = creds {
