@@ -106,6 +106,12 @@ pub struct WorkerStatus {
     /// For a `backoff` slot: seconds until its next worker starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_start_secs: Option<f64>,
+    /// What the worker last said with `STATUS=` (`--notify`).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and not `READY=1` since (`--notify`).
+    #[serde(default)]
+    pub reloading: bool,
 }
 
 /// The watcher's answer.

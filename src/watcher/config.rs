@@ -1,14 +1,15 @@
 //! The watcher's settings: [`Config`], shared by the supervisor and the
 //! process spawner, and the [`ClusterWatcherBuilder`] that fills it in.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
+use super::exec::find_program;
+use super::listen::{self, ListenSpec};
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
@@ -73,6 +74,16 @@ pub(crate) struct Config {
     pub on_event: Option<String>,
     /// `--log-file`: where the daemon's stream goes, reopened on request.
     pub log_file: Option<PathBuf>,
+    /// `--listen` as given, parsed by `validate` into `listen`.
+    pub listen_args: Vec<String>,
+    /// Sockets every worker inherits as descriptors 3, 4, ...
+    pub listen: Vec<ListenSpec>,
+    /// Give each worker its own `NOTIFY_SOCKET` (and no assumed readiness).
+    pub notify: bool,
+    /// What a worker that does not use the library gets to stop.
+    pub stop_signal: nix::sys::signal::Signal,
+    /// `--stop-signal` as given, parsed by `validate` into `stop_signal`.
+    pub stop_signal_arg: Option<String>,
 }
 
 /// The dashboard's token: never printed by `Debug`.
@@ -165,6 +176,11 @@ impl Config {
             max_memory: None,
             on_event: None,
             log_file: None,
+            listen_args: Vec::new(),
+            listen: Vec::new(),
+            notify: false,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_signal_arg: None,
         }
     }
 
@@ -277,9 +293,53 @@ impl ClusterWatcherBuilder {
 
     /// A worker that never contacts the watcher (a program that does not
     /// use the library) counts as ready once it has run this long
-    /// (default 1 s).
+    /// (default 1 s; the CLI's `--ready-delay`). Not used with
+    /// [`notify`](Self::notify), where such a worker is ready when it says
+    /// `READY=1`.
     pub fn assume_ready_after(mut self, after: Duration) -> Self {
         self.config.assume_ready_after = after;
+        self
+    }
+
+    /// Bind `spec` (`ADDR` or `NAME=ADDR`, repeatable) at start-up and start
+    /// every worker with these sockets as descriptors 3, 4, ... and
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the worker's own
+    /// pid), as systemd's socket activation passes them: any program can
+    /// serve from the watcher's sockets. With [`Balance::Reuseport`] each
+    /// slot has its own; the balanced modes cannot be combined with it.
+    /// Workers that use the library get the matching inherited socket from
+    /// [`listen`](crate::ServerSocketFactory::listen).
+    ///
+    /// A bad address or name, or a balanced mode, makes
+    /// [`build`](Self::build) fail ([`Error::is_config`] or
+    /// [`Error::is_invalid_address`]); an address that cannot be bound
+    /// makes [`start`](super::ClusterWatcher::start) fail.
+    pub fn listen(mut self, spec: impl Into<String>) -> Self {
+        self.config.listen_args.push(spec.into());
+        self
+    }
+
+    /// Give every worker its own `NOTIFY_SOCKET` (default off): `READY=1`
+    /// marks it ready (the readiness gate of rolling restarts; no readiness
+    /// is assumed after a delay), `WATCHDOG=1` answers the heartbeat
+    /// (`WATCHDOG_USEC` is the heartbeat timeout; a worker is held to it
+    /// from its first `WATCHDOG=1` on), `STATUS=` shows in `cluster status`,
+    /// `STOPPING=1` marks it draining (a new worker starts for its slot),
+    /// `RELOADING=1` until the next `READY=1` shows it reloading. Messages
+    /// from processes other than the worker and its process group are
+    /// ignored.
+    pub fn notify(mut self, enabled: bool) -> Self {
+        self.config.notify = enabled;
+        self
+    }
+
+    /// The signal that asks a worker that does not use the library to stop
+    /// (default `SIGTERM`): `"SIGQUIT"`, `"QUIT"`, `"3"`. It then has the
+    /// [`shutdown_timeout`](Self::shutdown_timeout) before SIGKILL. Library
+    /// workers get the stop message and SIGTERM. A name that is not a
+    /// signal makes [`build`](Self::build) fail with [`Error::is_config`].
+    pub fn stop_signal(mut self, name: impl Into<String>) -> Self {
+        self.config.stop_signal_arg = Some(name.into());
         self
     }
 
@@ -593,6 +653,10 @@ impl ClusterWatcherBuilder {
                 "the number of workers must be at least 1",
             ));
         }
+        self.config.listen = listen::parse_all(&self.config.listen_args, self.config.balance)?;
+        if let Some(name) = &self.config.stop_signal_arg {
+            self.config.stop_signal = parse_signal(name)?;
+        }
         if let Some(jobs) = self.config.jobs.as_mut() {
             if jobs.url.is_empty() {
                 return Err(Error::new(
@@ -628,7 +692,19 @@ impl ClusterWatcherBuilder {
                 ));
             }
         }
-        check_program(&self.config.program, self.config.current_dir.as_deref())?;
+        let path = self
+            .config
+            .envs
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| std::env::var_os("PATH"));
+        find_program(
+            &self.config.program,
+            path.as_deref(),
+            self.config.current_dir.as_deref(),
+        )
+        .map_err(|why| Error::new(Kind::Spawn, why))?;
         for path in &self.config.watch {
             if let Err(e) = std::fs::metadata(path) {
                 return Err(Error::with_io(
@@ -640,6 +716,18 @@ impl ClusterWatcherBuilder {
         }
         Ok(self.config)
     }
+}
+
+/// A signal by name (`SIGQUIT`, `QUIT`, any case) or number.
+fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    let upper = name.trim().to_ascii_uppercase();
+    let parsed = match upper.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).ok(),
+        Err(_) if upper.starts_with("SIG") => upper.parse().ok(),
+        Err(_) => format!("SIG{upper}").parse().ok(),
+    };
+    parsed.ok_or_else(|| Error::new(Kind::Config, format!("not a signal: {name}")))
 }
 
 /// Resolves `user` and `group` names to ids (before any fork: the child
@@ -697,36 +785,17 @@ fn resolve_credentials(
     }))
 }
 
-/// Checks that `program` names an executable file, searching `PATH` when it
-/// has no slash, as exec would.
-fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
-    let shown = Path::new(program).display().to_string();
-    let candidates: Vec<PathBuf> = if program.as_encoded_bytes().contains(&b'/') {
-        let p = PathBuf::from(program);
-        vec![match cwd {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }]
-    } else {
-        std::env::var_os("PATH")
-            .map(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(program))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut found_not_executable = None;
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
-            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
-            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
-            Err(_) => {}
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
+        assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
+        assert_eq!(parse_signal("15").unwrap(), Signal::SIGTERM);
+        assert!(parse_signal("SIGNOPE").unwrap_err().is_config());
+        assert!(parse_signal("99").is_err());
     }
-    Err(Error::new(
-        Kind::Spawn,
-        found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
-    ))
 }

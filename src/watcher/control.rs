@@ -250,6 +250,8 @@ pub(crate) async fn status(
             last_exit_code: w.last_exit_code,
             last_exit_signal: w.last_exit_signal.map(signal_name),
             next_start_secs: None,
+            status: w.status,
+            reloading: w.reloading,
         })
         .collect();
     let gave_up = report.idle.iter().any(|s| s.gave_up);
@@ -267,6 +269,8 @@ pub(crate) async fn status(
         last_exit_code: s.last_exit_code,
         last_exit_signal: s.last_exit_signal.map(signal_name),
         next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+        status: None,
+        reloading: false,
     }));
     workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
     Some(Response {

@@ -37,6 +37,11 @@ pub(crate) enum Event {
         context_id: u64,
         status: Option<ExitStatus>,
     },
+    /// The worker said something new on its notify socket (`--notify`):
+    /// read its `NotifyState`.
+    Notify {
+        context_id: u64,
+    },
 }
 
 /// Where worker tasks send their events.

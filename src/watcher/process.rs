@@ -7,7 +7,7 @@
 //! it with fake processes under paused time.
 
 use std::collections::HashSet;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,10 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
+use super::listen::{self, FIRST_FD};
+use super::notify::{NotifyDir, NotifySocket, NotifyState, Owner};
 use super::output::{LogOutput, Source};
-use super::systemd;
+use super::{exec, systemd};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::{self, env, Channel};
 use crate::log::{now_nanos, LogRecord};
@@ -29,6 +31,8 @@ use crate::sys;
 pub(crate) struct Spawned {
     pub pid: u32,
     pub outbound: OutboundSender,
+    /// What it says on its notify socket (`--notify`).
+    pub notify: Option<Arc<NotifyState>>,
 }
 
 /// Which worker to start: its slot and its (new) context id.
@@ -40,9 +44,16 @@ pub(crate) struct WorkerId {
 
 /// How the supervisor starts and signals workers.
 pub(crate) trait Launcher: Send {
-    /// Starts worker `id`. Its tasks report on `events`: every message, a
-    /// broken channel, and finally its exit.
-    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned>;
+    /// Starts worker `id` with `listen_fds` (the `--listen` sockets, in
+    /// order) as its descriptors 3, 4, .... Its tasks report on `events`:
+    /// every message, a broken channel, notifications, and finally its exit.
+    fn spawn(
+        &self,
+        config: &Config,
+        id: WorkerId,
+        listen_fds: Vec<OwnedFd>,
+        events: &EventSender,
+    ) -> Result<Spawned>;
 
     /// Sends `sig` to the worker `pid`.
     fn signal(&self, pid: u32, sig: Signal);
@@ -87,6 +98,8 @@ pub(crate) fn unregister(pid: u32) {
 /// living on under init.
 pub(crate) struct Processes {
     reaper: Option<JoinHandle<()>>,
+    /// Where the workers' notify sockets are (`--notify`), made on first use.
+    notify_dir: Mutex<Option<NotifyDir>>,
 }
 
 impl Processes {
@@ -107,7 +120,10 @@ impl Processes {
                 }
             })
             .flatten();
-        Processes { reaper }
+        Processes {
+            reaper,
+            notify_dir: Mutex::new(None),
+        }
     }
 }
 
@@ -120,8 +136,31 @@ impl Drop for Processes {
 }
 
 impl Launcher for Processes {
-    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
-        spawn(config, id.slot, id.context_id, events)
+    fn spawn(
+        &self,
+        config: &Config,
+        id: WorkerId,
+        listen_fds: Vec<OwnedFd>,
+        events: &EventSender,
+    ) -> Result<Spawned> {
+        let notify = if config.notify {
+            let mut made = self
+                .notify_dir
+                .lock()
+                .map_err(|_| Error::new(Kind::Spawn, "launcher state poisoned"))?;
+            let dir = match &mut *made {
+                Some(dir) => dir,
+                None => made.insert(NotifyDir::create(config.credentials).map_err(|e| {
+                    Error::with_io(Kind::Spawn, "cannot create the notify directory", e)
+                })?),
+            };
+            Some(dir.bind(id.context_id).map_err(|e| {
+                Error::with_io(Kind::Spawn, "cannot bind a worker's notify socket", e)
+            })?)
+        } else {
+            None
+        };
+        spawn(config, id, listen_fds, notify, events)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -221,9 +260,21 @@ pub(crate) fn kill_left_behind(pid: u32) -> usize {
     killed
 }
 
-/// Forks and execs one worker for `slot` with `context_id`, and starts the
-/// tasks that read its channel, write to it, and wait for its exit.
-fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
+/// Forks and execs one worker `id`, and starts the tasks that read its
+/// channel and notify socket, write to it, and wait for its exit.
+///
+/// With `--listen` or `--notify` the child execs itself (see `exec.rs`):
+/// the `--listen` sockets go to descriptors 3, 4, ... and every descriptor
+/// it keeps (its socketpair end, the sockets' sources) is first
+/// duplicated above them, so no move overwrites another.
+fn spawn(
+    config: &Config,
+    id: WorkerId,
+    listen_fds: Vec<OwnedFd>,
+    notify: Option<NotifySocket>,
+    events: &EventSender,
+) -> Result<Spawned> {
+    let WorkerId { slot, context_id } = id;
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -232,6 +283,23 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         )
     };
     let (ours, theirs) = ipc::pair().map_err(spawn_err)?;
+    let own_exec = !config.listen.is_empty() || config.notify;
+    let floor = FIRST_FD + listen_fds.len() as i32;
+    let theirs = if own_exec {
+        sys::dup_above(theirs.as_fd(), floor).map_err(spawn_err)?
+    } else {
+        theirs
+    };
+    let sources = listen_fds
+        .iter()
+        .map(|fd| sys::dup_above(fd.as_fd(), floor))
+        .collect::<std::io::Result<Vec<OwnedFd>>>()
+        .map_err(spawn_err)?;
+    drop(listen_fds);
+    let moves: Vec<_> = (FIRST_FD..)
+        .zip(&sources)
+        .map(|(to, from)| (from.as_raw_fd(), to))
+        .collect();
     let mut cmd = tokio::process::Command::new(&config.program);
     cmd.args(&config.args);
     for (k, v) in &config.envs {
@@ -252,6 +320,19 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
             cmd.env(env::POOL, &jobs.pools[i].name);
         }
         cmd.env(env::JOB_CONCURRENCY, jobs.concurrency.to_string());
+    }
+    if !config.listen.is_empty() {
+        // LISTEN_PID is written in the child (exec::PID_VARS).
+        cmd.env("LISTEN_FDS", sources.len().to_string())
+            .env("LISTEN_FDNAMES", listen::fd_names(&config.listen))
+            .env("LISTEN_PID", "");
+    }
+    if let Some(sock) = &notify {
+        cmd.env("NOTIFY_SOCKET", sock.path());
+        if let Some(limit) = config.heartbeat_timeout {
+            cmd.env("WATCHDOG_USEC", limit.as_micros().to_string())
+                .env("WATCHDOG_PID", "");
+        }
     }
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
@@ -274,11 +355,16 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials);
+    let exec = own_exec
+        .then(|| exec::child_exec(cmd.as_std(), moves))
+        .transpose()
+        .map_err(spawn_err)?;
+    sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials, exec);
     // Registered under the lock, so the orphan reaper never sees the new
     // child as someone else's.
     let (mut child, pid) = spawn_registered(&mut cmd).map_err(spawn_err)?;
     drop(theirs);
+    drop(sources);
     // Tasks whose work must be done before the exit is reported, so that
     // every line and message a worker sent is handled before its exit.
     let mut drained = Vec::new();
@@ -304,6 +390,22 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
             let _ = child.start_kill();
             return Err(spawn_err(e));
         }
+    };
+    let owner = Owner {
+        slot,
+        pid,
+        context_id,
+    };
+    let (notify, notify_exited) = match notify.map(|s| s.serve(owner, events.clone())) {
+        Some(Ok(reader)) => {
+            drained.push(reader.task);
+            (Some(reader.state), Some(reader.exited))
+        }
+        Some(Err(e)) => {
+            let _ = child.start_kill();
+            return Err(spawn_err(e));
+        }
+        None => (None, None),
     };
 
     // Reader: every message or failure becomes an event.
@@ -341,6 +443,9 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         // Whatever the worker left in its group goes with it.
         signal_group(pid, Signal::SIGKILL);
         unregister(pid);
+        if let Some(exited) = notify_exited {
+            let _ = exited.send(());
+        }
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
             for task in drained {
                 let _ = task.await;
@@ -369,7 +474,11 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         }
     });
 
-    Ok(Spawned { pid, outbound })
+    Ok(Spawned {
+        pid,
+        outbound,
+        notify,
+    })
 }
 
 /// How long a worker's output and messages may still arrive after it exited.

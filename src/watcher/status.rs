@@ -44,6 +44,11 @@ pub struct WorkerInfo {
     pub last_exit_code: Option<i32>,
     /// The signal that killed the previous worker of this slot, if one did.
     pub last_exit_signal: Option<i32>,
+    /// What the worker last said with `STATUS=` on its notify socket
+    /// (`--notify`).
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and has not said `READY=1` since.
+    pub reloading: bool,
 }
 
 impl WorkerInfo {

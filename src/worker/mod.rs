@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::activation;
 use crate::error::{Error, Kind, Result};
 use crate::ipc::codec::{decode_user, encode_user};
 use crate::ipc::message::ToWatcher;
@@ -299,6 +300,12 @@ impl ServerSocketFactory {
     /// with the same options (`SO_REUSEADDR`, a backlog of
     /// [`DEFAULT_BACKLOG`](crate::DEFAULT_BACKLOG)).
     ///
+    /// Either way, a socket this process inherited through socket
+    /// activation (`LISTEN_PID` is this process: the watcher's `--listen`,
+    /// or systemd) that is bound to a matching address is used instead:
+    /// the same address, a wildcard of either family on the same port, or
+    /// the same Unix socket.
+    ///
     /// Must be called within a tokio runtime.
     ///
     /// # Errors
@@ -308,12 +315,24 @@ impl ServerSocketFactory {
     /// permitted), [`Error::is_ipc`] when the watcher cannot be reached.
     pub async fn listen(&self, addr: &str) -> Result<Listener> {
         let parsed = Address::parse(addr);
-        let fd = match link() {
-            None => parsed
+        let inherited = parsed.as_ref().ok().and_then(|a| {
+            activation::inherited()
+                .iter()
+                .find(|i| activation::matches(a, &i.addr))
+        });
+        let fd = match (inherited, link()) {
+            (Some(inherited), _) => inherited.fd.try_clone().map_err(|e| {
+                Error::with_io(
+                    Kind::Io,
+                    format!("cannot use the inherited socket for {addr}"),
+                    e,
+                )
+            })?,
+            (None, None) => parsed
                 .as_ref()
                 .map_err(Error::clone)?
                 .bind(DEFAULT_BACKLOG)?,
-            Some(link) => {
+            (None, Some(link)) => {
                 // Asked even when the address does not parse here: the
                 // watcher parses it too, and a bad address before any
                 // worker was ready stops it with one clear error instead

@@ -34,6 +34,21 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// Whether `program --version` runs here; when not, says that the calling
+/// test is skipped.
+pub fn installed(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: {program} is not installed");
+    }
+    ok
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")

@@ -85,6 +85,29 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "shared")]
     pub balance: cluster::Balance,
 
+    /// Bind ADDR at start-up (host:port, :port, unix:///path; NAME=ADDR
+    /// names it) and start every worker with it as descriptor 3, 4, ...
+    /// and LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, as systemd's socket
+    /// activation does: any program can serve from it (repeatable)
+    #[arg(long, value_name = "[NAME=]ADDR")]
+    pub listen: Vec<String>,
+
+    /// Give each worker its own NOTIFY_SOCKET (sd_notify): READY=1 marks it
+    /// ready, WATCHDOG=1 answers the heartbeat (WATCHDOG_USEC), STATUS=
+    /// shows in `cluster status`, STOPPING=1 drains it, RELOADING=1 shows
+    #[arg(long, conflicts_with = "ready_delay")]
+    pub notify: bool,
+
+    /// Seconds after its start at which a worker that does not use the
+    /// library counts as ready (without --notify)
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
+    pub ready_delay: Duration,
+
+    /// The signal that asks a worker that does not use the library to stop
+    /// (it has --shutdown-timeout to finish before SIGKILL)
+    #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM")]
+    pub stop_signal: String,
+
     /// Control socket path [default: beside the pid file, x.pid -> x.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -478,6 +501,20 @@ mod tests {
         let d = parse(&["./srv"]).unwrap();
         assert_eq!(d.max_restarts, cluster::DEFAULT_MAX_RESTARTS);
         assert_eq!(d.stderr_level, tracing::Level::WARN);
+    }
+
+    #[test]
+    fn any_language_options() {
+        let a = parse(&[
+            "--listen", "web=:80", "--listen", ":81", "--notify", "./srv",
+        ])
+        .unwrap();
+        assert_eq!(a.listen, ["web=:80", ":81"]);
+        assert!(a.notify);
+        assert!(parse(&["--notify", "--ready-delay", "2", "./srv"]).is_err());
+        let a = parse(&["--ready-delay", "0.5", "--stop-signal", "QUIT", "./srv"]).unwrap();
+        assert_eq!(a.ready_delay, Duration::from_millis(500));
+        assert_eq!(a.stop_signal, "QUIT");
     }
 
     #[test]

@@ -117,7 +117,13 @@ fn main() -> ExitCode {
             Some(args.max_restarts).filter(|&n| n > 0),
             args.restart_window,
         )
-        .max_requests(args.max_requests, args.max_requests_jitter);
+        .max_requests(args.max_requests, args.max_requests_jitter)
+        .notify(args.notify)
+        .assume_ready_after(args.ready_delay)
+        .stop_signal(&args.stop_signal);
+    for spec in &args.listen {
+        builder = builder.listen(spec);
+    }
     if let Some(bytes) = args.max_memory {
         builder = builder.max_memory(bytes);
     }

@@ -177,9 +177,23 @@ fn print_table(r: &Response) {
         };
         println!("program {program}{listening}");
     }
+    // STATUS (what `--notify` workers said) comes last, after LAST EXIT
+    // padded to its longest value, and only when some worker said one.
+    let with_status = r.workers.iter().any(|w| w.status.is_some());
+    let exit_width = if with_status {
+        r.workers
+            .iter()
+            .map(|w| w.last_exit.as_deref().unwrap_or("-").chars().count())
+            .max()
+            .unwrap_or(0)
+            .max("LAST EXIT".len())
+    } else {
+        0
+    };
+    let status_head = if with_status { "  STATUS" } else { "" };
     println!(
-        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  LAST EXIT",
-        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
+        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {:<exit_width$}{status_head}",
+        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%", "LAST EXIT"
     );
     for w in &r.workers {
         let dash = |n: u64| {
@@ -194,12 +208,22 @@ fn print_table(r: &Response) {
             (0, None) => "-".into(),
             _ => human(w.uptime_secs),
         };
+        let state = if w.reloading && w.state == "ready" {
+            "reloading"
+        } else {
+            w.state.as_str()
+        };
+        let status = match (&w.status, with_status) {
+            (Some(s), _) => format!("  {s}"),
+            (None, true) => "  -".to_string(),
+            (None, false) => String::new(),
+        };
         println!(
-            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {}",
+            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {:<exit_width$}{status}",
             w.slot,
             dash(w.context_id),
             dash(w.pid.into()),
-            w.state,
+            state,
             uptime,
             w.restarts,
             w.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),

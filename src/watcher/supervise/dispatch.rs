@@ -35,7 +35,8 @@ impl Supervisor {
         {
             if fds.len() == 1 {
                 let fd = fds.pop().expect("one descriptor");
-                self.listeners
+                self.pool
+                    .listeners
                     .returned(*listener, context_id, *conn, fd, peer);
                 return;
             }
@@ -105,10 +106,10 @@ impl Supervisor {
                 w.kill(&self.ctx, "protocol error");
             }
             ToWatcher::ConnectionsClosed { listener, count } => {
-                self.listeners.closed(listener, context_id, count);
+                self.pool.listeners.closed(listener, context_id, count);
             }
             ToWatcher::ConnectionsAccepted { listener, conns } => {
-                self.listeners.accepted(listener, context_id, &conns);
+                self.pool.listeners.accepted(listener, context_id, &conns);
             }
             ToWatcher::JobsReady {
                 handlers,
@@ -177,7 +178,7 @@ impl Supervisor {
                 format!("cannot listen on {addr}: too many socket replies wait to be read"),
             ))
         } else {
-            Address::parse(&addr).and_then(|a| self.listeners.grant(&a, slot, context_id))
+            Address::parse(&addr).and_then(|a| self.pool.listeners.grant(&a, slot, context_id))
         };
         let Some(w) = self.pool.workers.get(&context_id) else {
             return;
@@ -198,7 +199,7 @@ impl Supervisor {
                 });
                 // Joins the pool only after the reply is queued, so no
                 // connection can overtake it.
-                self.listeners.join(
+                self.pool.listeners.join(
                     listener,
                     context_id,
                     w.outbound.clone(),

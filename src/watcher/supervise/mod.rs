@@ -17,6 +17,7 @@
 mod dispatch;
 mod health;
 mod listeners;
+mod notify;
 mod reload;
 mod services;
 mod slots;
@@ -37,7 +38,7 @@ use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Sc
 use crate::watcher::hooks::{event_fields, HOOK_TIMEOUT};
 use crate::watcher::process::{signal_name, Launcher};
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
-use crate::watcher::systemd::{self, Notifier};
+use crate::watcher::systemd::Notifier;
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
@@ -107,7 +108,6 @@ pub(crate) struct Supervisor {
     events: mpsc::UnboundedReceiver<Event>,
     pool: Pool,
     reloads: Reloads,
-    listeners: Listeners,
     services: Services,
     counters: Counters,
     /// Some worker has been ready at least once: past start-up.
@@ -124,9 +124,9 @@ impl Supervisor {
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (activated, notifier) = if config.systemd {
-            (systemd::listen_fds(), Notifier::from_env())
+            (crate::activation::inherited(), Notifier::from_env())
         } else {
-            (Vec::new(), None)
+            (&[][..], None)
         };
         let listeners = Listeners::new(
             config.balance,
@@ -134,7 +134,7 @@ impl Supervisor {
             activated,
             config.bind_policy.clone(),
         );
-        let pool = Pool::new(config.workers);
+        let pool = Pool::new(config.workers, listeners);
         Supervisor {
             ctx: Ctx {
                 config,
@@ -146,7 +146,6 @@ impl Supervisor {
             events,
             pool,
             reloads: Reloads::default(),
-            listeners,
             services: Services::default(),
             counters: Counters::default(),
             ever_ready: false,
@@ -170,6 +169,16 @@ impl Supervisor {
             Ok(s) => self.services = s,
             Err(e) => {
                 let _ = started.send(Err(e.clone()));
+                return Outcome::Failed(e);
+            }
+        }
+        // `--listen` sockets are bound before the first worker starts: an
+        // address that cannot be bound is a start-up error.
+        for slot in 1..=self.pool.slots.len() as u32 {
+            let listen = &self.ctx.config.listen;
+            if let Err(e) = self.pool.listeners.inherited(listen, slot) {
+                let _ = started.send(Err(e.clone()));
+                self.pool.listeners.shutdown();
                 return Outcome::Failed(e);
             }
         }
@@ -227,7 +236,7 @@ impl Supervisor {
             jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
                 .await;
         }
-        self.listeners.shutdown();
+        self.pool.listeners.shutdown();
         self.services.hooks.finish(HOOK_TIMEOUT).await;
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
@@ -253,7 +262,7 @@ impl Supervisor {
     /// worker is ready (a worker that starts may still ask for them).
     fn listener_sweep(&self) -> Option<Instant> {
         let settled = !self.stopping && self.pool.ready_slots() == self.pool.slots.len();
-        settled.then(|| self.listeners.next_sweep()).flatten()
+        settled.then(|| self.pool.listeners.next_sweep()).flatten()
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -272,7 +281,7 @@ impl Supervisor {
                     program: std::path::Path::new(&self.ctx.config.program)
                         .display()
                         .to_string(),
-                    addresses: self.listeners.addresses(),
+                    addresses: self.pool.listeners.addresses(),
                     log_file: self.ctx.config.log_file.clone(),
                 });
             }
@@ -328,7 +337,7 @@ impl Supervisor {
                     // everything it sent was handled, so what it was handed
                     // and never accepted can go to another worker now.
                     RecvError::Closed => {
-                        self.listeners.worker_gone(context_id);
+                        self.pool.listeners.worker_gone(context_id);
                         // Its exit follows; one that lives on without its
                         // channel cannot be supervised and is killed.
                         w.channel_closed_at = Some(Instant::now());
@@ -344,6 +353,7 @@ impl Supervisor {
                 }
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
+            Event::Notify { context_id } => self.on_notify(context_id),
         }
     }
 
@@ -357,17 +367,10 @@ impl Supervisor {
             self.pool.spawn_due(&self.ctx, now);
         }
         if self.listener_sweep().is_some_and(|t| t <= now) {
-            self.listeners.sweep(now);
+            self.pool.listeners.sweep(now);
         }
         let due = self.pool.tick(&self.ctx, now);
         for id in due.assumed_ready {
-            if let Some(w) = self.pool.workers.get(&id) {
-                tracing::debug!(
-                    "worker {} (pid {}) has not contacted the watcher; assumed ready",
-                    w.slot,
-                    w.pid
-                );
-            }
             self.on_ready(id);
         }
         let ready_timeout = self.ctx.config.ready_timeout;
@@ -408,7 +411,7 @@ impl Supervisor {
         let Some(exit) = self.pool.remove(context_id, status) else {
             return;
         };
-        self.listeners.worker_gone(context_id);
+        self.pool.listeners.worker_gone(context_id);
         self.services.jobs(JobsEvent::WorkerGone {
             context_id,
             how: exit.how.clone(),
@@ -567,7 +570,7 @@ impl Supervisor {
         while self.pool.slots.len() > target {
             let slot = self.pool.slots.len() as u32;
             let removed = self.pool.slots.pop().expect("more than target");
-            self.listeners.retire_slot(slot);
+            self.pool.listeners.retire_slot(slot);
             self.reloads.slot_retired(&mut self.pool, &self.ctx, slot);
             if let Some(id) = removed.current {
                 self.pool.stop(&self.ctx, id);
