@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::config::JobsConfig;
 use super::pools::{assign, pool_of};
 use super::runner::{self, ProcessDone};
+use super::sources::EndedKeys;
 use super::JobsEvent;
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
 use crate::jobs::store::sqlite::WakeListener;
@@ -105,6 +106,8 @@ pub(super) struct Dispatcher {
     /// A batch of outcomes is being written.
     flushing: bool,
     status: JobsStatus,
+    /// Where outcomes' keys go for the job sources (when there are any).
+    ended: Option<Arc<EndedKeys>>,
 }
 
 impl Dispatcher {
@@ -141,7 +144,14 @@ impl Dispatcher {
             claiming: HashSet::new(),
             flushing: false,
             status,
+            ended: None,
         }
+    }
+
+    /// Notes every outcome's key in `ended` (for the job sources).
+    pub(super) fn with_ended_keys(mut self, ended: Option<Arc<EndedKeys>>) -> Dispatcher {
+        self.ended = ended;
+        self
     }
 
     pub(super) async fn run(
@@ -370,6 +380,9 @@ impl Dispatcher {
             Outcome::Failed(e) => ("failed", Some(e.clone())),
         };
         self.status.note(outcome_info(&r.job, word, error));
+        if let Some(ended) = &self.ended {
+            ended.note(&r.job.key);
+        }
         if let Outcome::Failed(e) | Outcome::Lost(e) = &outcome {
             tracing::warn!(
                 "job {} ({}) attempt {} of {} failed: {e}",
@@ -469,6 +482,9 @@ impl Dispatcher {
                     if let Some(job) = q.remove(i) {
                         self.status.cancelled += 1;
                         self.status.note(outcome_info(&job, "cancelled", None));
+                        if let Some(ended) = &self.ended {
+                            ended.note(&job.key);
+                        }
                         self.finished.push(Finished {
                             id: job.id,
                             attempt: job.attempt,
