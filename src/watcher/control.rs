@@ -6,19 +6,22 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use super::event::{Command, CommandSender, Scale};
+use super::control_hub;
+use super::event::{Command, CommandSender, Scale, WorkerSelector};
+use super::hub::Hub;
 use super::procfs;
-use crate::control::{Request, Response, WorkerStatus};
+use crate::control::{Request, Response, StorageStatus, TrafficStatus, WorkerStatus};
 use crate::error::{Error, Kind, Result};
 
-/// Largest request line accepted.
-const MAX_REQUEST: usize = 4096;
+/// Largest request line accepted (a value for `cluster storage set`).
+const MAX_REQUEST: usize = 1024 * 1024;
 
 /// How long `status` samples CPU use.
 const CPU_SAMPLE: Duration = Duration::from_millis(200);
@@ -48,7 +51,7 @@ impl Server {
     /// else, whatever the umask. A stale socket at `path` is replaced; a
     /// live one (another watcher answers on it) or a file that is not a
     /// socket is an error.
-    pub(crate) fn bind(path: &Path, commands: CommandSender) -> Result<Server> {
+    pub(crate) fn bind(path: &Path, commands: CommandSender, hub: Arc<Hub>) -> Result<Server> {
         let err = |e: io::Error| {
             Error::with_io(
                 Kind::Control,
@@ -85,8 +88,9 @@ impl Server {
                     continue;
                 };
                 let commands = commands.clone();
+                let hub = hub.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, commands, me).await;
+                    let _ = serve(stream, commands, hub, me).await;
                 });
             }
         });
@@ -129,7 +133,12 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
-async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Result<()> {
+async fn serve(
+    stream: UnixStream,
+    commands: CommandSender,
+    hub: Arc<Hub>,
+    me: u32,
+) -> io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -144,7 +153,7 @@ async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Resu
             ))
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(request, &commands).await,
+            Ok(request) => handle(request, &commands, hub).await,
             Err(e) => failure(format!("bad request: {e}")),
         },
         Ok(Err(e)) => failure(format!("bad request: {e}")),
@@ -156,7 +165,7 @@ async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Resu
     write.shutdown().await
 }
 
-fn failure(error: String) -> Response {
+pub(super) fn failure(error: String) -> Response {
     Response {
         ok: false,
         error: Some(error),
@@ -165,7 +174,7 @@ fn failure(error: String) -> Response {
     }
 }
 
-fn success() -> Response {
+pub(super) fn success() -> Response {
     Response {
         ok: true,
         pid: std::process::id(),
@@ -184,9 +193,41 @@ async fn ask<T>(
     rx.await.ok()
 }
 
-async fn handle(request: Request, commands: &CommandSender) -> Response {
+async fn handle(request: Request, commands: &CommandSender, hub: Arc<Hub>) -> Response {
     let gone = || failure("the watcher is stopping".into());
     match request {
+        Request::StorageGet { .. }
+        | Request::StorageSet { .. }
+        | Request::StorageDelete { .. }
+        | Request::StorageDump
+        | Request::Command { .. } => control_hub::handle(request, hub).await,
+        Request::StopWorker {
+            slot,
+            name,
+            timeout_ms,
+        } => {
+            let which = match (slot, name) {
+                (Some(n), None) => WorkerSelector::Slot(n),
+                (None, Some(name)) => WorkerSelector::Name(name),
+                _ => return failure("stop_worker needs a slot or a name".into()),
+            };
+            let timeout = timeout_ms.map(|ms| Duration::from_millis(ms.min(86_400_000)));
+            let stopped = ask(commands, |done| Command::StopWorker {
+                which,
+                timeout,
+                done,
+            });
+            match stopped.await {
+                Some(Ok(s)) => Response {
+                    stopped: Some(serde_json::json!({
+                        "slot": s.slot, "pid": s.pid, "context_id": s.context_id, "at_once": s.at_once,
+                    })),
+                    ..success()
+                },
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
+        }
         Request::Status { quick } => {
             let Some(report) = ask(commands, Command::Status).await else {
                 return gone();
@@ -221,8 +262,23 @@ async fn handle(request: Request, commands: &CommandSender) -> Response {
                         cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
                         cpu_percent,
                         last_exit: w.last_exit,
+                        name: w.name,
+                        status: w.status,
+                        stats: TrafficStatus {
+                            commands_sent: w.traffic.commands_sent,
+                            commands_received: w.traffic.commands_received,
+                            messages_sent: w.traffic.messages_sent,
+                            messages_received: w.traffic.messages_received,
+                        },
                     })
                     .collect(),
+                storage: Some(StorageStatus {
+                    keys: report.storage.keys,
+                    bytes: report.storage.bytes,
+                    max_bytes: report.storage.max_bytes,
+                    operations: report.storage.ops_total,
+                    operations_per_sec: report.storage.ops_per_sec,
+                }),
                 ..success()
             }
         }

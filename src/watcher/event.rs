@@ -77,6 +77,30 @@ pub(crate) enum Command {
     /// The job dispatcher's counters (the reply is dropped when the
     /// watcher runs no jobs).
     JobsStatus(oneshot::Sender<JobsStatus>),
+    /// Stop one worker (`cluster stop --slot/--name`): at once when its
+    /// status is `idle`, else asked to and killed after `timeout`.
+    StopWorker {
+        which: WorkerSelector,
+        timeout: Option<Duration>,
+        done: oneshot::Sender<Result<StoppedWorker>>,
+    },
+}
+
+/// Which worker: by slot or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WorkerSelector {
+    Slot(u32),
+    Name(String),
+}
+
+/// The worker a `StopWorker` stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoppedWorker {
+    pub slot: u32,
+    pub pid: u32,
+    pub context_id: u64,
+    /// It was idle: stopped at once.
+    pub at_once: bool,
 }
 
 /// Where requests to the supervisor go.
@@ -86,6 +110,9 @@ pub(crate) type CommandSender = mpsc::UnboundedSender<Command>;
 pub(crate) struct Outbound {
     pub msg: ToWorker,
     pub fds: Vec<OwnedFd>,
+    /// About how many bytes it takes (counted for the messages that can be
+    /// large: replies, commands, changes; 0 for the rest).
+    pub weight: usize,
 }
 
 impl Outbound {
@@ -94,15 +121,27 @@ impl Outbound {
         Outbound {
             msg,
             fds: Vec::new(),
+            weight: 0,
+        }
+    }
+
+    /// A message of about `weight` bytes.
+    pub(crate) fn weighed(msg: ToWorker, weight: usize) -> Outbound {
+        Outbound {
+            msg,
+            fds: Vec::new(),
+            weight,
         }
     }
 }
 
-/// How many messages and descriptors wait in one worker's writer queue.
+/// How many messages, descriptors and (weighed) bytes wait in one
+/// worker's writer queue.
 #[derive(Debug, Default)]
 struct Queued {
     messages: AtomicUsize,
     fds: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 /// A worker's writer queue. It counts what waits in it, so that a worker
@@ -147,14 +186,21 @@ impl OutboundSender {
     /// Queues `out`; gives it back when the writer is gone (the worker is
     /// exiting).
     pub(crate) fn send(&self, out: Outbound) -> Result<(), Outbound> {
-        let fds = out.fds.len();
+        let (fds, weight) = (out.fds.len(), out.weight);
         self.queued.messages.fetch_add(1, Ordering::Relaxed);
         self.queued.fds.fetch_add(fds, Ordering::Relaxed);
+        self.queued.bytes.fetch_add(weight, Ordering::Relaxed);
         self.tx.send(out).map_err(|mpsc::error::SendError(back)| {
             self.queued.messages.fetch_sub(1, Ordering::Relaxed);
             self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+            self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
             back
         })
+    }
+
+    /// Weighed bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued.bytes.load(Ordering::Relaxed)
     }
 
     /// Descriptors queued and not yet written to the worker's socket.
@@ -180,10 +226,11 @@ impl OutboundReceiver {
         self.rx.try_recv().ok()
     }
 
-    /// One message with `fds` descriptors left the queue.
-    pub(crate) fn written(&self, fds: usize) {
+    /// One message with `fds` descriptors and `weight` left the queue.
+    pub(crate) fn written(&self, fds: usize, weight: usize) {
         self.queued.messages.fetch_sub(1, Ordering::Relaxed);
         self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+        self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
+use super::hub::{Hub, Origin, MAX_BACKLOG};
 use super::output::{LogOutput, Source};
 use super::systemd;
 use crate::error::{Error, Kind, Result};
@@ -87,11 +88,13 @@ pub(crate) fn unregister(pid: u32) {
 /// living on under init.
 pub(crate) struct Processes {
     reaper: Option<JoinHandle<()>>,
+    /// Where each worker's reader hands storage requests and commands.
+    hub: Arc<Hub>,
 }
 
 impl Processes {
     /// Must be called within a tokio runtime when `subreaper` is set.
-    pub(crate) fn new(subreaper: bool) -> Processes {
+    pub(crate) fn new(subreaper: bool, hub: Arc<Hub>) -> Processes {
         let reaper = subreaper
             .then(|| match nix::sys::prctl::set_child_subreaper(true) {
                 Ok(()) => match crate::signal::child_exits() {
@@ -107,7 +110,7 @@ impl Processes {
                 }
             })
             .flatten();
-        Processes { reaper }
+        Processes { reaper, hub }
     }
 }
 
@@ -121,7 +124,7 @@ impl Drop for Processes {
 
 impl Launcher for Processes {
     fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
-        spawn(config, id.slot, id.context_id, events)
+        spawn(config, id, events, &self.hub)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -223,7 +226,8 @@ pub(crate) fn kill_left_behind(pid: u32) -> usize {
 
 /// Forks and execs one worker for `slot` with `context_id`, and starts the
 /// tasks that read its channel, write to it, and wait for its exit.
-fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
+fn spawn(config: &Config, id: WorkerId, events: &EventSender, hub: &Arc<Hub>) -> Result<Spawned> {
+    let WorkerId { slot, context_id } = id;
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -253,6 +257,10 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         }
         cmd.env(env::JOB_CONCURRENCY, jobs.concurrency.to_string());
     }
+    match config.worker_name(slot) {
+        Some(name) => cmd.env(env::NAME, name),
+        None => cmd.env_remove(env::NAME),
+    };
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
@@ -297,14 +305,39 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         }
     };
 
-    // Reader: every message or failure becomes an event.
+    let (outbound, mut rx) = super::event::outbound();
+
+    // Reader: storage requests and commands go to the hub as they arrive;
+    // every other message or failure becomes an event.
     let tx = events.clone();
     let reader = channel.clone();
+    let (hub, replies) = (hub.clone(), outbound.clone());
     drained.push(tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {
             match reader.recv(&mut buf).await {
                 Ok((msg, fds)) => {
+                    let msg = if fds.is_empty() && Hub::takes(&msg) {
+                        // A worker that does not read its replies is not
+                        // read either: its socket fills up, not our memory.
+                        while replies.queued_bytes() > MAX_BACKLOG {
+                            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        }
+                        let origin = Origin {
+                            context_id,
+                            outbound: &replies,
+                        };
+                        match hub.handle(origin, msg) {
+                            None => {
+                                // Others' requests get their turn.
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            Some(msg) => msg,
+                        }
+                    } else {
+                        msg
+                    };
                     if tx
                         .send(Event::Message {
                             context_id,
@@ -347,12 +380,11 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
     // Writer: ends when the supervisor drops the sender. A write error means
     // the worker is gone or going (EPIPE); its exit event follows, so the
     // writer just stops.
-    let (outbound, mut rx) = super::event::outbound();
     tokio::spawn(async move {
-        while let Some(Outbound { msg, fds }) = rx.recv().await {
+        while let Some(Outbound { msg, fds, weight }) = rx.recv().await {
             let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
             let sent = channel.send(&msg, &borrowed).await;
-            rx.written(fds.len());
+            rx.written(fds.len(), weight);
             if let Err(e) = sent {
                 tracing::debug!("worker {slot} (context {context_id}): {e}");
                 return;

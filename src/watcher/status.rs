@@ -32,6 +32,28 @@ pub struct WorkerInfo {
     /// How the previous worker of this slot ended, if one did: for example
     /// `exited with status 1` or `killed by SIGKILL (missed heartbeats)`.
     pub last_exit: Option<String>,
+    /// The worker's name (`--name`, `--names`), if it has one.
+    pub name: Option<String>,
+    /// What the worker last said with `Cluster::set_status` (`idle`,
+    /// `processing`, a short text), `stopping` once it was asked to stop;
+    /// `None` when it never said.
+    pub status: Option<String>,
+    /// Commands and messages it sent and received.
+    pub traffic: Traffic,
+}
+
+/// Commands and user messages one worker sent and received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Traffic {
+    /// Commands it sent (`Cluster::command`).
+    pub commands_sent: u64,
+    /// Commands it was sent (by the watcher or other workers).
+    pub commands_received: u64,
+    /// User messages it sent the watcher (`MessageChannel::send`).
+    pub messages_sent: u64,
+    /// User messages the watcher sent it.
+    pub messages_received: u64,
 }
 
 impl WorkerInfo {
@@ -70,6 +92,8 @@ impl std::fmt::Display for WorkerState {
 pub(crate) struct StatusReport {
     pub workers: Vec<WorkerInfo>,
     pub wanted: usize,
+    /// The shared storage's counters.
+    pub storage: crate::watcher::hub::HubStats,
 }
 
 /// What the supervisor reports for one metrics scrape.
@@ -77,6 +101,10 @@ pub(crate) struct StatusReport {
 pub(crate) struct Snapshot {
     /// Every worker process: slot, pid, state.
     pub workers: Vec<(u32, u32, WorkerState)>,
+    /// Every worker process: slot, pid, name, status, traffic.
+    pub info: Vec<(u32, u32, Option<String>, Option<String>, Traffic)>,
+    /// The shared storage's counters.
+    pub storage: crate::watcher::hub::HubStats,
     /// Per slot: (slot, restarts, crashes).
     pub slots: Vec<(u32, u64, u64)>,
     pub reloads_ok: u64,

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::dispatch::Inbound;
+use super::hub_link::HubState;
 use super::ipc_thread::{self, Ipc};
 use super::shared::{Outgoing, Pings, Shared};
 use crate::ipc::env;
@@ -83,6 +84,9 @@ fn connect() -> Option<Arc<Shared>> {
         inbox: tokio::sync::Mutex::new(inbox_rx),
         balanced: Arc::new(Balanced::new(to_ipc)),
         jobs: std::sync::Mutex::new(None),
+        name: std::env::var(env::NAME).ok().filter(|n| !n.is_empty()),
+        status: std::sync::Mutex::new(None),
+        handlers: Arc::default(),
     });
     sys::at_exit(flush_at_exit);
     ipc_thread::start(
@@ -96,6 +100,7 @@ fn connect() -> Option<Arc<Shared>> {
                 stop: stop_tx,
                 inbox: inbox_tx,
                 pending: HashMap::new(),
+                hub: HubState::default(),
             },
         },
     );

@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::commands::handlers::Handlers;
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::{JobOrder, ToWatcher};
+use crate::ipc::message::{CallResult, JobOrder, RequestBody, ToWatcher};
 use crate::listener::{Balanced, ToIpc};
 use crate::log::WorkerLogQueue;
+use crate::transport::Replier;
 
 /// What user code asks the IPC thread to send.
 pub(crate) enum Outgoing {
@@ -25,6 +27,12 @@ pub(crate) enum Outgoing {
     /// A balanced listener's request: give a connection back, or
     /// acknowledge accepted ones.
     Balanced(ToIpc),
+    /// A storage operation, watch or command for the watcher's hub.
+    Request(RequestBody, Replier),
+    /// End a watch.
+    Unwatch(u64),
+    /// A handler's answer to a command.
+    CallResult(CallResult),
 }
 
 /// What the watcher granted for a `listen` request.
@@ -77,6 +85,12 @@ pub(crate) struct Shared {
     pub balanced: Arc<Balanced>,
     /// Where jobs go while `Cluster::jobs().run()` serves them.
     pub jobs: std::sync::Mutex<Option<mpsc::UnboundedSender<ToJobs>>>,
+    /// `--name`/`--names`, from the environment.
+    pub name: Option<String>,
+    /// What `Cluster::set_status` set last.
+    pub status: std::sync::Mutex<Option<String>>,
+    /// This worker's command handlers.
+    pub handlers: Arc<Handlers>,
 }
 
 impl Shared {

@@ -8,6 +8,7 @@
 mod cli;
 mod jobs;
 mod running;
+mod shared_state;
 
 use std::process::ExitCode;
 
@@ -96,7 +97,21 @@ fn main() -> ExitCode {
         .heartbeat_timeout(heartbeat)
         .reload_on_deploy(args.reload_on_deploy)
         .subreaper(true)
-        .balance(args.balance);
+        .balance(args.balance)
+        .revive(args.revive)
+        .storage_max_bytes(args.storage_max_bytes);
+    if let Some(prefix) = &args.name {
+        builder = builder.name(prefix);
+    }
+    if !args.names.is_empty() {
+        builder = builder.names(args.names.iter().cloned());
+    }
+    if let Some(path) = &args.storage_init {
+        builder = builder.storage_init(path);
+    }
+    if let Some(path) = &args.storage_file {
+        builder = builder.storage_file(path);
+    }
     for path in &args.watch {
         builder = builder.watch(path);
     }

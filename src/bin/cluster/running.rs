@@ -44,12 +44,12 @@ pub fn run(cmd: Control) -> ExitCode {
     runtime.block_on(dispatch(cmd))
 }
 
-fn error(message: impl std::fmt::Display) -> ExitCode {
+pub(crate) fn error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("cluster: error: {message}");
     ExitCode::FAILURE
 }
 
-async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, ExitCode> {
+pub(crate) async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, ExitCode> {
     let socket = target.socket().map_err(error)?;
     match request(&socket, &req).await {
         Ok(r) if r.ok => Ok(r),
@@ -67,6 +67,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
         Control::Status {
             target,
             json,
+            stats,
             quiet,
         } => {
             let socket = match target.socket() {
@@ -78,7 +79,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                     } else if !quiet {
-                        print_table(&r);
+                        print_table(&r, stats);
                     }
                     ExitCode::SUCCESS
                 }
@@ -107,7 +108,26 @@ async fn dispatch(cmd: Control) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Control::Stop { target, timeout } => {
+        Control::Stop {
+            target,
+            slot,
+            name,
+            timeout,
+        } if slot.is_some() || name.is_some() => {
+            crate::shared_state::stop_worker(&target, slot, name, timeout).await
+        }
+        Control::Storage { op } => crate::shared_state::storage(op).await,
+        Control::Command {
+            target,
+            to,
+            timeout,
+            name,
+            args,
+        } => crate::shared_state::command(&target, to, name, args, timeout).await,
+        Control::Stop {
+            target, timeout, ..
+        } => {
+            let timeout = timeout.unwrap_or(Duration::from_secs(60));
             let response = match ask(&target, Request::Stop).await {
                 Ok(r) => r,
                 Err(code) => return code,
@@ -132,7 +152,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
 
 /// Whether `pid` is a live process (a zombie waiting for its parent to
 /// reap it has exited).
-fn running(pid: nix::unistd::Pid) -> bool {
+pub(crate) fn running(pid: nix::unistd::Pid) -> bool {
     if nix::sys::signal::kill(pid, None).is_err() {
         return false;
     }
@@ -145,24 +165,43 @@ fn running(pid: nix::unistd::Pid) -> bool {
     }
 }
 
-fn print_table(r: &Response) {
+fn print_table(r: &Response, stats: bool) {
     println!(
         "watcher pid {}: {} worker(s) running, {} wanted",
         r.pid,
         r.workers.len(),
         r.workers_wanted.unwrap_or(0)
     );
+    let extra = if stats {
+        format!(
+            "  {:>7} {:>7} {:>7} {:>7}",
+            "CMD-OUT", "CMD-IN", "MSG-OUT", "MSG-IN"
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  LAST EXIT",
-        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
+        "{:>4}  {:<12} {:>8}  {:>8}  {:<9} {:<12} {:>10}  {:>8}  {:>8}  {:>6}{extra}  LAST EXIT",
+        "SLOT", "NAME", "CONTEXT", "PID", "STATE", "STATUS", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     for w in &r.workers {
+        let extra = if stats {
+            let t = &w.stats;
+            format!(
+                "  {:>7} {:>7} {:>7} {:>7}",
+                t.commands_sent, t.commands_received, t.messages_sent, t.messages_received
+            )
+        } else {
+            String::new()
+        };
         println!(
-            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {}",
+            "{:>4}  {:<12} {:>8}  {:>8}  {:<9} {:<12} {:>10}  {:>8}  {:>8}  {:>6}{extra}  {}",
             w.slot,
+            w.name.as_deref().unwrap_or("-"),
             w.context_id,
             w.pid,
             w.state,
+            w.status.as_deref().unwrap_or("-"),
             human(w.uptime_secs),
             w.restarts,
             w.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
@@ -170,6 +209,18 @@ fn print_table(r: &Response) {
                 .map(|p| format!("{p:.1}"))
                 .unwrap_or_else(|| "-".into()),
             w.last_exit.as_deref().unwrap_or("-")
+        );
+    }
+    if let (true, Some(s)) = (stats, &r.storage) {
+        println!();
+        println!(
+            "storage: {} key(s), {} of {} ({:.1}%), {:.0} operations/s, {} since start",
+            s.keys,
+            bytes(s.bytes as u64),
+            bytes(s.max_bytes as u64),
+            100.0 * s.bytes as f64 / s.max_bytes.max(1) as f64,
+            s.operations_per_sec,
+            s.operations
         );
     }
     if let Some(jobs) = &r.jobs {

@@ -14,6 +14,7 @@ use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
+use crate::watcher::hub::{timers, Hub};
 use crate::watcher::metrics;
 use crate::watcher::process;
 use crate::watcher::systemd::Notifier;
@@ -24,6 +25,8 @@ use crate::watcher::systemd::Notifier;
 pub(crate) struct Services {
     /// The job dispatcher (`--jobs`), stopped first.
     pub jobs: Option<JobsHandle>,
+    /// The shared storage's timers; dropping it writes the last snapshot.
+    hub: Option<HubGuard>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
     metrics: Option<metrics::Server>,
@@ -38,6 +41,7 @@ impl Services {
     /// socket and the metrics responder send their requests.
     pub(crate) async fn start(
         config: &Config,
+        hub: &Arc<Hub>,
         commands: &CommandSender,
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
@@ -57,8 +61,15 @@ impl Services {
             }
             services.pid_file = Some(pid_file);
         }
+        // After the pid file: a second watcher on it never reads the
+        // storage file the first one writes.
+        hub.load()?;
+        services.hub = Some(HubGuard {
+            hub: hub.clone(),
+            timers: timers::start(hub.clone()),
+        });
         if let Some(path) = config.control_path() {
-            services.control = Some(control::Server::bind(&path, commands.clone())?);
+            services.control = Some(control::Server::bind(&path, commands.clone(), hub.clone())?);
         }
         if let Some(addr) = config.metrics {
             let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
@@ -103,5 +114,19 @@ impl Services {
             }
             self.watchdog_at = notifier.and_then(|n| n.watchdog).map(|d| now + d);
         }
+    }
+}
+
+/// The hub's timer task while the watcher runs; the last snapshot is
+/// written when it drops (after every worker exited).
+struct HubGuard {
+    hub: Arc<Hub>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HubGuard {
+    fn drop(&mut self) {
+        self.timers.abort();
+        self.hub.close();
     }
 }

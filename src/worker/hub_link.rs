@@ -1,0 +1,358 @@
+//! A worker's side of shared storage and commands.
+//!
+//! [`WorkerLink`] is the [`Transport`] the API uses in a worker: a request
+//! is queued for the IPC thread (one channel push, never blocking). The
+//! IPC thread keeps [`HubState`]: it numbers the requests, packs those
+//! queued at once into one `Requests` message, feeds each `Reply` to its
+//! waiter, routes `Changes` to their watch streams, and runs the watcher's
+//! `Calls` on this worker's handlers (built-in `ping` and `status` when
+//! none is registered). Calls that arrive before the worker is ready wait
+//! until it is (its handlers are registered by then).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use super::shared::{Outgoing, Shared};
+use crate::commands::handlers::Handlers;
+use crate::ipc::codec::{encode, EncodeError};
+use crate::ipc::message::{
+    Call, CallResult, Change, HubErrorKind, Reply, Request, RequestBody, StorageOp, ToWatcher,
+    MAX_MESSAGE, MAX_VALUE, REQUEST_BATCH,
+};
+use crate::ipc::{Channel, SendError};
+use crate::transport::{hub_error, Fed, Replier, Transport, Waiting, WatchSink};
+use crate::watcher::hub::{timers, Hub};
+
+/// The API's way to the watcher in a worker.
+pub(crate) struct WorkerLink(pub &'static Shared);
+
+impl Transport for WorkerLink {
+    fn submit(&self, body: RequestBody, reply: Replier) {
+        // When the IPC thread is gone the request (and its replier) is
+        // dropped, and the caller hears that the watcher is gone.
+        let _ = self.0.tx.send(Outgoing::Request(body, reply));
+    }
+
+    fn unwatch(&self, watch: u64) {
+        let _ = self.0.tx.send(Outgoing::Unwatch(watch));
+    }
+
+    fn value_limit(&self) -> Option<usize> {
+        Some(MAX_VALUE)
+    }
+}
+
+/// Bytes of requests (or results) packed into one message at most, by
+/// their estimated size; the encoder has the last word.
+const BATCH_BYTES: usize = MAX_MESSAGE / 2;
+
+/// Calls held until the worker is ready, at most.
+const MAX_HELD: usize = 1024;
+
+fn request_weight(body: &RequestBody) -> usize {
+    16 + match body {
+        RequestBody::Storage(op) => match op {
+            StorageOp::Get { path }
+            | StorageOp::GetVersioned { path }
+            | StorageOp::Delete { path }
+            | StorageOp::Increment { path, .. } => path.len(),
+            StorageOp::Set { path, value, .. } | StorageOp::Update { path, value, .. } => {
+                path.len() + value.len()
+            }
+            StorageOp::CompareAndSwap {
+                path,
+                expected,
+                new,
+            } => path.len() + new.len() + expected.as_ref().map_or(0, |e| e.len()),
+        },
+        RequestBody::Watch { prefix } => prefix.len(),
+        RequestBody::Unwatch { .. } => 8,
+        RequestBody::Call {
+            target, name, args, ..
+        } => {
+            name.len()
+                + args.len()
+                + match target {
+                    crate::ipc::message::TargetSpec::Name(n) => n.len(),
+                    _ => 4,
+                }
+        }
+    }
+}
+
+/// The IPC thread's shared-state bookkeeping.
+#[derive(Default)]
+pub(crate) struct HubState {
+    next_id: u64,
+    /// Requests waiting for their replies, by id.
+    waiting: HashMap<u64, Waiting>,
+    /// Running watches, by id.
+    watches: HashMap<u64, WatchSink>,
+    /// Calls that arrived before the worker was ready.
+    held: Vec<Call>,
+    ready: bool,
+    requests: Vec<Request>,
+    requests_bytes: usize,
+    results: Vec<CallResult>,
+    results_bytes: usize,
+}
+
+impl HubState {
+    /// Queues a request for the next `Requests` message; `true` when that
+    /// message is full and should go now.
+    pub(crate) fn queue(&mut self, body: RequestBody, reply: Option<Replier>) -> bool {
+        self.next_id += 1;
+        let id = self.next_id;
+        if let Some(reply) = reply {
+            self.waiting.insert(id, Waiting::new(reply));
+        }
+        self.requests_bytes += request_weight(&body);
+        self.requests.push(Request { id, body });
+        self.requests.len() >= REQUEST_BATCH || self.requests_bytes >= BATCH_BYTES
+    }
+
+    /// Ends a watch here and in the watcher.
+    pub(crate) fn unwatch(&mut self, watch: u64) -> bool {
+        if self.watches.remove(&watch).is_some() {
+            return self.queue(RequestBody::Unwatch { watch }, None);
+        }
+        false
+    }
+
+    /// Queues a handler's result; `true` when the message is full.
+    pub(crate) fn result(&mut self, r: CallResult) -> bool {
+        self.results_bytes += 16
+            + r.result
+                .as_ref()
+                .map_or_else(|e| e.message.len(), |t| t.len());
+        self.results.push(r);
+        self.results.len() >= REQUEST_BATCH || self.results_bytes >= BATCH_BYTES
+    }
+
+    /// The queued requests as one message, if any.
+    pub(crate) fn take_requests(&mut self) -> Option<ToWatcher> {
+        self.requests_bytes = 0;
+        (!self.requests.is_empty()).then(|| ToWatcher::Requests(std::mem::take(&mut self.requests)))
+    }
+
+    /// The queued results as one message, if any.
+    pub(crate) fn take_results(&mut self) -> Option<ToWatcher> {
+        self.results_bytes = 0;
+        (!self.results.is_empty())
+            .then(|| ToWatcher::CallResults(std::mem::take(&mut self.results)))
+    }
+
+    /// A request that could not be sent (too large even alone): its
+    /// waiter hears why.
+    pub(crate) fn refuse(&mut self, id: u64, why: String) {
+        if let Some(w) = self.waiting.remove(&id) {
+            w.fail(hub_error(HubErrorKind::TooLarge, why));
+        }
+    }
+
+    /// Replies from the watcher: each to its waiter.
+    pub(crate) fn on_replies(&mut self, replies: Vec<Reply>) {
+        for r in replies {
+            let Some(w) = self.waiting.remove(&r.id) else {
+                continue; // an unwatch, or a waiter that gave up
+            };
+            match w.feed(r.id, r.result) {
+                Fed::Done => {}
+                Fed::More(w) => {
+                    self.waiting.insert(r.id, w);
+                }
+                Fed::Watching(sink) => {
+                    self.watches.insert(r.id, sink);
+                }
+            }
+        }
+    }
+
+    /// Changes for this worker's watches; a watch whose reader is gone or
+    /// fell behind ends (here and in the watcher).
+    pub(crate) fn on_changes(&mut self, changes: Vec<Change>) {
+        let mut ended = Vec::new();
+        for c in changes {
+            let watch = c.watch;
+            if let Some(sink) = self.watches.get(&watch) {
+                if !sink.deliver(c) {
+                    ended.push(watch);
+                }
+            }
+        }
+        for watch in ended {
+            self.unwatch(watch);
+        }
+    }
+
+    /// The watcher ended a watch (this worker did not keep up).
+    pub(crate) fn on_watch_ended(&mut self, watch: u64, reason: String) {
+        if let Some(sink) = self.watches.remove(&watch) {
+            sink.end(hub_error(HubErrorKind::Busy, reason));
+        }
+    }
+
+    /// Commands for this worker's handlers.
+    pub(crate) fn on_calls(&mut self, calls: Vec<Call>, shared: &Arc<Shared>) {
+        for call in calls {
+            if !self.ready && !shared.handlers.has(&call.name) && self.held.len() < MAX_HELD {
+                self.held.push(call);
+                continue;
+            }
+            run_call(call, shared);
+        }
+    }
+
+    /// The worker said it is ready: the held calls run now.
+    pub(crate) fn ready(&mut self, shared: &Arc<Shared>) {
+        self.ready = true;
+        for call in std::mem::take(&mut self.held) {
+            run_call(call, shared);
+        }
+    }
+
+    /// The watcher is gone: every waiter hears it, every watch ends.
+    pub(crate) fn fail_all(&mut self, reason: &str) {
+        for (_, w) in self.waiting.drain() {
+            w.fail(hub_error(
+                HubErrorKind::Closed,
+                format!("no answer from the watcher: {reason}"),
+            ));
+        }
+        self.watches.clear();
+    }
+}
+
+/// Runs `call` on this worker's handler, or a built-in.
+fn run_call(call: Call, shared: &Arc<Shared>) {
+    let tx = shared.tx.clone();
+    let id = call.call;
+    let done = move |result| {
+        let _ = tx.send(Outgoing::CallResult(CallResult { call: id, result }));
+    };
+    let Some(done) = shared.handlers.run(&call.name, call.args, done) else {
+        return;
+    };
+    let result = match call.name.as_str() {
+        "ping" => Ok("\"pong\"".to_string()),
+        "status" => Ok(status_json(shared)),
+        other => Err(hub_error(
+            HubErrorKind::UnknownCommand,
+            format!(
+                "worker {} has no handler for {other:?}",
+                shared
+                    .name
+                    .as_deref()
+                    .map_or_else(|| shared.slot.to_string(), str::to_string)
+            ),
+        )),
+    };
+    done(result);
+}
+
+/// This worker's answer to the built-in `status` command.
+fn status_json(shared: &Shared) -> String {
+    let status = shared.status.lock().ok().and_then(|s| s.clone());
+    serde_json::json!({
+        "slot": shared.slot,
+        "name": shared.name,
+        "pid": std::process::id(),
+        "context_id": shared.context_id,
+        "status": status,
+    })
+    .to_string()
+}
+
+/// Sends what is queued: results first (someone waits for them), then
+/// requests. A message the encoder finds too large is split; a single
+/// request too large even alone is refused to its waiter.
+pub(crate) async fn flush(channel: &Channel, hub: &mut HubState) -> Result<(), SendError> {
+    let mut stack: Vec<ToWatcher> = hub
+        .take_requests()
+        .into_iter()
+        .chain(hub.take_results())
+        .collect();
+    while let Some(msg) = stack.pop() {
+        match encode(&msg) {
+            Ok(bytes) => channel
+                .send_bytes(&bytes, &[])
+                .await
+                .map_err(SendError::Io)?,
+            Err(EncodeError::TooLarge { len, limit }) => match msg {
+                ToWatcher::Requests(mut v) if v.len() > 1 => {
+                    let second = v.split_off(v.len() / 2);
+                    stack.push(ToWatcher::Requests(second));
+                    stack.push(ToWatcher::Requests(v));
+                }
+                ToWatcher::Requests(v) => {
+                    for r in v {
+                        hub.refuse(r.id, format!("a request of {len} bytes exceeds the message limit of {limit} bytes"));
+                    }
+                }
+                ToWatcher::CallResults(mut v) if v.len() > 1 => {
+                    let second = v.split_off(v.len() / 2);
+                    stack.push(ToWatcher::CallResults(second));
+                    stack.push(ToWatcher::CallResults(v));
+                }
+                ToWatcher::CallResults(v) => {
+                    let refused = v
+                        .into_iter()
+                        .map(|r| CallResult {
+                            call: r.call,
+                            result: Err(hub_error(
+                                HubErrorKind::TooLarge,
+                                format!("the reply of {len} bytes exceeds the message limit"),
+                            )),
+                        })
+                        .collect();
+                    stack.push(ToWatcher::CallResults(refused));
+                }
+                _ => {}
+            },
+            Err(e) => return Err(SendError::Encode(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Where this process's storage and command requests go: the watcher in a
+/// worker, a hub of its own standalone (so the same program runs alone).
+pub(crate) fn transport() -> Arc<dyn Transport> {
+    static TRANSPORT: std::sync::OnceLock<Arc<dyn Transport>> = std::sync::OnceLock::new();
+    TRANSPORT
+        .get_or_init(|| match super::link::link() {
+            Some(shared) => Arc::new(WorkerLink(shared.as_ref())),
+            None => standalone(),
+        })
+        .clone()
+}
+
+/// This process's command handlers.
+pub(crate) fn handlers() -> Arc<Handlers> {
+    match super::link::link() {
+        Some(shared) => shared.handlers.clone(),
+        None => {
+            let _ = transport();
+            STANDALONE.get().map(|h| h.handlers()).unwrap_or_default()
+        }
+    }
+}
+
+static STANDALONE: std::sync::OnceLock<Arc<Hub>> = std::sync::OnceLock::new();
+
+/// A hub in this process, for a program run without a watcher.
+fn standalone() -> Arc<dyn Transport> {
+    let hub = STANDALONE
+        .get_or_init(|| {
+            let hub = Hub::new(Default::default());
+            let _ = hub.load();
+            if tokio::runtime::Handle::try_current().is_ok() {
+                // Expiries are also applied before every operation; the
+                // timers only make watches hear of them on time.
+                drop(timers::start(hub.clone()));
+            }
+            hub
+        })
+        .clone();
+    hub
+}
