@@ -238,3 +238,75 @@ pub(crate) async fn answer<T>(
         )),
     }
 }
+
+/// Requests waiting for their answers, shared by the threads that send
+/// them and the one that reads the answers; with the count of those in
+/// flight (a caller that finds none may send its request straight away,
+/// nothing can overtake or be overtaken).
+#[derive(Default)]
+pub(crate) struct Waiters {
+    next: std::sync::atomic::AtomicU64,
+    in_flight: AtomicUsize,
+    map: std::sync::Mutex<std::collections::HashMap<u64, Waiting>>,
+}
+
+impl Waiters {
+    /// Registers `reply` under a new id; returns it and whether nothing
+    /// else was in flight.
+    pub(crate) fn add(&self, reply: Replier) -> (u64, bool) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        if let Ok(mut m) = self.map.lock() {
+            m.insert(id, Waiting::new(reply));
+        }
+        let alone = self.in_flight.fetch_add(1, Ordering::AcqRel) == 0;
+        (id, alone)
+    }
+
+    /// A new id for a request nobody waits for.
+    pub(crate) fn id(&self) -> u64 {
+        self.next.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Feeds a reply to the waiter of `id`; returns what a `Watch` needs
+    /// registered. Unknown ids (nobody waits) are ignored.
+    pub(crate) fn feed(&self, id: u64, result: Result<ReplyBody, HubError>) -> Option<WatchSink> {
+        let waiting = self.map.lock().ok()?.remove(&id)?;
+        match waiting.feed(id, result) {
+            Fed::More(w) => {
+                if let Ok(mut m) = self.map.lock() {
+                    m.insert(id, w);
+                }
+                None
+            }
+            Fed::Done => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                None
+            }
+            Fed::Watching(sink) => {
+                self.in_flight.fetch_sub(1, Ordering::AcqRel);
+                Some(sink)
+            }
+        }
+    }
+
+    /// Fails the waiter of `id` (its request could not be sent).
+    pub(crate) fn fail(&self, id: u64, why: HubError) {
+        let waiting = self.map.lock().ok().and_then(|mut m| m.remove(&id));
+        if let Some(w) = waiting {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            w.fail(why);
+        }
+    }
+
+    /// Fails every waiter (the other side is gone).
+    pub(crate) fn fail_all(&self, why: &HubError) {
+        let all: Vec<Waiting> = match self.map.lock() {
+            Ok(mut m) => m.drain().map(|(_, w)| w).collect(),
+            Err(_) => return,
+        };
+        for w in all {
+            self.in_flight.fetch_sub(1, Ordering::AcqRel);
+            w.fail(why.clone());
+        }
+    }
+}

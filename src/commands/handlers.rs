@@ -56,43 +56,76 @@ impl Handlers {
             .unwrap_or(false)
     }
 
-    /// Runs handler `name` with `args`, then `done` with its result.
-    /// Gives `done` back when there is no such handler. Must be called
-    /// within a tokio runtime when the handler was registered outside one.
-    pub(crate) fn run<F>(&self, name: &str, args: String, done: F) -> Option<F>
+    /// Runs handler `name` with `args`. Its future is polled once right
+    /// here, within its runtime's context (so what it spawns or sets a
+    /// timer on belongs to that runtime): a handler that answers without
+    /// waiting answers at once, with no thread hop ([`Ran::Now`]); one
+    /// that waits goes on as a task on its runtime and calls `done` when
+    /// it ends ([`Ran::Later`]). [`Ran::Missing`] gives `done` back when
+    /// there is no such handler. Must be called within a tokio runtime
+    /// when the handler was registered outside one.
+    pub(crate) fn run<F>(&self, name: &str, args: String, done: F) -> Ran<F>
     where
         F: FnOnce(Result<String, HubError>) + Send + 'static,
     {
         let (f, runtime) = match self.map.read() {
             Ok(map) => match map.get(name) {
                 Some(h) => (h.f.clone(), h.runtime.clone()),
-                None => return Some(done),
+                None => return Ran::Missing(done),
             },
-            Err(_) => return Some(done),
+            Err(_) => return Ran::Missing(done),
         };
-        let task = async move {
-            let result = match (CatchUnwind { inner: f(args) }).await {
-                Ok(Ok(text)) if text.len() > MAX_VALUE => Err(hub_error(
-                    HubErrorKind::TooLarge,
-                    format!(
-                        "the handler's result of {} bytes exceeds the limit of {MAX_VALUE} bytes",
-                        text.len()
-                    ),
-                )),
-                Ok(Ok(text)) => Ok(text),
-                Ok(Err(message)) => Err(hub_error(HubErrorKind::Handler, message)),
-                Err(panic) => Err(hub_error(
-                    HubErrorKind::Handler,
-                    format!("the handler panicked: {panic}"),
-                )),
-            };
-            done(result);
+        let mut fut = {
+            let _context = runtime.as_ref().map(|rt| rt.enter());
+            let made = std::panic::catch_unwind(AssertUnwindSafe(|| f(args)));
+            match made {
+                Ok(inner) => CatchUnwind { inner },
+                Err(p) => return Ran::Now(outcome(Err(panic_text(&*p)))),
+            }
         };
+        let first = {
+            let _context = runtime.as_ref().map(|rt| rt.enter());
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            Pin::new(&mut fut).poll(&mut cx)
+        };
+        if let Poll::Ready(r) = first {
+            return Ran::Now(outcome(r));
+        }
+        let task = async move { done(outcome(fut.await)) };
         match runtime {
             Some(rt) => drop(rt.spawn(task)),
             None => drop(tokio::spawn(task)),
         }
-        None
+        Ran::Later
+    }
+}
+
+/// How [`Handlers::run`] went.
+pub(crate) enum Ran<F> {
+    /// The handler answered at once.
+    Now(Result<String, HubError>),
+    /// It runs on; `done` gets its answer.
+    Later,
+    /// No handler by that name: `done`, unused.
+    Missing(F),
+}
+
+/// A handler's outcome as a call result: bounded, a panic a handler error.
+fn outcome(r: Result<Result<String, String>, String>) -> Result<String, HubError> {
+    match r {
+        Ok(Ok(text)) if text.len() > MAX_VALUE => Err(hub_error(
+            HubErrorKind::TooLarge,
+            format!(
+                "the handler's result of {} bytes exceeds the limit of {MAX_VALUE} bytes",
+                text.len()
+            ),
+        )),
+        Ok(Ok(text)) => Ok(text),
+        Ok(Err(message)) => Err(hub_error(HubErrorKind::Handler, message)),
+        Err(panic) => Err(hub_error(
+            HubErrorKind::Handler,
+            format!("the handler panicked: {panic}"),
+        )),
     }
 }
 

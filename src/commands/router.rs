@@ -18,7 +18,7 @@ use crate::ipc::message::{
     Answer, Call, HubError, HubErrorKind, Reply, ReplyBody, Responder, TargetSpec, ToWorker,
 };
 use crate::transport::{hub_error, Fed, Waiting};
-use crate::watcher::event::{Outbound, OutboundSender};
+use crate::watcher::event::OutboundSender;
 
 /// Requests one worker may have waiting for answers.
 pub(crate) const MAX_IN_FLIGHT: usize = 1024;
@@ -240,9 +240,7 @@ impl Router {
                     args: args.clone(),
                     from: from.clone(),
                 }]);
-                let _ = peer
-                    .outbound
-                    .send(Outbound::weighed(msg, args.len() + name.len()));
+                peer.outbound.send_now(msg, args.len() + name.len());
                 self.counts.entry(target).or_default().received += 1;
                 peer.responder(target)
             } else {
@@ -309,7 +307,7 @@ impl Router {
             }) => {
                 let weight = reply_weight(&body);
                 let msg = ToWorker::Replies(vec![Reply { id, result: body }]);
-                let _ = outbound.send(Outbound::weighed(msg, weight));
+                outbound.send_now(msg, weight);
                 if remaining > 0 {
                     p.caller = Some(Caller::Worker {
                         context_id,

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::status::{JobsStatus, Snapshot, StatusReport};
 use crate::error::{Error, Result};
 use crate::ipc::message::{ToWatcher, ToWorker};
-use crate::ipc::RecvError;
+use crate::ipc::{Channel, RecvError};
 
 /// Something a worker's tasks report.
 pub(crate) enum Event {
@@ -153,6 +153,8 @@ struct Queued {
 pub(crate) struct OutboundSender {
     tx: mpsc::UnboundedSender<Outbound>,
     queued: Arc<Queued>,
+    /// The worker's channel, for [`send_now`](Self::send_now).
+    direct: Option<Arc<Channel>>,
 }
 
 /// The writer task's end of an [`OutboundSender`].
@@ -177,9 +179,18 @@ pub(crate) fn outbound() -> (OutboundSender, OutboundReceiver) {
         OutboundSender {
             tx,
             queued: queued.clone(),
+            direct: None,
         },
         OutboundReceiver { rx, queued },
     )
+}
+
+/// A new writer queue for `channel`, whose messages without descriptors
+/// may also be written at once ([`OutboundSender::send_now`]).
+pub(crate) fn outbound_for(channel: Arc<Channel>) -> (OutboundSender, OutboundReceiver) {
+    let (mut tx, rx) = outbound();
+    tx.direct = Some(channel);
+    (tx, rx)
 }
 
 impl OutboundSender {
@@ -196,6 +207,28 @@ impl OutboundSender {
             self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
             back
         })
+    }
+
+    /// Writes `msg` to the worker's socket right now when nothing waits in
+    /// the queue (so it overtakes nothing) and the socket has room; else
+    /// queues it like [`send`](Self::send). Saves the writer task's hop on
+    /// the paths where latency matters (replies, commands).
+    pub(crate) fn send_now(&self, msg: ToWorker, weight: usize) {
+        if let Some(channel) = &self.direct {
+            if self.queued.messages.load(Ordering::Acquire) == 0 {
+                match crate::ipc::codec::encode(&msg) {
+                    Ok(bytes) => match channel.try_send_bytes(&bytes) {
+                        Ok(()) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // The worker is gone or going; its exit follows.
+                        Err(_) => return,
+                    },
+                    // The writer reports and stops on it, as for any message.
+                    Err(_) => {}
+                }
+            }
+        }
+        let _ = self.send(Outbound::weighed(msg, weight));
     }
 
     /// Weighed bytes queued and not yet written.

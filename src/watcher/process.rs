@@ -305,7 +305,7 @@ fn spawn(config: &Config, id: WorkerId, events: &EventSender, hub: &Arc<Hub>) ->
         }
     };
 
-    let (outbound, mut rx) = super::event::outbound();
+    let (outbound, mut rx) = super::event::outbound_for(channel.clone());
 
     // Reader: storage requests and commands go to the hub as they arrive;
     // every other message or failure becomes an event.

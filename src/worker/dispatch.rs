@@ -114,9 +114,9 @@ impl Inbound {
                 }
                 let _ = self.stop.send(true);
             }
-            ToWorker::Replies(replies) => self.hub.on_replies(replies),
+            ToWorker::Replies(replies) => self.hub.on_replies(replies, &self.shared),
             ToWorker::Calls(calls) => self.hub.on_calls(calls, &self.shared),
-            ToWorker::Changes(changes) => self.hub.on_changes(changes),
+            ToWorker::Changes(changes) => self.hub.on_changes(changes, &self.shared),
             ToWorker::WatchEnded { watch, reason } => self.hub.on_watch_ended(watch, reason),
             ToWorker::Ping { seq } if self.shared.pings.awaiters.load(Ordering::SeqCst) > 0 => {
                 self.shared.pings.latest.send_replace(seq);
@@ -163,7 +163,8 @@ impl Inbound {
     /// The watcher is gone or broken: fails every waiting `listen`,
     /// request and command, and ends every watch.
     pub(crate) fn fail_pending(&mut self, reason: &str) {
-        self.hub.fail_all(reason);
+        let shared = self.shared.clone();
+        self.hub.fail_all(reason, &shared);
         for (_, (_, reply)) in self.pending.drain() {
             let _ = reply.send(Err(Error::new(
                 Kind::Ipc,

@@ -10,17 +10,18 @@
 //! until it is (its handlers are registered by then).
 
 use std::collections::HashMap;
+use std::os::fd::AsFd;
 use std::sync::Arc;
 
 use super::shared::{Outgoing, Shared};
-use crate::commands::handlers::Handlers;
+use crate::commands::handlers::{Handlers, Ran};
 use crate::ipc::codec::{encode, EncodeError};
 use crate::ipc::message::{
     Call, CallResult, Change, HubErrorKind, Reply, Request, RequestBody, StorageOp, ToWatcher,
     MAX_MESSAGE, MAX_VALUE, REQUEST_BATCH,
 };
 use crate::ipc::{Channel, SendError};
-use crate::transport::{hub_error, Fed, Replier, Transport, Waiting, WatchSink};
+use crate::transport::{hub_error, Replier, Transport, WatchSink};
 use crate::watcher::hub::{timers, Hub};
 
 /// The API's way to the watcher in a worker.
@@ -28,9 +29,43 @@ pub(crate) struct WorkerLink(pub &'static Shared);
 
 impl Transport for WorkerLink {
     fn submit(&self, body: RequestBody, reply: Replier) {
-        // When the IPC thread is gone the request (and its replier) is
-        // dropped, and the caller hears that the watcher is gone.
-        let _ = self.0.tx.send(Outgoing::Request(body, reply));
+        let shared = self.0;
+        let (id, alone) = shared.waiters.add(reply);
+        if alone {
+            if let Some(fd) = &shared.direct {
+                // Nothing else is in flight, so nothing is queued either:
+                // sending from this thread cannot overtake anything.
+                let msg = ToWatcher::Requests(vec![Request { id, body }]);
+                match encode(&msg) {
+                    Ok(bytes) => match crate::sys::send_with_fds(fd.as_fd(), &bytes, &[]) {
+                        Ok(_) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            let why = format!("the connection to the watcher is closed ({e})");
+                            shared
+                                .waiters
+                                .fail(id, hub_error(HubErrorKind::Closed, why));
+                            return;
+                        }
+                    },
+                    Err(e) => {
+                        shared
+                            .waiters
+                            .fail(id, hub_error(HubErrorKind::TooLarge, e.to_string()));
+                        return;
+                    }
+                }
+                // The socket is full: the IPC thread waits for room.
+                let ToWatcher::Requests(mut v) = msg else {
+                    return;
+                };
+                if let Some(r) = v.pop() {
+                    self.queue(r.id, r.body);
+                }
+                return;
+            }
+        }
+        self.queue(id, body);
     }
 
     fn unwatch(&self, watch: u64) {
@@ -39,6 +74,20 @@ impl Transport for WorkerLink {
 
     fn value_limit(&self) -> Option<usize> {
         Some(MAX_VALUE)
+    }
+}
+
+impl WorkerLink {
+    /// Queues a request for the IPC thread, which packs what is queued
+    /// at once into one message.
+    fn queue(&self, id: u64, body: RequestBody) {
+        if self.0.tx.send(Outgoing::Request(id, body)).is_err() {
+            let why = hub_error(
+                HubErrorKind::Closed,
+                "the connection to the watcher is closed",
+            );
+            self.0.waiters.fail(id, why);
+        }
     }
 }
 
@@ -80,12 +129,10 @@ fn request_weight(body: &RequestBody) -> usize {
     }
 }
 
-/// The IPC thread's shared-state bookkeeping.
+/// The IPC thread's shared-state bookkeeping (the waiters themselves are
+/// in `Shared::waiters`, registered by the callers).
 #[derive(Default)]
 pub(crate) struct HubState {
-    next_id: u64,
-    /// Requests waiting for their replies, by id.
-    waiting: HashMap<u64, Waiting>,
     /// Running watches, by id.
     watches: HashMap<u64, WatchSink>,
     /// Calls that arrived before the worker was ready.
@@ -100,21 +147,16 @@ pub(crate) struct HubState {
 impl HubState {
     /// Queues a request for the next `Requests` message; `true` when that
     /// message is full and should go now.
-    pub(crate) fn queue(&mut self, body: RequestBody, reply: Option<Replier>) -> bool {
-        self.next_id += 1;
-        let id = self.next_id;
-        if let Some(reply) = reply {
-            self.waiting.insert(id, Waiting::new(reply));
-        }
+    pub(crate) fn queue(&mut self, id: u64, body: RequestBody) -> bool {
         self.requests_bytes += request_weight(&body);
         self.requests.push(Request { id, body });
         self.requests.len() >= REQUEST_BATCH || self.requests_bytes >= BATCH_BYTES
     }
 
-    /// Ends a watch here and in the watcher.
-    pub(crate) fn unwatch(&mut self, watch: u64) -> bool {
+    /// Ends a watch here and in the watcher (nobody waits for the reply).
+    pub(crate) fn unwatch(&mut self, watch: u64, shared: &Shared) -> bool {
         if self.watches.remove(&watch).is_some() {
-            return self.queue(RequestBody::Unwatch { watch }, None);
+            return self.queue(shared.waiters.id(), RequestBody::Unwatch { watch });
         }
         false
     }
@@ -142,35 +184,19 @@ impl HubState {
             .then(|| ToWatcher::CallResults(std::mem::take(&mut self.results)))
     }
 
-    /// A request that could not be sent (too large even alone): its
-    /// waiter hears why.
-    pub(crate) fn refuse(&mut self, id: u64, why: String) {
-        if let Some(w) = self.waiting.remove(&id) {
-            w.fail(hub_error(HubErrorKind::TooLarge, why));
-        }
-    }
-
-    /// Replies from the watcher: each to its waiter.
-    pub(crate) fn on_replies(&mut self, replies: Vec<Reply>) {
+    /// Replies from the watcher: each to its waiter (replies nobody
+    /// waits for, to an unwatch, are dropped).
+    pub(crate) fn on_replies(&mut self, replies: Vec<Reply>, shared: &Shared) {
         for r in replies {
-            let Some(w) = self.waiting.remove(&r.id) else {
-                continue; // an unwatch, or a waiter that gave up
-            };
-            match w.feed(r.id, r.result) {
-                Fed::Done => {}
-                Fed::More(w) => {
-                    self.waiting.insert(r.id, w);
-                }
-                Fed::Watching(sink) => {
-                    self.watches.insert(r.id, sink);
-                }
+            if let Some(sink) = shared.waiters.feed(r.id, r.result) {
+                self.watches.insert(r.id, sink);
             }
         }
     }
 
     /// Changes for this worker's watches; a watch whose reader is gone or
     /// fell behind ends (here and in the watcher).
-    pub(crate) fn on_changes(&mut self, changes: Vec<Change>) {
+    pub(crate) fn on_changes(&mut self, changes: Vec<Change>, shared: &Shared) {
         let mut ended = Vec::new();
         for c in changes {
             let watch = c.watch;
@@ -181,7 +207,7 @@ impl HubState {
             }
         }
         for watch in ended {
-            self.unwatch(watch);
+            self.unwatch(watch, shared);
         }
     }
 
@@ -199,7 +225,9 @@ impl HubState {
                 self.held.push(call);
                 continue;
             }
-            run_call(call, shared);
+            if let Some(r) = run_call(call, shared) {
+                self.result(r);
+            }
         }
     }
 
@@ -207,47 +235,51 @@ impl HubState {
     pub(crate) fn ready(&mut self, shared: &Arc<Shared>) {
         self.ready = true;
         for call in std::mem::take(&mut self.held) {
-            run_call(call, shared);
+            if let Some(r) = run_call(call, shared) {
+                self.result(r);
+            }
         }
     }
 
     /// The watcher is gone: every waiter hears it, every watch ends.
-    pub(crate) fn fail_all(&mut self, reason: &str) {
-        for (_, w) in self.waiting.drain() {
-            w.fail(hub_error(
-                HubErrorKind::Closed,
-                format!("no answer from the watcher: {reason}"),
-            ));
-        }
+    pub(crate) fn fail_all(&mut self, reason: &str, shared: &Shared) {
+        let why = hub_error(
+            HubErrorKind::Closed,
+            format!("no answer from the watcher: {reason}"),
+        );
+        shared.waiters.fail_all(&why);
         self.watches.clear();
     }
 }
 
-/// Runs `call` on this worker's handler, or a built-in.
-fn run_call(call: Call, shared: &Arc<Shared>) {
+/// Runs `call` on this worker's handler, or a built-in: its result when
+/// it is there at once (sent with the next flush, from this thread); a
+/// handler that waits sends its result through the IPC queue later.
+fn run_call(call: Call, shared: &Arc<Shared>) -> Option<CallResult> {
     let tx = shared.tx.clone();
     let id = call.call;
     let done = move |result| {
         let _ = tx.send(Outgoing::CallResult(CallResult { call: id, result }));
     };
-    let Some(done) = shared.handlers.run(&call.name, call.args, done) else {
-        return;
+    let result = match shared.handlers.run(&call.name, call.args, done) {
+        Ran::Now(result) => result,
+        Ran::Later => return None,
+        Ran::Missing(_) => match call.name.as_str() {
+            "ping" => Ok("\"pong\"".to_string()),
+            "status" => Ok(status_json(shared)),
+            other => Err(hub_error(
+                HubErrorKind::UnknownCommand,
+                format!(
+                    "worker {} has no handler for {other:?}",
+                    shared
+                        .name
+                        .as_deref()
+                        .map_or_else(|| shared.slot.to_string(), str::to_string)
+                ),
+            )),
+        },
     };
-    let result = match call.name.as_str() {
-        "ping" => Ok("\"pong\"".to_string()),
-        "status" => Ok(status_json(shared)),
-        other => Err(hub_error(
-            HubErrorKind::UnknownCommand,
-            format!(
-                "worker {} has no handler for {other:?}",
-                shared
-                    .name
-                    .as_deref()
-                    .map_or_else(|| shared.slot.to_string(), str::to_string)
-            ),
-        )),
-    };
-    done(result);
+    Some(CallResult { call: id, result })
 }
 
 /// This worker's answer to the built-in `status` command.
@@ -266,7 +298,11 @@ fn status_json(shared: &Shared) -> String {
 /// Sends what is queued: results first (someone waits for them), then
 /// requests. A message the encoder finds too large is split; a single
 /// request too large even alone is refused to its waiter.
-pub(crate) async fn flush(channel: &Channel, hub: &mut HubState) -> Result<(), SendError> {
+pub(crate) async fn flush(
+    channel: &Channel,
+    hub: &mut HubState,
+    shared: &Shared,
+) -> Result<(), SendError> {
     let mut stack: Vec<ToWatcher> = hub
         .take_requests()
         .into_iter()
@@ -286,7 +322,12 @@ pub(crate) async fn flush(channel: &Channel, hub: &mut HubState) -> Result<(), S
                 }
                 ToWatcher::Requests(v) => {
                     for r in v {
-                        hub.refuse(r.id, format!("a request of {len} bytes exceeds the message limit of {limit} bytes"));
+                        let why = format!(
+                            "a request of {len} bytes exceeds the message limit of {limit} bytes"
+                        );
+                        shared
+                            .waiters
+                            .fail(r.id, hub_error(HubErrorKind::TooLarge, why));
                     }
                 }
                 ToWatcher::CallResults(mut v) if v.len() > 1 => {

@@ -133,7 +133,7 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
                         next = ipc.rx.try_recv().ok();
                     }
                 }
-                if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub).await {
+                if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await {
                     return write_err(e);
                 }
             }
@@ -167,7 +167,7 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
                     if let Err(why) = ipc.inbound.handle(channel, msg, fds).await {
                         return why;
                     }
-                    if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub).await {
+                    if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await {
                         return write_err(e);
                     }
                 }
@@ -192,8 +192,8 @@ async fn outgoing(
 ) -> Result<(), SendError> {
     let hub = &mut ipc.inbound.hub;
     let full = match out {
-        Outgoing::Request(body, reply) => hub.queue(body, Some(reply)),
-        Outgoing::Unwatch(watch) => hub.unwatch(watch),
+        Outgoing::Request(id, body) => hub.queue(id, body),
+        Outgoing::Unwatch(watch) => hub.unwatch(watch, shared),
         Outgoing::CallResult(r) => hub.result(r),
         Outgoing::Message(m) => {
             if matches!(m, ToWatcher::Ready) {
@@ -236,14 +236,14 @@ async fn outgoing(
                 sent = report_drops(channel, shared).await;
             }
             if sent.is_ok() {
-                sent = hub_link::flush(channel, &mut ipc.inbound.hub).await;
+                sent = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await;
             }
             let _ = ack.send(());
             return sent;
         }
     };
     if full {
-        hub_link::flush(channel, &mut ipc.inbound.hub).await?;
+        hub_link::flush(channel, &mut ipc.inbound.hub, shared).await?;
     }
     Ok(())
 }

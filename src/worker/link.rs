@@ -87,6 +87,8 @@ fn connect() -> Option<Arc<Shared>> {
         name: std::env::var(env::NAME).ok().filter(|n| !n.is_empty()),
         status: std::sync::Mutex::new(None),
         handlers: Arc::default(),
+        waiters: Default::default(),
+        direct: fd.try_clone().ok(),
     });
     sys::at_exit(flush_at_exit);
     ipc_thread::start(

@@ -13,7 +13,7 @@ use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{CallResult, JobOrder, RequestBody, ToWatcher};
 use crate::listener::{Balanced, ToIpc};
 use crate::log::WorkerLogQueue;
-use crate::transport::Replier;
+use crate::transport::Waiters;
 
 /// What user code asks the IPC thread to send.
 pub(crate) enum Outgoing {
@@ -27,8 +27,9 @@ pub(crate) enum Outgoing {
     /// A balanced listener's request: give a connection back, or
     /// acknowledge accepted ones.
     Balanced(ToIpc),
-    /// A storage operation, watch or command for the watcher's hub.
-    Request(RequestBody, Replier),
+    /// A storage operation, watch or command for the watcher's hub; its
+    /// waiter is registered in `Shared::waiters` under the id.
+    Request(u64, RequestBody),
     /// End a watch.
     Unwatch(u64),
     /// A handler's answer to a command.
@@ -91,6 +92,12 @@ pub(crate) struct Shared {
     pub status: std::sync::Mutex<Option<String>>,
     /// This worker's command handlers.
     pub handlers: Arc<Handlers>,
+    /// Storage, watch and command requests waiting for their replies.
+    pub waiters: Waiters,
+    /// A second descriptor of the channel: a request made while no other
+    /// is in flight is sent from the caller's thread at once (one thread
+    /// hop less on the way to the watcher).
+    pub direct: Option<OwnedFd>,
 }
 
 impl Shared {

@@ -277,16 +277,14 @@ impl Inner {
                 let w = 64 + change.path.len() + change.value.as_ref().map_or(0, |v| v.len());
                 if !chunk.is_empty() && weight + w > budget {
                     let msg = ToWorker::Changes(std::mem::take(&mut chunk));
-                    let _ = s.outbound.send(Outbound::weighed(msg, weight));
+                    s.outbound.send_now(msg, weight);
                     weight = 0;
                 }
                 weight += w;
                 chunk.push(change);
             }
             if !chunk.is_empty() {
-                let _ = s
-                    .outbound
-                    .send(Outbound::weighed(ToWorker::Changes(chunk), weight));
+                s.outbound.send_now(ToWorker::Changes(chunk), weight);
             }
         }
     }

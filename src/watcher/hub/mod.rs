@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
 
-use crate::commands::handlers::Handlers;
+use crate::commands::handlers::{Handlers, Ran};
 use crate::commands::router::{watcher_responder, Caller, Peer, RunLocal};
 use crate::commands::MAX_COMMAND_TIMEOUT;
 use crate::error::Result;
@@ -35,7 +35,7 @@ use crate::ipc::message::{
 };
 use crate::storage::persist;
 use crate::transport::{hub_error, Fed, Replier, Transport, Waiting};
-use crate::watcher::event::{Outbound, OutboundSender};
+use crate::watcher::event::OutboundSender;
 use inner::{Inner, Sink};
 
 pub(crate) use inner::HubStats;
@@ -249,15 +249,24 @@ impl Hub {
         for run in runs {
             let call = run.call;
             let me = self.me.clone();
-            let unhandled = self.handlers.run(&run.name, run.args, move |result| {
+            let ran = self.handlers.run(&run.name, run.args, move |result| {
                 if let Some(hub) = me.upgrade() {
                     hub.lock().router.answer(call, 0, result);
                 }
             });
-            if unhandled.is_none() {
-                continue;
-            }
-            let result = match run.name.as_str() {
+            let result = match (ran, run.name.as_str()) {
+                (Ran::Now(result), _) => result,
+                (Ran::Later, _) => continue,
+                (Ran::Missing(_), name) => self.builtin(name),
+            };
+            self.lock().router.answer(call, 0, result);
+        }
+    }
+
+    /// The watcher's built-in commands.
+    fn builtin(&self, name: &str) -> std::result::Result<String, HubError> {
+        {
+            let result = match name {
                 "ping" => Ok("\"pong\"".to_string()),
                 "status" => Ok(self.status_json()),
                 other => Err(hub_error(
@@ -265,7 +274,7 @@ impl Hub {
                     format!("the watcher has no handler for {other:?}"),
                 )),
             };
-            self.lock().router.answer(call, 0, result);
+            result
         }
     }
 
@@ -403,14 +412,14 @@ fn send_replies(outbound: &OutboundSender, replies: Vec<Reply>) {
         let w = crate::commands::router::reply_weight(&reply.result);
         if !chunk.is_empty() && weight + w > budget {
             let msg = ToWorker::Replies(std::mem::take(&mut chunk));
-            let _ = outbound.send(Outbound::weighed(msg, weight));
+            outbound.send_now(msg, weight);
             weight = 0;
         }
         weight += w;
         chunk.push(reply);
     }
     if !chunk.is_empty() {
-        let _ = outbound.send(Outbound::weighed(ToWorker::Replies(chunk), weight));
+        outbound.send_now(ToWorker::Replies(chunk), weight);
     }
 }
 
