@@ -9,7 +9,9 @@
 //! * `fail`, `panic`: a handler error, a handler panic.
 //! * `sleep MS`: answers after MS milliseconds.
 //! * `die`: exits (status 9) without answering.
-//! * `status "TEXT"`: `Cluster::set_status(TEXT)`.
+//! * `set_status "TEXT"`: `Cluster::set_status(TEXT)`; while it is
+//!   `processing`, the worker does not exit when asked to stop (it is
+//!   busy), so the watcher has to kill it after the timeout.
 //! * `watch_start "PREFIX"`: watches PREFIX from now on (answers once the
 //!   watch runs); `watch_take`: the changes seen so far, as
 //!   `[revision, kind, path, value]`.
@@ -22,6 +24,7 @@
 //!   `{"ok": reply}` or `{"error": kind}`.
 //! * `whoami`: slot, name and pid.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -29,6 +32,9 @@ use cluster::{Cluster, Target};
 use serde_json::{json, Value};
 
 type Changes = Arc<Mutex<Vec<Value>>>;
+
+/// Set while the status is `processing`: a stop is then ignored.
+static BUSY: AtomicBool = AtomicBool::new(false);
 
 fn main() {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -84,7 +90,8 @@ async fn run() {
         #[allow(unreachable_code)]
         Ok::<(), String>(())
     });
-    c.register("status", |text: String| async move {
+    c.register("set_status", |text: String| async move {
+        BUSY.store(text == "processing", Ordering::SeqCst);
         Cluster::set_status(text).map_err(|e| e.to_string())
     });
     let seen = changes.clone();
@@ -195,4 +202,7 @@ async fn run() {
         }))
     });
     Cluster::await_termination().await;
+    while BUSY.load(Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
