@@ -246,6 +246,27 @@ pub struct Response {
     pub stopped: Option<serde_json::Value>,
 }
 
+impl Response {
+    /// A success from this process (the watcher).
+    pub(crate) fn success() -> Response {
+        Response {
+            ok: true,
+            pid: std::process::id(),
+            ..Response::default()
+        }
+    }
+
+    /// A failure from this process, with its one-line reason.
+    pub(crate) fn failure(error: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(error),
+            pid: std::process::id(),
+            ..Response::default()
+        }
+    }
+}
+
 /// Sends `request` to the watcher listening on `socket` and returns its
 /// answer (the client side, used by the CLI's subcommands).
 ///

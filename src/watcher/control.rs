@@ -165,21 +165,12 @@ async fn serve(
     write.shutdown().await
 }
 
-pub(super) fn failure(error: String) -> Response {
-    Response {
-        ok: false,
-        error: Some(error),
-        pid: std::process::id(),
-        ..Response::default()
-    }
+fn failure(error: String) -> Response {
+    Response::failure(error)
 }
 
-pub(super) fn success() -> Response {
-    Response {
-        ok: true,
-        pid: std::process::id(),
-        ..Response::default()
-    }
+fn success() -> Response {
+    Response::success()
 }
 
 /// Sends the command `make` builds around a reply channel and waits for

@@ -6,7 +6,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::control::{failure, success};
 use super::hub::Hub;
 use crate::commands::{CommandCall, Target, DEFAULT_COMMAND_TIMEOUT};
 use crate::control::{CommandReply, Request, Response};
@@ -19,17 +18,17 @@ pub(super) async fn handle(request: Request, hub: Arc<Hub>) -> Response {
             Ok(value) => Response {
                 found: Some(value.is_some()),
                 value,
-                ..success()
+                ..Response::success()
             },
-            Err(e) => failure(e.to_string()),
+            Err(e) => Response::failure(e.to_string()),
         },
         Request::StorageDump => match storage.get::<serde_json::Value>("").await {
             Ok(value) => Response {
                 found: Some(true),
                 value,
-                ..success()
+                ..Response::success()
             },
-            Err(e) => failure(e.to_string()),
+            Err(e) => Response::failure(e.to_string()),
         },
         Request::StorageSet {
             path,
@@ -43,17 +42,17 @@ pub(super) async fn handle(request: Request, hub: Arc<Hub>) -> Response {
             match set.await {
                 Ok(version) => Response {
                     version: Some(version),
-                    ..success()
+                    ..Response::success()
                 },
-                Err(e) => failure(e.to_string()),
+                Err(e) => Response::failure(e.to_string()),
             }
         }
         Request::StorageDelete { path } => match storage.delete(&path).await {
             Ok(found) => Response {
                 found: Some(found),
-                ..success()
+                ..Response::success()
             },
-            Err(e) => failure(e.to_string()),
+            Err(e) => Response::failure(e.to_string()),
         },
         Request::Command {
             to,
@@ -85,12 +84,12 @@ pub(super) async fn handle(request: Request, hub: Arc<Hub>) -> Response {
                             }
                         })
                         .collect(),
-                    ..success()
+                    ..Response::success()
                 },
-                Err(e) if all => failure(e.to_string()),
-                Err(e) => failure(e.to_string()),
+                Err(e) if all => Response::failure(e.to_string()),
+                Err(e) => Response::failure(e.to_string()),
             }
         }
-        _ => failure("not a storage or command request".into()),
+        _ => Response::failure("not a storage or command request".into()),
     }
 }

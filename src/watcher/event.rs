@@ -215,16 +215,15 @@ impl OutboundSender {
     /// the paths where latency matters (replies, commands).
     pub(crate) fn send_now(&self, msg: ToWorker, weight: usize) {
         if let Some(channel) = &self.direct {
+            // An encoding error is left to the writer, as for any message.
             if self.queued.messages.load(Ordering::Acquire) == 0 {
-                match crate::ipc::codec::encode(&msg) {
-                    Ok(bytes) => match channel.try_send_bytes(&bytes) {
+                if let Ok(bytes) = crate::ipc::codec::encode(&msg) {
+                    match channel.try_send_bytes(&bytes) {
                         Ok(()) => return,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                         // The worker is gone or going; its exit follows.
                         Err(_) => return,
-                    },
-                    // The writer reports and stops on it, as for any message.
-                    Err(_) => {}
+                    }
                 }
             }
         }

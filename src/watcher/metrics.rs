@@ -374,7 +374,7 @@ mod tests {
                     ..Default::default()
                 },
             )],
-            storage: crate::watcher::hub::HubStats {
+            storage: crate::watcher::status::HubStats {
                 keys: 3,
                 ..Default::default()
             },

@@ -93,8 +93,11 @@ pub(crate) struct StatusReport {
     pub workers: Vec<WorkerInfo>,
     pub wanted: usize,
     /// The shared storage's counters.
-    pub storage: crate::watcher::hub::HubStats,
+    pub storage: HubStats,
 }
+
+/// A worker's slot, pid, name, status and traffic, for metrics.
+pub(crate) type WorkerLabels = (u32, u32, Option<String>, Option<String>, Traffic);
 
 /// What the supervisor reports for one metrics scrape.
 #[derive(Debug, Default, Clone)]
@@ -102,9 +105,9 @@ pub(crate) struct Snapshot {
     /// Every worker process: slot, pid, state.
     pub workers: Vec<(u32, u32, WorkerState)>,
     /// Every worker process: slot, pid, name, status, traffic.
-    pub info: Vec<(u32, u32, Option<String>, Option<String>, Traffic)>,
+    pub info: Vec<WorkerLabels>,
     /// The shared storage's counters.
-    pub storage: crate::watcher::hub::HubStats,
+    pub storage: HubStats,
     /// Per slot: (slot, restarts, crashes).
     pub slots: Vec<(u32, u64, u64)>,
     pub reloads_ok: u64,
@@ -145,4 +148,14 @@ pub(crate) struct JobsStatus {
     pub lost: u64,
     /// The store's counts (every node's jobs), when they could be read.
     pub store_counts: Option<crate::jobs::JobStats>,
+}
+
+/// The storage's counters, for `cluster status --stats` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct HubStats {
+    pub keys: usize,
+    pub bytes: usize,
+    pub max_bytes: usize,
+    pub ops_total: u64,
+    pub ops_per_sec: f64,
 }

@@ -11,6 +11,7 @@
 //! signals, so one program runs with and without `cluster`.
 
 mod dispatch;
+mod endpoint;
 mod hub_link;
 mod ipc_thread;
 mod jobs;
@@ -184,7 +185,7 @@ impl Cluster {
     /// It survives this worker's crashes and rolling restarts. Standalone,
     /// a storage of this process's own.
     pub fn storage() -> crate::Storage {
-        crate::Storage::new(hub_link::transport())
+        crate::Storage::new(endpoint::transport())
     }
 
     /// This worker's command handlers: [`register`](crate::Commands::register)
@@ -192,7 +193,7 @@ impl Cluster {
     /// can call them. Built in: `ping` (answers `"pong"`) and `status`
     /// (slot, name, pid, context id and status).
     pub fn commands() -> crate::Commands {
-        crate::Commands::new(hub_link::handlers())
+        crate::Commands::new(endpoint::handlers())
     }
 
     /// Sends command `name` with `args` to `target`: the watcher
@@ -227,7 +228,7 @@ impl Cluster {
         name: &str,
         args: &A,
     ) -> crate::CommandCall {
-        crate::CommandCall::new(hub_link::transport(), target.into(), name, args)
+        crate::CommandCall::new(endpoint::transport(), target.into(), name, args)
     }
 
     /// Tells the watcher that this worker is ready to serve. Idempotent;

@@ -6,6 +6,7 @@
 //! exits 3 when no watcher runs. `cluster jobs ...` exits 0 or 1.
 
 mod cli;
+mod client;
 mod jobs;
 mod running;
 mod shared_state;

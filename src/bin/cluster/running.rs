@@ -7,28 +7,10 @@ use std::time::{Duration, Instant};
 use cluster::control::{request, Request, Response};
 
 use crate::cli::Control;
+use crate::client::{ask, denied, error, refused, running, DENIED};
 
 /// Exit status of `status` when no watcher runs (LSB: "program is not running").
 const NOT_RUNNING: u8 = 3;
-
-/// Exit status of every subcommand when the caller may not use the
-/// watcher's control socket (LSB: "user had insufficient privilege").
-const DENIED: u8 = 4;
-
-/// Whether `e` says the control socket is not ours to use.
-fn denied(e: &cluster::Error) -> bool {
-    e.io_error()
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
-}
-
-fn refused(r: Response) -> ExitCode {
-    let code = if r.denied { DENIED } else { 1 };
-    eprintln!(
-        "cluster: error: {}",
-        r.error.unwrap_or_else(|| "the watcher refused".into())
-    );
-    ExitCode::from(code)
-}
 
 pub fn run(cmd: Control) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
@@ -42,24 +24,6 @@ pub fn run(cmd: Control) -> ExitCode {
         }
     };
     runtime.block_on(dispatch(cmd))
-}
-
-pub(crate) fn error(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("cluster: error: {message}");
-    ExitCode::FAILURE
-}
-
-pub(crate) async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, ExitCode> {
-    let socket = target.socket().map_err(error)?;
-    match request(&socket, &req).await {
-        Ok(r) if r.ok => Ok(r),
-        Ok(r) => Err(refused(r)),
-        Err(e) if denied(&e) => {
-            eprintln!("cluster: error: {e}");
-            Err(ExitCode::from(DENIED))
-        }
-        Err(e) => Err(error(e)),
-    }
 }
 
 async fn dispatch(cmd: Control) -> ExitCode {
@@ -147,21 +111,6 @@ async fn dispatch(cmd: Control) -> ExitCode {
             println!("stopped");
             ExitCode::SUCCESS
         }
-    }
-}
-
-/// Whether `pid` is a live process (a zombie waiting for its parent to
-/// reap it has exited).
-pub(crate) fn running(pid: nix::unistd::Pid) -> bool {
-    if nix::sys::signal::kill(pid, None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
     }
 }
 

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use cluster::control::Request;
 
 use crate::cli::{StorageOp, Target};
-use crate::running::{ask, error, running};
+use crate::client::{ask, error, running};
 
 fn json_arg(what: &str, text: &str) -> Result<serde_json::Value, ExitCode> {
     serde_json::from_str(text).map_err(|e| {

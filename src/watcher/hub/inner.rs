@@ -16,7 +16,10 @@ use crate::storage::watch::Watches;
 use crate::transport::{hub_error, WatchSink};
 use crate::watcher::event::{Outbound, OutboundSender};
 
-use super::MAX_WATCHES;
+use crate::watcher::status::HubStats;
+
+/// Watches one process may have.
+pub(crate) const MAX_WATCHES: usize = 256;
 
 /// Weighed bytes of changes that may wait for one worker before its
 /// watches end as lagged.
@@ -28,16 +31,6 @@ pub(crate) enum Sink {
     Worker(OutboundSender),
     /// A stream in the watcher's own code.
     Local(WatchSink),
-}
-
-/// The storage's counters, for `cluster status --stats` and metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(crate) struct HubStats {
-    pub keys: usize,
-    pub bytes: usize,
-    pub max_bytes: usize,
-    pub ops_total: u64,
-    pub ops_per_sec: f64,
 }
 
 /// Changes staged for one worker during a batch, sent as few messages.

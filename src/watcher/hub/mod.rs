@@ -36,15 +36,11 @@ use crate::ipc::message::{
 use crate::storage::persist;
 use crate::transport::{hub_error, Fed, Replier, Transport, Waiting};
 use crate::watcher::event::OutboundSender;
+use crate::watcher::status::HubStats;
 use inner::{Inner, Sink};
-
-pub(crate) use inner::HubStats;
 
 /// Default `--storage-max-bytes`.
 pub(crate) const DEFAULT_MAX_BYTES: usize = 64 * 1024 * 1024;
-
-/// Watches one process may have.
-pub(crate) const MAX_WATCHES: usize = 256;
 
 /// Longest command or target name.
 const MAX_NAME: usize = 256;
