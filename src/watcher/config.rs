@@ -9,8 +9,11 @@ use std::time::Duration;
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
 use super::exec::find_program;
+use super::hub::StorageSettings;
 use super::listen::{self, ListenSpec};
+use super::names::Naming;
 use super::output::{LogFormat, LogOutput};
+use super::revive::Revive;
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
 use crate::socket::DEFAULT_BACKLOG;
@@ -84,6 +87,12 @@ pub(crate) struct Config {
     pub stop_signal: nix::sys::signal::Signal,
     /// `--stop-signal` as given, parsed by `validate` into `stop_signal`.
     pub stop_signal_arg: Option<String>,
+    /// `--name`, `--names`.
+    pub naming: Naming,
+    /// `--revive`.
+    pub revive: Revive,
+    /// `--storage-max-bytes`, `--storage-init`, `--storage-file`.
+    pub storage: StorageSettings,
 }
 
 /// The dashboard's token: never printed by `Debug`.
@@ -181,7 +190,15 @@ impl Config {
             notify: false,
             stop_signal: nix::sys::signal::Signal::SIGTERM,
             stop_signal_arg: None,
+            naming: Naming::None,
+            revive: Revive::Always,
+            storage: StorageSettings::default(),
         }
+    }
+
+    /// The name of `slot`'s workers, if they have one.
+    pub(crate) fn worker_name(&self, slot: u32) -> Option<String> {
+        self.naming.of(slot)
     }
 
     /// The control socket: as configured, else beside the pid file.
@@ -625,6 +642,51 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Name the workers `prefix-1` … `prefix-N` (by slot): what
+    /// [`Cluster::name`](crate::Cluster::name) returns, `cluster status`
+    /// shows and commands can be sent to.
+    pub fn name(mut self, prefix: impl Into<String>) -> Self {
+        self.config.naming = Naming::Prefix(prefix.into());
+        self
+    }
+
+    /// Name each slot's workers: the first name is slot 1's, and so on;
+    /// sets the number of workers to the number of names.
+    pub fn names<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        self.config.workers = names.len();
+        self.config.naming = Naming::List(names);
+        self
+    }
+
+    /// When a worker that ended is replaced (default [`Revive::Always`]).
+    pub fn revive(mut self, revive: Revive) -> Self {
+        self.config.revive = revive;
+        self
+    }
+
+    /// The most the shared storage may hold, in bytes (default 64 MiB):
+    /// a write past it is refused with [`Error::is_storage_full`].
+    pub fn storage_max_bytes(mut self, bytes: usize) -> Self {
+        self.config.storage.max_bytes = bytes;
+        self
+    }
+
+    /// Start the shared storage with the JSON object in `path` (unless
+    /// [`storage_file`](Self::storage_file) has a snapshot to load).
+    pub fn storage_init(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.storage.init = Some(path.into());
+        self
+    }
+
+    /// Keep the shared storage in `path`: loaded at start when it exists,
+    /// written atomically once a second when something changed, and when
+    /// the watcher stops.
+    pub fn storage_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.storage.file = Some(path.into());
+        self
+    }
+
     /// Run the workers with the group `name`, with no supplementary groups.
     /// The watcher must run as root.
     pub fn group(mut self, name: impl Into<String>) -> Self {
@@ -657,6 +719,7 @@ impl ClusterWatcherBuilder {
         if let Some(name) = &self.config.stop_signal_arg {
             self.config.stop_signal = parse_signal(name)?;
         }
+        self.config.naming.check(self.config.workers)?;
         if let Some(jobs) = self.config.jobs.as_mut() {
             if jobs.url.is_empty() {
                 return Err(Error::new(

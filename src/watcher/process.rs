@@ -18,6 +18,7 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
+use super::hub::{Hub, Origin, MAX_BACKLOG};
 use super::listen::{self, FIRST_FD};
 use super::notify::{NotifyDir, NotifySocket, NotifyState, Owner};
 use super::output::{LogOutput, Source};
@@ -100,11 +101,13 @@ pub(crate) struct Processes {
     reaper: Option<JoinHandle<()>>,
     /// Where the workers' notify sockets are (`--notify`), made on first use.
     notify_dir: Mutex<Option<NotifyDir>>,
+    /// Where each worker's reader hands storage requests and commands.
+    hub: Arc<Hub>,
 }
 
 impl Processes {
     /// Must be called within a tokio runtime when `subreaper` is set.
-    pub(crate) fn new(subreaper: bool) -> Processes {
+    pub(crate) fn new(subreaper: bool, hub: Arc<Hub>) -> Processes {
         let reaper = subreaper
             .then(|| match nix::sys::prctl::set_child_subreaper(true) {
                 Ok(()) => match crate::signal::child_exits() {
@@ -123,6 +126,7 @@ impl Processes {
         Processes {
             reaper,
             notify_dir: Mutex::new(None),
+            hub,
         }
     }
 }
@@ -160,7 +164,7 @@ impl Launcher for Processes {
         } else {
             None
         };
-        spawn(config, id, listen_fds, notify, events)
+        spawn(config, id, listen_fds, notify, events, &self.hub)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -273,6 +277,7 @@ fn spawn(
     listen_fds: Vec<OwnedFd>,
     notify: Option<NotifySocket>,
     events: &EventSender,
+    hub: &Arc<Hub>,
 ) -> Result<Spawned> {
     let WorkerId { slot, context_id } = id;
     let spawn_err = |e: std::io::Error| {
@@ -334,6 +339,10 @@ fn spawn(
                 .env("WATCHDOG_PID", "");
         }
     }
+    match config.worker_name(slot) {
+        Some(name) => cmd.env(env::NAME, name),
+        None => cmd.env_remove(env::NAME),
+    };
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
@@ -408,14 +417,39 @@ fn spawn(
         None => (None, None),
     };
 
-    // Reader: every message or failure becomes an event.
+    let (outbound, mut rx) = super::event::outbound_for(channel.clone());
+
+    // Reader: storage requests and commands go to the hub as they arrive;
+    // every other message or failure becomes an event.
     let tx = events.clone();
     let reader = channel.clone();
+    let (hub, replies) = (hub.clone(), outbound.clone());
     drained.push(tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {
             match reader.recv(&mut buf).await {
                 Ok((msg, fds)) => {
+                    let msg = if fds.is_empty() && Hub::takes(&msg) {
+                        // A worker that does not read its replies is not
+                        // read either: its socket fills up, not our memory.
+                        while replies.queued_bytes() > MAX_BACKLOG {
+                            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        }
+                        let origin = Origin {
+                            context_id,
+                            outbound: &replies,
+                        };
+                        match hub.handle(origin, msg) {
+                            None => {
+                                // Others' requests get their turn.
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            Some(msg) => msg,
+                        }
+                    } else {
+                        msg
+                    };
                     if tx
                         .send(Event::Message {
                             context_id,
@@ -461,12 +495,11 @@ fn spawn(
     // Writer: ends when the supervisor drops the sender. A write error means
     // the worker is gone or going (EPIPE); its exit event follows, so the
     // writer just stops.
-    let (outbound, mut rx) = super::event::outbound();
     tokio::spawn(async move {
-        while let Some(Outbound { msg, fds }) = rx.recv().await {
+        while let Some(Outbound { msg, fds, weight }) = rx.recv().await {
             let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
             let sent = channel.send(&msg, &borrowed).await;
-            rx.written(fds.len());
+            rx.written(fds.len(), weight);
             if let Err(e) = sent {
                 tracing::debug!("worker {slot} (context {context_id}): {e}");
                 return;

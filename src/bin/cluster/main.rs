@@ -7,11 +7,13 @@
 //! cluster is degraded. `cluster jobs ...` exits 0 or 1.
 
 mod cli;
+mod client;
 mod completions;
 mod config_file;
 mod jobs;
 mod logs;
 mod running;
+mod shared_state;
 
 use std::process::ExitCode;
 
@@ -120,7 +122,9 @@ fn main() -> ExitCode {
         .max_requests(args.max_requests, args.max_requests_jitter)
         .notify(args.notify)
         .assume_ready_after(args.ready_delay)
-        .stop_signal(&args.stop_signal);
+        .stop_signal(&args.stop_signal)
+        .revive(args.revive)
+        .storage_max_bytes(args.storage_max_bytes);
     for spec in &args.listen {
         builder = builder.listen(spec);
     }
@@ -132,6 +136,18 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &log_file {
         builder = builder.log_file(path);
+    }
+    if let Some(prefix) = &args.name {
+        builder = builder.name(prefix);
+    }
+    if !args.names.is_empty() {
+        builder = builder.names(args.names.iter().cloned());
+    }
+    if let Some(path) = &args.storage_init {
+        builder = builder.storage_init(path);
+    }
+    if let Some(path) = &args.storage_file {
+        builder = builder.storage_file(path);
     }
     for path in &args.watch {
         builder = builder.watch(path);

@@ -16,13 +16,15 @@ use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
 use super::listeners::Listeners;
+use crate::commands::router::Peer;
 use crate::error::Result;
 use crate::ipc::message::ToWorker;
 use crate::watcher::config::Config;
 use crate::watcher::event::{EventSender, Outbound, OutboundSender, MAX_QUEUED_MESSAGES};
+use crate::watcher::hub::Hub;
 use crate::watcher::notify::Notified;
 use crate::watcher::process::{describe_exit, Launcher, WorkerId};
-use crate::watcher::status::{IdleSlot, WorkerInfo, WorkerState};
+use crate::watcher::status::{IdleSlot, WorkerState};
 use crate::watcher::systemd::Notifier;
 
 /// How long a worker whose channel closed may take to exit.
@@ -39,6 +41,8 @@ pub(crate) struct Ctx {
     pub launcher: Box<dyn Launcher>,
     pub events: EventSender,
     pub notifier: Option<Notifier>,
+    /// Shared storage and commands: workers are attached while they run.
+    pub hub: Arc<Hub>,
 }
 
 impl Ctx {
@@ -81,6 +85,13 @@ pub(crate) struct Worker {
     pub notify: Option<Notified>,
     /// It said `RELOADING=1` and not `READY=1` since.
     pub reloading: bool,
+    /// What `Cluster::set_status` said last (`stopping` once asked to stop).
+    pub status: Option<String>,
+    /// User messages from it and to it.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// `cluster stop --slot` stopped it (`--revive` decides on a successor).
+    pub stopped_alone: bool,
 }
 
 impl Worker {
@@ -96,6 +107,7 @@ impl Worker {
             return false;
         }
         self.state = WorkerState::Stopping;
+        self.status = Some("stopping".into());
         self.accepting.store(false, Ordering::Relaxed);
         self.next_ping_at = None;
         self.ready_by = None;
@@ -204,6 +216,10 @@ pub(crate) struct Exit {
     pub was_current: bool,
     /// Its slot still exists (not scaled away).
     pub slot_exists: bool,
+    /// It did not exit with status 0.
+    pub failed: bool,
+    /// `cluster stop --slot` stopped it.
+    pub stopped_alone: bool,
 }
 
 /// What came due on a timer, for the supervisor to act on.
@@ -264,6 +280,17 @@ impl Pool {
             spawned.pid
         );
         let now = Instant::now();
+        let accepting = Arc::new(AtomicBool::new(true));
+        ctx.hub.attach(
+            context_id,
+            Peer {
+                slot,
+                pid: spawned.pid,
+                name: ctx.config.worker_name(slot),
+                outbound: spawned.outbound.clone(),
+                accepting: accepting.clone(),
+            },
+        );
         self.workers.insert(
             context_id,
             Worker {
@@ -280,11 +307,15 @@ impl Pool {
                 last_pong: now,
                 ping_seq: 0,
                 killed_for: None,
-                accepting: Arc::new(AtomicBool::new(true)),
+                accepting,
                 socket_requests: 0,
                 channel_closed_at: None,
                 notify: spawned.notify.map(Notified::new),
                 reloading: false,
+                status: None,
+                messages_in: 0,
+                messages_out: 0,
+                stopped_alone: false,
             },
         );
         if let Some(s) = self.slot_mut(slot) {
@@ -435,6 +466,30 @@ impl Pool {
         }
     }
 
+    /// Stops one worker on its own (`cluster stop --slot`): asked to stop
+    /// and killed after `timeout`, or, `at_once`, sent SIGTERM now too
+    /// (killed after 1 s).
+    pub(crate) fn stop_alone(
+        &mut self,
+        ctx: &Ctx,
+        context_id: u64,
+        timeout: Duration,
+        at_once: bool,
+    ) {
+        let Some(w) = self.workers.get_mut(&context_id) else {
+            return;
+        };
+        w.stopped_alone = true;
+        if at_once {
+            w.stop(ctx, Duration::from_secs(1));
+            if w.term_at.take().is_some() {
+                ctx.launcher.signal(w.pid, Signal::SIGTERM);
+            }
+        } else {
+            w.stop(ctx, timeout);
+        }
+    }
+
     /// Asks every worker to stop within `timeout`, and cancels respawns.
     pub(crate) fn stop_all(&mut self, ctx: &Ctx, timeout: Duration) {
         for s in &mut self.slots {
@@ -530,6 +585,8 @@ impl Pool {
             killed_by_us: w.killed_for.is_some(),
             was_current,
             slot_exists,
+            failed: status.is_none_or(|s| s.code() != Some(0)),
+            stopped_alone: w.stopped_alone,
         })
     }
 
@@ -645,34 +702,6 @@ impl Pool {
             .count()
     }
 
-    /// Every worker, by slot, without `/proc` figures.
-    pub(crate) fn status(&self) -> Vec<WorkerInfo> {
-        let mut list: Vec<WorkerInfo> = self
-            .workers
-            .iter()
-            .map(|(&context_id, w)| {
-                let slot = self.slot(w.slot);
-                WorkerInfo {
-                    slot: w.slot,
-                    context_id,
-                    pid: w.pid,
-                    state: w.state,
-                    restarts: slot.map(|s| s.restarts).unwrap_or(0),
-                    uptime: w.started.elapsed(),
-                    rss_bytes: None,
-                    cpu_time: None,
-                    last_exit: slot.and_then(|s| s.last_exit.clone()),
-                    last_exit_code: slot.and_then(|s| s.last_exit_code),
-                    last_exit_signal: slot.and_then(|s| s.last_exit_signal),
-                    status: w.notify.as_ref().and_then(|n| n.state.status()),
-                    reloading: w.reloading,
-                }
-            })
-            .collect();
-        list.sort_by_key(|w| (w.slot, w.context_id));
-        list
-    }
-
     /// The slots without any worker process: waiting for a respawn, or
     /// given up.
     pub(crate) fn idle_slots(&self) -> Vec<IdleSlot> {
@@ -682,6 +711,7 @@ impl Pool {
             .filter(|(n, _)| !self.workers.values().any(|w| w.slot == *n))
             .map(|(slot, s)| IdleSlot {
                 slot,
+                name: None,
                 restarts: s.restarts,
                 next_start: s.respawn_at.map(|t| t.saturating_duration_since(now)),
                 gave_up: s.gave_up,

@@ -145,9 +145,11 @@ function drawWorkers(s) {
     const h = history_.get(w.pid) || { cpu: [], rss: [] };
     const cpu = w.cpu_percent == null ? '–' : w.cpu_percent.toFixed(1) + '%';
     body.append(el('tr', { 'data-slot': w.slot, 'data-pid': w.pid },
-      el('td', { 'data-label': 'slot' }, w.slot),
+      el('td', { 'data-label': 'slot' }, w.slot, w.name ? el('span', { class: 'name' }, w.name) : ''),
       el('td', { 'data-label': 'pid' }, w.pid || '–'),
-      el('td', { 'data-label': 'state' }, pill(w.state)),
+      el('td', { 'data-label': 'state' }, pill(w.state),
+        w.reloading ? el('span', { class: 'said' }, 'reloading') : '',
+        w.status ? el('span', { class: 'said', title: 'what the worker said its status is' }, w.status) : ''),
       el('td', { 'data-label': 'uptime' }, w.pid ? duration(w.uptime_secs)
         : w.next_start_secs != null ? `starts in ${duration(w.next_start_secs)}` : '–'),
       el('td', { 'data-label': 'restarts' }, w.restarts),

@@ -81,7 +81,7 @@ impl Proc {
     fn received(&mut self) -> Vec<ToWorker> {
         let mut out = Vec::new();
         while let Some(o) = self.outbound.try_recv() {
-            self.outbound.written(o.fds.len());
+            self.outbound.written(o.fds.len(), o.weight);
             out.push(o.msg);
         }
         out
@@ -211,6 +211,7 @@ fn start(config: Config) -> Harness {
             messages,
             ready: ready_tx,
         },
+        crate::watcher::hub::Hub::new(Default::default()),
     );
     let (started, _) = oneshot::channel();
     let run = tokio::spawn(supervisor.run(started));
