@@ -611,3 +611,4 @@ pub fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<
         }
     })
 }
+pub mod pg;

@@ -1,0 +1,288 @@
+//! Into the hot table and out of the queue: submit (deduplication under a
+//! per-key advisory lock, the queue gate, one `INSERT … SELECT FROM
+//! unnest(…)` per chunk, one notification per queue) and claim (`FOR
+//! UPDATE SKIP LOCKED`, safe mode on the unique running-key index).
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::SystemTime;
+
+use deadpool_postgres::GenericClient;
+
+use crate::error::{Error, Kind};
+use crate::jobs::model::{Job, JobId, NewJob, Submitted};
+use crate::jobs::store::api::ClaimRequest;
+
+use super::conn::Fail;
+use super::db::{execute, query, PgStore};
+use super::rows::{hot_columns, job_from_row};
+
+/// Most jobs inserted by one statement (its arrays stay a few MB).
+const INSERT_CHUNK: usize = 5000;
+
+impl PgStore {
+    /// The queues alive nodes take, sorted, each once.
+    pub(super) async fn known_queues_on(
+        &self,
+        c: &impl GenericClient,
+    ) -> std::result::Result<Vec<String>, tokio_postgres::Error> {
+        let s = &self.s;
+        let rows = query(
+            c,
+            &format!(
+                "SELECT DISTINCT q FROM {s}.nodes, unnest(queues) AS q \
+                 WHERE state = 'alive' ORDER BY q"
+            ),
+            &[],
+        )
+        .await?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
+    /// Wakes the listeners of `queues` (delivered at COMMIT; PostgreSQL
+    /// folds repeats within a transaction).
+    pub(super) async fn notify(
+        &self,
+        c: &impl GenericClient,
+        queues: &BTreeSet<String>,
+    ) -> std::result::Result<(), tokio_postgres::Error> {
+        if queues.is_empty() {
+            return Ok(());
+        }
+        // A payload is at most 8,000 bytes: a longer queue name wakes
+        // with an empty one (listeners wake for any payload).
+        let payloads: Vec<&str> = queues
+            .iter()
+            .map(|q| if q.len() < 7000 { q.as_str() } else { "" })
+            .collect();
+        execute(
+            c,
+            "SELECT pg_notify($1, q) FROM unnest($2::text[]) AS q",
+            &[&self.channel(), &payloads],
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn submit_once(
+        &self,
+        jobs: &[NewJob],
+    ) -> std::result::Result<Vec<Submitted>, Fail> {
+        let s = &self.s;
+        let mut client = self.client().await?;
+        let tx = client.transaction().await?;
+        let known = self.known_queues_on(&tx).await?;
+        if !known.is_empty() {
+            if let Some(bad) = jobs.iter().find(|j| !known.contains(&j.queue)) {
+                return Err(Fail::Ours(Error::new(
+                    Kind::Config,
+                    format!(
+                        "no pool takes queue {} (pools take: {})",
+                        bad.queue,
+                        known.join(", ")
+                    ),
+                )));
+            }
+        }
+        let keys: Vec<String> = jobs.iter().map(NewJob::effective_key).collect();
+        // Deduplication: the keys of dedupe jobs are locked (in one
+        // order, so two submits cannot deadlock) until COMMIT, then
+        // looked up among the queued and running jobs.
+        let dedupe_keys: Vec<&str> = jobs
+            .iter()
+            .zip(&keys)
+            .filter(|(j, _)| j.dedupe)
+            .map(|(_, k)| k.as_str())
+            .collect();
+        let mut existing: HashMap<String, i64> = HashMap::new();
+        if !dedupe_keys.is_empty() {
+            let prefix = format!("cluster:key:{}:", self.schema);
+            execute(
+                &tx,
+                "SELECT pg_advisory_xact_lock(h) FROM (SELECT DISTINCT \
+                 hashtextextended($1 || k, 0) AS h FROM unnest($2::text[]) AS k ORDER BY 1) x",
+                &[&prefix, &dedupe_keys],
+            )
+            .await?;
+            let rows = query(
+                &tx,
+                &format!(
+                    "SELECT DISTINCT ON (key) key, id FROM {s}.jobs WHERE key = ANY($1) \
+                     ORDER BY key, id"
+                ),
+                &[&dedupe_keys],
+            )
+            .await?;
+            for r in rows {
+                existing.insert(r.get(0), r.get(1));
+            }
+        }
+        // Which jobs are inserted, and what the others point at: an
+        // existing id, or the position of an earlier job of this batch.
+        enum Slot {
+            Existing(i64),
+            Batch(usize),
+            New(usize),
+        }
+        let mut slots = Vec::with_capacity(jobs.len());
+        let mut first_in_batch: HashMap<&str, usize> = HashMap::new();
+        let mut fresh: Vec<usize> = Vec::new();
+        for (i, (job, key)) in jobs.iter().zip(&keys).enumerate() {
+            if job.dedupe {
+                if let Some(&id) = existing.get(key) {
+                    slots.push(Slot::Existing(id));
+                    continue;
+                }
+                if let Some(&at) = first_in_batch.get(key.as_str()) {
+                    slots.push(Slot::Batch(at));
+                    continue;
+                }
+            }
+            first_in_batch.entry(key.as_str()).or_insert(fresh.len());
+            slots.push(Slot::New(fresh.len()));
+            fresh.push(i);
+        }
+        let insert = format!(
+            "INSERT INTO {s}.jobs (queue, name, args, key, key_explicit, state, max_attempts, \
+             run_at, priority, created_at) \
+             SELECT t.queue, t.name, t.args::json, t.key, t.key_explicit, 'queued', \
+             t.max_attempts, COALESCE(t.run_at, now()), t.priority, now() \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+             $6::int[], $7::timestamptz[], $8::int[]) WITH ORDINALITY \
+             AS t(queue, name, args, key, key_explicit, max_attempts, run_at, priority, ord) \
+             ORDER BY t.ord RETURNING id"
+        );
+        let mut ids: Vec<i64> = Vec::with_capacity(fresh.len());
+        let mut queues = BTreeSet::new();
+        for chunk in fresh.chunks(INSERT_CHUNK) {
+            let pick = |f: &dyn Fn(&NewJob) -> String| -> Vec<String> {
+                chunk.iter().map(|&i| f(&jobs[i])).collect()
+            };
+            let queue = pick(&|j| j.queue.clone());
+            let args = pick(&|j| j.args.to_string());
+            let name: Vec<Option<&str>> = chunk.iter().map(|&i| jobs[i].name.as_deref()).collect();
+            let key: Vec<&str> = chunk.iter().map(|&i| keys[i].as_str()).collect();
+            let explicit: Vec<bool> = chunk.iter().map(|&i| jobs[i].key.is_some()).collect();
+            let max: Vec<i32> = chunk
+                .iter()
+                .map(|&i| i32::try_from(jobs[i].max_attempts).unwrap_or(i32::MAX))
+                .collect();
+            let run_at: Vec<Option<SystemTime>> = chunk.iter().map(|&i| jobs[i].run_at).collect();
+            let priority: Vec<i32> = chunk.iter().map(|&i| jobs[i].priority).collect();
+            let rows = query(
+                &tx,
+                &insert,
+                &[
+                    &queue, &name, &args, &key, &explicit, &max, &run_at, &priority,
+                ],
+            )
+            .await?;
+            let mut got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+            // Identity values are drawn in row order: sorted, they are
+            // the ids of the rows as given.
+            got.sort_unstable();
+            ids.extend(got);
+            queues.extend(queue);
+        }
+        if ids.len() != fresh.len() {
+            return Err(Fail::Ours(Error::new(
+                Kind::Store,
+                format!(
+                    "job store {}: submit: {} rows inserted for {} jobs",
+                    self.label,
+                    ids.len(),
+                    fresh.len()
+                ),
+            )));
+        }
+        self.notify(&tx, &queues).await?;
+        tx.commit().await?;
+        let out = slots
+            .into_iter()
+            .map(|slot| match slot {
+                Slot::Existing(id) => Submitted::Existing(JobId::new(id)),
+                Slot::Batch(at) => Submitted::Existing(JobId::new(ids[at])),
+                Slot::New(at) => Submitted::New(JobId::new(ids[at])),
+            })
+            .collect();
+        Ok(out)
+    }
+
+    /// The claim of one queue: up to `limit` jobs, in one statement.
+    fn claim_sql(&self, safe: bool) -> String {
+        let s = &self.s;
+        let cols = hot_columns("j");
+        let update = format!(
+            "UPDATE {s}.jobs j SET state = 'running', attempt = j.attempt + 1, \
+             started_at = now(), pool = $3, node = $4, worker = NULL, \
+             cancel_requested = false, exclusive = {safe} \
+             FROM picked WHERE j.id = picked.id RETURNING {cols}"
+        );
+        if !safe {
+            return format!(
+                "WITH picked AS (SELECT id FROM {s}.jobs \
+                 WHERE state = 'queued' AND queue = $1 AND run_at <= now() \
+                 ORDER BY priority, run_at, id LIMIT $2 FOR UPDATE SKIP LOCKED) {update}"
+            );
+        }
+        // Safe mode: skip keys running anywhere, and take one job per key
+        // of those left. A concurrent claim of the same key on another
+        // node makes the UPDATE fail on `jobs_running_key`; it is run again.
+        format!(
+            "WITH cand AS (SELECT id, key, priority, run_at FROM {s}.jobs q \
+             WHERE state = 'queued' AND queue = $1 AND run_at <= now() \
+             AND NOT EXISTS (SELECT 1 FROM {s}.jobs r \
+                 WHERE r.key = q.key AND r.state = 'running' AND r.exclusive) \
+             ORDER BY priority, run_at, id LIMIT $2::bigint * 2 FOR UPDATE SKIP LOCKED), \
+             picked AS (SELECT id FROM (SELECT id, priority, run_at, \
+                 row_number() OVER (PARTITION BY key ORDER BY priority, run_at, id) AS n \
+                 FROM cand) c WHERE n = 1 ORDER BY priority, run_at, id LIMIT $2) {update}"
+        )
+    }
+
+    pub(super) async fn claim_once(
+        &self,
+        req: &ClaimRequest,
+    ) -> std::result::Result<Vec<Job>, Fail> {
+        let sql = self.claim_sql(req.safe_mode);
+        let mut queues: Vec<&String> = Vec::new();
+        for q in &req.queues {
+            if !queues.contains(&q) {
+                queues.push(q);
+            }
+        }
+        let mut client = self.client().await?;
+        let mut out: Vec<Job> = Vec::new();
+        if queues.len() == 1 {
+            let limit = i64::try_from(req.limit).unwrap_or(i64::MAX);
+            let rows = query(&client, &sql, &[queues[0], &limit, &req.pool, &req.node]).await?;
+            for r in &rows {
+                out.push(job_from_row(r, &self.label)?);
+            }
+        } else {
+            let tx = client.transaction().await?;
+            for q in queues {
+                let left = req.limit - out.len();
+                if left == 0 {
+                    break;
+                }
+                let limit = i64::try_from(left).unwrap_or(i64::MAX);
+                let rows = query(&tx, &sql, &[q, &limit, &req.pool, &req.node]).await?;
+                let mut batch = Vec::with_capacity(rows.len());
+                for r in &rows {
+                    batch.push(job_from_row(r, &self.label)?);
+                }
+                sort_claimed(&mut batch);
+                out.extend(batch);
+            }
+            tx.commit().await?;
+            return Ok(out);
+        }
+        sort_claimed(&mut out);
+        Ok(out)
+    }
+}
+
+/// `RETURNING` has no order: the claim order is priority, run_at, id.
+fn sort_claimed(jobs: &mut [Job]) {
+    jobs.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+}
