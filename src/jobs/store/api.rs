@@ -116,9 +116,6 @@ pub(crate) struct RecoverReport {
 pub(crate) struct NodeInfo {
     /// `--node`, or the host name plus a per-start id.
     pub name: String,
-    /// Whether the name was given (`--node`): then a dead watcher of the
-    /// same name and host may be taken over at once.
-    pub named: bool,
     /// Differs at every start, so a node that is replaced is not
     /// mistaken for the one that replaced it.
     pub instance: String,

@@ -33,9 +33,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Kind, Result};
 
-pub(crate) use api::{
-    ClaimRequest, Finished, Heartbeat, NodeInfo, Nodes, Outcome, RescueReport, Store, StoreOptions,
-};
+pub(crate) use api::{ClaimRequest, Finished, Heartbeat, NodeInfo, Outcome, Store, StoreOptions};
 // The watcher's job dispatcher (DESIGN 4a, being written) names these here.
 #[allow(unused_imports)]
 pub(crate) use api::{FinishReport, RecoverReport, DEFAULT_RETENTION};
