@@ -169,14 +169,25 @@ impl Drop for NodeTasks {
     }
 }
 
-/// Heartbeats, each followed by a try at the rescue round.
+/// Heartbeats, each followed by a try at the rescue round once this node
+/// has reached the store for a whole node timeout: after an outage of the
+/// database (or of this node's link to it) the other nodes get that long
+/// to heartbeat again before anyone is declared dead.
 async fn heartbeat(store: Arc<dyn Store>, node: NodeInfo, on_lost: impl Fn() + Send + Sync) {
     let Some(nodes) = store.nodes() else { return };
     let every = heartbeat_every(node.timeout);
     let mut failing = false;
+    // Joining reached the store.
+    let mut reachable_since = Some(tokio::time::Instant::now());
     loop {
         tokio::time::sleep(jittered(every)).await;
-        match nodes.heartbeat(&node).await {
+        let beat = nodes.heartbeat(&node).await;
+        if beat.is_err() {
+            reachable_since = None;
+        } else if reachable_since.is_none() {
+            reachable_since = Some(tokio::time::Instant::now());
+        }
+        match beat {
             Ok(Heartbeat::Alive) => {
                 if std::mem::take(&mut failing) {
                     tracing::info!("node {}: heartbeats recorded again", node.name);
@@ -200,6 +211,9 @@ async fn heartbeat(store: Arc<dyn Store>, node: NodeInfo, on_lost: impl Fn() + S
                 }
                 continue;
             }
+        }
+        if reachable_since.is_none_or(|t| t.elapsed() < node.timeout) {
+            continue;
         }
         match nodes.rescue().await {
             Ok(Some(r)) => {
