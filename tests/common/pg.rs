@@ -100,7 +100,9 @@ impl Server {
             data.display(),
             dir.display()
         );
-        server
+        // Not waited for: it outlives this process on purpose.
+        #[allow(clippy::zombie_processes)]
+        let _watchdog = server
             .command(Path::new("/bin/sh"))
             .args(["-c", &script])
             .stdin(Stdio::null())

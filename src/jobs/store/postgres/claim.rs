@@ -284,5 +284,5 @@ impl PgStore {
 
 /// `RETURNING` has no order: the claim order is priority, run_at, id.
 fn sort_claimed(jobs: &mut [Job]) {
-    jobs.sort_by(|a, b| (a.priority, a.run_at, a.id).cmp(&(b.priority, b.run_at, b.id)));
+    jobs.sort_by_key(|j| (j.priority, j.run_at, j.id));
 }
