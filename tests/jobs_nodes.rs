@@ -406,6 +406,20 @@ fn per_job_processes_see_the_node_name() {
         );
     wait_alive(&url, 1, &[&c]);
     let ids = submit(&url, vec![NewJob::new(json!({"x": 1}))]);
+    let refused = rt().block_on(async {
+        let q = JobQueue::open(&url).await.unwrap();
+        q.submit_many(vec![
+            NewJob::new(json!(1)),
+            NewJob::new(json!(2)).queue("nosuch"),
+        ])
+        .await
+        .unwrap_err()
+    });
+    assert!(refused.is_config(), "{refused}");
+    assert_eq!(
+        refused.to_string(),
+        "no pool takes queue nosuch (pools take: default)"
+    );
     let job = rt().block_on(async {
         let q = JobQueue::open(&url).await.unwrap();
         q.wait(ids[0], Duration::from_secs(20)).await.unwrap()

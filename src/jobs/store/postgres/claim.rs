@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::time::SystemTime;
 
 use deadpool_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
 
 use crate::error::{Error, Kind};
 use crate::jobs::model::{Job, JobId, NewJob, Submitted};
@@ -18,6 +19,55 @@ use super::rows::{hot_columns, job_from_row};
 
 /// Most jobs inserted by one statement (its arrays stay a few MB).
 const INSERT_CHUNK: usize = 5000;
+
+/// The rows of a submit as arrays, `t(queue, name, args, key, key_explicit,
+/// max_attempts, run_at, priority, ord)`.
+const UNNEST: &str = "unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], \
+     $6::int[], $7::timestamptz[], $8::int[]) WITH ORDINALITY \
+     AS t(queue, name, args, key, key_explicit, max_attempts, run_at, priority, ord)";
+
+/// The columns of some jobs of a submit, for [`UNNEST`].
+struct Columns<'a> {
+    queue: Vec<String>,
+    name: Vec<Option<&'a str>>,
+    args: Vec<String>,
+    key: Vec<&'a str>,
+    explicit: Vec<bool>,
+    max: Vec<i32>,
+    run_at: Vec<Option<SystemTime>>,
+    priority: Vec<i32>,
+}
+
+impl<'a> Columns<'a> {
+    fn of(jobs: &'a [NewJob], keys: &'a [String], which: &[usize]) -> Columns<'a> {
+        Columns {
+            queue: which.iter().map(|&i| jobs[i].queue.clone()).collect(),
+            name: which.iter().map(|&i| jobs[i].name.as_deref()).collect(),
+            args: which.iter().map(|&i| jobs[i].args.to_string()).collect(),
+            key: which.iter().map(|&i| keys[i].as_str()).collect(),
+            explicit: which.iter().map(|&i| jobs[i].key.is_some()).collect(),
+            max: which
+                .iter()
+                .map(|&i| i32::try_from(jobs[i].max_attempts).unwrap_or(i32::MAX))
+                .collect(),
+            run_at: which.iter().map(|&i| jobs[i].run_at).collect(),
+            priority: which.iter().map(|&i| jobs[i].priority).collect(),
+        }
+    }
+
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.queue,
+            &self.name,
+            &self.args,
+            &self.key,
+            &self.explicit,
+            &self.max,
+            &self.run_at,
+            &self.priority,
+        ]
+    }
+}
 
 impl PgStore {
     /// The queues alive nodes take, sorted, each once.
@@ -67,6 +117,9 @@ impl PgStore {
         &self,
         jobs: &[NewJob],
     ) -> std::result::Result<Vec<Submitted>, Fail> {
+        if jobs.len() <= INSERT_CHUNK && !jobs.iter().any(|j| j.dedupe) {
+            return self.submit_plain(jobs).await;
+        }
         let s = &self.s;
         let mut client = self.client().await?;
         let tx = client.transaction().await?;
@@ -145,43 +198,20 @@ impl PgStore {
             "INSERT INTO {s}.jobs (queue, name, args, key, key_explicit, state, max_attempts, \
              run_at, priority, created_at) \
              SELECT t.queue, t.name, t.args::json, t.key, t.key_explicit, 'queued', \
-             t.max_attempts, COALESCE(t.run_at, now()), t.priority, now() \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::bool[], \
-             $6::int[], $7::timestamptz[], $8::int[]) WITH ORDINALITY \
-             AS t(queue, name, args, key, key_explicit, max_attempts, run_at, priority, ord) \
+             t.max_attempts, COALESCE(t.run_at, now()), t.priority, now() FROM {UNNEST} \
              ORDER BY t.ord RETURNING id"
         );
         let mut ids: Vec<i64> = Vec::with_capacity(fresh.len());
         let mut queues = BTreeSet::new();
         for chunk in fresh.chunks(INSERT_CHUNK) {
-            let pick = |f: &dyn Fn(&NewJob) -> String| -> Vec<String> {
-                chunk.iter().map(|&i| f(&jobs[i])).collect()
-            };
-            let queue = pick(&|j| j.queue.clone());
-            let args = pick(&|j| j.args.to_string());
-            let name: Vec<Option<&str>> = chunk.iter().map(|&i| jobs[i].name.as_deref()).collect();
-            let key: Vec<&str> = chunk.iter().map(|&i| keys[i].as_str()).collect();
-            let explicit: Vec<bool> = chunk.iter().map(|&i| jobs[i].key.is_some()).collect();
-            let max: Vec<i32> = chunk
-                .iter()
-                .map(|&i| i32::try_from(jobs[i].max_attempts).unwrap_or(i32::MAX))
-                .collect();
-            let run_at: Vec<Option<SystemTime>> = chunk.iter().map(|&i| jobs[i].run_at).collect();
-            let priority: Vec<i32> = chunk.iter().map(|&i| jobs[i].priority).collect();
-            let rows = query(
-                &tx,
-                &insert,
-                &[
-                    &queue, &name, &args, &key, &explicit, &max, &run_at, &priority,
-                ],
-            )
-            .await?;
+            let cols = Columns::of(jobs, &keys, chunk);
+            let rows = query(&tx, &insert, &cols.params()).await?;
             let mut got: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
             // Identity values are drawn in row order: sorted, they are
             // the ids of the rows as given.
             got.sort_unstable();
             ids.extend(got);
-            queues.extend(queue);
+            queues.extend(cols.queue);
         }
         if ids.len() != fresh.len() {
             return Err(Fail::Ours(Error::new(
@@ -205,6 +235,68 @@ impl PgStore {
             })
             .collect();
         Ok(out)
+    }
+
+    /// A submit without deduplication, in one autocommitted statement (one
+    /// round trip): the queue gate, the insert and one notification per
+    /// queue.
+    async fn submit_plain(&self, jobs: &[NewJob]) -> std::result::Result<Vec<Submitted>, Fail> {
+        let s = &self.s;
+        let keys: Vec<String> = jobs.iter().map(NewJob::effective_key).collect();
+        let all: Vec<usize> = (0..jobs.len()).collect();
+        let cols = Columns::of(jobs, &keys, &all);
+        let sql = format!(
+            "WITH known AS (SELECT DISTINCT q FROM {s}.nodes, unnest(queues) AS q \
+                 WHERE state = 'alive'), \
+             t AS (SELECT * FROM {UNNEST}), \
+             bad AS (SELECT t.queue FROM t WHERE EXISTS (SELECT 1 FROM known) \
+                 AND t.queue NOT IN (SELECT q FROM known) LIMIT 1), \
+             ins AS (INSERT INTO {s}.jobs (queue, name, args, key, key_explicit, state, \
+                 max_attempts, run_at, priority, created_at) \
+                 SELECT t.queue, t.name, t.args::json, t.key, t.key_explicit, 'queued', \
+                 t.max_attempts, COALESCE(t.run_at, now()), t.priority, now() FROM t \
+                 WHERE NOT EXISTS (SELECT 1 FROM bad) ORDER BY t.ord RETURNING id, queue), \
+             n AS (SELECT pg_notify($9, d.q) FROM (SELECT DISTINCT queue AS q FROM ins) d) \
+             SELECT id, NULL::text, NULL::text FROM ins WHERE (SELECT count(*) FROM n) >= 0 \
+             UNION ALL SELECT NULL, b.queue, (SELECT string_agg(q, ', ' ORDER BY q) FROM known) \
+             FROM bad b"
+        );
+        let channel = self.channel();
+        let mut params: Vec<&(dyn ToSql + Sync)> = cols.params().to_vec();
+        params.push(&channel);
+        let client = self.client().await?;
+        let rows = query(&client, &sql, &params).await?;
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.get::<_, Option<String>>(1).is_some())
+        {
+            let bad: String = r.get(1);
+            let known: Option<String> = r.get(2);
+            return Err(Fail::Ours(Error::new(
+                Kind::Config,
+                format!(
+                    "no pool takes queue {bad} (pools take: {})",
+                    known.unwrap_or_default()
+                ),
+            )));
+        }
+        let mut ids: Vec<i64> = rows.iter().filter_map(|r| r.get(0)).collect();
+        ids.sort_unstable();
+        if ids.len() != jobs.len() {
+            return Err(Fail::Ours(Error::new(
+                Kind::Store,
+                format!(
+                    "job store {}: submit: {} rows inserted for {} jobs",
+                    self.label,
+                    ids.len(),
+                    jobs.len()
+                ),
+            )));
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| Submitted::New(JobId::new(id)))
+            .collect())
     }
 
     /// The claim of one queue: up to `limit` jobs, in one statement.
