@@ -90,7 +90,7 @@ pub use error::{Error, Result};
 pub use ipc::codec::MAX_MESSAGE_SIZE;
 pub use jobs::{
     AttemptError, CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob,
-    StateCounts, Submitted,
+    Node, NodePool, NodeState, StateCounts, Submitted,
 };
 pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]

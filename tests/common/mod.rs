@@ -626,3 +626,4 @@ pub fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<
         }
     })
 }
+pub mod pg;

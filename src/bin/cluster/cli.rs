@@ -136,8 +136,9 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
-    /// Run jobs from this job store (a SQLite file: jobs.db, sqlite://PATH):
-    /// the watcher claims the jobs of its pools' queues for its workers
+    /// Run jobs from this job store (a SQLite file: jobs.db, sqlite://PATH;
+    /// or postgres://USER@HOST/DB, shared by many watchers as nodes): the
+    /// watcher claims the jobs of its pools' queues for its workers
     #[arg(long, value_name = "URL", help_heading = "Jobs")]
     pub jobs: Option<String>,
 
@@ -195,6 +196,20 @@ pub struct Args {
     /// How long finished jobs are kept, in seconds
     #[arg(long, value_name = "SECS", default_value = "604800", value_parser = parse_retention, help_heading = "Jobs")]
     pub jobs_retention: Duration,
+
+    /// The PostgreSQL schema of the job tables [default: cluster]
+    #[arg(long, value_name = "NAME", help_heading = "Jobs", requires = "jobs")]
+    pub jobs_schema: Option<String>,
+
+    /// This watcher's node name on a PostgreSQL job store [default: the
+    /// host name plus a per-start id]
+    #[arg(long, value_name = "NAME", value_parser = parse_node, help_heading = "Jobs", requires = "jobs")]
+    pub node: Option<String>,
+
+    /// Seconds a node may miss heartbeats before the others declare it
+    /// dead and run its jobs again (PostgreSQL job stores)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_node_timeout, help_heading = "Jobs")]
+    pub node_timeout: Duration,
 
     /// Let workers listen on addresses matching PATTERN (repeatable):
     /// HOST:PORT, :PORT, HOST:LOW-HIGH, unix:///path/file.sock or
@@ -532,6 +547,23 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
         .map_err(|_| format!("'{s}' is not a number of seconds"))?;
     if !secs.is_finite() || !(0.0..=3_162_240_000.0).contains(&secs) {
         return Err("must be between 0 and 100 years in seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_node(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 200 || s.chars().any(char::is_control) {
+        return Err("must be 1 to 200 printable characters".into());
+    }
+    Ok(s.to_string())
+}
+
+fn parse_node_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.2..=86_400.0).contains(&secs) {
+        return Err("must be between 0.2 and 86400 seconds".into());
     }
     Ok(Duration::from_secs_f64(secs))
 }

@@ -190,7 +190,14 @@ fn main() -> ExitCode {
             .job_timeout(args.job_timeout)
             .retry_delay(args.retry_delay)
             .job_source_interval(args.job_source_interval)
-            .jobs_retention(args.jobs_retention);
+            .jobs_retention(args.jobs_retention)
+            .node_timeout(args.node_timeout);
+        if let Some(schema) = &args.jobs_schema {
+            builder = builder.jobs_schema(schema);
+        }
+        if let Some(node) = &args.node {
+            builder = builder.node(node);
+        }
         for pool in &args.pool {
             builder = builder.pool(pool);
         }

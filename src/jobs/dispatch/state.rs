@@ -12,12 +12,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::config::JobsConfig;
+use super::nodes::{jittered, Wake};
 use super::pools::{assign, pool_of};
 use super::runner::{self, ProcessDone};
 use super::sources::EndedKeys;
 use super::JobsEvent;
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
-use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
 use crate::jobs::{Job, JobId};
 use crate::watcher::config::Config;
@@ -157,7 +157,7 @@ impl Dispatcher {
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<JobsEvent>,
-        wake: Option<WakeListener>,
+        wake: Option<Wake>,
         mut ready: watch::Receiver<bool>,
     ) {
         // Persistent workers register as they start; dispatching waits for
@@ -202,7 +202,7 @@ impl Dispatcher {
                         self.dry.clear();
                     }
                     if now >= next_tick {
-                        next_tick = now + TICK;
+                        next_tick = now + jittered(TICK);
                         self.dry.clear();
                         self.cancel_requested().await;
                     }
@@ -340,6 +340,15 @@ impl Dispatcher {
                         self.dry.clear();
                     }
                     Err(e) => tracing::error!("cannot record job outcomes: {e}"),
+                }
+            }
+            JobsEvent::NodeLost => {
+                // The store queued them again: another claim runs them.
+                let dropped: usize = self.buffers.drain().map(|(_, q)| q.len()).sum();
+                if dropped > 0 {
+                    tracing::warn!(
+                        "{dropped} buffered job(s) dropped: this node was declared dead"
+                    );
                 }
             }
             JobsEvent::Shutdown(ack) => {
@@ -808,7 +817,7 @@ fn failure_text(f: JobFailure) -> String {
     }
 }
 
-async fn wait_wake(wake: Option<&WakeListener>) {
+async fn wait_wake(wake: Option<&Wake>) {
     match wake {
         Some(w) => {
             if w.wait().await.is_err() {
