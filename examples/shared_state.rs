@@ -34,6 +34,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use hyper_util::server::graceful::GracefulShutdown;
 
 use cluster::{Cluster, Status, Target};
 
@@ -74,6 +75,9 @@ async fn serve(addr: &str) -> Result<(), cluster::Error> {
     }
     let termination = Cluster::await_termination();
     tokio::pin!(termination);
+    // Connections accepted before a stop are served to the end: a request
+    // is never cut off by a rolling restart.
+    let graceful = GracefulShutdown::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => {
@@ -81,18 +85,23 @@ async fn serve(addr: &str) -> Result<(), cluster::Error> {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
+                let service = service_fn(|req: Request<Incoming>| async move {
+                    Ok::<_, Infallible>(route(req.uri().path()).await)
+                });
+                let conn = graceful.watch(
+                    http1::Builder::new().serve_connection(TokioIo::new(stream), service),
+                );
                 tokio::spawn(async move {
-                    let service = service_fn(|req: Request<Incoming>| async move {
-                        Ok::<_, Infallible>(route(req.uri().path()).await)
-                    });
-                    let _ = http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await;
+                    let _ = conn.await;
                 });
             }
             _ = &mut termination => break,
         }
     }
+    // Stop accepting (the watcher keeps the socket for the other workers),
+    // then let open connections finish their request and close.
+    drop(listener);
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
     Ok(())
 }
 

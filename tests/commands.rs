@@ -15,7 +15,8 @@ const START: Duration = Duration::from_secs(20);
 
 fn status_json(c: &Running) -> Option<Value> {
     let out = c.control(&["status", "--json", "-q"]);
-    if !out.status.success() {
+    // 5: degraded (fewer ready than wanted), which these tests cause.
+    if !matches!(out.status.code(), Some(0 | 5)) {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()
@@ -296,7 +297,13 @@ fn revive_never_and_stopping_one_worker_busy_or_idle() {
     assert!(!alive(idle));
     std::thread::sleep(Duration::from_millis(300));
     let after = status_json(&c).expect("the watcher keeps running");
-    assert_eq!(workers_of(&after).len(), 0, "nothing replaced: {after}");
+    let rows = workers_of(&after);
+    assert!(
+        rows.iter()
+            .all(|w| w["pid"] == 0 && w["state"] == "stopped"),
+        "nothing replaced, both slots shown stopped: {after}"
+    );
+    assert_eq!(rows.len(), 2, "{after}");
     assert_eq!(after["workers_wanted"], 2);
     let out = c.control(&["stop", "--slot", "1"]);
     assert_eq!(out.status.code(), Some(1), "no worker left in slot 1");

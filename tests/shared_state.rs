@@ -20,7 +20,8 @@ const START: Duration = Duration::from_secs(20);
 
 fn status_json(c: &Running) -> Option<Value> {
     let out = c.control(&["status", "--json", "-q"]);
-    if !out.status.success() {
+    // 5: degraded (fewer ready than wanted), which these tests cause.
+    if !matches!(out.status.code(), Some(0 | 5)) {
         return None;
     }
     serde_json::from_slice(&out.stdout).ok()

@@ -259,24 +259,33 @@ pub(crate) async fn status(
         })
         .collect();
     let gave_up = report.idle.iter().any(|s| s.gave_up);
-    workers.extend(report.idle.into_iter().map(|s| WorkerStatus {
-        slot: s.slot,
-        context_id: 0,
-        pid: 0,
-        state: if s.gave_up { "failed" } else { "backoff" }.into(),
-        uptime_secs: 0.0,
-        restarts: s.restarts,
-        rss_bytes: None,
-        cpu_seconds: None,
-        cpu_percent: None,
-        last_exit: s.last_exit,
-        last_exit_code: s.last_exit_code,
-        last_exit_signal: s.last_exit_signal.map(signal_name),
-        next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
-        name: s.name,
-        status: None,
-        reloading: false,
-        stats: TrafficStatus::default(),
+    workers.extend(report.idle.into_iter().map(|s| {
+        WorkerStatus {
+            slot: s.slot,
+            context_id: 0,
+            pid: 0,
+            // Given up after --max-restarts, waiting for its respawn, or left
+            // empty (`--revive`, `cluster stop --slot`).
+            state: match (s.gave_up, s.next_start) {
+                (true, _) => "failed",
+                (false, Some(_)) => "backoff",
+                (false, None) => "stopped",
+            }
+            .into(),
+            uptime_secs: 0.0,
+            restarts: s.restarts,
+            rss_bytes: None,
+            cpu_seconds: None,
+            cpu_percent: None,
+            last_exit: s.last_exit,
+            last_exit_code: s.last_exit_code,
+            last_exit_signal: s.last_exit_signal.map(signal_name),
+            next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+            name: s.name,
+            status: None,
+            reloading: false,
+            stats: TrafficStatus::default(),
+        }
     }));
     workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
     Some(Response {

@@ -594,7 +594,6 @@ impl Pool {
     /// after the shutdown timeout, heartbeat pings and kills; reports what
     /// the supervisor must decide on.
     pub(crate) fn tick(&mut self, ctx: &Ctx, now: Instant) -> Due {
-        let timeout = ctx.config.shutdown_timeout;
         let mut due = Due::default();
         for (&id, w) in self.workers.iter_mut() {
             if w.term_at.is_some_and(|t| t <= now) {
@@ -603,7 +602,7 @@ impl Pool {
             }
             if w.kill_at.is_some_and(|t| t <= now) {
                 tracing::warn!(
-                    "worker {} (pid {}) did not stop within {timeout:?}; killing it",
+                    "worker {} (pid {}) did not stop in time; killing it",
                     w.slot,
                     w.pid
                 );
