@@ -11,6 +11,8 @@
 #
 #   cargo build --release --bin cluster --examples
 #   benches/jobs_pg_compare.sh [JOBS]        # default 50000
+#   PARTS="pgbench cluster" benches/jobs_pg_compare.sh   # some parts only (default: pgbench cluster peers)
+#   benches/cpu_split.py benches/jobs_pg_compare.sh      # and where the CPU went
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N="${1:-50000}"
@@ -19,14 +21,17 @@ if [ -z "${CLUSTER_BENCH_PG:-}" ]; then
 fi
 [ "$CLUSTER_BENCH_PG" = __from_with_postgres__ ] && CLUSTER_BENCH_PG="$CLUSTER_TEST_PG"
 URL="$CLUSTER_BENCH_PG"
+PARTS="${PARTS:-pgbench cluster peers}"
+part() { [[ " $PARTS " == *" $1 "* ]]; }
 echo "== $(date -u +%FT%TZ), $(nproc) cores, $(psql -Atc 'show server_version' "$URL"), synchronous_commit $(psql -Atc 'show synchronous_commit' "$URL"), fsync $(psql -Atc 'show fsync' "$URL")"
 
 # 1. pgbench on the store's own SQL.
+if part pgbench; then
 target/release/cluster jobs submit --jobs "$URL?schema=pgb" --json 0 >/dev/null
 cols="id, queue, name, args, key, key_explicit, state, attempt, max_attempts, run_at, priority, pool, node, worker, result, errors, created_at, started_at, finished_at"
 script="$(mktemp)"
 for batch in 1 100; do
-  total=$(( batch == 1 ? 40000 : 400000 ))
+  total=$(( batch == 1 ? 20000 : 400000 ))
   psql -q "$URL" <<SQL
 TRUNCATE pgb.jobs, pgb.jobs_done;
 INSERT INTO pgb.jobs (queue, args, key, state, max_attempts, run_at, created_at)
@@ -41,11 +46,15 @@ SQL
   echo "pgbench, this store's claim + move to jobs_done, batch $batch, 8 clients: $(python3 -c "print(round($tps * $batch))") jobs/s ($tps transactions/s of two statements)"
 done
 rm -f "$script"
+fi
 
 # 2. cluster end to end.
-CLUSTER_BENCH_PG="$URL" cargo bench -q --bench jobs_pg -- "$N" 2>&1 | grep -v '^$'
+if part cluster; then
+  CLUSTER_BENCH_PG="$URL" cargo bench -q --bench jobs_pg -- "$N" 2>&1 | grep -v '^$'
+fi
 
 # 3. The peers, from npm, in a scratch dir.
+part peers || exit 0
 peers="${PEERS_DIR:-/tmp/cluster-bench-peers}"
 if [ ! -d "$peers/node_modules/graphile-worker" ]; then
   mkdir -p "$peers"
