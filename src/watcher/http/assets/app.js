@@ -212,6 +212,32 @@ function drawJobs(j) {
   queues.replaceChildren(...Object.entries(per).map(([q, c]) =>
     el('tr', { 'data-queue': q }, el('td', {}, q), el('td', {}, c.queued), el('td', {}, c.running),
       el('td', {}, c.done), el('td', {}, c.failed), el('td', {}, c.cancelled))));
+  refreshNodes();
+}
+
+// ---- nodes (a shared PostgreSQL store) ----
+
+let nodesAt = 0;
+
+// At most every 2 s: the node list is a query on the store.
+async function refreshNodes() {
+  if (Date.now() - nodesAt < 2000) return;
+  nodesAt = Date.now();
+  let nodes;
+  try { nodes = await api('/api/nodes'); } catch (e) { return; }
+  $('nodes-box').hidden = !nodes.length;
+  $('nodes').tBodies[0].replaceChildren(...nodes.map((n) => {
+    const age = (Date.now() - Date.parse(n.heartbeat_at)) / 1000;
+    const bar = el('span', { class: 'bar' }, el('span', {}));
+    bar.firstChild.style.width = Math.min(100, n.running / Math.max(n.capacity, 1) * 100) + '%';
+    return el('tr', { 'data-node': n.name },
+      el('td', { class: 'wrap' }, n.name),
+      el('td', {}, `${n.host} (pid ${n.pid})`),
+      el('td', {}, pill(n.state)),
+      el('td', {}, n.state === 'alive' ? `${duration(Math.max(0, age))} ago` : '–'),
+      el('td', {}, `${n.running} of ${n.capacity}`, bar),
+      el('td', { class: 'wrap' }, (n.pools || []).map((p) => `${p.name} ×${p.slots}`).join(', ')));
+  }));
 }
 
 function drawRates(rates) {
