@@ -15,7 +15,8 @@ use super::names::Naming;
 use super::output::{LogFormat, LogOutput};
 use super::revive::Revive;
 use crate::error::{Error, Kind, Result};
-use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
+use crate::jobs::dispatch::config::{JobSourceFn, JobsConfig, Source};
+use crate::jobs::dispatch::pools::plan;
 use crate::socket::DEFAULT_BACKLOG;
 
 /// Settings shared by the supervisor and the process spawner.

@@ -321,7 +321,7 @@ fn spawn(
         cmd.env_remove(var);
     }
     if let Some(jobs) = &config.jobs {
-        if let Some(i) = crate::jobs::dispatch::pool_of(&jobs.pools, slot) {
+        if let Some(i) = crate::jobs::dispatch::pools::pool_of(&jobs.pools, slot) {
             cmd.env(env::POOL, &jobs.pools[i].name);
         }
         cmd.env(env::JOB_CONCURRENCY, jobs.concurrency.to_string());

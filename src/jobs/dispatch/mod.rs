@@ -17,9 +17,9 @@
 //! store the node side (heartbeats, rescue, notifications) runs beside
 //! the loop (`nodes.rs`).
 
-mod config;
+pub(crate) mod config;
 mod nodes;
-mod pools;
+pub(crate) mod pools;
 mod runner;
 mod sources;
 mod state;
