@@ -24,8 +24,7 @@ mod runner;
 mod sources;
 mod state;
 
-pub(crate) use config::{JobSourceFn, JobsConfig, Source};
-pub(crate) use pools::{plan, pool_of};
+pub(crate) use config::JobsConfig;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;

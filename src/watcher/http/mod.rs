@@ -20,24 +20,19 @@ mod api;
 mod reply;
 mod sse;
 
-pub(crate) use reply::{error, full, json, Body, State};
+pub(crate) use reply::{error, full, Body, State};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::event::CommandSender;
-use super::sampler::Sampler;
 use crate::error::{Error, Kind, Result};
-use crate::jobs::store::Store;
 
 /// Connections served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 256;
