@@ -18,7 +18,6 @@ use crate::watcher::hooks::Hooks;
 use crate::watcher::http;
 use crate::watcher::hub::{timers, Hub};
 use crate::watcher::process;
-use crate::watcher::recycle::MemoryWatch;
 use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
@@ -43,8 +42,6 @@ pub(crate) struct Services {
     pub watchdog_at: Option<Instant>,
     /// `--on-event`.
     pub hooks: Hooks,
-    /// `--max-memory`.
-    memory: Option<MemoryWatch>,
 }
 
 impl Services {
@@ -82,7 +79,7 @@ impl Services {
             hub: hub.clone(),
             timers: timers::start(hub.clone()),
         });
-        let sampler = Sampler::start(commands.clone());
+        let sampler = Sampler::start(commands.clone(), config.max_memory);
         if let Some(path) = config.control_path() {
             services.control = Some(control::Server::bind(
                 &path,
@@ -126,9 +123,6 @@ impl Services {
             services.http = Some(http::Server::bind(addr, state).await?);
         }
         services.sampler = Some(sampler);
-        if let Some(limit) = config.max_memory {
-            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
-        }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
             services.watchdog_at = Some(Instant::now());
