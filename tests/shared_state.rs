@@ -18,26 +18,6 @@ use serde_json::Value;
 
 const START: Duration = Duration::from_secs(20);
 
-fn status_json(c: &Running) -> Option<Value> {
-    let out = c.control(&["status", "--json", "-q"]);
-    // 5: degraded (fewer ready than wanted), which these tests cause.
-    if !matches!(out.status.code(), Some(0 | 5)) {
-        return None;
-    }
-    serde_json::from_slice(&out.stdout).ok()
-}
-
-/// Waits until `n` workers are ready; returns the status.
-fn wait_ready(c: &Running, n: usize) -> Value {
-    wait_for(START, || {
-        status_json(c).filter(|v| {
-            let w = v["workers"].as_array().cloned().unwrap_or_default();
-            w.len() == n && w.iter().all(|w| w["state"] == "ready")
-        })
-    })
-    .unwrap_or_else(|| panic!("never {n} ready workers:\n{}", c.stderr()))
-}
-
 /// `cluster command --to TO NAME [ARGS]`.
 fn command(c: &Running, to: &str, name: &str, args: Option<&str>) -> Output {
     let mut a = vec!["command", "--to", to, "--timeout", "30", name];
