@@ -229,7 +229,10 @@ fn three_upgrades_under_load(balance: &str) {
     let (mut c, port) = w.serve_hello(2);
     let first = wait_ready(&pid_file, 2, "at start");
     assert_eq!(first["pid"], c.pid);
-    let version = first["version"].as_str().expect("version").to_string();
+    let version = first["watcher_version"]
+        .as_str()
+        .expect("version")
+        .to_string();
     assert_eq!(version, env!("CARGO_PKG_VERSION"));
     assert!(first["started_at"].as_str().is_some(), "{first}");
 
@@ -263,7 +266,7 @@ fn three_upgrades_under_load(balance: &str) {
         seen.push(new);
         let status = wait_ready(&pid_file, 2, "after an upgrade");
         assert_eq!(status["pid"], new, "round {round}: {status}");
-        assert_eq!(status["version"], version.as_str());
+        assert_eq!(status["watcher_version"], version.as_str());
         assert_ne!(status["started_at"], first["started_at"]);
         // The old watcher and its workers are gone; one watcher is left.
         wait_for(UPGRADE, || (!alive(old)).then_some(()))

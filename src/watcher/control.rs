@@ -14,15 +14,17 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use super::event::{Command, CommandSender, Scale};
+use super::control_hub;
+use super::event::{Command, CommandSender, Scale, WorkerSelector};
+use super::hub::Hub;
 use super::process::signal_name;
 use super::procfs;
 use super::sampler::Sampler;
-use crate::control::{Request, Response, WorkerStatus};
+use crate::control::{Request, Response, StorageStatus, TrafficStatus, WorkerStatus};
 use crate::error::{Error, Kind, Result};
 
-/// Largest request line accepted.
-const MAX_REQUEST: usize = 4096;
+/// Largest request line accepted (a value for `cluster storage set`).
+const MAX_REQUEST: usize = 1024 * 1024;
 
 /// How long `status` samples CPU use.
 const CPU_SAMPLE: Duration = Duration::from_millis(200);
@@ -37,6 +39,7 @@ pub(crate) struct Server {
     listener: Arc<UnixListener>,
     commands: CommandSender,
     sampler: Option<Sampler>,
+    hub: Arc<Hub>,
     /// The accept loop; `None` while paused.
     task: Option<tokio::task::JoinHandle<()>>,
     /// The socket file belongs to someone else now: leave it.
@@ -65,6 +68,7 @@ impl Server {
         path: &Path,
         commands: CommandSender,
         sampler: Option<Sampler>,
+        hub: Arc<Hub>,
     ) -> Result<Server> {
         let err = |e: io::Error| {
             Error::with_io(
@@ -94,7 +98,7 @@ impl Server {
             Err(_) => {}
         }
         let listener = bind_private(path).map_err(err)?;
-        Ok(Server::serve(path, listener, commands, sampler))
+        Ok(Server::serve(path, listener, commands, sampler, hub))
     }
 
     /// Serves on `fd`, the control socket at `path` that the old watcher
@@ -108,6 +112,7 @@ impl Server {
         fd: OwnedFd,
         commands: CommandSender,
         sampler: Option<Sampler>,
+        hub: Arc<Hub>,
     ) -> Result<Server> {
         let std = std::os::unix::net::UnixListener::from(fd);
         let listener = std
@@ -120,7 +125,7 @@ impl Server {
                     e,
                 )
             })?;
-        Ok(Server::serve(path, listener, commands, sampler))
+        Ok(Server::serve(path, listener, commands, sampler, hub))
     }
 
     fn serve(
@@ -128,12 +133,14 @@ impl Server {
         listener: UnixListener,
         commands: CommandSender,
         sampler: Option<Sampler>,
+        hub: Arc<Hub>,
     ) -> Server {
         let mut server = Server {
             path: path.to_path_buf(),
             listener: Arc::new(listener),
             commands,
             sampler,
+            hub,
             task: None,
             handed_over: false,
         };
@@ -154,10 +161,11 @@ impl Server {
         if self.task.is_some() {
             return;
         }
-        let (listener, commands, sampler) = (
+        let (listener, commands, sampler, hub) = (
             self.listener.clone(),
             self.commands.clone(),
             self.sampler.clone(),
+            self.hub.clone(),
         );
         let me = nix::unistd::geteuid().as_raw();
         self.task = Some(tokio::spawn(async move {
@@ -167,8 +175,9 @@ impl Server {
                     continue;
                 };
                 let (commands, sampler) = (commands.clone(), sampler.clone());
+                let hub = hub.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, commands, sampler, me).await;
+                    let _ = serve(stream, commands, sampler, hub, me).await;
                 });
             }
         }));
@@ -223,6 +232,7 @@ async fn serve(
     stream: UnixStream,
     commands: CommandSender,
     sampler: Option<Sampler>,
+    hub: Arc<Hub>,
     me: u32,
 ) -> io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
@@ -239,7 +249,7 @@ async fn serve(
             ))
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(request, &commands, sampler.as_ref()).await,
+            Ok(request) => handle(request, &commands, sampler.as_ref(), hub).await,
             Err(e) => failure(format!("bad request: {e}")),
         },
         Ok(Err(e)) => failure(format!("bad request: {e}")),
@@ -252,20 +262,11 @@ async fn serve(
 }
 
 pub(crate) fn failure(error: String) -> Response {
-    Response {
-        ok: false,
-        error: Some(error),
-        pid: std::process::id(),
-        ..Response::default()
-    }
+    Response::failure(error)
 }
 
 fn success() -> Response {
-    Response {
-        ok: true,
-        pid: std::process::id(),
-        ..Response::default()
-    }
+    Response::success()
 }
 
 /// Sends the command `make` builds around a reply channel and waits for
@@ -334,28 +335,50 @@ pub(crate) async fn status(
             last_exit_code: w.last_exit_code,
             last_exit_signal: w.last_exit_signal.map(signal_name),
             next_start_secs: None,
+            name: w.name,
+            status: w.status,
+            reloading: w.reloading,
+            stats: TrafficStatus {
+                commands_sent: w.traffic.commands_sent,
+                commands_received: w.traffic.commands_received,
+                messages_sent: w.traffic.messages_sent,
+                messages_received: w.traffic.messages_received,
+            },
         })
         .collect();
     let gave_up = report.idle.iter().any(|s| s.gave_up);
-    workers.extend(report.idle.into_iter().map(|s| WorkerStatus {
-        slot: s.slot,
-        context_id: 0,
-        pid: 0,
-        state: if s.gave_up { "failed" } else { "backoff" }.into(),
-        uptime_secs: 0.0,
-        restarts: s.restarts,
-        rss_bytes: None,
-        cpu_seconds: None,
-        cpu_percent: None,
-        last_exit: s.last_exit,
-        last_exit_code: s.last_exit_code,
-        last_exit_signal: s.last_exit_signal.map(signal_name),
-        next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+    workers.extend(report.idle.into_iter().map(|s| {
+        WorkerStatus {
+            slot: s.slot,
+            context_id: 0,
+            pid: 0,
+            // Given up after --max-restarts, waiting for its respawn, or left
+            // empty (`--revive`, `cluster stop --slot`).
+            state: match (s.gave_up, s.next_start) {
+                (true, _) => "failed",
+                (false, Some(_)) => "backoff",
+                (false, None) => "stopped",
+            }
+            .into(),
+            uptime_secs: 0.0,
+            restarts: s.restarts,
+            rss_bytes: None,
+            cpu_seconds: None,
+            cpu_percent: None,
+            last_exit: s.last_exit,
+            last_exit_code: s.last_exit_code,
+            last_exit_signal: s.last_exit_signal.map(signal_name),
+            next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+            name: s.name,
+            status: None,
+            reloading: false,
+            stats: TrafficStatus::default(),
+        }
     }));
     workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
     Some(Response {
         workers_wanted: Some(report.wanted),
-        version: Some(env!("CARGO_PKG_VERSION").to_string()),
+        watcher_version: Some(env!("CARGO_PKG_VERSION").to_string()),
         started_at: report
             .started_at
             .map(crate::jobs::cli_support::format_rfc3339),
@@ -367,13 +390,57 @@ pub(crate) async fn status(
         log_file: report.log_file.map(|p| p.display().to_string()),
         jobs,
         workers,
+        storage: Some(StorageStatus {
+            keys: report.storage.keys,
+            bytes: report.storage.bytes,
+            max_bytes: report.storage.max_bytes,
+            operations: report.storage.ops_total,
+            operations_per_sec: report.storage.ops_per_sec,
+        }),
         ..success()
     })
 }
 
-async fn handle(request: Request, commands: &CommandSender, sampler: Option<&Sampler>) -> Response {
+async fn handle(
+    request: Request,
+    commands: &CommandSender,
+    sampler: Option<&Sampler>,
+    hub: Arc<Hub>,
+) -> Response {
     let gone = || failure("the watcher is stopping".into());
     match request {
+        Request::StorageGet { .. }
+        | Request::StorageSet { .. }
+        | Request::StorageDelete { .. }
+        | Request::StorageDump
+        | Request::Command { .. } => control_hub::handle(request, hub).await,
+        Request::StopWorker {
+            slot,
+            name,
+            timeout_ms,
+        } => {
+            let which = match (slot, name) {
+                (Some(n), None) => WorkerSelector::Slot(n),
+                (None, Some(name)) => WorkerSelector::Name(name),
+                _ => return failure("stop_worker needs a slot or a name".into()),
+            };
+            let timeout = timeout_ms.map(|ms| Duration::from_millis(ms.min(86_400_000)));
+            let stopped = ask(commands, |done| Command::StopWorker {
+                which,
+                timeout,
+                done,
+            });
+            match stopped.await {
+                Some(Ok(s)) => Response {
+                    stopped: Some(serde_json::json!({
+                        "slot": s.slot, "pid": s.pid, "context_id": s.context_id, "at_once": s.at_once,
+                    })),
+                    ..success()
+                },
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
+        }
         Request::Status { quick } => status(commands, sampler, quick).await.unwrap_or_else(gone),
         Request::Reload => {
             let reload = ask(commands, |done| Command::Restart {

@@ -14,6 +14,10 @@
 //! * its pid file's locked descriptor, its control socket and the
 //!   `--metrics` and `--http` listeners, which the new watcher uses only
 //!   once the old one commits;
+//! * an anonymous file with a snapshot of the shared storage: the new
+//!   watcher starts from it, and at the commit the old watcher rewrites it
+//!   with its store as it is then, which the new one loads before it
+//!   serves (the store moves with the commit);
 //! * one end of a stream socketpair, the *link*, and one end of a
 //!   `SOCK_SEQPACKET` pair, the *connection link*: in the balanced modes
 //!   the old watcher accepted connections itself, and those it holds when
@@ -33,6 +37,7 @@
 //! add messages.
 
 use std::ffi::OsString;
+use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
@@ -48,7 +53,6 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::{self, codec, Channel};
 use crate::socket::Address;
-use crate::watcher::systemd;
 
 /// The variable that describes the hand-over to the new watcher.
 pub(crate) const ENV: &str = "CLUSTER_UPGRADE";
@@ -102,6 +106,8 @@ pub(crate) struct Plan {
     pub control_path: Option<PathBuf>,
     pub metrics: Option<OwnedFd>,
     pub http: Option<OwnedFd>,
+    /// The storage snapshot file.
+    pub storage: Option<OwnedFd>,
     /// Variables the new watcher must not see (systemd's watchdog pid).
     pub env_remove: Vec<&'static str>,
 }
@@ -124,6 +130,8 @@ struct State {
     metrics: Option<RawFd>,
     #[serde(default)]
     http: Option<RawFd>,
+    #[serde(default)]
+    storage: Option<RawFd>,
     #[serde(default)]
     listeners: Vec<ListenerEntry>,
 }
@@ -154,6 +162,7 @@ impl Plan {
             control_path: self.control_path.clone(),
             metrics: raw(&self.metrics),
             http: raw(&self.http),
+            storage: raw(&self.storage),
             listeners: self
                 .listeners
                 .iter()
@@ -167,9 +176,15 @@ impl Plan {
         };
         let mut keep = vec![link, conns];
         keep.extend(
-            [&state.pid_file, &state.control, &state.metrics, &state.http]
-                .into_iter()
-                .flatten(),
+            [
+                &state.pid_file,
+                &state.control,
+                &state.metrics,
+                &state.http,
+                &state.storage,
+            ]
+            .into_iter()
+            .flatten(),
         );
         keep.extend(state.listeners.iter().map(|l| l.fd));
         // Serializing plain numbers and strings cannot fail.
@@ -220,6 +235,8 @@ pub(crate) struct Inherited {
     pub control_path: Option<PathBuf>,
     pub metrics: Option<OwnedFd>,
     pub http: Option<OwnedFd>,
+    /// The storage snapshot file.
+    pub storage: Option<File>,
     pub listeners: Vec<HandedListener>,
 }
 
@@ -262,6 +279,7 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
             state.control,
             state.metrics,
             state.http,
+            state.storage,
         ]
         .into_iter()
         .flatten(),
@@ -283,11 +301,12 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
     let control = opt(state.control, "the control socket")?;
     let metrics = opt(state.metrics, "the metrics listener")?;
     let http = opt(state.http, "the dashboard listener")?;
+    let storage = opt(state.storage, "the storage snapshot")?.map(File::from);
     let mut listeners = Vec::new();
     for l in state.listeners {
         let fd = take(l.fd, &format!("the listener for {}", l.addr))?;
         let addr = Address::parse(&l.addr).map_err(|e| bad(e.to_string()))?;
-        if let Err(why) = systemd::listening_address(&fd) {
+        if let Err(why) = crate::activation::listening_address(&fd) {
             return Err(bad(format!("fd {} for {addr}: {why}", l.fd)));
         }
         listeners.push(HandedListener {
@@ -307,8 +326,76 @@ pub(crate) fn take() -> Result<Option<Inherited>> {
         control_path: state.control_path,
         metrics,
         http,
+        storage,
         listeners,
     }))
+}
+
+/// An anonymous file (`O_TMPFILE` in the temporary directory, else a
+/// file removed at once) holding `text`: the storage snapshot handed to
+/// the new watcher.
+///
+/// # Errors
+///
+/// The error of creating or writing it.
+pub(crate) fn snapshot_file(text: &str) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = std::env::temp_dir();
+    let file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_TMPFILE | libc::O_CLOEXEC)
+        .open(&dir)
+    {
+        Ok(f) => f,
+        Err(_) => {
+            // No O_TMPFILE on this file system: a private name, removed
+            // as soon as it is open.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.subsec_nanos())
+                .unwrap_or(0);
+            let name = dir.join(format!(".cluster-upgrade-{}-{nanos:x}", std::process::id()));
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+                .open(&name)?;
+            let _ = std::fs::remove_file(&name);
+            f
+        }
+    };
+    rewrite_snapshot(&file, text)?;
+    Ok(file)
+}
+
+/// Replaces what the snapshot file holds with `text` (both watchers have
+/// it open: the new one reads what the old one wrote before `commit`).
+///
+/// # Errors
+///
+/// The error of writing it.
+pub(crate) fn rewrite_snapshot(file: &File, text: &str) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    file.set_len(0)?;
+    file.write_all_at(text.as_bytes(), 0)
+}
+
+/// What the snapshot file holds now.
+///
+/// # Errors
+///
+/// The error of reading it, or `InvalidData` when it is not UTF-8.
+pub(crate) fn read_snapshot(file: &File) -> io::Result<String> {
+    use std::io::{Read, Seek};
+    let mut f = file.try_clone()?;
+    f.seek(io::SeekFrom::Start(0))?;
+    let mut text = String::new();
+    f.read_to_string(&mut text)?;
+    Ok(text)
 }
 
 /// What the new watcher tells the old one.
@@ -566,6 +653,7 @@ mod tests {
             control_path: None,
             metrics: None,
             http: None,
+            storage: None,
             env_remove: Vec::new(),
         };
         let (json, keep) = plan.describe(b.as_raw_fd(), 99);

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::hub_link::HubState;
 use super::shared::{Granted, Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{JobFailure, ToWatcher, ToWorker, VERSION};
@@ -25,6 +26,8 @@ pub(crate) struct Inbound {
     /// `listen` calls waiting for their reply, by request id, with the
     /// address they asked for.
     pub pending: HashMap<u64, (String, oneshot::Sender<Result<Granted>>)>,
+    /// Storage requests, watches and commands.
+    pub hub: HubState,
 }
 
 /// Why the channel must close: the watcher broke the protocol, or a write failed.
@@ -106,8 +109,15 @@ impl Inbound {
                 }
             }
             ToWorker::Stop { .. } => {
+                if let Ok(mut status) = self.shared.status.lock() {
+                    *status = Some("stopping".into());
+                }
                 let _ = self.stop.send(true);
             }
+            ToWorker::Replies(replies) => self.hub.on_replies(replies, &self.shared),
+            ToWorker::Calls(calls) => self.hub.on_calls(calls, &self.shared),
+            ToWorker::Changes(changes) => self.hub.on_changes(changes, &self.shared),
+            ToWorker::WatchEnded { watch, reason } => self.hub.on_watch_ended(watch, reason),
             ToWorker::Ping { seq } if self.shared.pings.awaiters.load(Ordering::SeqCst) > 0 => {
                 self.shared.pings.latest.send_replace(seq);
             }
@@ -150,8 +160,11 @@ impl Inbound {
         Ok(())
     }
 
-    /// The watcher is gone or broken: fails every waiting `listen`.
+    /// The watcher is gone or broken: fails every waiting `listen`,
+    /// request and command, and ends every watch.
     pub(crate) fn fail_pending(&mut self, reason: &str) {
+        let shared = self.shared.clone();
+        self.hub.fail_all(reason, &shared);
         for (_, (_, reply)) in self.pending.drain() {
             let _ = reply.send(Err(Error::new(
                 Kind::Ipc,

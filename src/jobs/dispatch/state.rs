@@ -12,11 +12,12 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::config::JobsConfig;
+use super::nodes::{jittered, Wake};
 use super::pools::{assign, pool_of};
 use super::runner::{self, ProcessDone};
+use super::sources::EndedKeys;
 use super::JobsEvent;
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
-use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
 use crate::jobs::{Job, JobId};
 use crate::watcher::config::Config;
@@ -105,6 +106,8 @@ pub(super) struct Dispatcher {
     /// A batch of outcomes is being written.
     flushing: bool,
     status: JobsStatus,
+    /// Where outcomes' keys go for the job sources (when there are any).
+    ended: Option<Arc<EndedKeys>>,
 }
 
 impl Dispatcher {
@@ -141,13 +144,20 @@ impl Dispatcher {
             claiming: HashSet::new(),
             flushing: false,
             status,
+            ended: None,
         }
+    }
+
+    /// Notes every outcome's key in `ended` (for the job sources).
+    pub(super) fn with_ended_keys(mut self, ended: Option<Arc<EndedKeys>>) -> Dispatcher {
+        self.ended = ended;
+        self
     }
 
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<JobsEvent>,
-        wake: Option<WakeListener>,
+        wake: Option<Wake>,
         mut ready: watch::Receiver<bool>,
     ) {
         // Persistent workers register as they start; dispatching waits for
@@ -192,7 +202,7 @@ impl Dispatcher {
                         self.dry.clear();
                     }
                     if now >= next_tick {
-                        next_tick = now + TICK;
+                        next_tick = now + jittered(TICK);
                         self.dry.clear();
                         self.cancel_requested().await;
                     }
@@ -332,6 +342,15 @@ impl Dispatcher {
                     Err(e) => tracing::error!("cannot record job outcomes: {e}"),
                 }
             }
+            JobsEvent::NodeLost => {
+                // The store queued them again: another claim runs them.
+                let dropped: usize = self.buffers.drain().map(|(_, q)| q.len()).sum();
+                if dropped > 0 {
+                    tracing::warn!(
+                        "{dropped} buffered job(s) dropped: this node was declared dead"
+                    );
+                }
+            }
             JobsEvent::Shutdown(ack) => {
                 // Handled by `run`, which owns the event channel.
                 let _ = ack.send(());
@@ -370,6 +389,9 @@ impl Dispatcher {
             Outcome::Failed(e) => ("failed", Some(e.clone())),
         };
         self.status.note(outcome_info(&r.job, word, error));
+        if let Some(ended) = &self.ended {
+            ended.note(&r.job.key);
+        }
         if let Outcome::Failed(e) | Outcome::Lost(e) = &outcome {
             tracing::warn!(
                 "job {} ({}) attempt {} of {} failed: {e}",
@@ -469,6 +491,9 @@ impl Dispatcher {
                     if let Some(job) = q.remove(i) {
                         self.status.cancelled += 1;
                         self.status.note(outcome_info(&job, "cancelled", None));
+                        if let Some(ended) = &self.ended {
+                            ended.note(&job.key);
+                        }
                         self.finished.push(Finished {
                             id: job.id,
                             attempt: job.attempt,
@@ -792,7 +817,7 @@ fn failure_text(f: JobFailure) -> String {
     }
 }
 
-async fn wait_wake(wake: Option<&WakeListener>) {
+async fn wait_wake(wake: Option<&Wake>) {
     match wake {
         Some(w) => {
             if w.wait().await.is_err() {

@@ -29,8 +29,8 @@ use crate::watcher::control;
 use crate::watcher::event::CommandSender;
 use crate::watcher::hooks::Hooks;
 use crate::watcher::http;
+use crate::watcher::hub::{timers, Hub};
 use crate::watcher::process;
-use crate::watcher::recycle::MemoryWatch;
 use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
@@ -54,6 +54,8 @@ pub(crate) struct Services {
     sampler: Option<Sampler>,
     /// The dashboard (`--http`).
     http: Option<http::Server>,
+    /// The shared storage's timers; dropping it writes the last snapshot.
+    hub: Option<HubGuard>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
     metrics: Option<http::Server>,
@@ -63,8 +65,6 @@ pub(crate) struct Services {
     pub watchdog_at: Option<Instant>,
     /// `--on-event`.
     pub hooks: Hooks,
-    /// `--max-memory`.
-    memory: Option<MemoryWatch>,
 }
 
 /// Takes the pid file at `path`, killing what a previous watcher that died
@@ -124,32 +124,45 @@ impl Services {
     /// the rest belongs to the old watcher until it commits.
     pub(crate) async fn start(
         config: &Config,
+        hub: &Arc<Hub>,
         commands: &CommandSender,
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
         deferred: bool,
     ) -> Result<Services> {
-        let sampler = Sampler::start(commands.clone());
+        // Both watchers of an upgrade sample (and recycle, `--max-memory`)
+        // their own workers.
+        let sampler = Sampler::start(commands.clone(), config.max_memory);
         let mut services = Services {
             sampler: Some(sampler.clone()),
             hooks: Hooks::start(config.on_event.as_deref()),
             ..Services::default()
         };
-        // Both watchers of an upgrade watch their own workers' memory.
-        if let Some(limit) = config.max_memory {
-            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
-        }
         if deferred {
+            // The storage came with the hand-over (see `takeover.rs`); its
+            // timers run from the start, for this watcher's workers.
+            services.hub = Some(HubGuard {
+                hub: hub.clone(),
+                timers: timers::start(hub.clone()),
+            });
             return Ok(services);
         }
         if let Some(path) = &config.pid_file {
             services.pid_file = Some(acquire_pid_file(path)?);
         }
+        // After the pid file: a second watcher on it never reads the
+        // storage file the first one writes.
+        hub.load()?;
+        services.hub = Some(HubGuard {
+            hub: hub.clone(),
+            timers: timers::start(hub.clone()),
+        });
         if let Some(path) = config.control_path() {
             services.control = Some(control::Server::bind(
                 &path,
                 commands.clone(),
                 Some(sampler.clone()),
+                hub.clone(),
             )?);
         }
         if let Some(addr) = config.metrics {
@@ -212,6 +225,7 @@ impl Services {
     pub(crate) async fn take_over(
         &mut self,
         config: &Config,
+        hub: &Arc<Hub>,
         commands: &CommandSender,
         handed: HandedServices,
     ) -> Result<()> {
@@ -232,8 +246,8 @@ impl Services {
                 .control
                 .filter(|_| handed.control_path.as_deref() == Some(path.as_path()));
             self.control = Some(match handed {
-                Some(fd) => control::Server::adopt(&path, fd, c, s)?,
-                None => control::Server::bind(&path, c, s)?,
+                Some(fd) => control::Server::adopt(&path, fd, c, s, hub.clone())?,
+                None => control::Server::bind(&path, c, s, hub.clone())?,
             });
         }
         if let Some(addr) = config.metrics {
@@ -348,5 +362,19 @@ impl Services {
             }
             self.watchdog_at = notifier.and_then(|n| n.watchdog).map(|d| now + d);
         }
+    }
+}
+
+/// The hub's timer task while the watcher runs; the last snapshot is
+/// written when it drops (after every worker exited).
+struct HubGuard {
+    hub: Arc<Hub>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HubGuard {
+    fn drop(&mut self) {
+        self.timers.abort();
+        self.hub.close();
     }
 }

@@ -23,6 +23,7 @@
 //! this watcher; the old one keeps serving. If the old watcher dies before
 //! it commits, this one takes over at once.
 
+use std::fs::File;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
@@ -31,13 +32,27 @@ use tokio::time::Instant;
 
 use super::services::HandedServices;
 use super::Supervisor;
-use crate::error::Error;
+use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::event::Event;
+use crate::watcher::hub::Hub;
 use crate::watcher::systemd::Notifier;
 use crate::watcher::upgrade::{
     self, HandedListener, Inherited, LinkTx, ToNew, ToOld, UpgradeEvent,
 };
+
+/// Replaces the store with the old watcher's snapshot in `file` (`when`:
+/// for the log and errors).
+fn load_snapshot(hub: &Hub, file: Option<&File>, when: &str) -> Result<()> {
+    let Some(file) = file else { return Ok(()) };
+    let what = format!("the old watcher's storage ({when})");
+    let text = upgrade::read_snapshot(file)
+        .map_err(|e| Error::with_io(Kind::Storage, format!("cannot read {what}"), e))?;
+    hub.load_text(&text, &what)?;
+    let keys = hub.stats();
+    tracing::debug!("upgrade: loaded {what}: {keys:?}");
+    Ok(())
+}
 
 /// How soon a job dispatcher that could not start is tried again.
 const JOBS_RETRY: Duration = Duration::from_secs(1);
@@ -59,6 +74,9 @@ pub(crate) struct Takeover {
     link: Option<OwnedFd>,
     /// The connection link, until [`Supervisor::start_takeover`] reads it.
     conns: Option<OwnedFd>,
+    /// The storage snapshot the old watcher wrote (at the start, and again
+    /// at the commit).
+    snapshot: Option<File>,
     tx: Option<LinkTx>,
     handed: Option<HandedServices>,
     /// systemd's notifier, used once this watcher took over.
@@ -79,6 +97,7 @@ impl Takeover {
             parent: inherited.parent,
             link: Some(inherited.link),
             conns: inherited.conns,
+            snapshot: inherited.storage,
             tx: None,
             handed: Some(HandedServices {
                 pid_file: inherited.pid_file,
@@ -118,11 +137,23 @@ impl Takeover {
 }
 
 impl Supervisor {
-    /// Starts reading the link to the old watcher, if this watcher is the
-    /// new one of an upgrade.
-    pub(super) fn start_takeover(&mut self) {
-        let Some(t) = &mut self.takeover else { return };
-        let Some(fd) = t.link.take() else { return };
+    /// Loads the old watcher's storage and starts reading the links to it,
+    /// if this watcher is the new one of an upgrade. Until it takes over,
+    /// the storage file is the old watcher's to write.
+    ///
+    /// # Errors
+    ///
+    /// `is_storage` when the snapshot is not usable (this build cannot
+    /// read the old one's store): the upgrade fails.
+    pub(super) fn start_takeover(&mut self) -> Result<()> {
+        let Some(t) = &mut self.takeover else {
+            return Ok(());
+        };
+        let Some(fd) = t.link.take() else {
+            return Ok(());
+        };
+        self.ctx.hub.set_persisting(false);
+        load_snapshot(&self.ctx.hub, t.snapshot.as_ref(), "at the start")?;
         tracing::info!(
             "upgrade: taking over from the old watcher (pid {}) with {} worker(s)",
             t.parent,
@@ -149,6 +180,7 @@ impl Supervisor {
                 let _ = events.send(Event::Upgrade(UpgradeEvent::Connection { addr, peer, fd }));
             }));
         }
+        Ok(())
     }
 
     /// Every worker is ready: the old watcher may commit.
@@ -205,10 +237,21 @@ impl Supervisor {
             });
             return;
         }
+        // The store as the old watcher left it when it committed.
+        if let Err(e) = load_snapshot(&self.ctx.hub, t.snapshot.as_ref(), "at the commit") {
+            tracing::error!("upgrade: cannot take over: {e}");
+            self.fail(e);
+            return;
+        }
         let handed = t.handed.take().unwrap_or_default();
         let result = self
             .services
-            .take_over(&self.ctx.config, &self.channels.commands_tx, handed)
+            .take_over(
+                &self.ctx.config,
+                &self.ctx.hub,
+                &self.channels.commands_tx,
+                handed,
+            )
             .await;
         if let Err(e) = result {
             tracing::error!("upgrade: cannot take over: {e}");
@@ -217,6 +260,8 @@ impl Supervisor {
         }
         let Some(t) = &mut self.takeover else { return };
         t.phase = Phase::Serving;
+        t.snapshot = None;
+        self.ctx.hub.set_persisting(true);
         t.send(&ToOld::Serving);
         self.ctx.notifier = t.notifier.take();
         self.services.start_watchdog(self.ctx.notifier.as_ref());

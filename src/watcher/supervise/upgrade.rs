@@ -22,6 +22,8 @@
 //! stopped serving.
 
 use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,7 +35,9 @@ use tokio::time::Instant;
 use super::Supervisor;
 use crate::error::{Error, Kind, Result};
 use crate::watcher::process::describe_exit;
-use crate::watcher::upgrade::{ConnForward, LinkTx, NewWatcher, Plan, ToNew, ToOld, UpgradeEvent};
+use crate::watcher::upgrade::{
+    self, ConnForward, LinkTx, NewWatcher, Plan, ToNew, ToOld, UpgradeEvent,
+};
 
 /// How long the new watcher has to take over once told to.
 pub(crate) const COMMIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,6 +61,8 @@ struct Attempt {
     pid: u32,
     link: LinkTx,
     conns: Arc<ConnForward>,
+    /// The storage snapshot file the new watcher has open too.
+    snapshot: File,
     phase: Phase,
     deadline: Instant,
     waiters: Vec<Waiter>,
@@ -139,11 +145,12 @@ impl Supervisor {
                 ),
             );
         }
-        let started = self
-            .upgrade_plan()
-            .and_then(|plan| self.ctx.launcher.spawn_watcher(plan, &self.ctx.events));
+        let started = self.upgrade_plan().and_then(|(plan, snapshot)| {
+            let new = self.ctx.launcher.spawn_watcher(plan, &self.ctx.events)?;
+            Ok((new, snapshot))
+        });
         match started {
-            Ok(NewWatcher { pid, link, conns }) => {
+            Ok((NewWatcher { pid, link, conns }, snapshot)) => {
                 let timeout = self.ctx.config.ready_timeout;
                 tracing::info!(
                     "upgrade: started the new watcher {} (pid {pid}); waiting up to {timeout:?} for its workers",
@@ -153,6 +160,7 @@ impl Supervisor {
                     pid,
                     link,
                     conns,
+                    snapshot,
                     phase: Phase::Starting,
                     deadline: Instant::now() + timeout,
                     waiters: done.into_iter().collect(),
@@ -169,8 +177,15 @@ impl Supervisor {
 
     /// What the new watcher gets: every listener, the services'
     /// descriptors, the number of workers, the command to run.
-    fn upgrade_plan(&self) -> Result<Plan> {
-        let listeners = self.listeners.handover()?;
+    fn upgrade_plan(&self) -> Result<(Plan, File)> {
+        let listeners = self.pool.listeners.handover()?;
+        // The storage as it is now; rewritten at the commit.
+        let storage_err = |e: std::io::Error| {
+            Error::with_io(Kind::Upgrade, "cannot hand over the shared storage", e)
+        };
+        let text = self.ctx.hub.snapshot_text()?;
+        let snapshot = upgrade::snapshot_file(&text).map_err(storage_err)?;
+        let storage = snapshot.try_clone().map_err(storage_err)?;
         let services = self.services.handover_fds(&self.ctx.config)?;
         let (program, args) = self.ctx.config.upgrade_exec.clone();
         // Its own listeners come from us; the watchdog is its own once it
@@ -184,7 +199,7 @@ impl Supervisor {
         {
             env_remove.push("WATCHDOG_USEC");
         }
-        Ok(Plan {
+        let plan = Plan {
             program,
             args,
             workers: self.pool.slots.len(),
@@ -194,8 +209,10 @@ impl Supervisor {
             control_path: services.control_path,
             metrics: services.metrics,
             http: services.http,
+            storage: Some(OwnedFd::from(storage)),
             env_remove,
-        })
+        };
+        Ok((plan, snapshot))
     }
 
     /// What the other watcher of an upgrade reports.
@@ -205,7 +222,9 @@ impl Supervisor {
             UpgradeEvent::NewExited { pid, status } => self.new_exited(pid, status),
             UpgradeEvent::FromOld(msg) => self.on_old_says(msg).await,
             UpgradeEvent::OldGone => self.old_gone().await,
-            UpgradeEvent::Connection { addr, peer, fd } => self.listeners.inject(&addr, fd, peer),
+            UpgradeEvent::Connection { addr, peer, fd } => {
+                self.pool.listeners.inject(&addr, fd, peer)
+            }
         }
     }
 
@@ -222,8 +241,24 @@ impl Supervisor {
                 self.services.pause();
                 a.phase = Phase::Committing;
                 a.deadline = Instant::now() + COMMIT_TIMEOUT;
-                if let Err(e) = a.link.send(&ToNew::Commit) {
-                    let why = format!("cannot reach the new watcher (pid {pid}): {e}");
+                // The store moves now: its last state for the new watcher,
+                // and the storage file is the new watcher's to write.
+                self.ctx.hub.set_persisting(false);
+                let handed = self
+                    .ctx
+                    .hub
+                    .snapshot_text()
+                    .map_err(|e| e.to_string())
+                    .and_then(|text| {
+                        upgrade::rewrite_snapshot(&a.snapshot, &text).map_err(|e| e.to_string())
+                    })
+                    .map_err(|e| format!("cannot hand over the shared storage: {e}"))
+                    .and_then(|()| {
+                        a.link
+                            .send(&ToNew::Commit)
+                            .map_err(|e| format!("cannot reach the new watcher (pid {pid}): {e}"))
+                    });
+                if let Err(why) = handed {
                     self.roll_back_upgrade(why, true);
                 }
             }
@@ -278,7 +313,7 @@ impl Supervisor {
         }
         // Connections this watcher accepted itself (the balanced modes)
         // and has not handed to a worker go to the new one from now on.
-        self.listeners.forward(&a.conns);
+        self.pool.listeners.forward(&a.conns);
         self.upgrades.handed_to = Some((pid, a.link));
         self.begin_stop(None);
     }
@@ -292,6 +327,7 @@ impl Supervisor {
         self.upgrades.failed += 1;
         if a.phase == Phase::Committing {
             self.services.resume();
+            self.ctx.hub.set_persisting(true);
         }
         if alive {
             self.ctx.launcher.signal_watcher(a.pid, Signal::SIGTERM);
