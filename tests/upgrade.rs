@@ -528,3 +528,100 @@ fn jobs_running_at_an_upgrade_finish_on_the_old_watcher_and_the_new_one_takes_th
     assert!(c.wait_exit(UPGRADE).is_some_and(|s| s.success()));
     assert_eq!(watchers_on(&pid_file).len(), 1);
 }
+
+#[test]
+fn python_workers_on_listen_sockets_serve_through_an_upgrade_under_wrk() {
+    if !installed("python3") {
+        eprintln!("python3 is not installed: skipped");
+        return;
+    }
+    let port = free_port();
+    let w = watcher()
+        .workers(2)
+        .log_level("info")
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--notify"])
+        .pid_file();
+    let pid_file = w.pid_path();
+    let _guard = Watchers(pid_file.clone());
+    let server = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/python/server.py");
+    let mut c = w.start("python3", &[server.to_str().unwrap()]);
+    c.wait_workers(2, START);
+    c.wait_serving(port, START);
+    wait_ready(&pid_file, 2, "at start");
+    // wrk counts a read error for every `Connection: close` answer of
+    // Python's http.server (it resets the connection), upgrade or not: those
+    // clients are the tests' own, which count real failures only.
+    let keep_alive = Wrk::start(port, c.dir.path(), "keep-alive", None);
+    let load = std::sync::Arc::new(Load::default());
+    let closers: Vec<_> = (0..2)
+        .map(|_| new_connection_client(port, load.clone()))
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    let old = c.pid;
+    let out = control(&pid_file, &["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", c.stderr());
+    let new = pid_in(&pid_file).unwrap();
+    assert_ne!(new, old);
+    assert_eq!(c.wait_exit(UPGRADE).map(|s| s.success()), Some(true));
+    // The new workers inherited the same socket as descriptor 3.
+    let status = wait_ready(&pid_file, 2, "after the upgrade");
+    for w in status["workers"].as_array().unwrap() {
+        let pid = w["pid"].as_u64().unwrap();
+        let fd3 = std::fs::read_link(format!("/proc/{pid}/fd/3")).unwrap();
+        assert!(fd3.to_string_lossy().starts_with("socket:"), "{fd3:?}");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let r = keep_alive.finish();
+    assert!(r.requests > 50, "too little load:\n{}", r.text);
+    assert_eq!(
+        (r.socket_errors, r.non_2xx),
+        (0, 0),
+        "failed requests:\n{}\n{}",
+        r.text,
+        c.stderr()
+    );
+    let (ok, failed, errors) = load.finish(closers);
+    assert!(ok > 50, "too little load: {ok}");
+    assert_eq!(failed, 0, "{errors:?}\n{}", c.stderr());
+    assert_eq!(watchers_on(&pid_file), vec![new]);
+}
+
+#[test]
+fn the_shared_storage_moves_to_the_new_watcher_and_its_file_with_it() {
+    let w = watcher().workers(1).pid_file();
+    let pid_file = w.pid_path();
+    let _guard = Watchers(pid_file.clone());
+    let file = w.dir().join("storage.json");
+    let (mut c, _) = w.arg("--storage-file").arg(&file).serve_hello(1);
+    let storage = |args: &[&str]| {
+        let mut all = vec!["storage"];
+        all.extend_from_slice(&args[..1]);
+        all.extend_from_slice(&["--pid-file", pid_file.to_str().unwrap()]);
+        all.extend_from_slice(&args[1..]);
+        cli(&all)
+    };
+    let out = storage(&["set", "before", r#"{"n": 1}"#]);
+    assert!(out.status.success(), "{out:?}");
+    let out = control(&pid_file, &["upgrade"]);
+    assert_eq!(out.status.code(), Some(0), "{out:?}\n{}", c.stderr());
+    assert_eq!(c.wait_exit(UPGRADE).map(|s| s.success()), Some(true));
+    // The new watcher answers with the old one's data, and keeps the file.
+    let out = storage(&["get", "before"]);
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!({"n": 1}));
+    let out = storage(&["set", "after", "2"]);
+    assert!(out.status.success(), "{out:?}");
+    let new = pid_in(&pid_file).unwrap();
+    let out = control(&pid_file, &["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    wait_for(START, || (!alive(new)).then_some(())).expect("stopped");
+    let snapshot: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(
+        snapshot["data"]["before"],
+        serde_json::json!({"n": 1}),
+        "{snapshot}"
+    );
+    assert_eq!(snapshot["data"]["after"], 2, "{snapshot}");
+}

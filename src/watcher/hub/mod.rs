@@ -155,6 +155,12 @@ impl Hub {
         self.handlers.clone()
     }
 
+    /// Opens the hub without loading anything: the new watcher of an
+    /// upgrade loads the old one's store instead ([`load_text`](Self::load_text)).
+    pub(crate) fn open(&self) {
+        self.lock().closed = false;
+    }
+
     /// Loads `--storage-file` (when it exists) or `--storage-init`.
     pub(crate) fn load(&self) -> Result<()> {
         let now = Instant::now();

@@ -141,6 +141,7 @@ impl Services {
         if deferred {
             // The storage came with the hand-over (see `takeover.rs`); its
             // timers run from the start, for this watcher's workers.
+            hub.open();
             services.hub = Some(HubGuard {
                 hub: hub.clone(),
                 timers: timers::start(hub.clone()),
