@@ -9,8 +9,8 @@
 //! never split or interleaved, and reports how many were dropped.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender, SyncSender};
 use std::sync::Arc;
 
 use serde::Serialize;
@@ -74,14 +74,20 @@ struct Entry {
 }
 
 enum Msg {
-    /// Boxed: the queue's slots stay small (the bound is preallocated).
+    /// Boxed: a queued message stays small.
     Entry(Box<Entry>),
     /// Acknowledge once everything queued before it is written.
     Flush(SyncSender<()>),
 }
 
 struct Shared {
-    tx: SyncSender<Msg>,
+    /// An unbounded channel, bounded by `queued`: a bounded std channel
+    /// preallocates and touches every slot (1.5 MiB of the idle watcher's
+    /// 2.5 MiB of anonymous memory for 65,536 slots); this one allocates
+    /// as entries come and frees as they are written.
+    tx: Sender<Msg>,
+    /// Entries queued and not yet taken by the writer.
+    queued: Arc<AtomicUsize>,
     filter: LogFilter,
     /// The level of a line a worker printed on stderr (1 error .. 5 trace).
     stderr_level: AtomicU8,
@@ -126,9 +132,11 @@ impl LogOutput {
         format: LogFormat,
         filter: LogFilter,
     ) -> LogOutput {
-        let (tx, rx) = sync_channel(QUEUE);
+        let (tx, rx) = channel();
+        let queued = Arc::new(AtomicUsize::new(0));
         let shared = Arc::new(Shared {
             tx,
+            queued: queued.clone(),
             filter,
             stderr_level: AtomicU8::new(2),
             dropped: AtomicU64::new(0),
@@ -138,7 +146,7 @@ impl LogOutput {
         let weak = Arc::downgrade(&shared);
         let spawned = std::thread::Builder::new()
             .name("cluster-log".into())
-            .spawn(move || write_loop(rx, writer, format, weak));
+            .spawn(move || write_loop(rx, queued, writer, format, weak));
         if let Err(e) = spawned {
             eprintln!("cluster: cannot start the log writer thread: {e}");
         }
@@ -205,20 +213,21 @@ impl LogOutput {
 
     /// Queues a record without filtering it; never blocks.
     fn push(&self, source: Source, record: LogRecord) {
-        match self
-            .shared
-            .tx
-            .try_send(Msg::Entry(Box::new(Entry { source, record })))
-        {
-            Ok(()) => {
-                if source != Source::Watcher {
-                    self.shared.from_workers.fetch_add(1, Ordering::Relaxed);
-                }
+        let shared = &self.shared;
+        let queued = shared.queued.fetch_add(1, Ordering::Relaxed) < QUEUE
+            && shared
+                .tx
+                .send(Msg::Entry(Box::new(Entry { source, record })))
+                .is_ok();
+        if queued {
+            if source != Source::Watcher {
+                shared.from_workers.fetch_add(1, Ordering::Relaxed);
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.dropped.fetch_add(1, Ordering::Relaxed);
-                self.shared.dropped_total.fetch_add(1, Ordering::Relaxed);
-            }
+        } else {
+            // Full (or the writer is gone): counted, reported as a record.
+            shared.queued.fetch_sub(1, Ordering::Relaxed);
+            shared.dropped.fetch_add(1, Ordering::Relaxed);
+            shared.dropped_total.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -236,19 +245,8 @@ impl LogOutput {
     pub fn flush(&self, timeout: std::time::Duration) {
         let deadline = std::time::Instant::now() + timeout;
         let (tx, rx) = sync_channel(1);
-        let mut msg = Msg::Flush(tx);
-        loop {
-            match self.shared.tx.try_send(msg) {
-                Ok(()) => break,
-                Err(TrySendError::Full(back)) => {
-                    if std::time::Instant::now() >= deadline {
-                        return;
-                    }
-                    msg = back;
-                    std::thread::sleep(std::time::Duration::from_millis(5));
-                }
-                Err(TrySendError::Disconnected(_)) => return,
-            }
+        if self.shared.tx.send(Msg::Flush(tx)).is_err() {
+            return;
         }
         let _ = rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()));
     }
@@ -313,6 +311,7 @@ where
 
 fn write_loop(
     rx: Receiver<Msg>,
+    queued: Arc<AtomicUsize>,
     writer: Box<dyn Write + Send>,
     format: LogFormat,
     shared: std::sync::Weak<Shared>,
@@ -331,6 +330,7 @@ fn write_loop(
         while let Some(msg) = next {
             match msg {
                 Msg::Entry(entry) => {
+                    queued.fetch_sub(1, Ordering::Relaxed);
                     line.clear();
                     format_entry(&entry, format, watcher_pid, &mut line);
                     line.push('\n');
@@ -508,6 +508,58 @@ mod tests {
             spans: vec!["request".into()],
             ts_nanos: 0,
         }
+    }
+
+    /// A writer that counts lines and blocks until `open` is set.
+    struct Gate {
+        open: Arc<std::sync::atomic::AtomicBool>,
+        lines: Arc<AtomicUsize>,
+    }
+
+    impl Write for Gate {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            while !self.open.load(Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let n = buf.iter().filter(|&&b| b == b'\n').count();
+            self.lines.fetch_add(n, Ordering::SeqCst);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_and_counts_and_every_queued_entry_is_written() {
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let lines = Arc::new(AtomicUsize::new(0));
+        let gate = Gate {
+            open: open.clone(),
+            lines: lines.clone(),
+        };
+        let out = LogOutput::to_writer(Box::new(gate), LogFormat::Text, LogFilter::default());
+        let total = QUEUE + 5_000;
+        let worker = Source::Worker { slot: 1, pid: 2 };
+        for i in 0..total {
+            out.emit(worker, record(&format!("r{i}")));
+        }
+        let (queued, dropped) = out.counts();
+        assert_eq!(queued as usize + dropped as usize, total);
+        // The writer took at most a buffer's worth before it blocked.
+        assert!(
+            dropped > 0 && (queued as usize) < QUEUE + 2_000,
+            "{queued} {dropped}"
+        );
+        open.store(true, Ordering::SeqCst);
+        out.flush(std::time::Duration::from_secs(10));
+        // Every queued entry, and the note about the drops.
+        assert_eq!(lines.load(Ordering::SeqCst), queued as usize + 1);
+        // The bound is free again once written.
+        out.emit(worker, record("again"));
+        out.flush(std::time::Duration::from_secs(10));
+        assert_eq!(out.counts().1, dropped);
     }
 
     #[test]
