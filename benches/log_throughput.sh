@@ -7,6 +7,7 @@
 #
 #   bash benches/log_throughput.sh            # 4 workers x 250,000 records
 #   WORKERS=4 N=100000 bash benches/log_throughput.sh
+#   CLUSTER=/tmp/other/cluster bash benches/log_throughput.sh   # another build
 set -euo pipefail
 WORKERS=${WORKERS:-4}
 N=${N:-250000}
@@ -16,7 +17,7 @@ out=$(mktemp)
 pid=
 cleanup() { [ -n "$pid" ] && kill -KILL "$pid" 2>/dev/null; rm -f "$out"; }
 trap cleanup EXIT INT TERM
-target/release/cluster --workers "$WORKERS" --log-format json --log-level info \
+"${CLUSTER:-target/release/cluster}" --workers "$WORKERS" --log-format json --log-level info \
   target/release/examples/test_worker log "$N" 0 2>"$out" &
 pid=$!
 # Wait until the output stops growing for a second (or 120 s): the
