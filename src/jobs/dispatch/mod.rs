@@ -13,13 +13,20 @@
 //! Claimed jobs are `running` in the store from the claim on (a crash of
 //! the watcher re-queues them at the next start, attempt counted); on a
 //! clean stop the ones never started are released without counting.
+//!
+//! The job server's in-memory calls ([`Call`], `calls.rs`) run on the same
+//! workers, with the same tickets and capacity; without a store (a job
+//! server without `--jobs`) the dispatcher runs calls only.
 
+mod calls;
 mod config;
 mod pools;
 mod runner;
 mod sources;
 mod state;
+mod workers;
 
+pub(crate) use calls::{Call, CallCounts, CallOutcome};
 pub(crate) use config::{JobSourceFn, JobsConfig, Source};
 pub(crate) use pools::{plan, pool_of};
 
@@ -34,7 +41,7 @@ use tokio::task::JoinHandle;
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::JobFailure;
 use crate::jobs::store::sqlite::WakeListener;
-use crate::jobs::store::{self, StoreOptions};
+use crate::jobs::store::{self, Store, StoreOptions};
 use crate::watcher::config::Config;
 use crate::watcher::event::{CommandSender, OutboundSender};
 use crate::watcher::status::JobsStatus;
@@ -80,6 +87,23 @@ pub(crate) enum JobsEvent {
     },
     /// A batch of outcomes the dispatcher started writing is written.
     Flushed(Result<crate::jobs::store::FinishReport>),
+    /// An in-memory call from the job server.
+    Call(Call),
+    /// The handlers the workers serve, for the job server.
+    Handlers(oneshot::Sender<HandlersReport>),
+}
+
+/// What workers serve, for `GET /v1/handlers` and `GET /v1/health`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct HandlersReport {
+    /// Each handler name with how many serving workers have it.
+    pub handlers: Vec<(String, usize)>,
+    /// Workers that said `JobsReady` (serving or stopping).
+    pub workers: usize,
+    /// Free tickets over every serving worker.
+    pub capacity: usize,
+    pub calls: CallCounts,
+    pub stopping: bool,
 }
 
 /// The running dispatcher: a sender for its events and its task.
@@ -88,12 +112,29 @@ pub(crate) struct JobsHandle {
     task: JoinHandle<()>,
     sources: Option<JoinHandle<()>>,
     url_file: Option<PathBuf>,
+    store: Option<Arc<dyn Store>>,
+    written: watch::Receiver<u64>,
 }
 
 impl JobsHandle {
     /// Sends an event (dropped when the dispatcher is gone).
     pub(crate) fn send(&self, event: JobsEvent) {
         let _ = self.tx.send(event);
+    }
+
+    /// Where the job server sends its events.
+    pub(crate) fn sender(&self) -> mpsc::UnboundedSender<JobsEvent> {
+        self.tx.clone()
+    }
+
+    /// The store, when the watcher runs one (`--jobs`).
+    pub(crate) fn store(&self) -> Option<Arc<dyn Store>> {
+        self.store.clone()
+    }
+
+    /// Changes each time a batch of job outcomes has been written.
+    pub(crate) fn outcomes_written(&self) -> watch::Receiver<u64> {
+        self.written.clone()
     }
 
     /// Records what is left and releases the jobs never started; waits at
@@ -147,7 +188,8 @@ fn node_name() -> String {
 /// Opens the store, takes it over (a second watcher on one store is
 /// refused), re-queues what a dead watcher left running, registers the
 /// queues, writes the store's URL beside the pid file, and starts the
-/// dispatcher and the job sources.
+/// dispatcher and the job sources. Without a store URL it starts the
+/// dispatcher for in-memory calls only.
 ///
 /// # Errors
 ///
@@ -159,6 +201,22 @@ pub(crate) async fn start(
     commands: CommandSender,
     ready: watch::Receiver<bool>,
 ) -> Result<JobsHandle> {
+    let (written_tx, written) = watch::channel(0);
+    if !jobs.has_store() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = node_name();
+        let dispatcher =
+            Dispatcher::new(jobs, watcher, None, node, commands, tx.clone(), written_tx);
+        let task = tokio::spawn(dispatcher.run(rx, None, ready));
+        return Ok(JobsHandle {
+            tx,
+            task,
+            sources: None,
+            url_file: None,
+            store: None,
+            written,
+        });
+    }
     let options = StoreOptions {
         retry_base: jobs.retry_delay,
         ..StoreOptions::default()
@@ -190,13 +248,23 @@ pub(crate) async fn start(
     };
     let sources = sources::start(&jobs, store.clone());
     let (tx, rx) = mpsc::unbounded_channel();
-    let dispatcher = Dispatcher::new(jobs, watcher, store, node, commands, tx.clone());
+    let dispatcher = Dispatcher::new(
+        jobs,
+        watcher,
+        Some(store.clone()),
+        node,
+        commands,
+        tx.clone(),
+        written_tx,
+    );
     let task = tokio::spawn(dispatcher.run(rx, wake, ready));
     Ok(JobsHandle {
         tx,
         task,
         sources,
         url_file,
+        store: Some(store),
+        written,
     })
 }
 

@@ -3,7 +3,6 @@
 //! outcomes waiting to be written.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -11,16 +10,18 @@ use nix::sys::signal::Signal;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::calls::{CallOutcome, Calls};
 use super::config::JobsConfig;
 use super::pools::{assign, pool_of};
 use super::runner::{self, ProcessDone};
-use super::JobsEvent;
+use super::workers::{self, SendFailure, Worker};
+use super::{HandlersReport, JobsEvent};
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
 use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
 use crate::jobs::{Job, JobId};
 use crate::watcher::config::Config;
-use crate::watcher::event::{Command, CommandSender, Outbound, OutboundSender};
+use crate::watcher::event::{Command, CommandSender, Outbound};
 use crate::watcher::status::{JobsStatus, PoolStatus};
 
 /// Most jobs claimed in one statement.
@@ -29,28 +30,6 @@ const MAX_CLAIM: usize = 1000;
 /// How often the dispatcher looks for cancel requests and due retries
 /// when nothing wakes it.
 const TICK: Duration = Duration::from_secs(1);
-
-/// A worker that runs jobs.
-struct Worker {
-    slot: u32,
-    pid: u32,
-    pool: usize,
-    outbound: OutboundSender,
-    accepting: Arc<AtomicBool>,
-    handlers: HashSet<String>,
-    concurrency: usize,
-    running: HashSet<u64>,
-}
-
-impl Worker {
-    fn free(&self) -> usize {
-        if self.accepting.load(Ordering::Relaxed) {
-            self.concurrency.saturating_sub(self.running.len())
-        } else {
-            0
-        }
-    }
-}
 
 /// Where a running job runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,7 +60,8 @@ struct Running {
 pub(super) struct Dispatcher {
     jobs: JobsConfig,
     watcher: Arc<Config>,
-    store: Arc<dyn Store>,
+    /// `None` without `--jobs`: the job server's calls only.
+    store: Option<Arc<dyn Store>>,
     node: String,
     commands: CommandSender,
     events: mpsc::UnboundedSender<JobsEvent>,
@@ -105,16 +85,21 @@ pub(super) struct Dispatcher {
     /// A batch of outcomes is being written.
     flushing: bool,
     status: JobsStatus,
+    /// The job server's in-memory calls.
+    calls: Calls,
+    /// Counts the outcome batches written (long-polls wait on it).
+    written: watch::Sender<u64>,
 }
 
 impl Dispatcher {
     pub(super) fn new(
         jobs: JobsConfig,
         watcher: Arc<Config>,
-        store: Arc<dyn Store>,
+        store: Option<Arc<dyn Store>>,
         node: String,
         commands: CommandSender,
         events: mpsc::UnboundedSender<JobsEvent>,
+        written: watch::Sender<u64>,
     ) -> Dispatcher {
         let processes = vec![0; jobs.pools.len()];
         let status = JobsStatus {
@@ -122,6 +107,7 @@ impl Dispatcher {
             node: node.clone(),
             ..JobsStatus::default()
         };
+        let calls = Calls::new(jobs.call_queue_limit, jobs.timeout);
         Dispatcher {
             jobs,
             watcher,
@@ -141,6 +127,8 @@ impl Dispatcher {
             claiming: HashSet::new(),
             flushing: false,
             status,
+            calls,
+            written,
         }
     }
 
@@ -163,6 +151,7 @@ impl Dispatcher {
                 .flatten()
                 .chain(Some(next_tick))
                 .chain(self.due_at)
+                .chain(self.calls.next_deadline())
                 .min();
             tokio::select! {
                 ev = rx.recv() => {
@@ -187,6 +176,7 @@ impl Dispatcher {
                 _ = sleep_until(deadline) => {
                     let now = Instant::now();
                     self.timers(now);
+                    self.call_timers(now);
                     if self.due_at.is_some_and(|t| t <= now) {
                         self.due_at = None;
                         self.dry.clear();
@@ -197,6 +187,11 @@ impl Dispatcher {
                         self.cancel_requested().await;
                     }
                 }
+            }
+            if self.stopping.is_none() {
+                // Calls first: somebody waits for each of them.
+                self.calls
+                    .place(&mut self.workers, &mut self.next_ticket, Instant::now());
             }
             if started && self.stopping.is_none() {
                 self.dispatch();
@@ -238,6 +233,10 @@ impl Dispatcher {
             JobsEvent::WorkerGone { context_id, how } => {
                 if let Some(w) = self.workers.remove(&context_id) {
                     for ticket in w.running {
+                        if self.calls.runs_on(ticket, context_id) {
+                            let text = format!("worker {} (pid {}) {how}", w.slot, w.pid);
+                            self.calls.lost(ticket, &text);
+                        }
                         if let Some(r) = self.running.remove(&ticket) {
                             let text = format!("worker {} (pid {}) {how}", w.slot, w.pid);
                             let outcome = match r.ending {
@@ -255,6 +254,13 @@ impl Dispatcher {
                 ticket,
                 result,
             } => {
+                if self.calls.runs_on(ticket, context_id) {
+                    if let Some(w) = self.workers.get_mut(&context_id) {
+                        w.running.remove(&ticket);
+                    }
+                    self.calls.done(ticket, result);
+                    return false;
+                }
                 let Some(r) = self.running.remove(&ticket) else {
                     return false;
                 };
@@ -275,11 +281,32 @@ impl Dispatcher {
             JobsEvent::ProcessDone(done) => self.process_done(done),
             JobsEvent::Status(reply) => {
                 let mut status = self.status();
-                status.store_counts = self.store.stats().await.ok();
+                if let Some(store) = &self.store {
+                    status.store_counts = store.stats().await.ok();
+                }
                 let _ = reply.send(status);
+            }
+            JobsEvent::Call(call) => {
+                if self.stopping.is_some() {
+                    let _ = call.reply.send(CallOutcome::Stopping);
+                } else {
+                    let now = Instant::now();
+                    self.calls
+                        .submit(call, &mut self.workers, &mut self.next_ticket, now);
+                }
+            }
+            JobsEvent::Handlers(reply) => {
+                let _ = reply.send(HandlersReport {
+                    handlers: workers::handlers(&self.workers),
+                    workers: self.workers.len(),
+                    capacity: self.workers.values().map(|w| w.free()).sum(),
+                    calls: self.calls.counts(),
+                    stopping: self.stopping.is_some(),
+                });
             }
             JobsEvent::Stopping { timeout } => {
                 self.stopping = Some(timeout);
+                self.calls.stop();
                 let kill_at = Instant::now() + timeout;
                 for r in self.running.values_mut() {
                     if let On::Process(pid) = r.on {
@@ -311,6 +338,7 @@ impl Dispatcher {
             }
             JobsEvent::Flushed(result) => {
                 self.flushing = false;
+                self.written.send_modify(|n| *n += 1);
                 match result {
                     Ok(report) => {
                         for (id, attempt) in report.stale {
@@ -385,12 +413,13 @@ impl Dispatcher {
                 // Stopped by the watcher's own stop: it runs again,
                 // without counting an attempt.
                 let id = (r.job.id, r.job.attempt);
-                let store = self.store.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = store.release(vec![id]).await {
-                        tracing::error!("cannot give back job {}: {e}", id.0);
-                    }
-                });
+                if let Some(store) = self.store.clone() {
+                    tokio::spawn(async move {
+                        if let Err(e) = store.release(vec![id]).await {
+                            tracing::error!("cannot give back job {}: {e}", id.0);
+                        }
+                    });
+                }
                 return;
             }
             (Some(Ending::TimedOut), Err(_)) => Outcome::Failed(self.timed_out()),
@@ -440,10 +469,25 @@ impl Dispatcher {
         }
     }
 
+    /// Calls that waited too long for a worker, or ran past the job
+    /// timeout (those are cancelled in their worker).
+    fn call_timers(&mut self, now: Instant) {
+        for (ticket, ctx) in self.calls.expire(now) {
+            if let Some(w) = self.workers.get(&ctx) {
+                let _ = w
+                    .outbound
+                    .send(Outbound::msg(ToWorker::CancelJob { ticket }));
+            }
+        }
+    }
+
     /// Stops the running jobs whose cancel was requested; drops the
     /// buffered ones.
     async fn cancel_requested(&mut self) {
-        let Ok(requests) = self.store.cancel_requests(&self.node).await else {
+        let Some(store) = &self.store else {
+            return;
+        };
+        let Ok(requests) = store.cancel_requests(&self.node).await else {
             return;
         };
         for (id, attempt) in requests {
@@ -483,12 +527,15 @@ impl Dispatcher {
 
     /// Starts writing the outcomes waiting, unless a write runs.
     fn start_flush(&mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         if self.flushing || self.finished.is_empty() {
             return;
         }
         self.flushing = true;
         let batch = std::mem::take(&mut self.finished);
-        let (store, events) = (self.store.clone(), self.events.clone());
+        let events = self.events.clone();
         tokio::spawn(async move {
             let _ = events.send(JobsEvent::Flushed(store.finish(batch).await));
         });
@@ -502,6 +549,11 @@ impl Dispatcher {
         rx: &mut mpsc::UnboundedReceiver<JobsEvent>,
         ack: tokio::sync::oneshot::Sender<()>,
     ) {
+        self.calls.shutdown();
+        let Some(store) = self.store.clone() else {
+            let _ = ack.send(());
+            return;
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         while self.flushing || !self.claiming.is_empty() {
             let left = deadline.saturating_duration_since(Instant::now());
@@ -521,11 +573,11 @@ impl Dispatcher {
             .map(|j| (j.id, j.attempt))
             .collect();
         if !unstarted.is_empty() {
-            if let Err(e) = self.store.release(unstarted).await {
+            if let Err(e) = store.release(unstarted).await {
                 tracing::error!("cannot give back the jobs never started: {e}");
             }
         }
-        if let Err(e) = self.store.register_queues(&self.node, &[]).await {
+        if let Err(e) = store.register_queues(&self.node, &[]).await {
             tracing::debug!("unregistering the queues: {e}");
         }
         let _ = ack.send(());
@@ -533,11 +585,14 @@ impl Dispatcher {
 
     /// Writes the outcomes waiting, now.
     async fn flush(&mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         if self.finished.is_empty() {
             return;
         }
         let batch = std::mem::take(&mut self.finished);
-        match self.store.finish(batch).await {
+        match store.finish(batch).await {
             Ok(report) => {
                 for (id, attempt) in report.stale {
                     tracing::debug!(
@@ -662,17 +717,32 @@ impl Dispatcher {
             pool: pool_name,
             node: self.node.clone(),
         };
-        if w.outbound
-            .send(Outbound::msg(ToWorker::Job(Box::new(order))))
-            .is_err()
-        {
-            // Its writer is gone: it is exiting. The job waits for another.
-            w.accepting.store(false, Ordering::Relaxed);
-            self.buffers
-                .entry(job.queue.clone())
-                .or_default()
-                .push_front(job);
-            return;
+        match w.send_order(order) {
+            Ok(()) => {}
+            Err(SendFailure::Gone(_)) => {
+                // Its writer is gone: it is exiting. The job waits for another.
+                self.buffers
+                    .entry(job.queue.clone())
+                    .or_default()
+                    .push_front(job);
+                return;
+            }
+            Err(SendFailure::TooLarge(len)) => {
+                let r = Running {
+                    job,
+                    pool,
+                    on: On::Worker(u64::MAX),
+                    deadline: None,
+                    kill_at: None,
+                    ending: None,
+                };
+                let why = format!(
+                    "its arguments make a message of {len} bytes, more than the {} a worker takes",
+                    crate::ipc::message::MAX_MESSAGE
+                );
+                self.record(&r, None, Outcome::Failed(why));
+                return;
+            }
         }
         w.running.insert(ticket);
         self.running.insert(
@@ -691,6 +761,9 @@ impl Dispatcher {
     /// Starts a claim for every queue that can use more: what its pools
     /// could start now plus the prefetch, less what waits already.
     async fn claim(&mut self) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
         let free = self.free();
         for queue in self.jobs.queues() {
             if self.dry.contains(&queue) || self.claiming.contains(&queue) {
@@ -719,7 +792,7 @@ impl Dispatcher {
                 safe_mode: self.jobs.safe_mode,
             };
             self.claiming.insert(queue.clone());
-            let (store, events) = (self.store.clone(), self.events.clone());
+            let (store, events) = (store.clone(), self.events.clone());
             tokio::spawn(async move {
                 let result = store.claim(req).await;
                 let _ = events.send(JobsEvent::Claimed {
@@ -732,7 +805,7 @@ impl Dispatcher {
         // Dry queues may hold retries that fall due later: wake for them.
         if self.due_at.is_none() && !self.dry.is_empty() {
             let dry: Vec<String> = self.dry.iter().cloned().collect();
-            if let Ok(Some(at)) = self.store.next_due(&dry).await {
+            if let Ok(Some(at)) = store.next_due(&dry).await {
                 let wait = at
                     .duration_since(SystemTime::now())
                     .unwrap_or(Duration::ZERO);
