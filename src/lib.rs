@@ -65,6 +65,7 @@ pub mod daemon;
 mod error;
 mod ipc;
 mod jobs;
+mod jobserver;
 mod listener;
 mod log;
 mod pidfile;

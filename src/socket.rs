@@ -142,6 +142,30 @@ impl Address {
     }
 }
 
+/// Binds and listens on a Unix socket at `path` that only this user (and
+/// root) may connect to: the file is mode 0600 before `listen`, so nobody
+/// can connect in between. A stale socket file is replaced.
+pub(crate) fn bind_private_unix(path: &Path, backlog: u32) -> Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    let bind_err = |e: io::Error| {
+        Error::with_io(
+            Kind::Bind,
+            format!("cannot listen on unix://{}", path.display()),
+            e,
+        )
+    };
+    remove_stale_unix_socket(path).map_err(bind_err)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket
+        .bind(&SockAddr::unix(path).map_err(bind_err)?)
+        .map_err(bind_err)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_err)?;
+    socket.listen(backlog).map_err(bind_err)?;
+    Ok(socket.into())
+}
+
 /// Removes a Unix socket file left behind by a dead process. Refuses to
 /// touch a socket someone still listens on, or a file that is not a socket.
 fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {

@@ -12,6 +12,7 @@ use super::bind_policy::BindPolicy;
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
+use crate::jobserver::JobServerConfig;
 use crate::socket::DEFAULT_BACKLOG;
 
 /// Settings shared by the supervisor and the process spawner.
@@ -45,6 +46,9 @@ pub(crate) struct Config {
     pub subreaper: bool,
     /// `--jobs` and its options: the job dispatcher runs when set.
     pub jobs: Option<JobsConfig>,
+    /// `--job-server` and its options: the job server runs when set (and
+    /// with it the dispatcher, with or without a store).
+    pub job_server: Option<JobServerConfig>,
     /// `--pool` as given, parsed by `validate` into `jobs.specs`.
     pub pool_args: Vec<String>,
     /// `--allow-bind` patterns, parsed by `validate` into `bind_policy`.
@@ -92,6 +96,7 @@ impl Config {
             systemd: true,
             subreaper: false,
             jobs: None,
+            job_server: None,
             pool_args: Vec::new(),
             allow_bind: Vec::new(),
             bind_policy: BindPolicy::default(),
@@ -399,6 +404,60 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Serve the job server's HTTP/1.1 JSON API on `addr` (repeatable):
+    /// `host:port`, `[::]:port` or `unix:///path`. Clients call the
+    /// workers' [`Cluster::jobs`](crate::Cluster::jobs) handlers by name
+    /// (`POST /v1/call/{name}`) and, with [`jobs`](Self::jobs), submit
+    /// durable jobs. An address other hosts can reach needs
+    /// [`job_server_token`](Self::job_server_token). See the README's "Job
+    /// server" section and `docs/openapi.json`.
+    pub fn job_server(mut self, addr: impl Into<String>) -> Self {
+        self.job_server_mut().addr_args.push(addr.into());
+        self
+    }
+
+    fn job_server_mut(&mut self) -> &mut JobServerConfig {
+        self.config
+            .job_server
+            .get_or_insert_with(JobServerConfig::default)
+    }
+
+    /// The bearer token every job server request must carry
+    /// (`Authorization: Bearer <token>`); required for an address other
+    /// hosts can reach.
+    pub fn job_server_token(mut self, token: impl Into<String>) -> Self {
+        self.job_server_mut().token = Some(token.into());
+        self
+    }
+
+    /// Read the job server's token from the first line of `path`.
+    pub fn job_server_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.job_server_mut().token_file = Some(path.into());
+        self
+    }
+
+    /// The largest request body the job server takes (default 1 MiB); a
+    /// larger one gets 413.
+    pub fn job_max_body(mut self, bytes: usize) -> Self {
+        self.job_server_mut().max_body = bytes;
+        self
+    }
+
+    /// How long a job server client has to send a request head, and then
+    /// its body (default 10 s); a slower one is disconnected (head) or gets
+    /// 408 (body).
+    pub fn job_header_timeout(mut self, timeout: Duration) -> Self {
+        self.job_server_mut().header_timeout = timeout.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How many in-memory calls may wait for a busy worker (default
+    /// 10,000); past it a call gets 503 at once.
+    pub fn job_queue_limit(mut self, n: usize) -> Self {
+        self.jobs_mut().call_queue_limit = n;
+        self
+    }
+
     /// How long finished jobs are kept before they are deleted (default 7 days).
     pub fn jobs_retention(mut self, keep: Duration) -> Self {
         self.jobs_mut().retention = keep;
@@ -445,11 +504,32 @@ impl ClusterWatcherBuilder {
                 "the number of workers must be at least 1",
             ));
         }
+        if let Some(server) = self.config.job_server.as_mut() {
+            server.validate()?;
+            if server.addrs.is_empty() {
+                return Err(Error::new(
+                    Kind::Config,
+                    "job server options need an address (--job-server ADDR)",
+                ));
+            }
+            // The job server's calls run on the dispatcher, with or without
+            // a store.
+            self.config
+                .jobs
+                .get_or_insert_with(|| JobsConfig::new(String::new()));
+        }
+        let serving = self.config.job_server.is_some();
         if let Some(jobs) = self.config.jobs.as_mut() {
-            if jobs.url.is_empty() {
+            if jobs.url.is_empty() && !serving {
                 return Err(Error::new(
                     Kind::Config,
                     "job options need a job store (--jobs URL)",
+                ));
+            }
+            if jobs.per_job && serving {
+                return Err(Error::new(
+                    Kind::Config,
+                    "--job-server calls run on persistent workers: it cannot be used with --per-job",
                 ));
             }
             jobs.specs = self
@@ -463,6 +543,9 @@ impl ClusterWatcherBuilder {
             jobs.warnings = warnings;
             // Per-job processes are the dispatcher's; no persistent worker runs.
             self.config.workers = if jobs.per_job { 0 } else { jobs.slots() };
+            if !jobs.has_store() && !jobs.specs.is_empty() {
+                return Err(Error::new(Kind::Config, "--pool needs --jobs"));
+            }
         } else if !self.config.pool_args.is_empty() {
             return Err(Error::new(Kind::Config, "--pool needs --jobs"));
         }

@@ -14,7 +14,7 @@ pub(crate) mod event;
 mod metrics;
 pub(crate) mod output;
 pub(crate) mod process;
-mod procfs;
+pub(crate) mod procfs;
 mod reload_triggers;
 pub(crate) mod status;
 mod supervise;

@@ -162,6 +162,40 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value = "604800", value_parser = parse_retention, help_heading = "Jobs")]
     pub jobs_retention: Duration,
 
+    /// Serve the job server's HTTP/1.1 JSON API on ADDR (repeatable;
+    /// host:port, [::]:port, unix:///path): calls to the workers' job
+    /// handlers by name, and durable jobs with --jobs
+    #[arg(long, value_name = "ADDR", help_heading = "Job server")]
+    pub job_server: Vec<String>,
+
+    /// Every job server request needs `Authorization: Bearer <token>` with
+    /// the token in FILE (required for an address other hosts can reach)
+    #[arg(
+        long,
+        value_name = "FILE",
+        help_heading = "Job server",
+        requires = "job_server"
+    )]
+    pub job_server_token_file: Option<PathBuf>,
+
+    /// Largest job server request body in bytes (larger ones get 413)
+    #[arg(long, value_name = "BYTES", default_value = "1048576", value_parser = parse_bytes, help_heading = "Job server")]
+    pub job_max_body: usize,
+
+    /// Calls that may wait for a busy worker (past it, 503 at once)
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "10000",
+        help_heading = "Job server"
+    )]
+    pub job_queue_limit: usize,
+
+    /// Seconds a job server client has to send a request head, and then
+    /// its body
+    #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds, help_heading = "Job server")]
+    pub job_header_timeout: Duration,
+
     /// Let workers listen on addresses matching PATTERN (repeatable):
     /// HOST:PORT, :PORT, HOST:LOW-HIGH, unix:///path/file.sock or
     /// unix:///path/dir/. Once given, workers get only matching addresses;
@@ -306,6 +340,16 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
         return Err("must be between 0 and 100 years in seconds".into());
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let n: usize = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
+    if n == 0 {
+        return Err("must be at least 1".into());
+    }
+    Ok(n)
 }
 
 fn parse_backlog(s: &str) -> Result<u32, String> {

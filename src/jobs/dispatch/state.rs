@@ -213,7 +213,11 @@ impl Dispatcher {
                 handlers,
                 concurrency,
             } => {
-                let Some(pool) = pool_of(&self.jobs.pools, slot) else {
+                // Without `--pool`, one pool has every slot, also the slots
+                // `cluster scale` added after the plan was made.
+                let default =
+                    (self.jobs.specs.is_empty() && !self.jobs.pools.is_empty()).then_some(0);
+                let Some(pool) = pool_of(&self.jobs.pools, slot).or(default) else {
                     return false;
                 };
                 self.workers.insert(

@@ -216,6 +216,7 @@ impl Supervisor {
             jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
                 .await;
         }
+        self.services.stop_job_server().await;
         self.listeners.shutdown();
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {

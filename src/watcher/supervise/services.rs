@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{self, JobsEvent, JobsHandle};
+use crate::jobserver::JobServer;
 use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
@@ -22,7 +23,9 @@ use crate::watcher::systemd::Notifier;
 /// pid file and stops the metrics responder.
 #[derive(Default)]
 pub(crate) struct Services {
-    /// The job dispatcher (`--jobs`), stopped first.
+    /// The job server (`--job-server`), stopped first.
+    job_server: Option<JobServer>,
+    /// The job dispatcher (`--jobs`, `--job-server`), stopped next.
     pub jobs: Option<JobsHandle>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
@@ -78,7 +81,13 @@ impl Services {
                 ready,
             )
             .await?;
-            tracing::info!("running jobs from {}", jobs.url);
+            if jobs.has_store() {
+                tracing::info!("running jobs from {}", jobs.url);
+            }
+            if let Some(server) = &config.job_server {
+                services.job_server =
+                    Some(JobServer::start(server, config.backlog, &handle).await?);
+            }
             services.jobs = Some(handle);
         }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
@@ -86,6 +95,16 @@ impl Services {
             services.watchdog_at = Some(Instant::now());
         }
         Ok(services)
+    }
+
+    /// Stops the job server: no new connection, and the requests being
+    /// served get their answers (every call was answered by the
+    /// dispatcher's shutdown before).
+    pub(crate) async fn stop_job_server(&mut self) {
+        if let Some(server) = self.job_server.as_mut() {
+            server.shutdown().await;
+        }
+        self.job_server = None;
     }
 
     /// Tells the job dispatcher, if one runs.
