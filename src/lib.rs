@@ -52,6 +52,14 @@
 //! [`JobStats`]); the watcher claims them for its pools. `cluster jobs`
 //! is the same from the command line.
 //!
+//! ## Job server
+//!
+//! `cluster --job-server 127.0.0.1:1337` serves an HTTP/1.1 JSON API on
+//! the watcher: [`JobClient`] calls the workers' [`Cluster::jobs`]
+//! handlers by name (in memory) and submits durable jobs; errors are
+//! [`CallError`]s. `docs/openapi.json` describes the API for other
+//! languages.
+//!
 //! ## Errors
 //!
 //! Every fallible call returns [`Error`], inspected with `is_*` predicates.
@@ -81,8 +89,8 @@ mod worker;
 pub use error::{Error, Result};
 pub use ipc::codec::MAX_MESSAGE_SIZE;
 pub use jobs::{
-    AttemptError, CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob,
-    StateCounts, Submitted,
+    AttemptError, CallError, CancelOutcome, Job, JobClient, JobId, JobQueue, JobState, JobStats,
+    ListFilter, NewJob, RemoteJob, StateCounts, Submitted,
 };
 pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]

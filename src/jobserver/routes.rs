@@ -77,7 +77,10 @@ impl Api {
         let segments: Vec<&str> = path.trim_end_matches('/').split('/').skip(1).collect();
         let method = req.method().clone();
         match (segments.as_slice(), &method) {
-            (["v1", "call", name], &Method::POST) => self.call(name, &query, req).await,
+            (["v1", "call", name], &Method::POST) => {
+                let name = decode_segment(name);
+                self.call(&name, &query, req).await
+            }
             (["v1", "jobs"], &Method::POST) => self.submit(req).await,
             (["v1", "jobs", id], &Method::GET) => self.job(id, &query).await,
             (["v1", "handlers"], &Method::GET) => self.handlers().await,
@@ -170,16 +173,17 @@ impl Api {
             Ok(b) => b,
             Err(e) => return e,
         };
-        let spec: SubmitJob =
-            match serde_json::from_slice(&body) {
-                Ok(s) => s,
-                Err(e) => return error(
+        let spec: SubmitJob = match serde_json::from_slice(&body) {
+            Ok(s) => s,
+            Err(e) => {
+                return error(
                     ErrorKind::BadRequest,
                     format!(
                         "the body is not a job ({{\"name\", \"args\", \"queue\", \"key\"}}): {e}"
                     ),
-                ),
-            };
+                )
+            }
+        };
         let job = match spec.into_new_job() {
             Ok(j) => j,
             Err(e) => return e,
@@ -436,6 +440,31 @@ fn json_text_of(body: &[u8]) -> Result<String, Answer> {
     })
 }
 
+/// A path segment with its `%XX` escapes decoded (kept as it is when
+/// that would not be UTF-8).
+fn decode_segment(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (bytes[i], hex) {
+            (b'%', Some(b)) => {
+                out.push(b);
+                i += 3;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).unwrap_or_else(|_| s.to_string())
+}
+
 /// `?name=SECS` from the query, when given.
 fn seconds(query: &str, name: &str) -> Result<Option<Duration>, Answer> {
     let Some(value) = query
@@ -471,6 +500,14 @@ mod tests {
         assert!(seconds("timeout=-1", "timeout").is_err());
         assert!(seconds("timeout=x", "timeout").is_err());
         assert!(seconds("timeout=inf", "timeout").is_err());
+    }
+
+    #[test]
+    fn path_segments_are_percent_decoded() {
+        assert_eq!(decode_segment("echo"), "echo");
+        assert_eq!(decode_segment("a%20b%2Fc"), "a b/c");
+        assert_eq!(decode_segment("50%"), "50%");
+        assert_eq!(decode_segment("%ff"), "%ff");
     }
 
     #[test]

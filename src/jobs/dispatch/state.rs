@@ -103,7 +103,11 @@ impl Dispatcher {
     ) -> Dispatcher {
         let processes = vec![0; jobs.pools.len()];
         let status = JobsStatus {
-            store: jobs.url.clone(),
+            store: if jobs.has_store() {
+                jobs.url.clone()
+            } else {
+                "no store (job server calls only)".into()
+            },
             node: node.clone(),
             ..JobsStatus::default()
         };
