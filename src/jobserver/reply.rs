@@ -105,6 +105,28 @@ pub(crate) fn json(status: StatusCode, value: &impl serde::Serialize) -> Respons
     }
 }
 
+/// An error answer not yet made into a response (small, for `Result`s).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Refusal {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Refusal {
+        Refusal {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Refusal> for Response<Body> {
+    fn from(r: Refusal) -> Self {
+        error(r.kind, r.message)
+    }
+}
+
 /// The error response of `kind`.
 pub(crate) fn error(kind: ErrorKind, message: impl Into<String>) -> Response<Body> {
     let body = serde_json::json!({

@@ -260,7 +260,7 @@ impl Jobs {
             handlers,
             concurrency,
         })?;
-        crate::Cluster::ready();
+        super::termination::ready(link);
         let served = serve(link.clone(), self.handlers, rx).await;
         if let Ok(mut slot) = link.jobs.lock() {
             *slot = None;
@@ -275,7 +275,7 @@ async fn serve(
     handlers: HashMap<String, Handler>,
     mut rx: mpsc::UnboundedReceiver<ToJobs>,
 ) -> Result<()> {
-    let stopped = super::serve_until_stopped(link.clone());
+    let stopped = super::termination::serve_until_stopped(link.clone());
     tokio::pin!(stopped);
     let report = |ticket: u64, result: Outcome| {
         let result = fit(result);

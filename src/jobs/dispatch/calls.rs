@@ -344,3 +344,165 @@ impl Calls {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::workers::test_worker;
+    use super::*;
+    use crate::ipc::message::ToWorker;
+    use crate::watcher::event::OutboundReceiver;
+
+    struct World {
+        calls: Calls,
+        workers: HashMap<u64, Worker>,
+        writers: HashMap<u64, OutboundReceiver>,
+        ticket: u64,
+        now: Instant,
+    }
+
+    impl World {
+        fn new(limit: usize, workers: &[(u64, &[&str], usize)]) -> World {
+            let mut w = World {
+                calls: Calls::new(limit, None),
+                workers: HashMap::new(),
+                writers: HashMap::new(),
+                ticket: 1,
+                now: Instant::now(),
+            };
+            for &(ctx, handlers, concurrency) in workers {
+                let (worker, rx) = test_worker(ctx as u32, handlers, concurrency, &[]);
+                w.workers.insert(ctx, worker);
+                w.writers.insert(ctx, rx);
+            }
+            w
+        }
+
+        fn call(&mut self, name: &str, wait_ms: u64) -> oneshot::Receiver<CallOutcome> {
+            let (reply, rx) = oneshot::channel();
+            let call = Call {
+                name: name.into(),
+                args: "1".into(),
+                wait: Duration::from_millis(wait_ms),
+                reply,
+            };
+            self.calls
+                .submit(call, &mut self.workers, &mut self.ticket, self.now);
+            rx
+        }
+
+        /// The tickets worker `ctx` was sent, in order.
+        fn sent(&mut self, ctx: u64) -> Vec<u64> {
+            let rx = self.writers.get_mut(&ctx).unwrap();
+            std::iter::from_fn(|| rx.try_recv())
+                .filter_map(|o| match o.msg {
+                    ToWorker::Job(order) => Some(order.ticket),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        /// Worker `ctx` answers `ticket`.
+        fn answer(&mut self, ctx: u64, ticket: u64, result: Result<String, JobFailure>) {
+            assert!(self.calls.runs_on(ticket, ctx));
+            self.workers.get_mut(&ctx).unwrap().running.remove(&ticket);
+            self.calls.done(ticket, result);
+            self.calls
+                .place(&mut self.workers, &mut self.ticket, self.now);
+        }
+    }
+
+    fn outcome(rx: &mut oneshot::Receiver<CallOutcome>) -> Option<CallOutcome> {
+        rx.try_recv().ok()
+    }
+
+    #[test]
+    fn calls_go_to_the_least_loaded_worker_then_wait_in_order_then_are_refused() {
+        let mut w = World::new(2, &[(1, &["a"], 1), (2, &["a", "b"], 1)]);
+        let mut first = w.call("a", 1000);
+        let mut second = w.call("a", 1000);
+        assert_eq!((w.sent(1), w.sent(2)), (vec![1], vec![2]), "one each");
+        let mut third = w.call("a", 1000);
+        let mut fourth = w.call("b", 1000);
+        let mut fifth = w.call("a", 1000);
+        assert_eq!(outcome(&mut fifth), Some(CallOutcome::QueueFull));
+        assert_eq!(w.calls.counts().queued, 2);
+        // Worker 1 finishes: the oldest waiting call it can run is `a`.
+        w.answer(1, 1, Ok("10".into()));
+        assert_eq!(outcome(&mut first), Some(CallOutcome::Done("10".into())));
+        assert_eq!(w.sent(1), vec![3]);
+        assert!(outcome(&mut third).is_none());
+        // Worker 2 finishes: `b` only it has.
+        w.answer(2, 2, Err(JobFailure::Failed("no".into())));
+        assert_eq!(
+            outcome(&mut second),
+            Some(CallOutcome::Failed(JobFailure::Failed("no".into())))
+        );
+        assert_eq!(w.sent(2), vec![4]);
+        assert!(outcome(&mut fourth).is_none());
+        assert_eq!(w.calls.counts().queued, 0);
+    }
+
+    #[test]
+    fn unknown_handlers_are_not_found_unless_no_worker_runs_yet() {
+        let mut w = World::new(10, &[]);
+        let mut early = w.call("a", 100);
+        assert!(outcome(&mut early).is_none(), "waits for a worker to start");
+        let mut w = World::new(10, &[(1, &["a"], 1)]);
+        assert_eq!(outcome(&mut w.call("zz", 100)), Some(CallOutcome::NotFound));
+    }
+
+    #[test]
+    fn waits_run_out_and_a_dead_worker_fails_only_its_own_calls() {
+        let mut w = World::new(10, &[(1, &["a"], 1), (2, &["a"], 1)]);
+        let mut on_one = w.call("a", 1000);
+        let mut on_two = w.call("a", 1000);
+        let mut waiting = w.call("a", 500);
+        assert_eq!(
+            w.calls.next_deadline(),
+            Some(w.now + Duration::from_millis(500))
+        );
+        assert!(w
+            .calls
+            .expire(w.now + Duration::from_millis(499))
+            .is_empty());
+        assert!(outcome(&mut waiting).is_none());
+        w.calls.expire(w.now + Duration::from_millis(500));
+        assert_eq!(outcome(&mut waiting), Some(CallOutcome::Timeout));
+        let gone = w.workers.remove(&1).unwrap();
+        for t in gone.running {
+            w.calls.lost(t, "was killed by SIGKILL");
+        }
+        assert_eq!(
+            outcome(&mut on_one),
+            Some(CallOutcome::WorkerLost("was killed by SIGKILL".into()))
+        );
+        assert!(outcome(&mut on_two).is_none());
+        assert!(!w.calls.runs_on(2, 1), "a ticket is tied to its worker");
+        let mut queued = w.call("a", 1000);
+        w.calls.stop();
+        assert_eq!(outcome(&mut queued), Some(CallOutcome::Stopping));
+        assert!(
+            outcome(&mut on_two).is_none(),
+            "a running call finishes while the watcher stops"
+        );
+        w.calls.shutdown();
+        assert_eq!(outcome(&mut on_two), Some(CallOutcome::Stopping));
+    }
+
+    #[test]
+    fn a_call_past_the_job_timeout_is_answered_and_cancelled_but_holds_its_ticket() {
+        let mut w = World::new(10, &[(1, &["a"], 1)]);
+        w.calls = Calls::new(10, Some(Duration::from_secs(1)));
+        let mut slow = w.call("a", 1000);
+        let later = w.now + Duration::from_secs(1);
+        assert_eq!(w.calls.expire(later), vec![(1, 1)]);
+        assert_eq!(
+            outcome(&mut slow),
+            Some(CallOutcome::RunTimeout(Duration::from_secs(1)))
+        );
+        assert!(w.calls.runs_on(1, 1), "until the worker lets go");
+        assert_eq!(w.workers[&1].free(), 0);
+        w.answer(1, 1, Err(JobFailure::Cancelled));
+        assert_eq!(w.calls.counts().running, 0);
+    }
+}

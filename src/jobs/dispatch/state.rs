@@ -704,16 +704,8 @@ impl Dispatcher {
             .filter(|(_, w)| w.pool == pool && w.free() > 0)
             .find(|(_, w)| w.handlers.contains(&handler));
         let Some((&ctx, w)) = worker else {
-            let r = Running {
-                job,
-                pool,
-                on: On::Worker(u64::MAX),
-                deadline: None,
-                kill_at: None,
-                ending: None,
-            };
             let why = format!("no worker of pool {pool_name} has a handler named {handler:?}");
-            self.record(&r, None, Outcome::Failed(why));
+            self.fail_unstarted(job, pool, why);
             return;
         };
         let order = JobOrder {
@@ -736,19 +728,11 @@ impl Dispatcher {
                 return;
             }
             Err(SendFailure::TooLarge(len)) => {
-                let r = Running {
-                    job,
-                    pool,
-                    on: On::Worker(u64::MAX),
-                    deadline: None,
-                    kill_at: None,
-                    ending: None,
-                };
                 let why = format!(
                     "its arguments make a message of {len} bytes, more than the {} a worker takes",
                     crate::ipc::message::MAX_MESSAGE
                 );
-                self.record(&r, None, Outcome::Failed(why));
+                self.fail_unstarted(job, pool, why);
                 return;
             }
         }
@@ -764,6 +748,19 @@ impl Dispatcher {
                 ending: None,
             },
         );
+    }
+
+    /// Records that `job` failed without reaching a worker.
+    fn fail_unstarted(&mut self, job: Job, pool: usize, why: String) {
+        let r = Running {
+            job,
+            pool,
+            on: On::Worker(u64::MAX),
+            deadline: None,
+            kill_at: None,
+            ending: None,
+        };
+        self.record(&r, None, Outcome::Failed(why));
     }
 
     /// Starts a claim for every queue that can use more: what its pools

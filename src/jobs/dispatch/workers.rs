@@ -103,23 +103,37 @@ pub(super) fn handlers(workers: &HashMap<u64, Worker>) -> Vec<(String, usize)> {
     out
 }
 
+/// A worker for unit tests, with its writer's receiving end (what the
+/// dispatcher sent it).
+#[cfg(test)]
+pub(super) fn test_worker(
+    slot: u32,
+    handlers: &[&str],
+    concurrency: usize,
+    running: &[u64],
+) -> (Worker, crate::watcher::event::OutboundReceiver) {
+    let (outbound, rx) = crate::watcher::event::outbound();
+    let worker = Worker {
+        slot,
+        pid: 100 + slot,
+        pool: 0,
+        outbound,
+        accepting: Arc::new(AtomicBool::new(true)),
+        handlers: handlers.iter().map(|s| s.to_string()).collect(),
+        concurrency,
+        running: running.iter().copied().collect(),
+    };
+    (worker, rx)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn worker(slot: u32, handlers: &[&str], concurrency: usize, running: &[u64]) -> Worker {
-        let (outbound, rx) = crate::watcher::event::outbound();
+        let (w, rx) = test_worker(slot, handlers, concurrency, running);
         std::mem::forget(rx);
-        Worker {
-            slot,
-            pid: 100 + slot,
-            pool: 0,
-            outbound,
-            accepting: Arc::new(AtomicBool::new(true)),
-            handlers: handlers.iter().map(|s| s.to_string()).collect(),
-            concurrency,
-            running: running.iter().copied().collect(),
-        }
+        w
     }
 
     #[test]
