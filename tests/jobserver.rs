@@ -738,3 +738,89 @@ fn raise_fd_limit() {
         }
     }
 }
+
+#[test]
+fn a_unix_socket_job_server_is_private_to_the_watchers_user() {
+    use std::os::unix::fs::PermissionsExt;
+    let w = watcher();
+    let path = w.dir().join("jobs.sock");
+    let c = w
+        .workers(1)
+        .arg("--job-server")
+        .arg(format!("unix://{}", path.display()))
+        .start(example("jobs"), &[]);
+    let answer = |req: &str| -> Option<Response> {
+        let mut s = std::os::unix::net::UnixStream::connect(&path).ok()?;
+        s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+        s.write_all(req.as_bytes()).ok()?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).ok()?;
+        parse_response(&raw).ok()
+    };
+    let health = "GET /v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    let up = wait_for(START, || answer(health).filter(|r| r.status == 200));
+    assert!(up.is_some(), "{}", c.stderr());
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    let call = "POST /v1/call/echo HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 7\r\n\r\n{\"a\":1}";
+    let r = answer(call).unwrap();
+    assert_eq!((r.status, r.body.as_str()), (200, "{\"a\":1}"));
+    let mut c = c;
+    c.signal(Signal::SIGTERM);
+    assert_eq!(
+        c.wait_exit(START).and_then(|s| s.code()),
+        Some(0),
+        "{}",
+        c.stderr()
+    );
+    assert!(!path.exists(), "the socket file is removed at exit");
+}
+
+#[test]
+fn arguments_and_results_larger_than_one_message_cross_in_parts() {
+    let w = watcher();
+    let db = w.dir().join("jobs.db");
+    let w = w
+        .arg("--jobs")
+        .arg(&db)
+        .arg("--job-max-body")
+        .arg("20000000");
+    let (mut c, port) = serve(w, 1);
+    let before = c.workers();
+    // About 900 KB of JSON with two-byte characters: 14 parts each way.
+    let args = json!({ "text": "é".repeat(450_000), "n": [1, 2, 3] });
+    let body = serde_json::to_string(&args).unwrap();
+    let r = post(port, "/v1/call/echo", &body);
+    assert_eq!(r.status, 200, "{}", &r.body[..r.body.len().min(300)]);
+    assert_eq!(serde_json::from_str::<Value>(&r.body).unwrap(), args);
+
+    // A durable job: its arguments from the store, its result into it.
+    let job = serde_json::to_string(&json!({ "name": "echo", "args": args })).unwrap();
+    let r = post(port, "/v1/jobs", &job);
+    assert_eq!(r.status, 201, "{r:?}\n{}", c.stderr());
+    let id = serde_json::from_str::<Value>(&r.body).unwrap()["id"].clone();
+    let r = get(port, &format!("/v1/jobs/{id}?wait=20"));
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["state"], "done", "{}", &r.body[..r.body.len().min(300)]);
+    assert_eq!(v["result"], args);
+
+    // Past the 16 MiB the watcher assembles: the handler's result fails
+    // the call with a reason, and the worker lives on.
+    let huge = serde_json::to_string(&"x".repeat(17 << 20)).unwrap();
+    let r = post(port, "/v1/call/echo", &huge);
+    assert_eq!(r.status, 422, "{}", &r.body[..r.body.len().min(300)]);
+    let v: Value = serde_json::from_str(&r.body).unwrap();
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("bytes of JSON"),
+        "{v}"
+    );
+    // The same worker goes on serving small calls.
+    let r = post(port, "/v1/call/echo", "[1]");
+    assert_eq!((r.status, r.body.as_str()), (200, "[1]"));
+    let r = get(port, "/v1/handlers");
+    assert!(r.body.contains("\"echo\""), "{}", r.body);
+    assert_eq!(c.workers(), before, "the worker is the same process");
+}

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.
@@ -56,6 +56,9 @@ pub(crate) enum ToWorker {
     /// Stop running job `ticket` (timed out or cancelled); answered with
     /// its `JobDone`.
     CancelJob { ticket: u64 },
+    /// A part of the arguments of job `ticket`, whose `Job` follows with
+    /// the last part (see `ipc/parts.rs`).
+    JobPart { ticket: u64, part: String },
 }
 
 /// A job for a worker's handler.
@@ -129,6 +132,9 @@ pub(crate) enum ToWatcher {
         ticket: u64,
         result: Result<String, JobFailure>,
     },
+    /// A part of the result of job `ticket`, whose `JobDone` follows with
+    /// the last part (see `ipc/parts.rs`).
+    JobDonePart { ticket: u64, part: String },
 }
 
 /// A balanced listener granted to a worker: the watcher accepts and sends
@@ -187,6 +193,10 @@ mod tests {
                 node: "n".into(),
             })),
             ToWorker::CancelJob { ticket: 4 },
+            ToWorker::JobPart {
+                ticket: 4,
+                part: "[1,".into(),
+            },
         ];
         for m in to_worker {
             assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
@@ -236,6 +246,10 @@ mod tests {
             ToWatcher::JobDone {
                 ticket: 5,
                 result: Err(JobFailure::BadArgs("x".into())),
+            },
+            ToWatcher::JobDonePart {
+                ticket: 5,
+                part: "{\"a\":".into(),
             },
         ];
         for m in to_watcher {

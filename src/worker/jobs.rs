@@ -23,6 +23,7 @@ use super::shared::{Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::env;
 use crate::ipc::message::{JobFailure, JobOrder, ToWatcher, MAX_MESSAGE};
+use crate::ipc::parts::{split, PART};
 use crate::jobs::JobId;
 
 type Outcome = std::result::Result<String, JobFailure>;
@@ -278,7 +279,19 @@ async fn serve(
     let stopped = super::termination::serve_until_stopped(link.clone());
     tokio::pin!(stopped);
     let report = |ticket: u64, result: Outcome| {
-        let result = fit(result);
+        // A large result goes in parts, the last one in the `JobDone`.
+        let result = match fit(result) {
+            Ok(json) if json.len() > PART => {
+                let parts = split(&json);
+                let (last, head) = parts.split_last().expect("one part at least");
+                for part in head {
+                    let part = part.to_string();
+                    let _ = link.send(ToWatcher::JobDonePart { ticket, part });
+                }
+                Ok(last.to_string())
+            }
+            other => other,
+        };
         let _ = link.send(ToWatcher::JobDone { ticket, result });
     };
     let mut jobs = Running {
@@ -403,14 +416,17 @@ impl Running<'_> {
 /// Room in one message for a job's outcome besides its text.
 const OUTCOME_OVERHEAD: usize = 64;
 
-/// An outcome that fits in one message to the watcher: a result too large
-/// fails the job (instead of breaking the channel), an error text too long
-/// is cut.
+/// The largest result a handler may return (the watcher takes no more).
+const MAX_RESULT: usize = 16 * 1024 * 1024;
+
+/// An outcome the watcher takes: a result too large fails the job
+/// (instead of breaking the channel), an error text too long for one
+/// message is cut.
 fn fit(result: Outcome) -> Outcome {
     let room = MAX_MESSAGE - OUTCOME_OVERHEAD;
     match result {
-        Ok(json) if json.len() > room => Err(JobFailure::Failed(format!(
-            "the result is {} bytes of JSON; at most {room} fit in a message to the watcher",
+        Ok(json) if json.len() > MAX_RESULT => Err(JobFailure::Failed(format!(
+            "the result is {} bytes of JSON; the watcher takes at most {MAX_RESULT}",
             json.len()
         ))),
         Err(JobFailure::Failed(m)) => Err(JobFailure::Failed(cut(m, room))),
@@ -460,7 +476,9 @@ mod tests {
     #[test]
     fn outcomes_are_cut_to_fit_one_message() {
         assert_eq!(fit(Ok("1".into())), Ok("1".into()));
-        let big = format!("\"{}\"", "x".repeat(MAX_MESSAGE));
+        let large = format!("\"{}\"", "x".repeat(MAX_MESSAGE));
+        assert_eq!(fit(Ok(large.clone())), Ok(large), "sent in parts");
+        let big = format!("\"{}\"", "x".repeat(MAX_RESULT));
         assert!(matches!(fit(Ok(big)), Err(JobFailure::Failed(m)) if m.contains("bytes of JSON")));
         let long = "é".repeat(MAX_MESSAGE);
         match fit(Err(JobFailure::Failed(long))) {

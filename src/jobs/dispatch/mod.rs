@@ -69,6 +69,13 @@ pub(crate) enum JobsEvent {
         ticket: u64,
         result: std::result::Result<String, JobFailure>,
     },
+    /// A part of the result of a job or call a worker runs (its `JobDone`
+    /// follows with the last part).
+    JobDonePart {
+        context_id: u64,
+        ticket: u64,
+        part: String,
+    },
     /// A per-job process ended.
     ProcessDone(ProcessDone),
     /// The counters, for `cluster status` and metrics.

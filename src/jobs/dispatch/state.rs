@@ -17,6 +17,7 @@ use super::runner::{self, ProcessDone};
 use super::workers::{self, SendFailure, Worker};
 use super::{HandlersReport, JobsEvent};
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
+use crate::ipc::parts::{Assembly, Joined};
 use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
 use crate::jobs::{Job, JobId};
@@ -89,9 +90,21 @@ pub(super) struct Dispatcher {
     calls: Calls,
     /// Counts the outcome batches written (long-polls wait on it).
     written: watch::Sender<u64>,
+    /// Results that arrive in parts.
+    results: Assembly,
 }
 
+/// The largest result the watcher assembles from parts.
+const MAX_RESULT: usize = 16 * 1024 * 1024;
+
 impl Dispatcher {
+    /// Whether worker `context_id` runs `ticket` (a job or a call).
+    fn runs(&self, context_id: u64, ticket: u64) -> bool {
+        self.workers
+            .get(&context_id)
+            .is_some_and(|w| w.running.contains(&ticket))
+    }
+
     pub(super) fn new(
         jobs: JobsConfig,
         watcher: Arc<Config>,
@@ -133,6 +146,7 @@ impl Dispatcher {
             status,
             calls,
             written,
+            results: Assembly::new(MAX_RESULT),
         }
     }
 
@@ -240,6 +254,9 @@ impl Dispatcher {
             }
             JobsEvent::WorkerGone { context_id, how } => {
                 if let Some(w) = self.workers.remove(&context_id) {
+                    for &ticket in &w.running {
+                        self.results.forget(ticket);
+                    }
                     for ticket in w.running {
                         if self.calls.runs_on(ticket, context_id) {
                             let text = format!("worker {} (pid {}) {how}", w.slot, w.pid);
@@ -257,11 +274,37 @@ impl Dispatcher {
                     }
                 }
             }
+            JobsEvent::JobDonePart {
+                context_id,
+                ticket,
+                part,
+            } => {
+                if self.runs(context_id, ticket) {
+                    self.results.push(ticket, &part);
+                }
+            }
             JobsEvent::JobDone {
                 context_id,
                 ticket,
                 result,
             } => {
+                // Only the worker running a ticket answers it (another
+                // worker's word would end, or cut, someone else's result).
+                if !self.runs(context_id, ticket) {
+                    return false;
+                }
+                let result = match result {
+                    Ok(last) => match self.results.finish(ticket, last) {
+                        Joined::Text(json) => Ok(json),
+                        Joined::TooLarge(n) => Err(JobFailure::Failed(format!(
+                            "the result is {n} bytes of JSON; the watcher takes at most {MAX_RESULT}"
+                        ))),
+                    },
+                    Err(f) => {
+                        self.results.forget(ticket);
+                        Err(f)
+                    }
+                };
                 if self.calls.runs_on(ticket, context_id) {
                     if let Some(w) = self.workers.get_mut(&context_id) {
                         w.running.remove(&ticket);

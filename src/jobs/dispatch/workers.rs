@@ -8,6 +8,9 @@ use std::sync::Arc;
 
 use crate::ipc::codec::encode;
 use crate::ipc::message::{JobOrder, ToWorker, MAX_MESSAGE};
+use crate::ipc::parts::split;
+#[cfg(test)]
+use crate::ipc::parts::PART;
 use crate::watcher::event::{Outbound, OutboundSender};
 
 /// A worker that runs jobs.
@@ -44,23 +47,40 @@ impl Worker {
         }
     }
 
-    /// Queues `order` for the worker. An order too large for one message
-    /// is refused here, before the writer task would fail on it (and stop
-    /// writing to that worker).
-    pub fn send_order(&self, order: JobOrder) -> Result<(), SendFailure> {
+    /// Queues `order` for the worker, its arguments in parts when they do
+    /// not fit in the `Job` message (see `ipc/parts.rs`: then every byte of
+    /// them goes in `JobPart`s and the `Job` carries none). An order that
+    /// does not fit even without its arguments (huge names) is refused
+    /// here, before any part is sent and before the writer task would fail
+    /// on it (and stop writing to that worker).
+    pub fn send_order(&self, mut order: JobOrder) -> Result<(), SendFailure> {
         // Strings encode as a varint length and their bytes: an order whose
         // strings leave this much room fits without encoding it twice.
-        let text = order.args.len()
-            + order.name.len()
-            + order.queue.len()
-            + order.pool.len()
-            + order.node.len();
-        let msg = ToWorker::Job(Box::new(order));
-        if text + 128 > MAX_MESSAGE {
-            if let Err(crate::ipc::codec::EncodeError::TooLarge { len, .. }) = encode(&msg) {
-                return Err(SendFailure::TooLarge(len));
+        let names = order.name.len() + order.queue.len() + order.pool.len() + order.node.len();
+        if names + ROOM > MAX_MESSAGE {
+            let bare = ToWorker::Job(Box::new(JobOrder {
+                args: String::new(),
+                ..order.clone()
+            }));
+            if let Err(crate::ipc::codec::EncodeError::TooLarge { len, .. }) = encode(&bare) {
+                return Err(SendFailure::TooLarge(len + order.args.len()));
             }
         }
+        if names + order.args.len() + ROOM > MAX_MESSAGE {
+            let args = std::mem::take(&mut order.args);
+            for part in split(&args) {
+                let msg = ToWorker::JobPart {
+                    ticket: order.ticket,
+                    part: part.to_string(),
+                };
+                if self.outbound.send(Outbound::msg(msg)).is_err() {
+                    self.accepting.store(false, Ordering::Relaxed);
+                    order.args = args;
+                    return Err(SendFailure::Gone(Box::new(order)));
+                }
+            }
+        }
+        let msg = ToWorker::Job(Box::new(order));
         self.outbound.send(Outbound::msg(msg)).map_err(|back| {
             self.accepting.store(false, Ordering::Relaxed);
             match back.msg {
@@ -70,6 +90,9 @@ impl Worker {
         })
     }
 }
+
+/// Room in a `Job` message for everything but its strings' bytes.
+const ROOM: usize = 128;
 
 /// The worker with the handler `name` and room for one more ticket that
 /// runs the fewest now (ties: the lowest slot, so the choice is stable).
@@ -163,8 +186,8 @@ mod tests {
     }
 
     #[test]
-    fn an_order_too_large_for_one_message_is_refused() {
-        let w = worker(1, &["a"], 1, &[]);
+    fn large_arguments_go_in_parts_and_an_order_still_too_large_is_refused() {
+        let (w, mut rx) = test_worker(1, &["a"], 1, &[]);
         let order = |args: String| JobOrder {
             ticket: 1,
             job: None,
@@ -174,11 +197,36 @@ mod tests {
             pool: String::new(),
             node: String::new(),
         };
-        assert_eq!(w.send_order(order("1".into())), Ok(()));
-        let big = "x".repeat(crate::ipc::message::MAX_MESSAGE);
-        assert!(matches!(
-            w.send_order(order(big)),
-            Err(SendFailure::TooLarge(_))
-        ));
+        // Sends `o` and gives back the messages it took and the arguments
+        // they carried together.
+        let mut sent = |o: JobOrder| -> (usize, String) {
+            assert_eq!(w.send_order(o), Ok(()));
+            let mut joined = String::new();
+            let mut messages = 0;
+            while let Some(out) = rx.try_recv() {
+                messages += 1;
+                assert!(
+                    crate::ipc::codec::encode(&out.msg).is_ok(),
+                    "each fits one message"
+                );
+                match out.msg {
+                    ToWorker::JobPart { part, .. } => joined.push_str(&part),
+                    ToWorker::Job(o) => joined.push_str(&o.args),
+                    other => panic!("{other:?}"),
+                }
+            }
+            (messages, joined)
+        };
+        assert_eq!(sent(order("1".into())), (1, "1".into()));
+        let args = "y".repeat(3 * PART);
+        assert_eq!(sent(order(args.clone())), (4, args), "3 parts, a bare job");
+        // Small arguments beside long names go in a part too.
+        let mut long = order("[1]".into());
+        long.name = "n".repeat(MAX_MESSAGE - 100);
+        assert_eq!(sent(long), (2, "[1]".into()));
+        let mut big = order("1".into());
+        big.name = "n".repeat(MAX_MESSAGE);
+        assert!(matches!(w.send_order(big), Err(SendFailure::TooLarge(_))));
+        assert!(rx.try_recv().is_none(), "nothing was sent for it");
     }
 }
