@@ -6,7 +6,7 @@
 //! Protocol: the client writes one JSON object on one line and reads one
 //! JSON object on one line, then both close. Requests:
 //! `{"command":"status"}`, `{"command":"reload"}`, `{"command":"stop"}`,
-//! `{"command":"scale","workers":N}`. Responses carry `"ok": true` and the
+//! `{"command":"scale","workers":N}`, `{"command":"reopen-logs"}`. Responses carry `"ok": true` and the
 //! result, or `"ok": false` and `"error"`.
 
 use std::io;
@@ -24,6 +24,12 @@ pub fn socket_for_pid_file(pid_file: &Path) -> PathBuf {
 }
 
 /// A request to the watcher.
+///
+/// ```no_run
+/// use cluster::control::Request;
+/// let line = serde_json::to_string(&Request::Scale { workers: 4 }).unwrap();
+/// assert_eq!(line, r#"{"command":"scale","workers":4}"#);
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "command", rename_all = "lowercase")]
 #[non_exhaustive]
@@ -44,9 +50,22 @@ pub enum Request {
         /// The new number of workers.
         workers: usize,
     },
+    /// Reopen the log file (`--log-file`), after logrotate moved it.
+    #[serde(rename = "reopen-logs")]
+    ReopenLogs,
 }
 
 /// One worker in a status response.
+///
+/// ```no_run
+/// # async fn ask() -> Result<(), cluster::Error> {
+/// use cluster::control::{request, Request};
+/// let status = request("x.sock".as_ref(), &Request::Status { quick: true }).await?;
+/// for w in &status.workers {
+///     println!("slot {} {} pid {} last exit {:?}", w.slot, w.state, w.pid, w.last_exit_code);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[non_exhaustive]
 pub struct WorkerStatus {
@@ -56,7 +75,10 @@ pub struct WorkerStatus {
     pub context_id: u64,
     /// Process id.
     pub pid: u32,
-    /// `starting`, `ready` or `stopping`.
+    /// `starting`, `ready` or `stopping` for a worker process; `backoff`
+    /// for a slot waiting to respawn its crashed worker, `failed` for a
+    /// slot that gave up after `--max-restarts` (both without a process:
+    /// `pid` and `context_id` are 0).
     pub state: String,
     /// Seconds since the worker started.
     pub uptime_secs: f64,
@@ -75,9 +97,28 @@ pub struct WorkerStatus {
     /// How the previous worker of this slot ended, if one did.
     #[serde(default)]
     pub last_exit: Option<String>,
+    /// Its exit status, if it exited.
+    #[serde(default)]
+    pub last_exit_code: Option<i32>,
+    /// The signal that killed it, if one did (`SIGKILL`).
+    #[serde(default)]
+    pub last_exit_signal: Option<String>,
+    /// For a `backoff` slot: seconds until its next worker starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_start_secs: Option<f64>,
 }
 
 /// The watcher's answer.
+///
+/// ```no_run
+/// # async fn ask() -> Result<(), cluster::Error> {
+/// use cluster::control::{request, Request};
+/// let status = request("x.sock".as_ref(), &Request::Status { quick: true }).await?;
+/// if status.degraded {
+///     eprintln!("{:?} of {:?} ready", status.workers_ready, status.workers_wanted);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[non_exhaustive]
 pub struct Response {
@@ -96,9 +137,27 @@ pub struct Response {
     /// Number of worker slots.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers_wanted: Option<usize>,
-    /// Workers (for `status`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Every slot (for `status`): its worker, or a `backoff` or
+    /// `failed` row for a slot without one. Always present in a status
+    /// answer, empty when nothing runs.
+    #[serde(default)]
     pub workers: Vec<WorkerStatus>,
+    /// Slots whose worker is ready (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers_ready: Option<usize>,
+    /// Fewer workers are ready than wanted, or a slot gave up (for
+    /// `status`; `cluster status` then exits 5).
+    #[serde(default)]
+    pub degraded: bool,
+    /// The program the workers run (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub program: Option<String>,
+    /// The addresses the watcher listens on (for `status`).
+    #[serde(default)]
+    pub addresses: Vec<String>,
+    /// The daemon's log file (`--log-file`), for `cluster logs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_file: Option<String>,
     /// The job dispatcher (for `status`, when the watcher runs jobs): the
     /// store, its pools (`name`, `slots`, `workers`, `running`,
     /// `capacity`), the counters since start (`claimed`, `done`, `failed`,

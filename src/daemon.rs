@@ -26,6 +26,14 @@ use nix::unistd::ForkResult;
 use crate::sys;
 
 /// The daemon's end of the report pipe; see [`daemonize`].
+///
+/// ```no_run
+/// // In main, before any thread or runtime exists:
+/// let daemon = cluster::daemon::daemonize(Some(std::path::Path::new("app.log")))?;
+/// // ... start the watcher, then, once it serves:
+/// daemon.report_ready(None);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Debug)]
 pub struct Daemon {
     report: Mutex<Option<File>>,
@@ -60,6 +68,29 @@ impl Daemon {
             let _ = pipe.write_all(msg.as_bytes());
         }
     }
+}
+
+/// Opens `path` again (creating it, appending) and points stdout and
+/// stderr at it: after logrotate moved the daemon's `--log-file` away,
+/// the stream goes to a new file at the old name (`cluster reopen-logs`).
+///
+/// ```no_run
+/// cluster::daemon::reopen_log_file(std::path::Path::new("/var/log/app.log"))?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+///
+/// # Errors
+///
+/// When the file cannot be opened or the descriptors not replaced; stdout
+/// and stderr are unchanged then.
+pub fn reopen_log_file(path: &Path) -> io::Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    nix::unistd::dup2_stdout(&file)?;
+    nix::unistd::dup2_stderr(&file)?;
+    Ok(())
 }
 
 /// Detaches the process (see the module docs). Returns in the daemon only.

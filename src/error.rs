@@ -11,6 +11,16 @@ use std::sync::Arc;
 /// meant for people, its `source()` the underlying error when there is one
 /// (an I/O error, for example; [`io_error`](Error::io_error) gives it typed).
 /// Errors are cheap to clone: the source is shared.
+///
+/// ```no_run
+/// # async fn run() {
+/// match cluster::Cluster::server_socket_factory().listen("127.0.0.1:80").await {
+///     Ok(_listener) => {}
+///     Err(e) if e.is_bind() => eprintln!("cannot bind: {e}"),
+///     Err(e) => eprintln!("{e}"),
+/// }
+/// # }
+/// ```
 #[derive(Clone)]
 pub struct Error {
     kind: Kind,
@@ -228,6 +238,13 @@ impl From<Error> for io::Error {
 }
 
 /// A `Result` with this crate's [`Error`].
+///
+/// ```no_run
+/// fn workers() -> cluster::Result<usize> {
+///     Ok(4)
+/// }
+/// # assert_eq!(workers().unwrap(), 4);
+/// ```
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 #[cfg(test)]

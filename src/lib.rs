@@ -75,6 +75,8 @@ mod ipc;
 mod jobs;
 mod jobserver;
 mod listener;
+#[cfg(feature = "axum")]
+mod listener_axum;
 mod log;
 mod pidfile;
 mod pipe;
@@ -103,7 +105,8 @@ pub use pipe::{
 pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use watcher::{
     Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
-    WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
+    WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState, DEFAULT_MAX_RESTARTS,
+    DEFAULT_RESTART_WINDOW,
 };
 pub use worker::{Cluster, JobContext, JobError, Jobs, MessageChannel, ServerSocketFactory};
 
@@ -111,6 +114,9 @@ pub use worker::{Cluster, JobContext, JobError, Jobs, MessageChannel, ServerSock
 pub use jobs::bench as __jobs_bench;
 #[doc(hidden)]
 pub use jobs::cli_support as __jobs_cli;
+/// `512M`-style sizes, for the CLI's `--max-memory`; not a stable API.
+#[doc(hidden)]
+pub use watcher::recycle::parse_bytes as __parse_bytes;
 
 /// Internals exposed for the benchmarks in `benches/`; not a stable API.
 #[doc(hidden)]

@@ -16,8 +16,8 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Notify;
@@ -27,11 +27,13 @@ use crate::sys;
 
 /// A listening socket handed out by [`ServerSocketFactory::listen`](crate::ServerSocketFactory::listen).
 ///
-/// Serve from it directly (`accept` yields a [`Stream`] that implements
+/// Serve from it directly: `accept` yields a [`Stream`] that implements
 /// tokio's `AsyncRead` and `AsyncWrite`, so `hyper_util::rt::TokioIo::new`
-/// wraps it), or take the tokio listener out of it with
-/// [`into_tcp`](Listener::into_tcp) / [`into_unix`](Listener::into_unix),
-/// for example for `axum::serve`.
+/// wraps it; with the `axum` feature, `Listener` implements
+/// `axum::serve::Listener`, so `axum::serve(listener, app)` works in every
+/// balance mode. [`into_tcp`](Listener::into_tcp) /
+/// [`into_unix`](Listener::into_unix) take the tokio listener out where
+/// there is one (not in the balanced modes, where the watcher accepts).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -74,15 +76,18 @@ impl Listener {
         }
     }
 
-    /// Accepts one connection.
+    /// Accepts one connection. Under a watcher run with `--max-requests`,
+    /// each accepted connection counts as a request served.
     pub async fn accept(&self) -> io::Result<(Stream, PeerAddr)> {
         match self {
             Listener::Tcp(l) => {
                 let (s, a) = l.accept().await?;
+                REQUESTS.served();
                 Ok((Stream::Tcp(s), PeerAddr::Tcp(a)))
             }
             Listener::Unix(l) => {
                 let (s, a) = l.accept().await?;
+                REQUESTS.served();
                 Ok((Stream::Unix(s), PeerAddr::Unix(a)))
             }
             Listener::Balanced(l) => l.accept().await,
@@ -113,6 +118,43 @@ impl Listener {
         match self {
             Listener::Unix(l) => Ok(l),
             other => Err(other),
+        }
+    }
+}
+
+/// Requests served through this process's listeners, for `--max-requests`
+/// (recycling): the worker link sets the limit and what to do once it is
+/// reached (ask the watcher for a replacement, once).
+pub(crate) struct RequestCounter {
+    served: AtomicU64,
+    /// 0: no limit.
+    limit: AtomicU64,
+    on_limit: OnceLock<Box<dyn Fn(u64) + Send + Sync>>,
+}
+
+/// This process's request counter.
+pub(crate) static REQUESTS: RequestCounter = RequestCounter {
+    served: AtomicU64::new(0),
+    limit: AtomicU64::new(0),
+    on_limit: OnceLock::new(),
+};
+
+impl RequestCounter {
+    /// Sets the limit and what happens when it is reached (the first call wins).
+    pub(crate) fn set_limit(&self, limit: u64, on_limit: Box<dyn Fn(u64) + Send + Sync>) {
+        if self.on_limit.set(on_limit).is_ok() {
+            self.limit.store(limit, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts one request; calls the hook when the limit is reached.
+    pub(crate) fn served(&self) {
+        let n = self.served.fetch_add(1, Ordering::Relaxed) + 1;
+        let limit = self.limit.load(Ordering::Relaxed);
+        if limit > 0 && n == limit {
+            if let Some(f) = self.on_limit.get() {
+                f(n);
+            }
         }
     }
 }
@@ -389,6 +431,7 @@ impl BalancedListener {
             Stream::Unix(s) => PeerAddr::Unix(s.peer_addr()?),
         };
         self.set.track(self.id, conn, raw);
+        REQUESTS.served();
         Ok((stream, peer))
     }
 }

@@ -149,6 +149,15 @@ pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
 /// An unconnected stream socket is not detected; reads on it fail.
 ///
 /// Dropping it closes the socket (a tokio stream is deregistered first).
+///
+/// ```no_run
+/// # async fn send(pipe: cluster::ClientSocketSendPipe) -> Result<(), Box<dyn std::error::Error>> {
+/// // A tokio TcpStream (or UnixStream, or an OwnedFd) is transferable.
+/// let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+/// let (stream, _) = listener.accept().await?;
+/// pipe.send(stream, &"some data").await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct TransferableSocket {
     inner: Transferable,
@@ -319,6 +328,17 @@ impl ClientSocketSendPipe {
 /// The receiving end of a client socket pipe.
 ///
 /// `receive` takes `&self`; concurrent calls each get a different handoff.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let pipe = cluster::ClientSocketReceivePipe::connect("/tmp/handoff.sock")?;
+/// while let Some(t) = pipe.receive::<String>().await? {
+///     let (stream, data) = t.into_parts();
+///     println!("got a connection with {data}");
+/// #   drop(stream);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct ClientSocketReceivePipe {
     channel: Channel,
@@ -455,6 +475,16 @@ impl ClientSocketReceivePipe {
 /// The socket is a [`Stream`] (`Tcp` or `Unix`, detected from the socket
 /// itself), registered with the receiving runtime and ready for
 /// `hyper_util::rt::TokioIo` or any tokio I/O.
+///
+/// ```no_run
+/// # async fn run(pipe: cluster::ClientSocketReceivePipe) -> Result<(), Box<dyn std::error::Error>> {
+/// if let Some(t) = pipe.receive::<u32>().await? {
+///     println!("data {}", t.data());
+///     let (stream, _data) = t.into_parts();
+/// #   drop(stream);
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct TransferredSocket<T> {
     socket: Stream,
@@ -501,6 +531,14 @@ impl<T> TransferredSocket<T> {
 /// The socket file is removed when the listener is dropped. Anyone allowed
 /// to connect to the path can receive sockets: put it in a directory only
 /// the intended user can reach.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = cluster::ClientSocketPipeListener::bind("/tmp/handoff.sock")?;
+/// let pipe = listener.accept().await?; // a ClientSocketSendPipe to that process
+/// # drop(pipe);
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct ClientSocketPipeListener {
     fd: AsyncFd<OwnedFd>,

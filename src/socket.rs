@@ -187,8 +187,20 @@ fn remove_stale_unix_socket(path: &Path) -> io::Result<()> {
     }
 }
 
-/// The peer address of an accepted [`Stream`].
-#[derive(Debug)]
+/// The peer address of an accepted [`Stream`]: what
+/// [`Listener::accept`](crate::Listener::accept) returns beside it, and
+/// what axum's `ConnectInfo<PeerAddr>` extracts (feature `axum`).
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let listener = cluster::Cluster::server_socket_factory().listen("127.0.0.1:8080").await?;
+/// let (_stream, peer) = listener.accept().await?;
+/// if let Some(ip) = peer.tcp().map(|a| a.ip()) {
+///     println!("a client from {ip} ({peer})");
+/// }
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone)]
 #[non_exhaustive]
 pub enum PeerAddr {
     /// A TCP peer.
@@ -197,7 +209,40 @@ pub enum PeerAddr {
     Unix(tokio::net::unix::SocketAddr),
 }
 
-/// A connection accepted from a [`Listener`](crate::Listener).
+impl PeerAddr {
+    /// The TCP address, if this is a TCP peer.
+    pub fn tcp(&self) -> Option<SocketAddr> {
+        match self {
+            PeerAddr::Tcp(a) => Some(*a),
+            PeerAddr::Unix(_) => None,
+        }
+    }
+}
+
+impl fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PeerAddr::Tcp(a) => write!(f, "{a}"),
+            PeerAddr::Unix(a) => match a.as_pathname() {
+                Some(p) => write!(f, "unix://{}", p.display()),
+                None => f.write_str("unix:(unnamed)"),
+            },
+        }
+    }
+}
+
+/// A connection accepted from a [`Listener`](crate::Listener): tokio's
+/// `AsyncRead + AsyncWrite`, so hyper serves it through
+/// `hyper_util::rt::TokioIo` and axum through `axum::serve`.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tokio::io::AsyncWriteExt;
+/// let listener = cluster::Cluster::server_socket_factory().listen("127.0.0.1:8080").await?;
+/// let (mut stream, _peer) = listener.accept().await?;
+/// stream.write_all(b"hello\n").await?;
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Stream {

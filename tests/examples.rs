@@ -77,3 +77,63 @@ fn logging_example_reaches_the_watchers_stream() {
         c.stderr()
     );
 }
+
+/// The README's avatar walkthrough (pools, a shared pool, a job source and
+/// per-job processes), run as written, in a temp dir instead of /tmp/avatars.
+#[test]
+fn readme_avatar_walkthrough_resizes_every_avatar_once() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("### Walkthrough: avatars")
+        .expect("walkthrough section");
+    let block = &readme[start..];
+    let code_start = block.find("```sh\n").expect("code block") + 6;
+    let code_end = code_start + block[code_start..].find("\n```").expect("block end");
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("avatars");
+    let script = block[code_start..code_end]
+        .replace("/tmp/avatars", root.to_str().unwrap())
+        .replace("target/release/cluster", cluster_bin().to_str().unwrap())
+        .replace("--job-source-interval 1", "--job-source-interval 0.2")
+        .replace("sleep 1\n", "sleep 0.2\n");
+    // The last command starts the watcher: run it in the background.
+    let script = format!(
+        "{script} &\necho $! > {}/watcher.pid\nwait\n",
+        dir.path().display()
+    );
+    let mut child = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid_file = dir.path().join("watcher.pid");
+    let done = root.join("done");
+    let all = wait_for(Duration::from_secs(30), || {
+        let n = std::fs::read_dir(&done).map(|d| d.count()).unwrap_or(0);
+        (n == 12).then_some(())
+    });
+    let watcher: Option<u32> = std::fs::read_to_string(&pid_file)
+        .ok()
+        .and_then(|s| s.trim().parse().ok());
+    let stats = std::process::Command::new(cluster_bin())
+        .args(["jobs", "stats", "--json", "--jobs"])
+        .arg(root.join("jobs.db"))
+        .output()
+        .unwrap();
+    if let Some(w) = watcher {
+        for p in descendants(w) {
+            signal(p, Signal::SIGKILL);
+        }
+        signal(w, Signal::SIGKILL);
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(all.is_some(), "not every avatar was resized");
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
+    assert_eq!(stats["done"], 12, "{stats}");
+    assert_eq!(stats["total"], 12, "each avatar was queued once: {stats}");
+}

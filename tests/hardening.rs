@@ -83,8 +83,11 @@ fn a_worker_that_never_reads_its_replies_cannot_exhaust_the_watchers_descriptors
         "{stderr}"
     );
     // The watcher still works: it answers and replaces a killed worker.
+    // (5: degraded, the flooding worker is being replaced; still an answer.)
     let status = c.control(&["status", "--json"]);
-    assert!(status.status.success(), "{status:?}");
+    assert!(matches!(status.status.code(), Some(0 | 5)), "{status:?}");
+    let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(v["ok"], true, "{v}");
     signal(first[1], Signal::SIGKILL);
     wait_for(START, || {
         let now = c.workers();
@@ -257,7 +260,11 @@ fn the_control_socket_is_private_from_its_first_moment_and_not_stolen() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("another watcher is serving"), "{stderr}");
     let status = cli(["status", "--control-socket", sock.to_str().unwrap()]);
-    assert!(status.status.success(), "the first watcher still answers");
+    // 0 healthy, or 5 while its worker is not ready yet: it answers (3 would be no watcher).
+    assert!(
+        matches!(status.status.code(), Some(0 | 5)),
+        "the first watcher still answers: {status:?}"
+    );
 }
 
 #[test]

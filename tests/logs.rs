@@ -62,8 +62,9 @@ fn records_arrive_tagged_with_slot_and_pid_as_json_lines() {
     let mut slots = HashSet::new();
     for r in &recs {
         // The tag the watcher added matches what the worker said of itself.
-        assert_eq!(r["slot"].to_string(), r["fields"]["slot"].as_str().unwrap());
-        assert_eq!(r["pid"].to_string(), r["fields"]["pid"].as_str().unwrap());
+        // (The fields are typed: numbers stay numbers.)
+        assert_eq!(r["slot"], r["fields"]["slot"]);
+        assert_eq!(r["pid"], r["fields"]["pid"]);
         assert_eq!(r["level"], "INFO");
         assert_eq!(r["target"], "test_worker");
         assert_eq!(r["spans"][0], "job");
@@ -162,7 +163,7 @@ fn hundred_thousand_records_from_four_workers_arrive_complete() {
         per_slot
             .entry(r["slot"].as_u64().unwrap())
             .or_default()
-            .push(r["fields"]["i"].as_str().unwrap().parse().unwrap());
+            .push(r["fields"]["i"].as_u64().unwrap());
     }
     assert_eq!(per_slot.len(), 4);
     for (slot, seq) in per_slot {

@@ -272,7 +272,8 @@ fn control_subcommands_status_reload_scale_stop() {
     let out = c.control(&["status"]);
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
-        table.contains("SLOT") && table.lines().count() == 4,
+        // Summary, program and addresses, header, two slots.
+        table.contains("SLOT") && table.lines().count() == 5,
         "{table}"
     );
 

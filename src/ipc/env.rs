@@ -12,6 +12,12 @@ pub(crate) const CONTEXT_ID: &str = "CLUSTER_CONTEXT_ID";
 pub(crate) const SLOT: &str = "CLUSTER_SLOT";
 /// Milliseconds a worker has to exit once its watcher is gone.
 pub(crate) const SHUTDOWN_TIMEOUT_MS: &str = "CLUSTER_SHUTDOWN_TIMEOUT_MS";
+/// The watcher's log filter (`EnvFilter` directives), applied by the
+/// worker's log layer before records are queued.
+pub(crate) const LOG_FILTER: &str = "CLUSTER_LOG_FILTER";
+/// Requests (connections accepted through the crate's listener) after
+/// which the worker asks to be replaced (`--max-requests`, jitter included).
+pub(crate) const MAX_REQUESTS: &str = "CLUSTER_RECYCLE_AFTER";
 /// The pool a worker belongs to (job pools).
 pub(crate) const POOL: &str = "CLUSTER_POOL";
 /// How many jobs a worker runs at once (`--job-concurrency`).

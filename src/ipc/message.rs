@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.
@@ -132,6 +132,8 @@ pub(crate) enum ToWatcher {
         ticket: u64,
         result: Result<String, JobFailure>,
     },
+    /// The worker served its `--max-requests` (`requests` of them): replace it.
+    Recycle { requests: u64 },
     /// A part of the result of job `ticket`, whose `JobDone` follows with
     /// the last part (see `ipc/parts.rs`).
     JobDonePart { ticket: u64, part: String },
@@ -247,6 +249,7 @@ mod tests {
                 ticket: 5,
                 result: Err(JobFailure::BadArgs("x".into())),
             },
+            ToWatcher::Recycle { requests: 1000 },
             ToWatcher::JobDonePart {
                 ticket: 5,
                 part: "{\"a\":".into(),

@@ -30,6 +30,14 @@ use crate::listener::Listener;
 use crate::socket::{Address, PeerAddr};
 
 /// How the watcher spreads connections over workers (`--balance`).
+///
+/// ```no_run
+/// # fn build() -> Result<(), cluster::Error> {
+/// let watcher = cluster::ClusterWatcher::builder(std::process::Command::new("./srv"))
+///     .balance(cluster::Balance::LeastConnections)
+///     .build()?;
+/// # drop(watcher); Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Balance {

@@ -40,6 +40,11 @@ pub(crate) struct Config {
     pub output: LogOutput,
     pub balance: Balance,
     pub metrics: Option<SocketAddr>,
+    /// `--http`: the dashboard and its API.
+    pub http: Option<SocketAddr>,
+    pub http_token_file: Option<PathBuf>,
+    /// The token file's contents, read by `validate`.
+    pub http_token: Option<Token>,
     /// Socket activation and `sd_notify` when systemd's variables are set.
     pub systemd: bool,
     /// Become the child subreaper and kill what workers leave behind.
@@ -58,7 +63,59 @@ pub(crate) struct Config {
     pub group: Option<String>,
     /// `user` and `group` resolved by `build`.
     pub credentials: Option<crate::sys::Credentials>,
+    /// A slot whose workers fail more than this often within
+    /// `restart_window` is not restarted any more (`None`: never gives up).
+    pub max_restarts: Option<u32>,
+    pub restart_window: Duration,
+    /// Recycling: a library worker asks to be replaced after this many
+    /// requests, plus up to `max_requests_jitter` more.
+    pub max_requests: Option<u64>,
+    pub max_requests_jitter: u64,
+    /// Recycling: a worker whose RSS passes this is replaced.
+    pub max_memory: Option<u64>,
+    /// `--on-event`: a shell command run for each lifecycle event.
+    pub on_event: Option<String>,
+    /// `--log-file`: where the daemon's stream goes, reopened on request.
+    pub log_file: Option<PathBuf>,
 }
+
+/// The dashboard's token: never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct Token(pub String);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(..)")
+    }
+}
+
+/// Reads the dashboard's token file: at least 16 characters once trimmed.
+fn read_token(path: &Path) -> Result<Token> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        Error::with_io(
+            Kind::Config,
+            format!("cannot read the token file {}", path.display()),
+            e,
+        )
+    })?;
+    let token = text.trim();
+    if token.len() < 16 {
+        return Err(Error::new(
+            Kind::Config,
+            format!(
+                "the token in {} is too short: it needs at least 16 characters",
+                path.display()
+            ),
+        ));
+    }
+    Ok(Token(token.to_string()))
+}
+/// Default of [`ClusterWatcherBuilder::max_restarts`]: failures a slot
+/// may have within [`DEFAULT_RESTART_WINDOW`] before it gives up.
+pub const DEFAULT_MAX_RESTARTS: u32 = 10;
+
+/// Default of the window of [`ClusterWatcherBuilder::max_restarts`].
+pub const DEFAULT_RESTART_WINDOW: Duration = Duration::from_secs(300);
 
 impl Config {
     /// The defaults, running `command` (program, arguments, environment and
@@ -93,6 +150,9 @@ impl Config {
             output: LogOutput::stderr(LogFormat::Text, crate::log::LogFilter::default()),
             balance: Balance::Shared,
             metrics: None,
+            http: None,
+            http_token_file: None,
+            http_token: None,
             systemd: true,
             subreaper: false,
             jobs: None,
@@ -103,6 +163,13 @@ impl Config {
             user: None,
             group: None,
             credentials: None,
+            max_restarts: Some(DEFAULT_MAX_RESTARTS),
+            restart_window: DEFAULT_RESTART_WINDOW,
+            max_requests: None,
+            max_requests_jitter: 0,
+            max_memory: None,
+            on_event: None,
+            log_file: None,
         }
     }
 
@@ -252,9 +319,28 @@ impl ClusterWatcherBuilder {
 
     /// Serve Prometheus metrics on `GET http://ADDR/metrics` (see the
     /// README for the series). An address that cannot be bound makes
-    /// [`start`](ClusterWatcher::start) fail.
+    /// [`start`](super::ClusterWatcher::start) fail.
     pub fn metrics(mut self, addr: SocketAddr) -> Self {
         self.config.metrics = Some(addr);
+        self
+    }
+
+    /// Serve the web dashboard and its JSON API on `http://ADDR/` (see the
+    /// README's "Dashboard"). A loopback address needs nothing more; any
+    /// other needs [`http_token_file`](Self::http_token_file), else
+    /// [`start`](ClusterWatcher::start) fails with
+    /// [`Error::is_config`](crate::Error::is_config).
+    pub fn http(mut self, addr: SocketAddr) -> Self {
+        self.config.http = Some(addr);
+        self
+    }
+
+    /// The file that holds the dashboard's token (at least 16 characters;
+    /// surrounding white space is ignored). Every request then needs it:
+    /// `Authorization: Bearer TOKEN`, or `?token=TOKEN` once in the
+    /// browser. Needs [`http`](Self::http).
+    pub fn http_token_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.http_token_file = Some(path.into());
         self
     }
 
@@ -476,6 +562,68 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Crash-loop limit: a slot whose workers fail (exit or crash before
+    /// they served for the backoff reset time, or cannot be started) more
+    /// than `max` times within `window` is not restarted any more; it is
+    /// reported as `failed` by `cluster status` (which then exits 5), in
+    /// the metrics and the log, and a rolling restart starts it again.
+    /// `None` restarts forever. Default: [`DEFAULT_MAX_RESTARTS`] within
+    /// [`DEFAULT_RESTART_WINDOW`].
+    ///
+    /// ```no_run
+    /// # fn build() -> Result<(), cluster::Error> {
+    /// use std::time::Duration;
+    /// let watcher = cluster::ClusterWatcher::builder(std::process::Command::new("./srv"))
+    ///     .max_restarts(Some(5), Duration::from_secs(60))
+    ///     .build()?;
+    /// # Ok(()) }
+    /// ```
+    pub fn max_restarts(mut self, max: Option<u32>, window: Duration) -> Self {
+        self.config.max_restarts = max;
+        self.config.restart_window = window;
+        self
+    }
+
+    /// Recycling, like gunicorn's `--max-requests`: a worker that uses the
+    /// library asks to be replaced after serving `n` requests (connections
+    /// accepted through [`Listener`](crate::Listener)) plus a random
+    /// `0..=jitter` more, so workers do not all recycle at once. The
+    /// replacement goes through the rolling-restart path: it is started and
+    /// ready before the old worker drains.
+    pub fn max_requests(mut self, n: u64, jitter: u64) -> Self {
+        self.config.max_requests = Some(n).filter(|&n| n > 0);
+        self.config.max_requests_jitter = jitter;
+        self
+    }
+
+    /// Recycling, like PM2's `max_memory_restart`: a worker whose resident
+    /// memory (`VmRSS`) passes `bytes` is replaced through the
+    /// rolling-restart path (checked every second).
+    pub fn max_memory(mut self, bytes: u64) -> Self {
+        self.config.max_memory = Some(bytes).filter(|&b| b > 0);
+        self
+    }
+
+    /// Run `command` (through `sh -c`) for each lifecycle event: a worker
+    /// crashed, a slot gave up after [`max_restarts`](Self::max_restarts),
+    /// a worker was recycled, a rolling restart failed, the watcher
+    /// started or is stopping. The event is a JSON object on the command's
+    /// stdin and in `CLUSTER_EVENT_JSON`; its name is in `CLUSTER_EVENT`.
+    /// Commands run one at a time, at most 30 s each; events beyond 64
+    /// waiting are dropped with a warning.
+    pub fn on_event(mut self, command: impl Into<String>) -> Self {
+        self.config.on_event = Some(command.into());
+        self
+    }
+
+    /// The file the watcher's stderr was redirected to (`cluster --daemon
+    /// --log-file`): `cluster reopen-logs` reopens it (after logrotate
+    /// moved it) and `cluster logs` reads it.
+    pub fn log_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.log_file = Some(path.into());
+        self
+    }
+
     /// Run the workers with the group `name`, with no supplementary groups.
     /// The watcher must run as root.
     pub fn group(mut self, name: impl Into<String>) -> Self {
@@ -548,6 +696,20 @@ impl ClusterWatcherBuilder {
             }
         } else if !self.config.pool_args.is_empty() {
             return Err(Error::new(Kind::Config, "--pool needs --jobs"));
+        }
+        if let Some(path) = &self.config.http_token_file {
+            if self.config.http.is_none() {
+                return Err(Error::new(Kind::Config, "--http-token-file needs --http"));
+            }
+            self.config.http_token = Some(read_token(path)?);
+        }
+        if let Some(addr) = self.config.http {
+            if !addr.ip().is_loopback() && self.config.http_token.is_none() {
+                return Err(Error::new(
+                    Kind::Config,
+                    format!("--http {addr} is not a loopback address: it needs --http-token-file"),
+                ));
+            }
         }
         check_program(&self.config.program, self.config.current_dir.as_deref())?;
         for path in &self.config.watch {

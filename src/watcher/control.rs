@@ -13,7 +13,9 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
 use super::event::{Command, CommandSender, Scale};
+use super::process::signal_name;
 use super::procfs;
+use super::sampler::Sampler;
 use crate::control::{Request, Response, WorkerStatus};
 use crate::error::{Error, Kind, Result};
 
@@ -48,7 +50,11 @@ impl Server {
     /// else, whatever the umask. A stale socket at `path` is replaced; a
     /// live one (another watcher answers on it) or a file that is not a
     /// socket is an error.
-    pub(crate) fn bind(path: &Path, commands: CommandSender) -> Result<Server> {
+    pub(crate) fn bind(
+        path: &Path,
+        commands: CommandSender,
+        sampler: Option<Sampler>,
+    ) -> Result<Server> {
         let err = |e: io::Error| {
             Error::with_io(
                 Kind::Control,
@@ -84,9 +90,9 @@ impl Server {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                     continue;
                 };
-                let commands = commands.clone();
+                let (commands, sampler) = (commands.clone(), sampler.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, commands, me).await;
+                    let _ = serve(stream, commands, sampler, me).await;
                 });
             }
         });
@@ -129,7 +135,12 @@ fn bind_private(path: &Path) -> io::Result<UnixListener> {
     bound
 }
 
-async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Result<()> {
+async fn serve(
+    stream: UnixStream,
+    commands: CommandSender,
+    sampler: Option<Sampler>,
+    me: u32,
+) -> io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
@@ -144,7 +155,7 @@ async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Resu
             ))
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(request, &commands).await,
+            Ok(request) => handle(request, &commands, sampler.as_ref()).await,
             Err(e) => failure(format!("bad request: {e}")),
         },
         Ok(Err(e)) => failure(format!("bad request: {e}")),
@@ -156,7 +167,7 @@ async fn serve(stream: UnixStream, commands: CommandSender, me: u32) -> io::Resu
     write.shutdown().await
 }
 
-fn failure(error: String) -> Response {
+pub(crate) fn failure(error: String) -> Response {
     Response {
         ok: false,
         error: Some(error),
@@ -175,7 +186,7 @@ fn success() -> Response {
 
 /// Sends the command `make` builds around a reply channel and waits for
 /// the answer; `None` when the supervisor is gone.
-async fn ask<T>(
+pub(crate) async fn ask<T>(
     commands: &CommandSender,
     make: impl FnOnce(oneshot::Sender<T>) -> Command,
 ) -> Option<T> {
@@ -184,48 +195,97 @@ async fn ask<T>(
     rx.await.ok()
 }
 
-async fn handle(request: Request, commands: &CommandSender) -> Response {
+/// The answer to `status`: the workers (CPU use from the sampler, when it
+/// has a sample, else measured now unless `quick`) and the job dispatcher's
+/// report. `None` when the supervisor is gone. The dashboard's
+/// `/api/status` answers the same.
+pub(crate) async fn status(
+    commands: &CommandSender,
+    sampler: Option<&Sampler>,
+    quick: bool,
+) -> Option<Response> {
+    let report = ask(commands, Command::Status).await?;
+    let jobs = tokio::time::timeout(
+        Duration::from_secs(2),
+        ask(commands, |reply| Command::JobsStatus {
+            reply,
+            counts: true,
+        }),
+    )
+    .await
+    .ok()
+    .flatten()
+    .and_then(|j| serde_json::to_value(j).ok());
+    let pids: Vec<u32> = report.workers.iter().map(|w| w.pid).collect();
+    let mut cpu: Vec<Option<f64>> = match sampler {
+        Some(s) => pids.iter().map(|&p| s.cpu_percent(p)).collect(),
+        None => vec![None; pids.len()],
+    };
+    // A worker too new for the sampler is measured now, unless `quick`.
+    let missing: Vec<usize> = (0..pids.len()).filter(|&i| cpu[i].is_none()).collect();
+    if !quick && !missing.is_empty() {
+        let some: Vec<u32> = missing.iter().map(|&i| pids[i]).collect();
+        for (i, v) in missing
+            .into_iter()
+            .zip(procfs::cpu_percent(&some, CPU_SAMPLE).await)
+        {
+            cpu[i] = v;
+        }
+    }
+    let mut workers: Vec<WorkerStatus> = report
+        .workers
+        .into_iter()
+        .zip(cpu)
+        .map(|(w, cpu_percent)| WorkerStatus {
+            slot: w.slot,
+            context_id: w.context_id,
+            pid: w.pid,
+            state: w.state.to_string(),
+            uptime_secs: w.uptime.as_secs_f64(),
+            restarts: w.restarts,
+            rss_bytes: procfs::rss_bytes(w.pid),
+            cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
+            cpu_percent,
+            last_exit: w.last_exit,
+            last_exit_code: w.last_exit_code,
+            last_exit_signal: w.last_exit_signal.map(signal_name),
+            next_start_secs: None,
+        })
+        .collect();
+    let gave_up = report.idle.iter().any(|s| s.gave_up);
+    workers.extend(report.idle.into_iter().map(|s| WorkerStatus {
+        slot: s.slot,
+        context_id: 0,
+        pid: 0,
+        state: if s.gave_up { "failed" } else { "backoff" }.into(),
+        uptime_secs: 0.0,
+        restarts: s.restarts,
+        rss_bytes: None,
+        cpu_seconds: None,
+        cpu_percent: None,
+        last_exit: s.last_exit,
+        last_exit_code: s.last_exit_code,
+        last_exit_signal: s.last_exit_signal.map(signal_name),
+        next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+    }));
+    workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
+    Some(Response {
+        workers_wanted: Some(report.wanted),
+        workers_ready: Some(report.ready),
+        degraded: report.ready < report.wanted || gave_up,
+        program: Some(report.program),
+        addresses: report.addresses,
+        log_file: report.log_file.map(|p| p.display().to_string()),
+        jobs,
+        workers,
+        ..success()
+    })
+}
+
+async fn handle(request: Request, commands: &CommandSender, sampler: Option<&Sampler>) -> Response {
     let gone = || failure("the watcher is stopping".into());
     match request {
-        Request::Status { quick } => {
-            let Some(report) = ask(commands, Command::Status).await else {
-                return gone();
-            };
-            let jobs =
-                tokio::time::timeout(Duration::from_secs(2), ask(commands, Command::JobsStatus))
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|j| serde_json::to_value(j).ok());
-            let pids: Vec<u32> = report.workers.iter().map(|w| w.pid).collect();
-            let cpu = if quick {
-                vec![None; pids.len()]
-            } else {
-                procfs::cpu_percent(&pids, CPU_SAMPLE).await
-            };
-            Response {
-                workers_wanted: Some(report.wanted),
-                jobs,
-                workers: report
-                    .workers
-                    .into_iter()
-                    .zip(cpu)
-                    .map(|(w, cpu_percent)| WorkerStatus {
-                        slot: w.slot,
-                        context_id: w.context_id,
-                        pid: w.pid,
-                        state: w.state.to_string(),
-                        uptime_secs: w.uptime.as_secs_f64(),
-                        restarts: w.restarts,
-                        rss_bytes: procfs::rss_bytes(w.pid),
-                        cpu_seconds: procfs::cpu_time(w.pid).map(|d| d.as_secs_f64()),
-                        cpu_percent,
-                        last_exit: w.last_exit,
-                    })
-                    .collect(),
-                ..success()
-            }
-        }
+        Request::Status { quick } => status(commands, sampler, quick).await.unwrap_or_else(gone),
         Request::Reload => {
             let reload = ask(commands, |done| Command::Restart {
                 reason: "reload requested".into(),
@@ -237,6 +297,11 @@ async fn handle(request: Request, commands: &CommandSender) -> Response {
                 None => gone(),
             }
         }
+        Request::ReopenLogs => match ask(commands, Command::ReopenLogs).await {
+            Some(Ok(())) => success(),
+            Some(Err(e)) => failure(e.to_string()),
+            None => gone(),
+        },
         Request::Stop => {
             tracing::info!("stop requested");
             if commands.send(Command::Stop { timeout: None }).is_err() {

@@ -75,8 +75,16 @@ pub(crate) enum Command {
     /// Kill one worker now (a job it does not let go of).
     KillWorker { context_id: u64, why: String },
     /// The job dispatcher's counters (the reply is dropped when the
-    /// watcher runs no jobs).
-    JobsStatus(oneshot::Sender<JobsStatus>),
+    /// watcher runs no jobs); with the store's counts when `counts`.
+    JobsStatus {
+        reply: oneshot::Sender<JobsStatus>,
+        counts: bool,
+    },
+    /// Replace one ready worker through the rolling-restart path
+    /// (`--max-memory`, `--max-requests`); `why` is logged.
+    Recycle { context_id: u64, why: String },
+    /// Reopen the log file (`--log-file`) after logrotate moved it.
+    ReopenLogs(oneshot::Sender<Result<()>>),
 }
 
 /// Where requests to the supervisor go.

@@ -1,139 +1,17 @@
-//! `--metrics ADDR`: Prometheus text exposition (format 0.0.4) on
-//! `GET /metrics`, served by a small HTTP/1.1 responder.
+//! Prometheus text exposition (format 0.0.4) of a [`Snapshot`], served on
+//! `GET /metrics` by `--metrics ADDR` and by the dashboard (`--http`), both
+//! through [`super::http`].
 //!
-//! The supervisor owns the counters; for each scrape the responder asks it
-//! for a [`Snapshot`] (a command on its queue, answered at once), then reads
-//! each worker's memory and CPU time from `/proc` itself and renders the
-//! text. One request per connection (`Connection: close`); requests are
-//! bounded in size and time, and at most [`MAX_CONNECTIONS`] are served at
-//! once.
+//! The supervisor owns the counters; for each scrape the server asks it
+//! for a [`Snapshot`] (a command on its queue, answered at once), then
+//! [`render`] reads each worker's memory and CPU time from `/proc` and
+//! writes the text.
 
 use std::fmt::Write as _;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, Semaphore};
-
-use super::event::{Command, CommandSender};
 use super::procfs;
 use super::status::{Snapshot, WorkerState};
-
-/// Largest request head read.
-const MAX_REQUEST: usize = 8 * 1024;
-/// Connections served at once; more are closed at once.
-const MAX_CONNECTIONS: usize = 64;
-/// Time a client has to send its request.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// The running responder; stops when dropped.
-pub(crate) struct Server {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl Server {
-    /// Serves scrapes on `listener`, asking the supervisor through `commands`.
-    pub(crate) fn start(listener: TcpListener, commands: CommandSender) -> Server {
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    // EMFILE and friends: back off instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    continue; // dropping the stream closes it
-                };
-                let commands = commands.clone();
-                tokio::spawn(async move {
-                    let _ = serve(stream, commands).await;
-                    drop(permit);
-                });
-            }
-        });
-        Server { task }
-    }
-}
-
-async fn serve(mut stream: TcpStream, commands: CommandSender) -> std::io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
-        while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
-            if head.len() >= MAX_REQUEST {
-                return Err(std::io::Error::other("request too large"));
-            }
-            let n = stream.read(&mut buf).await?;
-            if n == 0 {
-                return Err(std::io::ErrorKind::UnexpectedEof.into());
-            }
-            head.extend_from_slice(&buf[..n]);
-        }
-        Ok(())
-    })
-    .await;
-    let (status, body, extra) = match read {
-        Ok(Ok(())) => respond(&head, &commands).await,
-        Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-        Ok(Err(_)) => ("431 Request Header Fields Too Large", String::new(), ""),
-        Err(_) => ("408 Request Timeout", String::new(), ""),
-    };
-    let head_only = head.starts_with(b"HEAD ");
-    let response = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: text/plain; version=0.0.4; charset=utf-8\r\nContent-Length: {}\r\n{extra}Connection: close\r\n\r\n{}",
-        body.len(),
-        if head_only { "" } else { body.as_str() }
-    );
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
-}
-
-async fn respond(head: &[u8], commands: &CommandSender) -> (&'static str, String, &'static str) {
-    let text = String::from_utf8_lossy(head);
-    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
-    else {
-        return ("400 Bad Request", "bad request line\n".into(), "");
-    };
-    if !version.starts_with("HTTP/1.") {
-        return ("400 Bad Request", "HTTP/1.x only\n".into(), "");
-    }
-    let path = target.split('?').next().unwrap_or("");
-    if path != "/metrics" {
-        return ("404 Not Found", "metrics are at /metrics\n".into(), "");
-    }
-    if method != "GET" && method != "HEAD" {
-        return (
-            "405 Method Not Allowed",
-            "GET or HEAD only\n".into(),
-            "Allow: GET, HEAD\r\n",
-        );
-    }
-    let (tx, rx) = oneshot::channel();
-    if commands.send(Command::Snapshot(tx)).is_err() {
-        return (
-            "503 Service Unavailable",
-            "the watcher is stopping\n".into(),
-            "",
-        );
-    }
-    match rx.await {
-        Ok(snapshot) => ("200 OK", render(&snapshot), ""),
-        Err(_) => (
-            "503 Service Unavailable",
-            "the watcher is stopping\n".into(),
-            "",
-        ),
-    }
-}
 
 /// The exposition text for `s`, with each worker's memory and CPU time
 /// read from `/proc` now (a worker that exited meanwhile is left out).
@@ -200,6 +78,24 @@ pub(crate) fn render(s: &Snapshot) -> String {
         "cluster_reloads_total{{result=\"failed\"}} {}",
         s.reloads_failed
     );
+
+    family(
+        &mut out,
+        "cluster_slot_gave_up",
+        "gauge",
+        "1 for a slot that crashed more than --max-restarts times within --restart-window and is not restarted.",
+    );
+    for (slot, _, _) in &s.slots {
+        let up = u8::from(s.gave_up.contains(slot));
+        let _ = writeln!(out, "cluster_slot_gave_up{{slot=\"{slot}\"}} {up}");
+    }
+    family(
+        &mut out,
+        "cluster_workers_recycled_total",
+        "counter",
+        "Workers replaced for --max-requests or --max-memory.",
+    );
+    let _ = writeln!(out, "cluster_workers_recycled_total {}", s.recycled);
 
     family(
         &mut out,
@@ -289,6 +185,8 @@ mod tests {
             log_dropped: 4,
             messages_in: 5,
             messages_out: 6,
+            gave_up: vec![2],
+            recycled: 7,
         };
         let text = render(&s);
         for line in [
@@ -298,6 +196,9 @@ mod tests {
             "cluster_worker_restarts_total{slot=\"1\"} 2",
             "cluster_worker_crashes_total{slot=\"1\"} 1",
             "cluster_reloads_total{result=\"ok\"} 3",
+            "cluster_slot_gave_up{slot=\"1\"} 0",
+            "cluster_slot_gave_up{slot=\"2\"} 1",
+            "cluster_workers_recycled_total 7",
             "cluster_reloads_total{result=\"failed\"} 1",
             "cluster_log_records_total 10",
             "cluster_log_records_dropped_total 4",

@@ -11,17 +11,21 @@ mod bind_policy;
 pub(crate) mod config;
 mod control;
 pub(crate) mod event;
+mod hooks;
+pub(crate) mod http;
 mod metrics;
 pub(crate) mod output;
 pub(crate) mod process;
 pub(crate) mod procfs;
+pub(crate) mod recycle;
 mod reload_triggers;
+mod sampler;
 pub(crate) mod status;
 mod supervise;
 pub(crate) mod systemd;
 
 pub use balance::Balance;
-pub use config::ClusterWatcherBuilder;
+pub use config::{ClusterWatcherBuilder, DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW};
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
 pub use status::{WorkerInfo, WorkerState};
 
@@ -38,6 +42,16 @@ use event::{Command, CommandSender, Incoming, Outcome, Scale, MESSAGE_QUEUE};
 use supervise::{Channels, Supervisor};
 
 /// The stream of [`WorkerMessage`]s; see [`ClusterWatcher::messages`].
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// let mut messages: cluster::Messages = watcher.messages();
+/// while let Some(m) = messages.next().await {
+///     let text: String = m.decode()?;
+///     m.worker().send(&format!("echo {text}"))?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct Messages<'a> {
     watcher: &'a ClusterWatcher,
@@ -63,6 +77,14 @@ impl Messages<'_> {
 }
 
 /// A message from a worker.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// if let Some(m) = watcher.messages().next().await {
+///     println!("{} bytes from slot {}", m.bytes().len(), m.worker().slot());
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug)]
 pub struct WorkerMessage {
     worker: WorkerRef,
@@ -91,6 +113,15 @@ impl WorkerMessage {
 }
 
 /// A worker as seen from the watcher, to send messages to.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// if let Some(m) = watcher.messages().next().await {
+///     let w: &cluster::WorkerRef = m.worker();
+///     w.send(&format!("hello, pid {}", w.pid()))?;
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone)]
 pub struct WorkerRef {
     slot: u32,
@@ -134,6 +165,15 @@ impl WorkerRef {
 }
 
 /// How [`ClusterWatcher::run`] ended.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) -> Result<(), cluster::Error> {
+/// match watcher.run().await? {
+///     cluster::Stopped::Graceful => println!("stopped"),
+///     _ => println!("workers were killed"),
+/// }
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Stopped {

@@ -9,12 +9,15 @@
 //! never split or interleaved, and reports how many were dropped.
 
 use std::io::Write;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use serde::Serialize;
-use tracing::{Event, Subscriber};
+use tracing::span::{Attributes, Id, Record};
+use tracing::subscriber::Interest;
+use tracing::{Event, Metadata, Subscriber};
+use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
@@ -27,6 +30,12 @@ use crate::log::{
 const QUEUE: usize = 64 * 1024;
 
 /// How the watcher writes its log stream.
+///
+/// ```no_run
+/// use cluster::{LogFilter, LogFormat, LogOutput};
+/// let output = LogOutput::stderr(LogFormat::Json, LogFilter::default());
+/// # drop(output);
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum LogFormat {
@@ -76,6 +85,8 @@ enum Msg {
 struct Shared {
     tx: SyncSender<Msg>,
     filter: LogFilter,
+    /// The level of a line a worker printed on stderr (1 error .. 5 trace).
+    stderr_level: AtomicU8,
     dropped: AtomicU64,
     /// For metrics: entries from workers queued, and entries dropped, ever.
     from_workers: AtomicU64,
@@ -121,6 +132,7 @@ impl LogOutput {
         let shared = Arc::new(Shared {
             tx,
             filter,
+            stderr_level: AtomicU8::new(2),
             dropped: AtomicU64::new(0),
             from_workers: AtomicU64::new(0),
             dropped_total: AtomicU64::new(0),
@@ -140,7 +152,40 @@ impl LogOutput {
     pub fn layer(&self) -> WatcherLogLayer {
         WatcherLogLayer {
             output: self.clone(),
+            filter: self.shared.filter.env_filter(),
         }
+    }
+
+    /// The level given to the lines workers print on stderr (default
+    /// `WARN`: tracebacks and panics land there); stdout lines are `INFO`.
+    ///
+    /// ```
+    /// use cluster::{LogFilter, LogFormat, LogOutput};
+    /// let output = LogOutput::to_writer(Box::new(std::io::sink()), LogFormat::Text, LogFilter::default())
+    ///     .with_stderr_level(tracing::Level::ERROR);
+    /// # drop(output);
+    /// ```
+    pub fn with_stderr_level(self, level: tracing::Level) -> LogOutput {
+        self.shared
+            .stderr_level
+            .store(crate::log::level_number(&level), Ordering::Relaxed);
+        self
+    }
+
+    /// The level of a line printed on `source` (stdout `INFO`, stderr as
+    /// set by [`with_stderr_level`](Self::with_stderr_level)).
+    pub(crate) fn line_level(&self, source: Source) -> u8 {
+        match source {
+            Source::Stderr { .. } | Source::Job { stderr: true, .. } => {
+                self.shared.stderr_level.load(Ordering::Relaxed)
+            }
+            _ => 3,
+        }
+    }
+
+    /// The stream's filter (handed to every worker).
+    pub fn filter(&self) -> &LogFilter {
+        &self.shared.filter
     }
 
     /// Whether a record at `level` from `target` passes the filter.
@@ -148,11 +193,20 @@ impl LogOutput {
         self.shared.filter.enabled(target, level)
     }
 
-    /// Queues a record; never blocks.
+    /// Queues a record that passes the filter; never blocks. A worker's
+    /// forwarded records were filtered by the worker (with span and field
+    /// directives, which need the worker's spans) and are not filtered
+    /// again; lines and notes are checked against the plain directives.
     pub(crate) fn emit(&self, source: Source, record: LogRecord) {
-        if !self.enabled(&record.target, record.level) {
+        let forwarded = matches!(source, Source::Worker { .. });
+        if !forwarded && !self.enabled(&record.target, record.level) {
             return;
         }
+        self.push(source, record);
+    }
+
+    /// Queues a record without filtering it; never blocks.
+    fn push(&self, source: Source, record: LogRecord) {
         match self
             .shared
             .tx
@@ -217,32 +271,65 @@ impl LogOutput {
     }
 }
 
-/// The layer returned by [`LogOutput::layer`].
+/// The layer returned by [`LogOutput::layer`]: filters the watcher's own
+/// events with the stream's [`LogFilter`] (as an `EnvFilter`, so span and
+/// field directives apply) and writes them to the stream.
+///
+/// ```no_run
+/// use cluster::{LogFilter, LogFormat, LogOutput};
+/// use tracing_subscriber::prelude::*;
+///
+/// let output = LogOutput::stderr(LogFormat::Text, LogFilter::parse("info").unwrap());
+/// let layer: cluster::WatcherLogLayer = output.layer();
+/// tracing_subscriber::registry().with(layer).init();
+/// ```
 pub struct WatcherLogLayer {
     output: LogOutput,
+    filter: EnvFilter,
+}
+
+impl std::fmt::Debug for WatcherLogLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WatcherLogLayer")
+            .field("filter", &self.filter)
+            .finish()
+    }
 }
 
 impl<S> Layer<S> for WatcherLogLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn enabled(&self, metadata: &tracing::Metadata<'_>, _ctx: Context<'_, S>) -> bool {
-        self.output.enabled(
-            metadata.target(),
-            crate::log::level_number(metadata.level()),
-        )
+    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
+        Layer::<S>::register_callsite(&self.filter, metadata)
+    }
+
+    fn enabled(&self, metadata: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
+        Layer::<S>::enabled(&self.filter, metadata, ctx)
     }
 
     fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        use tracing::level_filters::LevelFilter;
-        Some(match self.output.shared.filter.max_level() {
-            0 => LevelFilter::OFF,
-            1 => LevelFilter::ERROR,
-            2 => LevelFilter::WARN,
-            3 => LevelFilter::INFO,
-            4 => LevelFilter::DEBUG,
-            _ => LevelFilter::TRACE,
-        })
+        Layer::<S>::max_level_hint(&self.filter)
+    }
+
+    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
+        Layer::<S>::on_new_span(&self.filter, attrs, id, ctx)
+    }
+
+    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
+        Layer::<S>::on_record(&self.filter, id, values, ctx)
+    }
+
+    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
+        Layer::<S>::on_enter(&self.filter, id, ctx)
+    }
+
+    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
+        Layer::<S>::on_exit(&self.filter, id, ctx)
+    }
+
+    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
+        Layer::<S>::on_close(&self.filter, id, ctx)
     }
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
@@ -251,7 +338,8 @@ where
         if record.target.starts_with("cluster") {
             record.target.clear();
         }
-        self.output.emit(Source::Watcher, record);
+        // Filtered already (the filter above saw its spans).
+        self.output.push(Source::Watcher, record);
     }
 }
 
@@ -369,6 +457,19 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
         LogFormat::Json => {
             let mut ts = String::with_capacity(32);
             format_timestamp(entry.record.ts_nanos, &mut ts);
+            let mut fields: serde_json::Map<String, serde_json::Value> = entry
+                .record
+                .fields
+                .iter()
+                .map(|(k, v)| (k.clone(), v.to_json()))
+                .collect();
+            let mut message = std::borrow::Cow::Borrowed(entry.record.message.as_str());
+            if source_is_line(entry.source) {
+                if let Some((text, object)) = json_object_line(&entry.record.message) {
+                    message = std::borrow::Cow::Owned(text);
+                    fields.extend(object);
+                }
+            }
             let line = JsonLine {
                 ts: &ts,
                 level: level_name(entry.record.level),
@@ -377,13 +478,8 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
                 job,
                 pid,
                 target: &entry.record.target,
-                message: &entry.record.message,
-                fields: entry
-                    .record
-                    .fields
-                    .iter()
-                    .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
-                    .collect(),
+                message: &message,
+                fields,
                 spans: &entry.record.spans,
             };
             match serde_json::to_string(&line) {
@@ -396,9 +492,44 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
     }
 }
 
+/// Whether the entry is a line a process printed (not a record).
+fn source_is_line(source: Source) -> bool {
+    matches!(
+        source,
+        Source::Stdout { .. } | Source::Stderr { .. } | Source::Job { .. }
+    )
+}
+
+/// A printed line that is one JSON object (a structured logger's output):
+/// its `message` or `msg` text, and its other keys as fields, so the
+/// object stays an object in the JSON stream instead of a quoted string.
+fn json_object_line(line: &str) -> Option<(String, serde_json::Map<String, serde_json::Value>)> {
+    if !line.trim_start().starts_with('{') {
+        return None;
+    }
+    let serde_json::Value::Object(mut object) = serde_json::from_str(line).ok()? else {
+        return None;
+    };
+    let text = ["message", "msg"]
+        .iter()
+        .find_map(|k| match object.get(*k) {
+            Some(serde_json::Value::String(s)) => Some((k.to_string(), s.clone())),
+            _ => None,
+        });
+    let message = match text {
+        Some((key, text)) => {
+            object.remove(&key);
+            text
+        }
+        None => String::new(),
+    };
+    Some((message, object))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::log::FieldValue;
 
     fn record(message: &str) -> LogRecord {
         LogRecord {
@@ -427,6 +558,49 @@ mod tests {
         assert_eq!(v["message"], "he said \"hi\"\nbye");
         assert_eq!(v["fields"]["user"], "ann \"a\"");
         assert_eq!(v["spans"][0], "request");
+    }
+
+    #[test]
+    fn typed_fields_stay_typed_and_printed_json_objects_stay_objects() {
+        let mut r = record("req");
+        r.fields = vec![
+            ("n".into(), FieldValue::U64(1)),
+            ("worker".into(), FieldValue::Bool(true)),
+        ];
+        let mut s = String::new();
+        let entry = Entry {
+            source: Source::Worker { slot: 1, pid: 7 },
+            record: r,
+        };
+        format_entry(&entry, LogFormat::Json, 1, &mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["fields"], serde_json::json!({"n": 1, "worker": true}));
+
+        let mut printed = record(r#"{"msg":"listening","port":8080,"tls":false,"tags":["a"]}"#);
+        printed.fields.clear();
+        let entry = Entry {
+            source: Source::Stdout { slot: 1, pid: 7 },
+            record: printed,
+        };
+        s.clear();
+        format_entry(&entry, LogFormat::Json, 1, &mut s);
+        let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+        assert_eq!(v["message"], "listening");
+        assert_eq!(
+            v["fields"],
+            serde_json::json!({"port": 8080, "tls": false, "tags": ["a"]})
+        );
+        // Not an object: kept as text.
+        for line in ["[1,2]", "{not json", "plain"] {
+            s.clear();
+            let entry = Entry {
+                source: Source::Stdout { slot: 1, pid: 7 },
+                record: record(line),
+            };
+            format_entry(&entry, LogFormat::Json, 1, &mut s);
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            assert_eq!(v["message"], line);
+        }
     }
 
     #[test]

@@ -257,6 +257,15 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
         .env(env::SLOT, slot.to_string())
+        .env(env::LOG_FILTER, config.output.filter().as_str())
+        .env(
+            env::MAX_REQUESTS,
+            config
+                .max_requests
+                .map(|n| n.saturating_add(jitter(context_id, config.max_requests_jitter)))
+                .unwrap_or(0)
+                .to_string(),
+        )
         .env(
             env::SHUTDOWN_TIMEOUT_MS,
             config.shutdown_timeout.as_millis().to_string(),
@@ -457,7 +466,7 @@ pub(crate) fn capture(
                 output.emit(
                     source,
                     LogRecord {
-                        level: 3,
+                        level: output.line_level(source),
                         target: String::new(),
                         message,
                         fields: Vec::new(),
@@ -473,6 +482,25 @@ pub(crate) fn capture(
     })
 }
 
+/// A random number in `0..=max`, different for every spawn (so workers
+/// started together do not all recycle together).
+fn jitter(context_id: u64, max: u64) -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    if max == 0 {
+        return 0;
+    }
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(context_id);
+    h.finish() % max.saturating_add(1)
+}
+
+/// `SIGKILL` for 9, `signal 64` for what has no name.
+pub(crate) fn signal_name(sig: i32) -> String {
+    nix::sys::signal::Signal::try_from(sig)
+        .map(|s| s.as_str().to_string())
+        .unwrap_or_else(|_| format!("signal {sig}"))
+}
+
 /// Describes how a worker ended, for logs.
 pub(crate) fn describe_exit(status: Option<ExitStatus>) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -480,12 +508,7 @@ pub(crate) fn describe_exit(status: Option<ExitStatus>) -> String {
         None => "ended (status unknown)".to_string(),
         Some(s) => match (s.code(), s.signal()) {
             (Some(code), _) => format!("exited with status {code}"),
-            (None, Some(sig)) => {
-                let name = nix::sys::signal::Signal::try_from(sig)
-                    .map(|s| s.as_str().to_string())
-                    .unwrap_or_else(|_| format!("signal {sig}"));
-                format!("was killed by {name}")
-            }
+            (None, Some(sig)) => format!("was killed by {}", signal_name(sig)),
             _ => format!("ended ({s})"),
         },
     }

@@ -2,10 +2,13 @@
 //! (files changed) and `--reload-on-deploy` (the program's path now
 //! resolves elsewhere, as after switching a `current` release symlink).
 //!
-//! Both poll rather than use inotify: a stat walk every 250 ms (watch) or
-//! every second (deploy) is cheap for source trees and release links, needs
-//! no extra dependency, and works on every filesystem (NFS, overlayfs,
-//! bind mounts) where inotify may miss changes.
+//! `--watch` listens for changes with inotify (the `notify` crate), so a
+//! large tree costs nothing while nothing changes; where inotify cannot
+//! watch a path (no inotify, the watch limit reached, some network file
+//! systems) it falls back to a stat walk every 250 ms. Either way a change
+//! is debounced: the restart starts once the paths stayed quiet for the
+//! debounce time. The deploy trigger polls (one `canonicalize` a second):
+//! inotify does not report a symlink switched above the watched path.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -92,7 +95,98 @@ fn hash(bytes: &[u8]) -> u64 {
     })
 }
 
+/// Asks for a restart once per burst of changes under `paths`.
 async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: CommandSender) {
+    match inotify(&paths) {
+        Ok((watcher, rx)) => {
+            tracing::debug!("--watch: inotify on {} path(s)", paths.len());
+            notified(watcher, rx, &paths, quiet, events).await
+        }
+        Err(e) => {
+            tracing::info!("--watch: cannot use inotify ({e}); polling every 250 ms instead");
+            poll_files(paths, quiet, events).await
+        }
+    }
+}
+
+/// An inotify watcher on `paths` (recursive) and the channel it reports on.
+fn inotify(
+    paths: &[PathBuf],
+) -> notify::Result<(
+    notify::RecommendedWatcher,
+    tokio::sync::mpsc::UnboundedReceiver<()>,
+)> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let watched: Vec<PathBuf> = paths.to_vec();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        // Reads and opens are not changes; errors (an overflowed queue)
+        // might hide one, so they count. A watched file's directory
+        // reports its siblings too: only the file's own events count.
+        let change = match event {
+            Ok(e) => {
+                !matches!(e.kind, EventKind::Access(_))
+                    && (e.paths.is_empty()
+                        || e.paths
+                            .iter()
+                            .any(|p| watched.iter().any(|w| p.starts_with(w))))
+            }
+            Err(_) => true,
+        };
+        if change {
+            let _ = tx.send(());
+        }
+    })?;
+    for path in paths {
+        // A file is watched through its directory, so a build or an
+        // editor that replaces it (a new inode under the same name) is
+        // still seen.
+        match path.parent().filter(|_| path.is_file()) {
+            Some(dir) => {
+                let dir = if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                };
+                watcher.watch(dir, RecursiveMode::NonRecursive)?
+            }
+            None => watcher.watch(path, RecursiveMode::Recursive)?,
+        }
+    }
+    Ok((watcher, rx))
+}
+
+async fn notified(
+    watcher: notify::RecommendedWatcher,
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<()>,
+    paths: &[PathBuf],
+    quiet: Duration,
+    events: CommandSender,
+) {
+    // Dropping the watcher ends the notifications.
+    let _watcher = watcher;
+    while rx.recv().await.is_some() {
+        // Debounce: wait until nothing changed for `quiet`.
+        while let Ok(Some(())) = tokio::time::timeout(quiet, rx.recv()).await {}
+        if !restart(paths, &events) {
+            return;
+        }
+    }
+}
+
+/// Sends the restart for a change under `paths`; `false` once the
+/// supervisor is gone.
+fn restart(paths: &[PathBuf], events: &CommandSender) -> bool {
+    let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    events
+        .send(Command::Restart {
+            reason: format!("{} changed", shown.join(", ")),
+            done: None,
+        })
+        .is_ok()
+}
+
+async fn poll_files(paths: Vec<PathBuf>, quiet: Duration, events: CommandSender) {
     let tick = Duration::from_millis(250).min(quiet.max(Duration::from_millis(20)));
     let scan = |paths: Vec<PathBuf>| async move {
         tokio::task::spawn_blocking(move || fingerprint(&paths))
@@ -117,14 +211,7 @@ async fn watch_files(paths: Vec<PathBuf>, quiet: Duration, events: CommandSender
             last = again;
         }
         seen = last;
-        let shown: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        if events
-            .send(Command::Restart {
-                reason: format!("{} changed", shown.join(", ")),
-                done: None,
-            })
-            .is_err()
-        {
+        if !restart(&paths, &events) {
             return;
         }
     }
@@ -164,6 +251,52 @@ async fn watch_deploy(program: PathBuf, events: CommandSender) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn inotify_reports_a_change_once_per_burst() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let paths = vec![dir.path().to_path_buf()];
+        let (watcher, changes) = inotify(&paths).expect("inotify works here");
+        let task = tokio::spawn(async move {
+            notified(watcher, changes, &paths, Duration::from_millis(100), tx).await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        for i in 0..5 {
+            std::fs::write(dir.path().join(format!("f{i}")), "x").unwrap();
+        }
+        let first = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert!(matches!(first, Ok(Some(Command::Restart { .. }))));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(rx.try_recv().is_err(), "one restart for the burst");
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_watched_file_replaced_by_a_rename_is_still_watched() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("server");
+        std::fs::write(&file, "v1").unwrap();
+        std::fs::write(dir.path().join("sibling"), "x").unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let paths = vec![file.clone()];
+        let (watcher, changes) = inotify(&paths).unwrap();
+        let task = tokio::spawn(async move {
+            notified(watcher, changes, &paths, Duration::from_millis(50), tx).await
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::fs::write(dir.path().join("sibling"), "y").unwrap();
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(rx.try_recv().is_err(), "a sibling's change is not ours");
+        for v in ["v2", "v3"] {
+            let tmp = dir.path().join("server.tmp");
+            std::fs::write(&tmp, v).unwrap();
+            std::fs::rename(&tmp, &file).unwrap();
+            let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+            assert!(matches!(got, Ok(Some(Command::Restart { .. }))), "{v}");
+        }
+        task.abort();
+    }
 
     #[test]
     fn fingerprint_sees_edits_additions_and_renames() {

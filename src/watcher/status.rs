@@ -8,6 +8,14 @@ use std::time::Duration;
 use super::procfs;
 
 /// What the watcher knows about one running worker.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) {
+/// for w in watcher.workers().await {
+///     println!("slot {} pid {} {} rss {:?}", w.slot, w.pid, w.state, w.rss_bytes);
+/// }
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct WorkerInfo {
@@ -32,6 +40,10 @@ pub struct WorkerInfo {
     /// How the previous worker of this slot ended, if one did: for example
     /// `exited with status 1` or `killed by SIGKILL (missed heartbeats)`.
     pub last_exit: Option<String>,
+    /// The exit status of the previous worker of this slot, if it exited.
+    pub last_exit_code: Option<i32>,
+    /// The signal that killed the previous worker of this slot, if one did.
+    pub last_exit_signal: Option<i32>,
 }
 
 impl WorkerInfo {
@@ -44,6 +56,18 @@ impl WorkerInfo {
 }
 
 /// The life of a worker: starting → ready → stopping → gone.
+///
+/// ```no_run
+/// # async fn run(watcher: cluster::ClusterWatcher) {
+/// let ready = watcher
+///     .workers()
+///     .await
+///     .iter()
+///     .filter(|w| w.state == cluster::WorkerState::Ready)
+///     .count();
+/// # drop(ready);
+/// # }
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum WorkerState {
@@ -70,6 +94,31 @@ impl std::fmt::Display for WorkerState {
 pub(crate) struct StatusReport {
     pub workers: Vec<WorkerInfo>,
     pub wanted: usize,
+    /// Slots whose worker is ready.
+    pub ready: usize,
+    /// Slots without a worker: waiting for a respawn, or given up.
+    pub idle: Vec<IdleSlot>,
+    /// The program the workers run.
+    pub program: String,
+    /// The addresses the watcher listens on.
+    pub addresses: Vec<String>,
+    /// Where the daemon's log goes (`--log-file`).
+    pub log_file: Option<std::path::PathBuf>,
+}
+
+/// A slot without a worker process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct IdleSlot {
+    pub slot: u32,
+    pub restarts: u32,
+    /// When its next worker starts (`None`: never, it gave up).
+    pub next_start: Option<Duration>,
+    /// It crashed more than `--max-restarts` times within
+    /// `--restart-window` and is not restarted any more.
+    pub gave_up: bool,
+    pub last_exit: Option<String>,
+    pub last_exit_code: Option<i32>,
+    pub last_exit_signal: Option<i32>,
 }
 
 /// What the supervisor reports for one metrics scrape.
@@ -85,6 +134,10 @@ pub(crate) struct Snapshot {
     pub log_dropped: u64,
     pub messages_in: u64,
     pub messages_out: u64,
+    /// Slots that gave up after `--max-restarts`.
+    pub gave_up: Vec<u32>,
+    /// Workers replaced for `--max-requests` or `--max-memory`.
+    pub recycled: u64,
 }
 
 /// One pool in a status report.
@@ -117,4 +170,41 @@ pub(crate) struct JobsStatus {
     pub lost: u64,
     /// The store's counts (every node's jobs), when they could be read.
     pub store_counts: Option<crate::jobs::JobStats>,
+    /// The latest outcomes this watcher recorded, oldest first (at most
+    /// [`RECENT_OUTCOMES`]); the dashboard's event stream sends the new
+    /// ones as `job` events.
+    pub recent: std::collections::VecDeque<JobOutcomeInfo>,
+}
+
+/// How many outcomes [`JobsStatus::recent`] keeps.
+pub(crate) const RECENT_OUTCOMES: usize = 50;
+
+/// One attempt's outcome, as the dashboard shows it.
+#[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
+pub(crate) struct JobOutcomeInfo {
+    /// Increases by one per outcome since the watcher started.
+    pub seq: u64,
+    pub id: i64,
+    pub queue: String,
+    pub name: Option<String>,
+    pub attempt: u32,
+    pub max_attempts: u32,
+    /// `done`, `retry` (failed, another attempt follows), `failed`,
+    /// `cancelled` or `lost` (its worker died; retried while attempts
+    /// remain).
+    pub outcome: &'static str,
+    pub error: Option<String>,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+}
+
+impl JobsStatus {
+    /// Appends an outcome to `recent`, dropping the oldest past the bound.
+    pub(crate) fn note(&mut self, mut info: JobOutcomeInfo) {
+        info.seq = self.recent.back().map_or(1, |l| l.seq + 1);
+        if self.recent.len() >= RECENT_OUTCOMES {
+            self.recent.pop_front();
+        }
+        self.recent.push_back(info);
+    }
 }

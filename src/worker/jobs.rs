@@ -76,6 +76,18 @@ impl<E: std::error::Error> From<E> for JobError {
 }
 
 /// What a handler knows about the job it runs.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// cluster::Cluster::jobs()
+///     .handle_with_context("resize", |args: serde_json::Value, ctx: cluster::JobContext| async move {
+///         println!("job {:?} attempt {}", ctx.id(), ctx.attempt());
+///         Ok::<_, cluster::JobError>(args)
+///     })
+///     .run()
+///     .await
+/// # }
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JobContext {
     id: Option<JobId>,

@@ -15,8 +15,9 @@ use super::dispatch::Inbound;
 use super::ipc_thread::{self, Ipc};
 use super::shared::{Outgoing, Pings, Shared};
 use crate::ipc::env;
-use crate::listener::{Balanced, ToIpcFn};
-use crate::log::{WorkerLogQueue, WORKER_QUEUE};
+use crate::ipc::message::ToWatcher;
+use crate::listener::{Balanced, ToIpcFn, REQUESTS};
+use crate::log::{LogFilter, WorkerLogQueue, WORKER_QUEUE};
 use crate::sys;
 
 static LINK: OnceLock<Option<Arc<Shared>>> = OnceLock::new();
@@ -80,10 +81,23 @@ fn connect() -> Option<Arc<Shared>> {
             tx: logs_tx,
             dropped: AtomicU64::new(0),
         },
+        log_filter: std::env::var(env::LOG_FILTER)
+            .ok()
+            .and_then(|s| LogFilter::parse(&s).ok())
+            .unwrap_or_default(),
         inbox: tokio::sync::Mutex::new(inbox_rx),
         balanced: Arc::new(Balanced::new(to_ipc)),
         jobs: std::sync::Mutex::new(None),
     });
+    if let Some(limit) = env_num::<u64>(env::MAX_REQUESTS).filter(|&n| n > 0) {
+        let tx = shared.tx.clone();
+        REQUESTS.set_limit(
+            limit,
+            Box::new(move |requests| {
+                let _ = tx.send(Outgoing::Message(ToWatcher::Recycle { requests }));
+            }),
+        );
+    }
     sys::at_exit(flush_at_exit);
     ipc_thread::start(
         fd,

@@ -78,10 +78,15 @@ impl Cluster {
         ServerSocketFactory { _private: () }
     }
 
-    /// A `tracing_subscriber` layer that forwards every event (level,
-    /// target, message, fields, span names, timestamp) to the watcher, which
-    /// writes it to its log stream tagged with this worker's slot and pid.
-    /// Standalone, it writes the same lines to stderr.
+    /// A `tracing_subscriber` layer that forwards events (level, target,
+    /// message, typed fields, span names, timestamp) to the watcher, which
+    /// writes them to its log stream tagged with this worker's slot and
+    /// pid. Standalone, it writes the same lines to stderr.
+    ///
+    /// It filters with the watcher's `--log-level` (an `EnvFilter`,
+    /// span and field directives included; standalone: `RUST_LOG`, else
+    /// `info`) before anything is built or queued, so filtered events cost
+    /// next to nothing.
     ///
     /// Forwarding never blocks: events go through a bounded queue (16,384
     /// records); when it is full they are dropped and counted, and the
@@ -93,7 +98,10 @@ impl Cluster {
     /// tracing::info!(user = "ann", "logged in");
     /// ```
     pub fn log_layer() -> ClusterLogLayer {
-        ClusterLogLayer::new(link().map(|l| &l.logs))
+        match link() {
+            Some(l) => ClusterLogLayer::new(Some(&l.logs), &l.log_filter),
+            None => ClusterLogLayer::new(None, &standalone_filter()),
+        }
     }
 
     /// A `slog::Drain` that forwards records (level, module or tag, message,
@@ -108,7 +116,10 @@ impl Cluster {
     /// ```
     #[cfg(feature = "slog")]
     pub fn slog_drain() -> crate::log::ClusterSlogDrain {
-        crate::log::ClusterSlogDrain::new(link().map(|l| &l.logs))
+        match link() {
+            Some(l) => crate::log::ClusterSlogDrain::new(Some(&l.logs), l.log_filter.clone()),
+            None => crate::log::ClusterSlogDrain::new(None, standalone_filter()),
+        }
     }
 
     /// A typed channel to the watcher: [`send`](MessageChannel::send)
@@ -166,7 +177,24 @@ impl Cluster {
     }
 }
 
+/// The log filter of a process without a watcher: `RUST_LOG`, else `info`.
+fn standalone_filter() -> crate::log::LogFilter {
+    std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|s| crate::log::LogFilter::parse(&s).ok())
+        .unwrap_or_default()
+}
+
 /// A typed channel between a worker and its watcher; see [`Cluster::channel`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// let chan = cluster::Cluster::channel::<String>()?;
+/// chan.send(&"hello".to_string())?;
+/// let reply: String = chan.recv().await?;
+/// # drop(reply);
+/// # Ok(()) }
+/// ```
 pub struct MessageChannel<T> {
     link: &'static Shared,
     _type: std::marker::PhantomData<fn() -> T>,
@@ -213,6 +241,15 @@ impl<T: Serialize + DeserializeOwned> MessageChannel<T> {
 }
 
 /// Hands out listening sockets; get one with [`Cluster::server_socket_factory`].
+///
+/// ```no_run
+/// # async fn run() -> Result<(), cluster::Error> {
+/// let factory = cluster::Cluster::server_socket_factory();
+/// let http = factory.listen("127.0.0.1:8080").await?;
+/// let admin = factory.listen("unix:///tmp/admin.sock").await?;
+/// # drop((http, admin));
+/// # Ok(()) }
+/// ```
 #[derive(Debug, Clone, Copy)]
 pub struct ServerSocketFactory {
     _private: (),

@@ -11,7 +11,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{JobOrder, ToWatcher};
 use crate::listener::{Balanced, ToIpc};
-use crate::log::WorkerLogQueue;
+use crate::log::{LogFilter, WorkerLogQueue};
 
 /// What user code asks the IPC thread to send.
 pub(crate) enum Outgoing {
@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub ready_sent: AtomicBool,
     pub pings: Pings,
     pub logs: WorkerLogQueue,
+    /// The watcher's log filter (`CLUSTER_LOG_FILTER`).
+    pub log_filter: LogFilter,
     /// User messages from the watcher.
     pub inbox: tokio::sync::Mutex<mpsc::UnboundedReceiver<Vec<u8>>>,
     /// Balanced listeners (round-robin, least-connections, ip-hash).

@@ -25,6 +25,12 @@
 //!   on `(0, "oversize")` tries a message over the limit and reports
 //!   `(0, "too large: <bool>")`.
 //! * `print`: writes test lines on stdout and stderr, then waits.
+//! * `trace N`: logs N `trace!` records as fast as it can, a `debug!` in a
+//!   span `req{user=ann}` and one in `req{user=bob}`, then `info!("done")`,
+//!   then waits.
+//! * `jsonprint`: prints a JSON object on stdout and a panic-like line on
+//!   stderr, then waits.
+//! * `grow ADDR`: like `serve`, after touching 64 MiB of memory.
 //!
 //! Every start appends `spawn <context> <slot> <pid> <unix-ms> [port]` to the
 //! file named by `TEST_SPAWN_LOG`, if set.
@@ -65,7 +71,7 @@ fn main() {
     let addr = std::env::args()
         .nth(2)
         .unwrap_or_else(|| "127.0.0.1:0".into());
-    if matches!(mode.as_str(), "log" | "flood") {
+    if matches!(mode.as_str(), "log" | "flood" | "trace") {
         use tracing_subscriber::prelude::*;
         tracing_subscriber::registry()
             .with(Cluster::log_layer())
@@ -75,11 +81,25 @@ fn main() {
         "log" => return log_records(&addr),
         "messages" => return messages(),
         "print" => return print_lines(),
+        "trace" => return trace_flood(&addr),
+        "jsonprint" => {
+            println!(r#"{{"msg":"listening","port":8080,"tls":false,"tags":["a","b"]}}"#);
+            eprintln!("thread 'main' panicked at src/main.rs:1:1: oh no");
+            runtime().block_on(Cluster::await_termination());
+            return;
+        }
         "exit" => {
             log_line("");
             std::process::exit(3);
         }
         "serve" | "garbage" | "hang" | "block" | "flood" => {}
+        "grow" => {
+            let mut big = vec![0u8; 64 << 20];
+            for i in (0..big.len()).step_by(4096) {
+                big[i] = 1;
+            }
+            std::mem::forget(big);
+        }
         other => {
             eprintln!("test_worker: unknown mode {other:?}");
             std::process::exit(2);
@@ -161,6 +181,17 @@ fn runtime() -> tokio::runtime::Runtime {
         .enable_all()
         .build()
         .unwrap()
+}
+
+fn trace_flood(n: &str) {
+    let n: u64 = n.parse().unwrap_or(50_000);
+    for i in 0..n {
+        tracing::trace!(i, "noise");
+    }
+    tracing::info_span!("req", user = "ann").in_scope(|| tracing::debug!("ann's"));
+    tracing::info_span!("req", user = "bob").in_scope(|| tracing::debug!("bob's"));
+    tracing::info!(n, ok = true, "done");
+    runtime().block_on(Cluster::await_termination());
 }
 
 fn log_records(n: &str) {

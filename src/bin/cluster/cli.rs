@@ -93,6 +93,17 @@ pub struct Args {
     #[arg(long, value_name = "ADDR", value_parser = parse_metrics_addr)]
     pub metrics: Option<SocketAddr>,
 
+    /// Serve the web dashboard and its JSON API on http://ADDR/ (host:port,
+    /// or :port for 127.0.0.1:port); an address that is not loopback needs
+    /// --http-token-file
+    #[arg(long, value_name = "ADDR", value_parser = parse_http_addr)]
+    pub http: Option<SocketAddr>,
+
+    /// File holding the dashboard's token (16 characters or more); every
+    /// request must carry it
+    #[arg(long, value_name = "FILE", requires = "http")]
+    pub http_token_file: Option<PathBuf>,
+
     /// Run the workers as this user (the watcher must run as root; it
     /// keeps root to bind the listeners)
     #[arg(long, value_name = "NAME")]
@@ -212,6 +223,45 @@ pub struct Args {
     #[arg(long, value_name = "FILE", requires = "daemon")]
     pub log_file: Option<PathBuf>,
 
+    /// Read options from a TOML file (keys are the long option names,
+    /// `program = ["./srv", "arg"]`); the command line and CLUSTER_*
+    /// variables override it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    /// Give up on a slot whose workers fail more than N times within
+    /// --restart-window (0: restart forever)
+    #[arg(long, value_name = "N", default_value_t = cluster::DEFAULT_MAX_RESTARTS, help_heading = "Health")]
+    pub max_restarts: u32,
+
+    /// The window of --max-restarts, in seconds
+    #[arg(long, value_name = "SECS", default_value = "300", value_parser = parse_seconds, help_heading = "Health")]
+    pub restart_window: Duration,
+
+    /// Replace a worker (rolling) after it served N requests (connections
+    /// accepted through the library's listener; 0: never)
+    #[arg(long, value_name = "N", default_value = "0", help_heading = "Health")]
+    pub max_requests: u64,
+
+    /// Add a random 0..=N to each worker's --max-requests
+    #[arg(long, value_name = "N", default_value = "0", help_heading = "Health")]
+    pub max_requests_jitter: u64,
+
+    /// Replace a worker (rolling) whose resident memory passes SIZE
+    /// (bytes, or 512M, 2G)
+    #[arg(long, value_name = "SIZE", value_parser = cluster::__parse_bytes, help_heading = "Health")]
+    pub max_memory: Option<u64>,
+
+    /// Run CMD (sh -c) on each event: worker_crashed, slot_gave_up,
+    /// worker_recycled, reload_failed, watcher_started, watcher_stopping
+    /// (JSON on stdin and in CLUSTER_EVENT_JSON, the name in CLUSTER_EVENT)
+    #[arg(long, value_name = "CMD", help_heading = "Health")]
+    pub on_event: Option<String>,
+
+    /// Level of the lines workers print on stderr (stdout lines are info)
+    #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_level)]
+    pub stderr_level: tracing::Level,
+
     /// The program to run as each worker, and its arguments
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
     pub command: Vec<OsString>,
@@ -227,12 +277,23 @@ pub enum Command {
         #[command(subcommand)]
         cmd: crate::jobs::JobsCommand,
     },
+    /// Print a daemon's log (its --log-file), optionally following it
+    Logs(crate::logs::LogsArgs),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell)
+    Completions {
+        /// The shell
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff): cluster man > /usr/local/share/man/man1/cluster.1
+    Man,
 }
 
 /// Subcommands that talk to a running watcher through its control socket.
 #[derive(Debug, clap::Subcommand)]
 pub enum Control {
-    /// Show the workers (exit 0 when a watcher runs, 3 when none does)
+    /// Show every slot (exit 0 when all workers are ready, 5 when fewer
+    /// are or a slot gave up, 3 when no watcher runs)
     Status {
         #[command(flatten)]
         target: Target,
@@ -255,6 +316,11 @@ pub enum Control {
         /// Seconds to wait for the watcher to exit
         #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
         timeout: Duration,
+    },
+    /// Reopen the daemon's --log-file (after logrotate moved it)
+    ReopenLogs {
+        #[command(flatten)]
+        target: Target,
     },
     /// Set the number of workers
     Scale {
@@ -322,6 +388,19 @@ fn parse_metrics_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("'{s}' is not a host:port address ({e})"))?
         .next()
         .ok_or_else(|| format!("'{s}' resolves to no address"))
+}
+
+/// Like `--metrics`, but `:port` is loopback: the dashboard can act.
+fn parse_http_addr(s: &str) -> Result<SocketAddr, String> {
+    match s.strip_prefix(':') {
+        Some(port) => parse_metrics_addr(&format!("127.0.0.1:{port}")),
+        None => parse_metrics_addr(s),
+    }
+}
+
+fn parse_level(s: &str) -> Result<tracing::Level, String> {
+    s.parse()
+        .map_err(|_| format!("'{s}' is not a level (error, warn, info, debug, trace)"))
 }
 
 fn parse_count(s: &str) -> Result<u32, String> {
@@ -415,6 +494,34 @@ mod tests {
         assert!(a.daemon);
         let a = parse(&["--metrics", "127.0.0.1:9100", "./srv"]).unwrap();
         assert_eq!(a.metrics, Some("127.0.0.1:9100".parse().unwrap()));
+        let a = parse(&["--http", ":8081", "./srv"]).unwrap();
+        assert_eq!(a.http, Some("127.0.0.1:8081".parse().unwrap()));
+        assert!(parse(&["--http-token-file", "t", "./srv"]).is_err());
+    }
+
+    #[test]
+    fn health_options() {
+        let a = parse(&[
+            "--max-restarts",
+            "3",
+            "--restart-window",
+            "60",
+            "--max-memory",
+            "512M",
+            "--stderr-level",
+            "error",
+            "./srv",
+        ])
+        .unwrap();
+        assert_eq!(a.max_restarts, 3);
+        assert_eq!(a.restart_window, Duration::from_secs(60));
+        assert_eq!(a.max_memory, Some(512 << 20));
+        assert_eq!(a.stderr_level, tracing::Level::ERROR);
+        assert!(parse(&["--max-memory", "lots", "./srv"]).is_err());
+        assert!(parse(&["--stderr-level", "loud", "./srv"]).is_err());
+        let d = parse(&["./srv"]).unwrap();
+        assert_eq!(d.max_restarts, cluster::DEFAULT_MAX_RESTARTS);
+        assert_eq!(d.stderr_level, tracing::Level::WARN);
     }
 
     #[test]

@@ -3,26 +3,33 @@
 //!
 //! Exit status: 0 after a graceful stop, 1 when the watcher fails (or a
 //! second stop signal forced it), 2 for a usage error; `cluster status`
-//! exits 3 when no watcher runs. `cluster jobs ...` exits 0 or 1.
+//! exits 3 when no watcher runs, 4 when it may not ask, 5 when the
+//! cluster is degraded. `cluster jobs ...` exits 0 or 1.
 
 mod cli;
+mod completions;
+mod config_file;
 mod jobs;
+mod logs;
 mod running;
 
 use std::process::ExitCode;
 
 use std::time::Duration;
 
-use clap::Parser;
 use tracing_subscriber::prelude::*;
 
 use cluster::daemon::{daemonize, Daemon};
 use cluster::{ClusterWatcher, LogFilter, LogOutput, Stopped};
 
 fn main() -> ExitCode {
-    let args = match cli::Args::try_parse() {
+    let args = match config_file::parse(std::env::args_os().collect()) {
         Ok(args) => args,
-        Err(e) => {
+        Err(config_file::Failure::Config(line)) => {
+            eprintln!("cluster: error: {line}");
+            return ExitCode::from(2);
+        }
+        Err(config_file::Failure::Usage(e)) => {
             use clap::error::ErrorKind;
             if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
                 let _ = e.print();
@@ -45,6 +52,9 @@ fn main() -> ExitCode {
     match args.control {
         Some(cli::Command::Control(cmd)) => return running::run(cmd),
         Some(cli::Command::Jobs { cmd }) => return jobs::run(cmd),
+        Some(cli::Command::Logs(a)) => return logs::run(a),
+        Some(cli::Command::Completions { shell }) => return completions::completions(shell),
+        Some(cli::Command::Man) => return completions::man(),
         None => {}
     }
     if args.daemon && args.pid_file.is_none() {
@@ -69,8 +79,13 @@ fn main() -> ExitCode {
     };
     // Detach now, while this process has a single thread (no runtime and
     // no log writer yet). Past this point errors also go to the launcher.
+    // Absolute, so `cluster logs` finds it from any directory.
+    let log_file = args
+        .log_file
+        .as_deref()
+        .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf()));
     let daemon = if args.daemon {
-        match daemonize(args.log_file.as_deref()) {
+        match daemonize(log_file.as_deref()) {
             Ok(d) => Some(d),
             Err(e) => {
                 eprintln!("cluster: error: {e}");
@@ -81,7 +96,8 @@ fn main() -> ExitCode {
         None
     };
     let daemon = daemon.as_ref();
-    let output = LogOutput::stderr(args.log_format.into(), filter);
+    let output =
+        LogOutput::stderr(args.log_format.into(), filter).with_stderr_level(args.stderr_level);
     tracing_subscriber::registry().with(output.layer()).init();
 
     let mut command = std::process::Command::new(&args.command[0]);
@@ -96,7 +112,21 @@ fn main() -> ExitCode {
         .heartbeat_timeout(heartbeat)
         .reload_on_deploy(args.reload_on_deploy)
         .subreaper(true)
-        .balance(args.balance);
+        .balance(args.balance)
+        .max_restarts(
+            Some(args.max_restarts).filter(|&n| n > 0),
+            args.restart_window,
+        )
+        .max_requests(args.max_requests, args.max_requests_jitter);
+    if let Some(bytes) = args.max_memory {
+        builder = builder.max_memory(bytes);
+    }
+    if let Some(cmd) = &args.on_event {
+        builder = builder.on_event(cmd);
+    }
+    if let Some(path) = &log_file {
+        builder = builder.log_file(path);
+    }
     for path in &args.watch {
         builder = builder.watch(path);
     }
@@ -111,6 +141,12 @@ fn main() -> ExitCode {
     }
     if let Some(addr) = args.metrics {
         builder = builder.metrics(addr);
+    }
+    if let Some(addr) = args.http {
+        builder = builder.http(addr);
+    }
+    if let Some(path) = &args.http_token_file {
+        builder = builder.http_token_file(path);
     }
     if let Some(user) = &args.user {
         builder = builder.user(user);

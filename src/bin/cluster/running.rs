@@ -11,6 +11,10 @@ use crate::cli::Control;
 /// Exit status of `status` when no watcher runs (LSB: "program is not running").
 const NOT_RUNNING: u8 = 3;
 
+/// Exit status of `status` when fewer workers are ready than wanted, or a
+/// slot gave up after `--max-restarts`.
+const DEGRADED: u8 = 5;
+
 /// Exit status of every subcommand when the caller may not use the
 /// watcher's control socket (LSB: "user had insufficient privilege").
 const DENIED: u8 = 4;
@@ -80,7 +84,11 @@ async fn dispatch(cmd: Control) -> ExitCode {
                     } else if !quiet {
                         print_table(&r);
                     }
-                    ExitCode::SUCCESS
+                    if r.degraded {
+                        ExitCode::from(DEGRADED)
+                    } else {
+                        ExitCode::SUCCESS
+                    }
                 }
                 Ok(r) => refused(r),
                 Err(e) => {
@@ -91,6 +99,13 @@ async fn dispatch(cmd: Control) -> ExitCode {
                 }
             }
         }
+        Control::ReopenLogs { target } => match ask(&target, Request::ReopenLogs).await {
+            Ok(_) => {
+                println!("reopened");
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
         Control::Reload { target } => match ask(&target, Request::Reload).await {
             Ok(_) => {
                 println!("reloaded");
@@ -146,24 +161,46 @@ fn running(pid: nix::unistd::Pid) -> bool {
 }
 
 fn print_table(r: &Response) {
+    let running = r.workers.iter().filter(|w| w.pid != 0).count();
+    let health = if r.degraded { "DEGRADED" } else { "ok" };
     println!(
-        "watcher pid {}: {} worker(s) running, {} wanted",
+        "watcher pid {}: {running} worker(s) running, {} ready, {} wanted: {health}",
         r.pid,
-        r.workers.len(),
+        r.workers_ready.unwrap_or(0),
         r.workers_wanted.unwrap_or(0)
     );
+    if let Some(program) = &r.program {
+        let listening = if r.addresses.is_empty() {
+            String::new()
+        } else {
+            format!(", listening on {}", r.addresses.join(", "))
+        };
+        println!("program {program}{listening}");
+    }
     println!(
         "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  LAST EXIT",
         "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     for w in &r.workers {
+        let dash = |n: u64| {
+            if n == 0 {
+                "-".to_string()
+            } else {
+                n.to_string()
+            }
+        };
+        let uptime = match (w.pid, w.next_start_secs) {
+            (0, Some(next)) => format!("in {}", human(next)),
+            (0, None) => "-".into(),
+            _ => human(w.uptime_secs),
+        };
         println!(
             "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {}",
             w.slot,
-            w.context_id,
-            w.pid,
+            dash(w.context_id),
+            dash(w.pid.into()),
             w.state,
-            human(w.uptime_secs),
+            uptime,
             w.restarts,
             w.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
             w.cpu_percent

@@ -78,8 +78,12 @@ pub(crate) enum JobsEvent {
     },
     /// A per-job process ended.
     ProcessDone(ProcessDone),
-    /// The counters, for `cluster status` and metrics.
-    Status(oneshot::Sender<JobsStatus>),
+    /// The counters, for `cluster status` and metrics: the dispatcher's report; with the store's counts per state when
+    /// `counts` (a query over every job, run beside the loop).
+    Status {
+        reply: oneshot::Sender<JobsStatus>,
+        counts: bool,
+    },
     /// The watcher is stopping: claim nothing more, stop job processes
     /// (SIGTERM, SIGKILL after `timeout`).
     Stopping { timeout: Duration },
@@ -134,7 +138,8 @@ impl JobsHandle {
         self.tx.clone()
     }
 
-    /// The store, when the watcher runs one (`--jobs`).
+    /// The store, when the watcher runs one (`--jobs`; the job server's
+    /// durable jobs and the dashboard's job queries use it).
     pub(crate) fn store(&self) -> Option<Arc<dyn Store>> {
         self.store.clone()
     }

@@ -23,7 +23,7 @@ use crate::jobs::store::{ClaimRequest, Finished, Outcome, Store};
 use crate::jobs::{Job, JobId};
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Outbound};
-use crate::watcher::status::{JobsStatus, PoolStatus};
+use crate::watcher::status::{JobOutcomeInfo, JobsStatus, PoolStatus};
 
 /// Most jobs claimed in one statement.
 const MAX_CLAIM: usize = 1000;
@@ -330,12 +330,20 @@ impl Dispatcher {
                 self.record(&r, who, outcome);
             }
             JobsEvent::ProcessDone(done) => self.process_done(done),
-            JobsEvent::Status(reply) => {
+            JobsEvent::Status { reply, counts } => {
                 let mut status = self.status();
-                if let Some(store) = &self.store {
-                    status.store_counts = store.stats().await.ok();
+                match self.store.clone() {
+                    Some(store) if counts => {
+                        // A scan of the table: never in the dispatcher's way.
+                        tokio::spawn(async move {
+                            status.store_counts = store.stats().await.ok();
+                            let _ = reply.send(status);
+                        });
+                    }
+                    _ => {
+                        let _ = reply.send(status);
+                    }
                 }
-                let _ = reply.send(status);
             }
             JobsEvent::Call(call) => {
                 if self.stopping.is_some() {
@@ -432,6 +440,15 @@ impl Dispatcher {
                 self.status.failed += 1;
             }
         }
+        let retry = r.job.attempt < r.job.max_attempts;
+        let (word, error) = match &outcome {
+            Outcome::Done(_) => ("done", None),
+            Outcome::Cancelled => ("cancelled", None),
+            Outcome::Lost(e) => ("lost", Some(e.clone())),
+            Outcome::Failed(e) if retry => ("retry", Some(e.clone())),
+            Outcome::Failed(e) => ("failed", Some(e.clone())),
+        };
+        self.status.note(outcome_info(&r.job, word, error));
         if let Outcome::Failed(e) | Outcome::Lost(e) = &outcome {
             tracing::warn!(
                 "job {} ({}) attempt {} of {} failed: {e}",
@@ -546,6 +563,7 @@ impl Dispatcher {
                 if let Some(i) = q.iter().position(|j| j.id == id && j.attempt == attempt) {
                     if let Some(job) = q.remove(i) {
                         self.status.cancelled += 1;
+                        self.status.note(outcome_info(&job, "cancelled", None));
                         self.finished.push(Finished {
                             id: job.id,
                             attempt: job.attempt,
@@ -910,5 +928,30 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(t) => tokio::time::sleep_until(t).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Characters of an error kept in [`JobsStatus::recent`].
+const MAX_ERROR_SHOWN: usize = 300;
+
+/// What the dashboard shows of one outcome of `job` (its `seq` is set by
+/// [`JobsStatus::note`]).
+fn outcome_info(job: &Job, outcome: &'static str, error: Option<String>) -> JobOutcomeInfo {
+    JobOutcomeInfo {
+        seq: 0,
+        id: job.id.get(),
+        queue: job.queue.clone(),
+        name: job.name.clone(),
+        attempt: job.attempt,
+        max_attempts: job.max_attempts,
+        outcome,
+        // The store keeps the whole text; a status stays small.
+        error: error.map(|e| match e.char_indices().nth(MAX_ERROR_SHOWN) {
+            Some((cut, _)) => format!("{}…", &e[..cut]),
+            None => e,
+        }),
+        at_ms: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64),
     }
 }

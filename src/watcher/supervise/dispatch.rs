@@ -78,6 +78,10 @@ impl Supervisor {
             }
             ToWatcher::SocketRequest { id, addr } => self.on_socket_request(context_id, id, addr),
             ToWatcher::Pong { .. } => w.last_pong = Instant::now(),
+            ToWatcher::Recycle { requests } => {
+                let why = format!("served {requests} requests (--max-requests)");
+                self.recycle(context_id, &why);
+            }
             ToWatcher::Logs(records) => {
                 for record in records {
                     self.ctx.config.output.emit(source, record);

@@ -164,6 +164,30 @@ impl Listeners {
     }
 
     /// When [`sweep`](Self::sweep) has something to close, if ever.
+    /// Every address the watcher listens on, sorted: as bound (the real
+    /// port for port 0; a balanced address as its balancer accepts).
+    pub(crate) fn addresses(&self) -> Vec<String> {
+        let local = |addr: &Address, fd: &OwnedFd| match addr {
+            Address::Tcp(_) => socket2::SockRef::from(fd)
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_socket())
+                .map(|a| a.to_string())
+                .unwrap_or_else(|| addr.to_string()),
+            Address::Unix(_) => addr.to_string(),
+        };
+        let mut all: Vec<String> = self
+            .shared
+            .iter()
+            .map(|(a, fd)| local(a, fd))
+            .chain(self.reuseport.iter().map(|((a, _), fd)| local(a, fd)))
+            .chain(self.balancers.values().map(|b| b.local.clone()))
+            .collect();
+        all.sort();
+        all.dedup();
+        all
+    }
+
     pub(crate) fn next_sweep(&self) -> Option<Instant> {
         self.unheld_since.values().min().map(|&t| t + UNUSED_GRACE)
     }

@@ -15,6 +15,7 @@
 //! paused time.
 
 mod dispatch;
+mod health;
 mod listeners;
 mod reload;
 mod services;
@@ -33,7 +34,8 @@ use crate::ipc::RecvError;
 use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
-use crate::watcher::process::Launcher;
+use crate::watcher::hooks::{event_fields, HOOK_TIMEOUT};
+use crate::watcher::process::{signal_name, Launcher};
 use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
 use crate::watcher::systemd::{self, Notifier};
 use listeners::Listeners;
@@ -56,6 +58,10 @@ struct Counters {
     drop_report_at: Option<Instant>,
     /// Records workers reported dropping from their own queues.
     worker_log_drops: u64,
+    /// Workers replaced for `--max-requests` or `--max-memory`.
+    recycled: u64,
+    /// Failed reloads already told to the `--on-event` hook.
+    reloads_failed_told: u64,
 }
 
 /// How often dropped messages are reported at most.
@@ -186,6 +192,10 @@ impl Supervisor {
             self.ctx
                 .notify(&["READY=1".into(), format!("MAINPID={}", std::process::id())]);
         }
+        self.services.hooks.emit(
+            "watcher_started",
+            event_fields!("workers" => self.pool.slots.len(), "program" => std::path::Path::new(&self.ctx.config.program).display().to_string()),
+        );
         tracing::debug!(
             "started {} worker(s) of {}",
             self.pool.slots.len(),
@@ -210,6 +220,7 @@ impl Supervisor {
                 },
                 _ = sleep_until(deadline) => self.on_timer(),
             }
+            self.report_reload_failures();
         }
         self.counters.report_drops();
         if let Some(jobs) = &self.services.jobs {
@@ -218,6 +229,7 @@ impl Supervisor {
         }
         self.services.stop_job_server().await;
         self.listeners.shutdown();
+        self.services.hooks.finish(HOOK_TIMEOUT).await;
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
             Some(e) => Outcome::Failed(e),
@@ -256,7 +268,18 @@ impl Supervisor {
                 let _ = reply.send(StatusReport {
                     workers: self.pool.status(),
                     wanted: self.pool.slots.len(),
+                    ready: self.pool.ready_slots(),
+                    idle: self.pool.idle_slots(),
+                    program: std::path::Path::new(&self.ctx.config.program)
+                        .display()
+                        .to_string(),
+                    addresses: self.listeners.addresses(),
+                    log_file: self.ctx.config.log_file.clone(),
                 });
+            }
+            Command::Recycle { context_id, why } => self.recycle(context_id, &why),
+            Command::ReopenLogs(reply) => {
+                let _ = reply.send(self.reopen_logs());
             }
             Command::Snapshot(reply) => {
                 let _ = reply.send(self.snapshot());
@@ -284,7 +307,9 @@ impl Supervisor {
                     w.kill(&self.ctx, why);
                 }
             }
-            Command::JobsStatus(reply) => self.services.jobs(JobsEvent::Status(reply)),
+            Command::JobsStatus { reply, counts } => {
+                self.services.jobs(JobsEvent::Status { reply, counts })
+            }
         }
     }
 
@@ -416,7 +441,18 @@ impl Supervisor {
         }
         let why = format!("(pid {pid}) {how}");
         let kind = respawn_kind(&exit, self.ctx.config.backoff_reset);
-        self.pool.schedule_respawn(&self.ctx, slot, &why, kind);
+        let (code, signal) = self
+            .pool
+            .slot(slot)
+            .map(|s| (s.last_exit_code, s.last_exit_signal))
+            .unwrap_or_default();
+        self.services.hooks.emit(
+            "worker_crashed",
+            event_fields!("slot" => slot, "pid" => pid, "how" => how, "code" => code, "signal" => signal.map(signal_name)),
+        );
+        if self.pool.schedule_respawn(&self.ctx, slot, &why, kind) {
+            self.gave_up(slot, how);
+        }
     }
 
     /// A user message to one worker, or to every worker not stopping.
@@ -460,6 +496,10 @@ impl Supervisor {
             log_dropped: output_drops + self.counters.worker_log_drops,
             messages_in: self.counters.messages_in,
             messages_out: self.counters.messages_out,
+            gave_up: (1..=self.pool.slots.len() as u32)
+                .filter(|&n| self.pool.slot(n).is_some_and(|s| s.gave_up))
+                .collect(),
+            recycled: self.counters.recycled,
         }
     }
 
@@ -468,6 +508,10 @@ impl Supervisor {
             if self.failure.is_none() {
                 tracing::info!("stopping {} worker(s)", self.pool.workers.len());
             }
+            let why = self.failure.as_ref().map(|e| e.to_string());
+            self.services
+                .hooks
+                .emit("watcher_stopping", event_fields!("error" => why));
             self.ctx
                 .notify(&["STOPPING=1".into(), "STATUS=stopping".into()]);
         }

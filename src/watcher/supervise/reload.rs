@@ -26,6 +26,9 @@ struct Reload {
     failure: Option<String>,
     done: Vec<Waiter>,
     replaced: usize,
+    /// A recycle of single workers (`--max-requests`, `--max-memory`):
+    /// not counted as a reload, not told to systemd.
+    recycle: bool,
 }
 
 /// The running reload, the one queued behind it, and their counts.
@@ -83,6 +86,7 @@ impl Reloads {
             failure: None,
             done: done.into_iter().collect(),
             replaced: 0,
+            recycle: false,
         });
         self.step(pool, ctx);
     }
@@ -127,10 +131,44 @@ impl Reloads {
         }
     }
 
+    /// Replaces the worker of `slot` through the rolling path (its
+    /// replacement is ready before it drains): joins the running reload,
+    /// or starts one for that slot alone. `false` when the slot is being
+    /// replaced already.
+    pub(crate) fn recycle(&mut self, pool: &mut Pool, ctx: &Ctx, slot: u32, why: &str) -> bool {
+        if let Some(reload) = self.current.as_mut() {
+            if reload.in_flight.contains_key(&slot) || reload.pending.contains(&slot) {
+                return false;
+            }
+            tracing::info!("recycling worker {slot}: it {why}");
+            reload.pending.push_back(slot);
+            self.step(pool, ctx);
+            return true;
+        }
+        tracing::info!("recycling worker {slot}: it {why}");
+        self.current = Some(Reload {
+            reason: format!("recycling worker {slot}"),
+            started: Instant::now(),
+            pending: VecDeque::from([slot]),
+            in_flight: HashMap::new(),
+            failure: None,
+            done: Vec::new(),
+            replaced: 0,
+            recycle: true,
+        });
+        self.step(pool, ctx);
+        true
+    }
+
     fn finish(&mut self, pool: &mut Pool, ctx: &Ctx) {
         let Some(reload) = self.current.take() else {
             return;
         };
+        if reload.recycle {
+            answer(reload);
+            self.start_queued(pool, ctx);
+            return;
+        }
         let failed = reload.failure.is_some();
         if failed {
             self.failed += 1;
@@ -147,6 +185,11 @@ impl Reloads {
             format!("STATUS={} worker(s) ready", pool.ready_slots())
         };
         ctx.notify(&["READY=1".into(), status]);
+        self.start_queued(pool, ctx);
+    }
+
+    /// Starts the reload queued behind the one that ended, if any.
+    fn start_queued(&mut self, pool: &mut Pool, ctx: &Ctx) {
         if let Some((reason, done)) = self.queued.take() {
             self.request(pool, ctx, reason, None);
             if let Some(r) = self.current.as_mut() {
@@ -224,8 +267,10 @@ impl Reloads {
     pub(crate) fn abort(&mut self) {
         if let Some(mut reload) = self.current.take() {
             reload.failure = Some("the watcher is stopping".into());
+            if !reload.recycle {
+                self.failed += 1;
+            }
             answer(reload);
-            self.failed += 1;
         }
         if let Some((_, waiters)) = self.queued.take() {
             for w in waiters {

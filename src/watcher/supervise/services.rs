@@ -8,15 +8,18 @@ use std::sync::Arc;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::error::{Error, Kind, Result};
+use crate::error::Result;
 use crate::jobs::dispatch::{self, JobsEvent, JobsHandle};
 use crate::jobserver::JobServer;
 use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
 use crate::watcher::event::CommandSender;
-use crate::watcher::metrics;
+use crate::watcher::hooks::Hooks;
+use crate::watcher::http;
 use crate::watcher::process;
+use crate::watcher::recycle::MemoryWatch;
+use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
 /// The running services; dropping them removes the control socket and the
@@ -27,13 +30,21 @@ pub(crate) struct Services {
     job_server: Option<JobServer>,
     /// The job dispatcher (`--jobs`, `--job-server`), stopped next.
     pub jobs: Option<JobsHandle>,
+    /// CPU and memory samples of the workers, for status and the dashboard.
+    sampler: Option<Sampler>,
+    /// The dashboard (`--http`).
+    http: Option<http::Server>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
-    metrics: Option<metrics::Server>,
+    metrics: Option<http::Server>,
     control: Option<control::Server>,
     pid_file: Option<PidFile>,
     /// When `WATCHDOG=1` is due next.
     pub watchdog_at: Option<Instant>,
+    /// `--on-event`.
+    pub hooks: Hooks,
+    /// `--max-memory`.
+    memory: Option<MemoryWatch>,
 }
 
 impl Services {
@@ -45,7 +56,10 @@ impl Services {
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
     ) -> Result<Services> {
-        let mut services = Services::default();
+        let mut services = Services {
+            hooks: Hooks::start(config.on_event.as_deref()),
+            ..Services::default()
+        };
         if let Some(path) = &config.pid_file {
             let pid_file = PidFile::acquire(path)?;
             if let Some(old) = pid_file.previous() {
@@ -60,15 +74,23 @@ impl Services {
             }
             services.pid_file = Some(pid_file);
         }
+        let sampler = Sampler::start(commands.clone());
         if let Some(path) = config.control_path() {
-            services.control = Some(control::Server::bind(&path, commands.clone())?);
+            services.control = Some(control::Server::bind(
+                &path,
+                commands.clone(),
+                Some(sampler.clone()),
+            )?);
         }
         if let Some(addr) = config.metrics {
-            let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                Error::with_io(Kind::Bind, format!("cannot serve metrics on {addr}"), e)
-            })?;
-            tracing::info!("serving metrics on http://{addr}/metrics");
-            services.metrics = Some(metrics::Server::start(listener, commands.clone()));
+            let state = http::State {
+                commands: commands.clone(),
+                sampler: sampler.clone(),
+                store: None,
+                token: None,
+                metrics_only: true,
+            };
+            services.metrics = Some(http::Server::bind(addr, state).await?);
         }
         if let Some(jobs) = &config.jobs {
             for w in &jobs.warnings {
@@ -89,6 +111,20 @@ impl Services {
                     Some(JobServer::start(server, config.backlog, &handle).await?);
             }
             services.jobs = Some(handle);
+        }
+        if let Some(addr) = config.http {
+            let state = http::State {
+                commands: commands.clone(),
+                sampler: sampler.clone(),
+                store: services.jobs.as_ref().and_then(JobsHandle::store),
+                token: config.http_token.as_ref().map(|t| t.0.clone()),
+                metrics_only: false,
+            };
+            services.http = Some(http::Server::bind(addr, state).await?);
+        }
+        services.sampler = Some(sampler);
+        if let Some(limit) = config.max_memory {
+            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
         }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");

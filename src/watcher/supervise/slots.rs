@@ -6,7 +6,7 @@
 //! During a rolling restart a slot briefly has two: the serving one
 //! (`Slot::current`) and its replacement, which takes the slot when ready.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -20,7 +20,7 @@ use crate::ipc::message::ToWorker;
 use crate::watcher::config::Config;
 use crate::watcher::event::{EventSender, Outbound, OutboundSender, MAX_QUEUED_MESSAGES};
 use crate::watcher::process::{describe_exit, Launcher, WorkerId};
-use crate::watcher::status::{WorkerInfo, WorkerState};
+use crate::watcher::status::{IdleSlot, WorkerInfo, WorkerState};
 use crate::watcher::systemd::Notifier;
 
 /// How long a worker whose channel closed may take to exit.
@@ -131,10 +131,17 @@ pub(crate) struct Slot {
     pub restarts: u32,
     /// Serving workers that exited without being asked to.
     pub crashes: u32,
-    /// How the slot's last worker ended.
+    /// How the slot's last worker ended, and its exit status or signal.
     pub last_exit: Option<String>,
+    pub last_exit_code: Option<i32>,
+    pub last_exit_signal: Option<i32>,
     /// When its last worker was started.
     last_spawn: Option<Instant>,
+    /// When its recent failed workers ended (for `--max-restarts`).
+    recent_failures: VecDeque<Instant>,
+    /// It failed more than `max_restarts` times within `restart_window`:
+    /// no more respawns until a reload or a scale starts it again.
+    pub gave_up: bool,
 }
 
 /// Why a slot needs a new worker, which decides how soon it gets one.
@@ -270,7 +277,31 @@ impl Pool {
     /// program is known to work (a worker was ready within the backoff
     /// reset window): when no other slot has a worker, this one waits only
     /// the first delay.
-    pub(crate) fn schedule_respawn(&mut self, ctx: &Ctx, slot: u32, why: &str, kind: Respawn) {
+    ///
+    /// A slot whose workers failed (`Respawn::Failed`) more than
+    /// `max_restarts` times within `restart_window` gives up instead: it
+    /// is not restarted, and `true` is returned.
+    pub(crate) fn schedule_respawn(
+        &mut self,
+        ctx: &Ctx,
+        slot: u32,
+        why: &str,
+        kind: Respawn,
+    ) -> bool {
+        if kind == Respawn::Failed && self.limit_reached(ctx, slot) {
+            if let Some(s) = self.slot_mut(slot) {
+                s.current = None;
+                s.respawn_at = None;
+                s.gave_up = true;
+                tracing::error!(
+                    "worker {slot} {why}; giving up on slot {slot}: {} failures within {:?} (--max-restarts {}); a rolling restart (`cluster reload`) starts it again",
+                    s.recent_failures.len(),
+                    ctx.config.restart_window,
+                    ctx.config.max_restarts.unwrap_or(0)
+                );
+            }
+            return true;
+        }
         let (first, max) = (ctx.config.respawn_delay, ctx.config.respawn_delay_max);
         let now = Instant::now();
         let working = self
@@ -281,7 +312,9 @@ impl Pool {
             .iter()
             .enumerate()
             .any(|(i, s)| i + 1 != slot as usize && s.current.is_some());
-        let Some(s) = self.slot_mut(slot) else { return };
+        let Some(s) = self.slot_mut(slot) else {
+            return false;
+        };
         if kind == Respawn::Ended {
             s.failures = 0;
         }
@@ -313,6 +346,34 @@ impl Pool {
         } else {
             tracing::warn!("worker {slot} {why}; restarting in {delay:?}");
         }
+        false
+    }
+
+    /// Records one more failure of `slot` and tells whether it now failed
+    /// more than `max_restarts` times within `restart_window`.
+    fn limit_reached(&mut self, ctx: &Ctx, slot: u32) -> bool {
+        let Some(limit) = ctx.config.max_restarts else {
+            return false;
+        };
+        let window = ctx.config.restart_window;
+        let now = Instant::now();
+        let Some(s) = self.slot_mut(slot) else {
+            return false;
+        };
+        s.recent_failures.push_back(now);
+        while s
+            .recent_failures
+            .front()
+            .is_some_and(|&t| now.duration_since(t) > window)
+        {
+            s.recent_failures.pop_front();
+        }
+        s.recent_failures.len() > limit as usize
+    }
+
+    /// Whether every slot gave up (the cluster cannot serve).
+    pub(crate) fn all_gave_up(&self) -> bool {
+        !self.slots.is_empty() && self.slots.iter().all(|s| s.gave_up)
     }
 
     /// Spawns every slot whose respawn is due.
@@ -374,7 +435,13 @@ impl Pool {
         }
         w.state = WorkerState::Ready;
         w.ready_by = None;
+        let slot = w.slot;
         self.last_ready = Some(Instant::now());
+        if let Some(s) = self.slot_mut(slot) {
+            // A slot that gave up serves again (a reload started it).
+            s.gave_up = false;
+        }
+        let w = self.workers.get_mut(&context_id)?;
         if w.hello {
             tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
             if let Some(limit) = ctx.config.heartbeat_timeout {
@@ -395,6 +462,7 @@ impl Pool {
         if let Some(why) = &w.killed_for {
             how = format!("{how} ({why})");
         }
+        use std::os::unix::process::ExitStatusExt;
         let slot = self.slot_mut(w.slot);
         let slot_exists = slot.is_some();
         let mut was_current = false;
@@ -404,12 +472,13 @@ impl Pool {
                 last.push_str(" (asked to stop)");
             }
             s.last_exit = Some(last);
+            s.last_exit_code = status.and_then(|st| st.code());
+            s.last_exit_signal = status.and_then(|st| st.signal());
             if s.current == Some(context_id) {
                 s.current = None;
                 was_current = true;
             }
         }
-        use std::os::unix::process::ExitStatusExt;
         Some(Exit {
             slot: w.slot,
             pid: w.pid,
@@ -541,10 +610,31 @@ impl Pool {
                     rss_bytes: None,
                     cpu_time: None,
                     last_exit: slot.and_then(|s| s.last_exit.clone()),
+                    last_exit_code: slot.and_then(|s| s.last_exit_code),
+                    last_exit_signal: slot.and_then(|s| s.last_exit_signal),
                 }
             })
             .collect();
         list.sort_by_key(|w| (w.slot, w.context_id));
         list
+    }
+
+    /// The slots without any worker process: waiting for a respawn, or
+    /// given up.
+    pub(crate) fn idle_slots(&self) -> Vec<IdleSlot> {
+        let now = Instant::now();
+        (1..=self.slots.len() as u32)
+            .zip(&self.slots)
+            .filter(|(n, _)| !self.workers.values().any(|w| w.slot == *n))
+            .map(|(slot, s)| IdleSlot {
+                slot,
+                restarts: s.restarts,
+                next_start: s.respawn_at.map(|t| t.saturating_duration_since(now)),
+                gave_up: s.gave_up,
+                last_exit: s.last_exit.clone(),
+                last_exit_code: s.last_exit_code,
+                last_exit_signal: s.last_exit_signal,
+            })
+            .collect()
     }
 }

@@ -607,3 +607,5 @@ async fn killing_a_random_ready_worker_every_200ms_never_empties_the_cluster() {
         "worst replacement delay {worst:?}"
     );
 }
+
+mod health;

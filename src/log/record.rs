@@ -1,0 +1,346 @@
+//! One forwarded log record, its typed field values, and the text format
+//! both sides write.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_subscriber::layer::Context;
+use tracing_subscriber::registry::LookupSpan;
+
+/// Longest message or field value forwarded; longer ones are cut with a note.
+pub(crate) const MAX_TEXT: usize = 8 * 1024;
+
+/// A field's value with its type kept, so the JSON stream writes numbers
+/// and booleans as numbers and booleans.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) enum FieldValue {
+    Str(String),
+    I64(i64),
+    U64(u64),
+    F64(f64),
+    Bool(bool),
+}
+
+impl FieldValue {
+    /// The value as JSON (a non-finite float becomes its text).
+    pub(crate) fn to_json(&self) -> serde_json::Value {
+        match self {
+            FieldValue::Str(s) => serde_json::Value::String(s.clone()),
+            FieldValue::I64(n) => (*n).into(),
+            FieldValue::U64(n) => (*n).into(),
+            FieldValue::F64(f) => serde_json::Number::from_f64(*f)
+                .map(serde_json::Value::Number)
+                .unwrap_or_else(|| serde_json::Value::String(f.to_string())),
+            FieldValue::Bool(b) => (*b).into(),
+        }
+    }
+}
+
+impl From<&str> for FieldValue {
+    fn from(s: &str) -> Self {
+        FieldValue::Str(s.to_string())
+    }
+}
+
+impl std::fmt::Display for FieldValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FieldValue::Str(s) => f.write_str(s),
+            FieldValue::I64(n) => write!(f, "{n}"),
+            FieldValue::U64(n) => write!(f, "{n}"),
+            FieldValue::F64(x) => write!(f, "{x}"),
+            FieldValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+/// One structured log record, as forwarded from a worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct LogRecord {
+    /// 1 error, 2 warn, 3 info, 4 debug, 5 trace.
+    pub level: u8,
+    pub target: String,
+    pub message: String,
+    pub fields: Vec<(String, FieldValue)>,
+    /// Names of the spans the event happened in, outermost first.
+    pub spans: Vec<String>,
+    /// Nanoseconds since the Unix epoch.
+    pub ts_nanos: u64,
+}
+
+pub(crate) fn level_number(level: &Level) -> u8 {
+    match *level {
+        Level::ERROR => 1,
+        Level::WARN => 2,
+        Level::INFO => 3,
+        Level::DEBUG => 4,
+        Level::TRACE => 5,
+    }
+}
+
+pub(crate) fn level_name(n: u8) -> &'static str {
+    match n {
+        1 => "ERROR",
+        2 => "WARN",
+        3 => "INFO",
+        4 => "DEBUG",
+        _ => "TRACE",
+    }
+}
+
+pub(crate) fn now_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos().min(u64::MAX as u128) as u64)
+        .unwrap_or(0)
+}
+
+/// RFC 3339 UTC with microseconds, without a date library.
+pub(crate) fn format_timestamp(nanos: u64, out: &mut String) {
+    let secs = nanos / 1_000_000_000;
+    let micros = (nanos % 1_000_000_000) / 1_000;
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    // Civil from days (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    let _ = write!(
+        out,
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    );
+}
+
+/// Cuts `s` to at most [`MAX_TEXT`] bytes on a character boundary.
+pub(crate) fn clip(mut s: String) -> String {
+    if s.len() > MAX_TEXT {
+        let total = s.len();
+        let mut end = MAX_TEXT;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.truncate(end);
+        let _ = write!(s, "… [{} bytes cut]", total - end);
+    }
+    s
+}
+
+/// Collects an event's message and fields, keeping their types.
+#[derive(Default)]
+pub(crate) struct FieldCollector {
+    pub message: String,
+    pub fields: Vec<(String, FieldValue)>,
+}
+
+impl FieldCollector {
+    fn push(&mut self, field: &Field, value: FieldValue) {
+        self.fields.push((field.name().to_string(), value));
+    }
+}
+
+impl Visit for FieldCollector {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message = value.to_string();
+        } else {
+            self.push(field, FieldValue::Str(clip(value.to_string())));
+        }
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.push(field, FieldValue::I64(value));
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.push(field, FieldValue::U64(value));
+    }
+
+    fn record_i128(&mut self, field: &Field, value: i128) {
+        match i64::try_from(value) {
+            Ok(n) => self.push(field, FieldValue::I64(n)),
+            Err(_) => self.push(field, FieldValue::Str(value.to_string())),
+        }
+    }
+
+    fn record_u128(&mut self, field: &Field, value: u128) {
+        match u64::try_from(value) {
+            Ok(n) => self.push(field, FieldValue::U64(n)),
+            Err(_) => self.push(field, FieldValue::Str(value.to_string())),
+        }
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.push(field, FieldValue::F64(value));
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.push(field, FieldValue::Bool(value));
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        } else {
+            self.push(field, FieldValue::Str(clip(format!("{value:?}"))));
+        }
+    }
+}
+
+/// Builds a record from a tracing event.
+pub(crate) fn record_from_event<S>(event: &Event<'_>, ctx: &Context<'_, S>) -> LogRecord
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    let mut visitor = FieldCollector::default();
+    event.record(&mut visitor);
+    let spans = ctx
+        .event_scope(event)
+        .map(|scope| scope.from_root().map(|s| s.name().to_string()).collect())
+        .unwrap_or_default();
+    let meta = event.metadata();
+    LogRecord {
+        level: level_number(meta.level()),
+        target: meta.target().to_string(),
+        message: clip(visitor.message),
+        fields: visitor.fields,
+        spans,
+        ts_nanos: now_nanos(),
+    }
+}
+
+/// Formats a record as one text line (without the trailing newline).
+pub(crate) fn format_text(record: &LogRecord, tag: &str, out: &mut String) {
+    format_timestamp(record.ts_nanos, out);
+    let _ = write!(out, " {:>5} ", level_name(record.level));
+    if !tag.is_empty() {
+        let _ = write!(out, "[{tag}] ");
+    }
+    if !record.spans.is_empty() {
+        let _ = write!(out, "{}: ", record.spans.join(":"));
+    }
+    if !record.target.is_empty() {
+        let _ = write!(out, "{}: ", record.target);
+    }
+    push_escaped(&record.message, out);
+    for (k, v) in &record.fields {
+        let _ = write!(out, " {k}=");
+        match v {
+            FieldValue::Str(s) => push_escaped(s, out),
+            other => {
+                let _ = write!(out, "{other}");
+            }
+        }
+    }
+}
+
+/// Appends `s` with control characters escaped, so a record stays one line.
+fn push_escaped(s: &str, out: &mut String) {
+    for c in s.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push('\t'),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{{{:x}}}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_are_rfc3339() {
+        let mut s = String::new();
+        format_timestamp(1_700_000_000_123_456_789, &mut s);
+        assert_eq!(s, "2023-11-14T22:13:20.123456Z");
+        s.clear();
+        format_timestamp(0, &mut s);
+        assert_eq!(s, "1970-01-01T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn text_lines_stay_one_line() {
+        let r = LogRecord {
+            level: 2,
+            target: "app".into(),
+            message: "two\nlines".into(),
+            fields: vec![("k".into(), "v\r".into()), ("n".into(), FieldValue::U64(3))],
+            spans: vec!["req".into()],
+            ts_nanos: 0,
+        };
+        let mut s = String::new();
+        format_text(&r, "w1 pid 9", &mut s);
+        assert_eq!(
+            s,
+            "1970-01-01T00:00:00.000000Z  WARN [w1 pid 9] req: app: two\\nlines k=v\\r n=3"
+        );
+    }
+
+    #[test]
+    fn field_types_are_kept() {
+        use tracing_subscriber::prelude::*;
+        #[derive(Clone, Default)]
+        struct Grab(std::sync::Arc<std::sync::Mutex<Vec<LogRecord>>>);
+        impl<S: Subscriber + for<'a> LookupSpan<'a>> tracing_subscriber::Layer<S> for Grab {
+            fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
+                self.0.lock().unwrap().push(record_from_event(event, &ctx));
+            }
+        }
+        let grab = Grab::default();
+        let subscriber = tracing_subscriber::registry().with(grab.clone());
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::info!(
+                n = 1u64,
+                neg = -2i64,
+                ok = true,
+                ratio = 0.5,
+                who = "ann",
+                big = 1u128 << 100,
+                "hi"
+            );
+        });
+        let got = grab.0.lock().unwrap();
+        let fields = &got[0].fields;
+        let json: Vec<(String, serde_json::Value)> = fields
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_json()))
+            .collect();
+        assert_eq!(
+            serde_json::Value::Object(json.into_iter().collect()),
+            serde_json::json!({"n": 1, "neg": -2, "ok": true, "ratio": 0.5, "who": "ann", "big": "1267650600228229401496703205376"})
+        );
+        assert_eq!(got[0].message, "hi");
+    }
+
+    #[test]
+    fn clip_cuts_on_a_char_boundary() {
+        let s = clip("é".repeat(MAX_TEXT));
+        assert!(s.len() < MAX_TEXT + 40);
+        assert!(s.ends_with("bytes cut]"));
+    }
+
+    #[test]
+    fn non_finite_floats_become_text() {
+        assert_eq!(
+            FieldValue::F64(f64::NAN).to_json(),
+            serde_json::json!("NaN")
+        );
+    }
+}
