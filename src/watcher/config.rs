@@ -11,7 +11,11 @@ use super::balance::Balance;
 use super::bind_policy::BindPolicy;
 use super::output::{LogFormat, LogOutput};
 use crate::error::{Error, Kind, Result};
-use crate::jobs::dispatch::{plan, JobSourceFn, JobsConfig, Source};
+// One path each: a grouped `dispatch::{..}` names the module itself.
+use crate::jobs::dispatch::plan;
+use crate::jobs::dispatch::JobSourceFn;
+use crate::jobs::dispatch::JobsConfig;
+use crate::jobs::dispatch::Source;
 use crate::jobserver::JobServerConfig;
 use crate::socket::DEFAULT_BACKLOG;
 

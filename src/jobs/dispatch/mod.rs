@@ -20,18 +20,19 @@
 
 mod calls;
 mod config;
+mod event;
 mod pools;
 mod runner;
 mod sources;
 mod state;
 mod workers;
 
-pub(crate) use calls::{Call, CallCounts, CallOutcome};
+pub(crate) use calls::{Call, CallOutcome};
 pub(crate) use config::{JobSourceFn, JobsConfig, Source};
+pub(crate) use event::{HandlersReport, JobsEvent};
 pub(crate) use pools::{plan, pool_of};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,83 +40,11 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::JobFailure;
 use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{self, Store, StoreOptions};
 use crate::watcher::config::Config;
-use crate::watcher::event::{CommandSender, OutboundSender};
-use crate::watcher::status::JobsStatus;
-use runner::ProcessDone;
+use crate::watcher::event::CommandSender;
 use state::Dispatcher;
-
-/// What the supervisor (and the dispatcher's own tasks) tell the dispatcher.
-pub(crate) enum JobsEvent {
-    /// A worker said `JobsReady`.
-    WorkerJoined {
-        context_id: u64,
-        slot: u32,
-        pid: u32,
-        outbound: OutboundSender,
-        accepting: Arc<AtomicBool>,
-        handlers: Vec<String>,
-        concurrency: u32,
-    },
-    /// A worker exited, or its channel closed (everything it sent was
-    /// handled before).
-    WorkerGone { context_id: u64, how: String },
-    /// A worker finished a job.
-    JobDone {
-        context_id: u64,
-        ticket: u64,
-        result: std::result::Result<String, JobFailure>,
-    },
-    /// A part of the result of a job or call a worker runs (its `JobDone`
-    /// follows with the last part).
-    JobDonePart {
-        context_id: u64,
-        ticket: u64,
-        part: String,
-    },
-    /// A per-job process ended.
-    ProcessDone(ProcessDone),
-    /// The counters, for `cluster status` and metrics: the dispatcher's report; with the store's counts per state when
-    /// `counts` (a query over every job, run beside the loop).
-    Status {
-        reply: oneshot::Sender<JobsStatus>,
-        counts: bool,
-    },
-    /// The watcher is stopping: claim nothing more, stop job processes
-    /// (SIGTERM, SIGKILL after `timeout`).
-    Stopping { timeout: Duration },
-    /// Every worker has exited: record what is left, release the jobs
-    /// never started, and answer.
-    Shutdown(oneshot::Sender<()>),
-    /// A claim the dispatcher started came back.
-    Claimed {
-        queue: String,
-        limit: usize,
-        result: Result<Vec<crate::jobs::Job>>,
-    },
-    /// A batch of outcomes the dispatcher started writing is written.
-    Flushed(Result<crate::jobs::store::FinishReport>),
-    /// An in-memory call from the job server.
-    Call(Call),
-    /// The handlers the workers serve, for the job server.
-    Handlers(oneshot::Sender<HandlersReport>),
-}
-
-/// What workers serve, for `GET /v1/handlers` and `GET /v1/health`.
-#[derive(Debug, Clone, Default)]
-pub(crate) struct HandlersReport {
-    /// Each handler name with how many serving workers have it.
-    pub handlers: Vec<(String, usize)>,
-    /// Workers that said `JobsReady` (serving or stopping).
-    pub workers: usize,
-    /// Free tickets over every serving worker.
-    pub capacity: usize,
-    pub calls: CallCounts,
-    pub stopping: bool,
-}
 
 /// The running dispatcher: a sender for its events and its task.
 pub(crate) struct JobsHandle {

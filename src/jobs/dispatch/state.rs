@@ -12,10 +12,10 @@ use tokio::time::Instant;
 
 use super::calls::{CallOutcome, Calls};
 use super::config::JobsConfig;
+use super::event::{HandlersReport, JobsEvent};
 use super::pools::{assign, pool_of};
 use super::runner::{self, ProcessDone};
 use super::workers::{self, SendFailure, Worker};
-use super::{HandlersReport, JobsEvent};
 use crate::ipc::message::{JobFailure, JobOrder, ToWorker};
 use crate::ipc::parts::{Assembly, Joined};
 use crate::jobs::store::sqlite::WakeListener;

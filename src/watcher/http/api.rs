@@ -11,7 +11,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::{json, Value};
 
-use super::{error, full, json as json_response, Body, State};
+use super::reply::{error, full, json as json_response, Body, State};
 use crate::error::{Error, Kind};
 use crate::jobs::store::Store;
 use crate::jobs::{CancelOutcome, JobId, JobState, ListFilter};

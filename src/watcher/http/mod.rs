@@ -17,43 +17,29 @@
 //! `--metrics ADDR` runs the same server with only `/metrics`.
 
 mod api;
+mod reply;
 mod sse;
+
+pub(crate) use reply::State;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http_body_util::{combinators::BoxBody, BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
-use super::event::CommandSender;
-use super::sampler::Sampler;
 use crate::error::{Error, Kind, Result};
-use crate::jobs::store::Store;
+use reply::{error, full, Body};
 
 /// Connections served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 256;
 
 /// Time a client has to send its request head.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// A response body: whole, or a stream (the event stream).
-pub(crate) type Body = BoxBody<Bytes, std::convert::Infallible>;
-
-/// What the handlers need.
-pub(crate) struct State {
-    pub commands: CommandSender,
-    pub sampler: Sampler,
-    pub store: Option<Arc<dyn Store>>,
-    pub token: Option<String>,
-    /// `--metrics`: serve `/metrics` only.
-    pub metrics_only: bool,
-}
 
 /// The running server; stops when dropped.
 pub(crate) struct Server {
@@ -129,37 +115,6 @@ impl Server {
         });
         Server { task }
     }
-}
-
-/// A whole response.
-pub(crate) fn full(
-    status: StatusCode,
-    content_type: &str,
-    body: impl Into<Bytes>,
-) -> Response<Body> {
-    let mut r = Response::new(Full::new(body.into()).boxed());
-    *r.status_mut() = status;
-    if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        r.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
-    }
-    r.headers_mut().insert(
-        hyper::header::CACHE_CONTROL,
-        hyper::header::HeaderValue::from_static("no-store"),
-    );
-    r
-}
-
-/// A JSON response.
-pub(crate) fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    full(status, "application/json", value.to_string())
-}
-
-/// A JSON error object: `{"error": {"kind": ..., "message": ...}}`.
-pub(crate) fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response<Body> {
-    json(
-        status,
-        &serde_json::json!({"error": {"kind": kind, "message": message.into()}}),
-    )
 }
 
 /// Whether `req` carries the token (when one is set).

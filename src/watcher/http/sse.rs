@@ -23,7 +23,8 @@ use hyper::body::Frame;
 use hyper::{Response, StatusCode};
 use tokio::sync::mpsc;
 
-use super::{api, Body, State};
+use super::api;
+use super::reply::{Body, State};
 use crate::watcher::control;
 use crate::watcher::event::Command;
 use crate::watcher::sampler::EVERY;
