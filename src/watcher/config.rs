@@ -332,7 +332,7 @@ impl ClusterWatcherBuilder {
     /// Serve the web dashboard and its JSON API on `http://ADDR/` (see the
     /// README's "Dashboard"). A loopback address needs nothing more; any
     /// other needs [`http_token_file`](Self::http_token_file), else
-    /// [`start`](ClusterWatcher::start) fails with
+    /// [`start`](super::ClusterWatcher::start) fails with
     /// [`Error::is_config`](crate::Error::is_config).
     pub fn http(mut self, addr: SocketAddr) -> Self {
         self.config.http = Some(addr);
