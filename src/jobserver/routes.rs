@@ -387,7 +387,7 @@ fn call_answer(name: &str, wait: Duration, outcome: CallOutcome) -> Answer {
         ),
         CallOutcome::TooLarge(len) => error(
             ErrorKind::TooLarge,
-            format!("the call makes a message of {len} bytes; a worker takes at most {MAX_MESSAGE}"),
+            format!("the call's handler name makes a message of {len} bytes; one message takes at most {MAX_MESSAGE}"),
         ),
         CallOutcome::Stopping => stopping(),
     }

@@ -33,7 +33,8 @@ pub(super) enum SendFailure {
     /// The worker's writer is gone (it is exiting); the order, given
     /// back, may go to another worker.
     Gone(Box<JobOrder>),
-    /// The order does not fit in one protocol message.
+    /// The order does not fit in one protocol message even without its
+    /// arguments (they would go in parts): its encoded size without them.
     TooLarge(usize),
 }
 
@@ -63,7 +64,7 @@ impl Worker {
                 ..order.clone()
             }));
             if let Err(crate::ipc::codec::EncodeError::TooLarge { len, .. }) = encode(&bare) {
-                return Err(SendFailure::TooLarge(len + order.args.len()));
+                return Err(SendFailure::TooLarge(len));
             }
         }
         if names + order.args.len() + ROOM > MAX_MESSAGE {

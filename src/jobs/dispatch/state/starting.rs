@@ -135,7 +135,7 @@ impl Dispatcher {
             }
             Err(SendFailure::TooLarge(len)) => {
                 let why = format!(
-                    "its arguments make a message of {len} bytes, more than the {} a worker takes",
+                    "its names (handler, queue, pool, node) make a message of {len} bytes, more than the {} one message takes",
                     crate::ipc::message::MAX_MESSAGE
                 );
                 self.fail_unstarted(job, pool, why);
