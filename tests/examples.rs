@@ -99,8 +99,8 @@ fn readme_avatar_walkthrough_resizes_every_avatar_once() {
         .replace("sleep 1\n", "sleep 0.2\n");
     // The last command starts the watcher: run it in the background.
     let script = format!(
-        "{script} &\necho $! > {}/watcher.pid\nwait\n",
-        dir.path().display()
+        "{script} 2> {dir}/watcher.err &\necho $! > {dir}/watcher.pid\nwait\n",
+        dir = dir.path().display()
     );
     let mut child = std::process::Command::new("sh")
         .arg("-c")
@@ -132,7 +132,14 @@ fn readme_avatar_walkthrough_resizes_every_avatar_once() {
     }
     let _ = child.kill();
     let _ = child.wait();
-    assert!(all.is_some(), "not every avatar was resized");
+    let log = std::fs::read_to_string(dir.path().join("watcher.err")).unwrap_or_default();
+    assert!(all.is_some(), "not every avatar was resized:\n{log}");
+    // The job sources are the watcher's own children: the orphan reaper
+    // must neither kill them nor take their exit status.
+    assert!(
+        !log.contains("left behind") && !log.contains("job source"),
+        "{log}"
+    );
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).unwrap();
     assert_eq!(stats["done"], 12, "{stats}");
     assert_eq!(stats["total"], 12, "each avatar was queued once: {stats}");

@@ -187,7 +187,10 @@ pub(crate) async fn start(
         Some(pid_file) => Some(write_url_file(pid_file, &jobs.url)?),
         None => None,
     };
-    let sources = sources::start(&jobs, store.clone());
+    let ended = (!jobs.sources.is_empty()).then(|| Arc::new(sources::EndedKeys::new(&jobs)));
+    let sources = ended
+        .as_ref()
+        .and_then(|ended| sources::start(&jobs, store.clone(), ended.clone()));
     let (tx, rx) = mpsc::unbounded_channel();
     let dispatcher = Dispatcher::new(
         jobs,
@@ -197,7 +200,8 @@ pub(crate) async fn start(
         commands,
         tx.clone(),
         written_tx,
-    );
+    )
+    .with_ended_keys(ended);
     let task = tokio::spawn(dispatcher.run(rx, wake, ready));
     Ok(JobsHandle {
         tx,

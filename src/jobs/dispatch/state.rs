@@ -15,6 +15,7 @@ use super::config::JobsConfig;
 use super::event::{HandlersReport, JobsEvent};
 use super::pools::pool_of;
 use super::runner;
+use super::sources::EndedKeys;
 use super::workers::{self, Worker};
 use crate::ipc::message::JobFailure;
 use crate::ipc::parts::{Assembly, Joined};
@@ -92,6 +93,8 @@ pub(super) struct Dispatcher {
     written: watch::Sender<u64>,
     /// Results that arrive in parts.
     results: Assembly,
+    /// Where outcomes' keys go for the job sources (when there are any).
+    ended: Option<Arc<EndedKeys>>,
 }
 
 /// The largest result the watcher assembles from parts.
@@ -147,7 +150,14 @@ impl Dispatcher {
             calls,
             written,
             results: Assembly::new(MAX_RESULT),
+            ended: None,
         }
+    }
+
+    /// Notes every outcome's key in `ended` (for the job sources).
+    pub(super) fn with_ended_keys(mut self, ended: Option<Arc<EndedKeys>>) -> Dispatcher {
+        self.ended = ended;
+        self
     }
 
     pub(super) async fn run(

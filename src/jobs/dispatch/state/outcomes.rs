@@ -47,6 +47,9 @@ impl Dispatcher {
             Outcome::Failed(e) => ("failed", Some(e.clone())),
         };
         self.status.note(outcome_info(&r.job, word, error));
+        if let Some(ended) = &self.ended {
+            ended.note(&r.job.key);
+        }
         if let Outcome::Failed(e) | Outcome::Lost(e) = &outcome {
             tracing::warn!(
                 "job {} ({}) attempt {} of {} failed: {e}",
@@ -162,6 +165,9 @@ impl Dispatcher {
                     if let Some(job) = q.remove(i) {
                         self.status.cancelled += 1;
                         self.status.note(outcome_info(&job, "cancelled", None));
+                        if let Some(ended) = &self.ended {
+                            ended.note(&job.key);
+                        }
                         self.finished.push(Finished {
                             id: job.id,
                             attempt: job.attempt,
