@@ -12,7 +12,8 @@
 //!
 //! Handlers:
 //!
-//! * `sleep` (`{"ms": N}`): waits N milliseconds, returns `{"slept_ms": N}`;
+//! * `sleep` (`{"ms": N}`): waits N milliseconds, returns `{"slept_ms": N,
+//!   "node": NODE}` (the watcher's node name, `JobContext::node`);
 //! * `echo`: returns its arguments;
 //! * `fail`: returns an error (`{"message": "..."}` sets its text), so the
 //!   job is retried and, after its last attempt, failed with every error;
@@ -79,7 +80,7 @@ async fn main() -> Result<(), cluster::Error> {
             trace("start", &ctx);
             tokio::time::sleep(Duration::from_millis(args.ms)).await;
             trace("end", &ctx);
-            Ok::<_, JobError>(json!({ "slept_ms": args.ms }))
+            Ok::<_, JobError>(json!({ "slept_ms": args.ms, "node": ctx.node() }))
         })
         .handle_with_context("echo", |args: Value, ctx| async move {
             trace("start", &ctx);

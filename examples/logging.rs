@@ -38,7 +38,7 @@ async fn main() {
                 n += 1;
                 let span = tracing::info_span!("tick", n);
                 let _enter = span.enter();
-                if n % 5 == 0 {
+                if n.is_multiple_of(5) {
                     tracing::warn!(n, "every fifth tick is a warning");
                 } else {
                     tracing::info!(n, "tick");

@@ -6,7 +6,12 @@
 //! Protocol: the client writes one JSON object on one line and reads one
 //! JSON object on one line, then both close. Requests:
 //! `{"command":"status"}`, `{"command":"reload"}`, `{"command":"stop"}`,
-//! `{"command":"scale","workers":N}`, `{"command":"reopen-logs"}`. Responses carry `"ok": true` and the
+//! `{"command":"scale","workers":N}`, `{"command":"reopen-logs"}`,
+//! `{"command":"stop_worker","slot":N}`,
+//! `{"command":"storage_get","path":"a.b"}`, `{"command":"storage_set",
+//! "path":"a.b","value":1}`, `{"command":"storage_delete","path":"a.b"}`,
+//! `{"command":"storage_dump"}`, `{"command":"command","to":"all",
+//! "name":"ping","args":null}`. Responses carry `"ok": true` and the
 //! result, or `"ok": false` and `"error"`.
 
 use std::io;
@@ -53,6 +58,112 @@ pub enum Request {
     /// Reopen the log file (`--log-file`), after logrotate moved it.
     #[serde(rename = "reopen-logs")]
     ReopenLogs,
+    /// Stop one worker (by slot or name): at once when it is idle, else
+    /// asked to stop and killed after `timeout_ms`.
+    #[serde(rename = "stop_worker")]
+    StopWorker {
+        /// The worker's slot.
+        #[serde(default)]
+        slot: Option<u32>,
+        /// Or its name.
+        #[serde(default)]
+        name: Option<String>,
+        /// Milliseconds before a busy worker is killed (default: the
+        /// watcher's shutdown timeout).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+    /// The value at `path` in the shared storage (`value`, `found`).
+    #[serde(rename = "storage_get")]
+    StorageGet {
+        /// A dot path.
+        path: String,
+    },
+    /// Set `path` to `value` (`version` answers).
+    #[serde(rename = "storage_set")]
+    StorageSet {
+        /// A dot path.
+        path: String,
+        /// Any JSON value.
+        value: serde_json::Value,
+        /// Expire it after this many milliseconds.
+        #[serde(default)]
+        ttl_ms: Option<u64>,
+    },
+    /// Delete `path` (`found` says whether it existed).
+    #[serde(rename = "storage_delete")]
+    StorageDelete {
+        /// A dot path.
+        path: String,
+    },
+    /// The whole shared storage (`value`).
+    #[serde(rename = "storage_dump")]
+    StorageDump,
+    /// Send command `name` to `to` (`watcher`, a slot, a name, `all`);
+    /// `replies` has one entry per process that answered.
+    Command {
+        /// The target.
+        to: String,
+        /// The command's name.
+        name: String,
+        /// Its arguments.
+        #[serde(default)]
+        args: serde_json::Value,
+        /// How long to wait, in milliseconds (default 10,000).
+        #[serde(default)]
+        timeout_ms: Option<u64>,
+    },
+}
+
+/// Commands and messages one worker sent and received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct TrafficStatus {
+    /// Commands it sent.
+    pub commands_sent: u64,
+    /// Commands it was sent.
+    pub commands_received: u64,
+    /// User messages it sent the watcher.
+    pub messages_sent: u64,
+    /// User messages the watcher sent it.
+    pub messages_received: u64,
+}
+
+/// The shared storage in a status response.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct StorageStatus {
+    /// Keys stored (at every level).
+    pub keys: usize,
+    /// Bytes used, as the limit counts them.
+    pub bytes: usize,
+    /// `--storage-max-bytes`.
+    pub max_bytes: usize,
+    /// Operations since start.
+    pub operations: u64,
+    /// Operations per second over the last second.
+    pub operations_per_sec: f64,
+}
+
+/// One process's answer to a command.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[non_exhaustive]
+pub struct CommandReply {
+    /// The worker's slot; 0 for the watcher.
+    pub slot: u32,
+    /// Its name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Its pid.
+    pub pid: u32,
+    /// Whether its handler succeeded.
+    pub ok: bool,
+    /// The result.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// One worker in a status response.
@@ -106,6 +217,19 @@ pub struct WorkerStatus {
     /// For a `backoff` slot: seconds until its next worker starts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_start_secs: Option<f64>,
+    /// The worker's name (`--name`, `--names`).
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What it last set with `Cluster::set_status`, or said with `STATUS=`
+    /// (`--notify`).
+    #[serde(default)]
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and not `READY=1` since (`--notify`).
+    #[serde(default)]
+    pub reloading: bool,
+    /// Commands and messages it sent and received.
+    #[serde(default)]
+    pub stats: TrafficStatus,
 }
 
 /// The watcher's answer.
@@ -165,6 +289,46 @@ pub struct Response {
     /// (`store_counts`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub jobs: Option<serde_json::Value>,
+    /// The shared storage (for `status`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageStatus>,
+    /// A stored value (`storage_get`, `storage_dump`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<serde_json::Value>,
+    /// Whether something was at the path (`storage_get`, `storage_delete`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub found: Option<bool>,
+    /// The new version (`storage_set`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// One answer per process (`command`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replies: Vec<CommandReply>,
+    /// The worker `stop_worker` stopped: its slot and pid, and whether it
+    /// was idle (stopped at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopped: Option<serde_json::Value>,
+}
+
+impl Response {
+    /// A success from this process (the watcher).
+    pub(crate) fn success() -> Response {
+        Response {
+            ok: true,
+            pid: std::process::id(),
+            ..Response::default()
+        }
+    }
+
+    /// A failure from this process, with its one-line reason.
+    pub(crate) fn failure(error: String) -> Response {
+        Response {
+            ok: false,
+            error: Some(error),
+            pid: std::process::id(),
+            ..Response::default()
+        }
+    }
 }
 
 /// Sends `request` to the watcher listening on `socket` and returns its

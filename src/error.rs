@@ -63,6 +63,22 @@ pub(crate) enum Kind {
     NotFound,
     /// A wait ran out of time.
     Timeout,
+    /// A storage operation does not apply (bad path, a value on the way
+    /// that is not an object, not an integer, bad JSON), or the storage
+    /// file cannot be read or written.
+    Storage,
+    /// The storage's byte limit refused a write.
+    StorageFull,
+    /// A command's target does not exist.
+    UnknownTarget,
+    /// The target has no handler for the command.
+    UnknownCommand,
+    /// The target exited before it answered.
+    TargetDied,
+    /// The command's handler failed.
+    Handler,
+    /// Too many commands in flight, watches, or a watch that fell behind.
+    Busy,
 }
 
 impl Error {
@@ -187,10 +203,55 @@ impl Error {
         self.kind == Kind::NotFound
     }
 
-    /// A wait (for example [`JobQueue::wait`](crate::JobQueue::wait)) ran
-    /// out of time.
+    /// A wait (for example [`JobQueue::wait`](crate::JobQueue::wait), or a
+    /// command's reply) ran out of time.
     pub fn is_timeout(&self) -> bool {
         self.kind == Kind::Timeout
+    }
+
+    /// A storage operation did not apply: a bad path, a value on the way
+    /// that is not an object (`set`), a value that is not an integer
+    /// (`increment`), JSON that does not parse; or the storage file could
+    /// not be read or written. Also true for
+    /// [`is_storage_full`](Error::is_storage_full).
+    pub fn is_storage(&self) -> bool {
+        matches!(self.kind, Kind::Storage | Kind::StorageFull)
+    }
+
+    /// The storage's byte limit (`--storage-max-bytes`) refused a write;
+    /// nothing was changed.
+    pub fn is_storage_full(&self) -> bool {
+        self.kind == Kind::StorageFull
+    }
+
+    /// A command's target does not exist: no such slot, name, or no
+    /// worker at all.
+    pub fn is_unknown_target(&self) -> bool {
+        self.kind == Kind::UnknownTarget
+    }
+
+    /// The target has no handler registered for the command's name.
+    pub fn is_unknown_command(&self) -> bool {
+        self.kind == Kind::UnknownCommand
+    }
+
+    /// The command's target exited (or its channel closed) before it
+    /// answered.
+    pub fn is_target_died(&self) -> bool {
+        self.kind == Kind::TargetDied
+    }
+
+    /// The command's handler returned an error, panicked, or could not
+    /// take the arguments; the message is the handler's.
+    pub fn is_handler_error(&self) -> bool {
+        self.kind == Kind::Handler
+    }
+
+    /// A bound refused the request: too many commands in flight or
+    /// watches for one process, or a watch whose reader fell too far
+    /// behind (it ended).
+    pub fn is_busy(&self) -> bool {
+        self.kind == Kind::Busy
     }
 
     /// The underlying OS error, if the source is one.

@@ -68,6 +68,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
 
+mod activation;
+mod commands;
 pub mod control;
 pub mod daemon;
 mod error;
@@ -82,17 +84,22 @@ mod pidfile;
 mod pipe;
 mod signal;
 mod socket;
+mod storage;
 // The one module with `unsafe` code: each block says why it is sound.
 #[allow(unsafe_code)]
 mod sys;
+mod transport;
 mod watcher;
 mod worker;
 
+pub use commands::{
+    CommandCall, Commands, Reply, Responder, Response, Target, DEFAULT_COMMAND_TIMEOUT,
+};
 pub use error::{Error, Result};
 pub use ipc::codec::MAX_MESSAGE_SIZE;
 pub use jobs::{
     AttemptError, CallError, CancelOutcome, Job, JobClient, JobId, JobQueue, JobState, JobStats,
-    ListFilter, NewJob, RemoteJob, StateCounts, Submitted,
+    ListFilter, NewJob, Node, NodePool, NodeState, RemoteJob, StateCounts, Submitted,
 };
 pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]
@@ -103,12 +110,16 @@ pub use pipe::{
     TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
 };
 pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
+pub use storage::{Change, ChangeKind, SetValue, Storage, Versioned, Watch};
 pub use watcher::{
-    Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Stopped,
-    WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState, DEFAULT_MAX_RESTARTS,
-    DEFAULT_RESTART_WINDOW,
+    Balance, ClusterWatcher, ClusterWatcherBuilder, LogFormat, LogOutput, Messages, Revive,
+    Stopped, Traffic, WatcherLogLayer, WorkerInfo, WorkerMessage, WorkerRef, WorkerState,
+    DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW,
 };
-pub use worker::{Cluster, JobContext, JobError, Jobs, MessageChannel, ServerSocketFactory};
+pub use worker::{
+    Cluster, JobContext, JobError, Jobs, MessageChannel, ServerSocketFactory, Status,
+    MAX_STATUS_LEN,
+};
 
 #[doc(hidden)]
 pub use jobs::bench as __jobs_bench;

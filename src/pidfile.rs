@@ -51,7 +51,7 @@ fn same_file(dir: &OwnedFd, name: &Path, file: &File) -> bool {
 }
 
 /// An unpredictable suffix for the temporary file's name.
-fn random_suffix() -> u64 {
+pub(crate) fn random_suffix() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded from the OS's random source.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

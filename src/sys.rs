@@ -4,9 +4,12 @@
 //! soundness argument is local: taking ownership of file descriptors that
 //! arrive with `SCM_RIGHTS`, through `exec` or from systemd's socket
 //! activation, probing an inherited descriptor without owning it, the
-//! `pre_exec` hook that runs in the forked child between `fork` and `exec`,
-//! and the daemon's `fork` while the process is still single-threaded.
+//! `pre_exec` hook that runs in the forked child between `fork` and `exec`
+//! (with [`ChildExec`], the worker's own `execve` with its pid patched into
+//! a prepared environment), and the daemon's `fork` while the process is
+//! still single-threaded.
 
+use std::ffi::{c_char, CString};
 use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
@@ -27,6 +30,10 @@ pub(crate) struct Received {
     pub ctrunc: bool,
     /// Every descriptor that arrived, owned (closed on drop, `O_CLOEXEC` set).
     pub fds: Vec<OwnedFd>,
+    /// The sender's pid from `SCM_CREDENTIALS`, on a socket with
+    /// `SO_PASSCRED` (the kernel checks it: a process cannot claim
+    /// another's pid without `CAP_SYS_ADMIN`).
+    pub pid: Option<i32>,
 }
 
 /// Sends one datagram carrying `bytes` and `fds` (`MSG_NOSIGNAL`, `MSG_DONTWAIT`).
@@ -52,9 +59,10 @@ pub(crate) fn send_with_fds(
     .map_err(io::Error::from)
 }
 
-/// Receives one datagram with `MSG_CMSG_CLOEXEC` and `MSG_DONTWAIT`.
+/// Receives one datagram with `MSG_CMSG_CLOEXEC` and `MSG_DONTWAIT`, with
+/// the sender's credentials when the socket has `SO_PASSCRED`.
 pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<Received> {
-    let mut cmsg_buf = nix::cmsg_space!([RawFd; SCM_MAX_FD]);
+    let mut cmsg_buf = nix::cmsg_space!([RawFd; SCM_MAX_FD], socket::UnixCredentials);
     let mut iov = [IoSliceMut::new(buf)];
     let msg = socket::recvmsg::<()>(
         sock.as_raw_fd(),
@@ -64,9 +72,13 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
     )
     .map_err(io::Error::from)?;
     let mut fds = Vec::new();
+    let mut pid = None;
     let ctrunc = msg.flags.contains(MsgFlags::MSG_CTRUNC);
     if let Ok(cmsgs) = msg.cmsgs() {
         for cmsg in cmsgs {
+            if let ControlMessageOwned::ScmCredentials(creds) = &cmsg {
+                pid = Some(creds.pid());
+            }
             if let ControlMessageOwned::ScmRights(raws) = cmsg {
                 for raw in raws {
                     // SAFETY: the kernel has just installed `raw` in our
@@ -83,6 +95,7 @@ pub(crate) fn recv_with_fds(sock: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<
         truncated: msg.flags.contains(MsgFlags::MSG_TRUNC),
         ctrunc,
         fds,
+        pid,
     })
 }
 
@@ -200,20 +213,29 @@ pub(crate) struct Credentials {
 /// * asks for `SIGTERM` when the watcher dies (`PR_SET_PDEATHSIG`), and
 ///   exits at once if the watcher is already gone;
 /// * moves the worker into its own process group, so a terminal's Ctrl-C
-///   reaches only the watcher, which then stops the workers in order.
+///   reaches only the watcher, which then stops the workers in order;
+/// * with `exec`, moves the inherited sockets to their numbers, writes the
+///   child's pid into its prepared environment and calls `execve` itself
+///   (see [`ChildExec`]).
 pub(crate) fn prepare_child_exec(
     cmd: &mut tokio::process::Command,
     keep_fd: Option<RawFd>,
     creds: Option<Credentials>,
+    exec: Option<ChildExec>,
 ) {
+    let watcher_pid = std::process::id() as libc::pid_t;
+    let mut exec = exec;
     // SAFETY: the closure runs in the child between fork and exec, where
     // only async-signal-safe calls are allowed. It calls setgroups, setgid,
     // setuid, getppid, fcntl, prctl, setpgid and _exit through libc: system
     // call wrappers that neither allocate nor take locks (the child has a
     // single thread, so glibc's set*id need not signal other threads). It
-    // captures integers and `Option`s of integers by value; the null pointer
-    // passed to setgroups with a count of 0 is never read.
-    let watcher_pid = std::process::id() as libc::pid_t;
+    // captures integers, `Option`s of integers and a `ChildExec` by value;
+    // the null pointer passed to setgroups with a count of 0 is never read.
+    // `ChildExec::run` only calls dup2, getpid, execve and write and writes
+    // into memory it owns, allocated before the fork (see there); the
+    // closure runs once per fork, in a child that has one thread, and the
+    // parent never runs it (it only drops it, freeing those buffers).
     unsafe {
         cmd.pre_exec(move || {
             if let Some(creds) = creds {
@@ -254,9 +276,197 @@ pub(crate) fn prepare_child_exec(
             if libc::setpgid(0, 0) < 0 {
                 return Err(io::Error::last_os_error());
             }
-            Ok(())
+            match exec.as_mut() {
+                // Returns only when execve failed.
+                Some(exec) => Err(exec.run()),
+                None => Ok(()),
+            }
         });
     }
+}
+
+/// Room for a pid in a prepared environment entry: `u32::MAX` has 10 digits.
+const PID_WIDTH: usize = 10;
+
+/// A null-terminated array of C string pointers, filled in the child.
+struct Pointers(Vec<*const c_char>);
+
+// SAFETY: the pointers are null until the forked child fills them (in
+// `ChildExec::run`) with the addresses of strings owned by the same
+// `ChildExec`; the parent never dereferences them, and the child has one
+// thread. Moving or sharing the array between the parent's threads (as
+// `pre_exec` requires of its closure) therefore shares no live pointer.
+unsafe impl Send for Pointers {}
+// SAFETY: as for `Send`: nothing reads the pointers in the parent.
+unsafe impl Sync for Pointers {}
+
+/// The end of a worker's start when it must see its own pid in its
+/// environment (`LISTEN_PID`, `WATCHDOG_PID`) or inherit sockets at fixed
+/// numbers (`LISTEN_FDS`: 3, 4, ...).
+///
+/// std's `Command` builds the child's environment before `fork` and offers
+/// no way to change it afterwards, and the child's pid is only known after
+/// the fork. So the hook ends with its own `execve`: every string and array
+/// is allocated here, before the fork, with [`PID_WIDTH`] bytes reserved
+/// where a pid goes; the child only copies digits into that room, fills the
+/// pre-sized pointer arrays, calls `dup2` for the sockets and `execve`. No
+/// allocation, no lock, no `environ` swap.
+pub(crate) struct ChildExec {
+    path: CString,
+    argv: Vec<CString>,
+    /// `KEY=VALUE\0` entries.
+    env: Vec<Vec<u8>>,
+    /// (entry, offset of its value): entries whose value becomes the pid.
+    pid_slots: Vec<(usize, usize)>,
+    /// `dup2(from, to)` in the child, in order; every `from` is above
+    /// every `to`, so no move overwrites a descriptor a later one reads.
+    moves: Vec<(RawFd, RawFd)>,
+    /// Written to stderr (the watcher's capture pipe) if `execve` fails.
+    failed_line: Vec<u8>,
+    argv_ptrs: Pointers,
+    env_ptrs: Pointers,
+}
+
+impl ChildExec {
+    /// Prepares `execve(path, argv, env)`, where the variables named in
+    /// `pid_keys` get the child's pid, after `moves` (`dup2(from, to)`).
+    ///
+    /// # Errors
+    ///
+    /// `InvalidInput` for a string with a NUL byte, or moves whose sources
+    /// are not all above their targets (or a target below 3).
+    pub(crate) fn new(
+        path: &std::ffi::OsStr,
+        argv: &[std::ffi::OsString],
+        env: &[(std::ffi::OsString, std::ffi::OsString)],
+        pid_keys: &[&str],
+        moves: Vec<(RawFd, RawFd)>,
+    ) -> io::Result<ChildExec> {
+        use std::os::unix::ffi::OsStrExt;
+        let bad = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+        let cstr = |s: &std::ffi::OsStr| CString::new(s.as_bytes()).map_err(|_| bad("NUL byte"));
+        let highest_target = moves.iter().map(|m| m.1).max().unwrap_or(2);
+        if moves
+            .iter()
+            .any(|&(from, to)| to < 3 || from <= highest_target)
+        {
+            return Err(bad("descriptor moves overlap"));
+        }
+        let mut entries = Vec::with_capacity(env.len());
+        let mut pid_slots = Vec::new();
+        for (key, value) in env {
+            let mut entry = key.as_bytes().to_vec();
+            if entry.contains(&0) || entry.contains(&b'=') || value.as_bytes().contains(&0) {
+                return Err(bad("bad environment variable"));
+            }
+            entry.push(b'=');
+            if pid_keys.iter().any(|k| k.as_bytes() == key.as_bytes()) {
+                pid_slots.push((entries.len(), entry.len()));
+                entry.extend_from_slice(&[b'0'; PID_WIDTH]);
+            } else {
+                entry.extend_from_slice(value.as_bytes());
+            }
+            entry.push(0);
+            entries.push(entry);
+        }
+        let argv = argv
+            .iter()
+            .map(|a| cstr(a))
+            .collect::<io::Result<Vec<_>>>()?;
+        let mut failed_line = b"cluster: cannot execute ".to_vec();
+        failed_line.extend_from_slice(path.as_bytes());
+        failed_line.push(b'\n');
+        Ok(ChildExec {
+            path: cstr(path)?,
+            argv_ptrs: Pointers(vec![std::ptr::null(); argv.len() + 1]),
+            env_ptrs: Pointers(vec![std::ptr::null(); entries.len() + 1]),
+            argv,
+            env: entries,
+            pid_slots,
+            moves,
+            failed_line,
+        })
+    }
+
+    /// In the child: moves the descriptors, writes the pid, execs. Returns
+    /// only on failure, with the error.
+    ///
+    /// Async-signal-safe: dup2, getpid, execve and write are system calls;
+    /// everything else writes bytes and pointers into buffers allocated
+    /// before the fork, through iterators that cannot panic.
+    fn run(&mut self) -> io::Error {
+        for &(from, to) in &self.moves {
+            // SAFETY: dup2 on descriptors the parent kept open across the
+            // fork; it closes whatever `to` was in this child only.
+            if unsafe { libc::dup2(from, to) } < 0 {
+                return io::Error::last_os_error();
+            }
+        }
+        // SAFETY: getpid has no preconditions.
+        let pid = unsafe { libc::getpid() }.unsigned_abs();
+        let mut digits = [0u8; PID_WIDTH];
+        let digits = decimal(pid, &mut digits);
+        for &(entry, at) in &self.pid_slots {
+            if let Some(room) = self.env.get_mut(entry).and_then(|e| e.get_mut(at..)) {
+                for (dst, src) in room.iter_mut().zip(digits.iter().chain([&0u8])) {
+                    *dst = *src;
+                }
+            }
+        }
+        for (ptr, entry) in self.env_ptrs.0.iter_mut().zip(&self.env) {
+            *ptr = entry.as_ptr().cast();
+        }
+        for (ptr, arg) in self.argv_ptrs.0.iter_mut().zip(&self.argv) {
+            *ptr = arg.as_ptr();
+        }
+        // SAFETY: the path and every argv/env entry are NUL-terminated
+        // strings owned by `self`, and both pointer arrays end with the null
+        // pointer they were created with (one more slot than entries).
+        unsafe {
+            libc::execve(
+                self.path.as_ptr(),
+                self.argv_ptrs.0.as_ptr(),
+                self.env_ptrs.0.as_ptr(),
+            )
+        };
+        let error = io::Error::last_os_error();
+        // SAFETY: writes bytes from a live buffer to stderr; the result is
+        // irrelevant (the error is reported either way).
+        let _ = unsafe {
+            libc::write(
+                libc::STDERR_FILENO,
+                self.failed_line.as_ptr().cast(),
+                self.failed_line.len(),
+            )
+        };
+        error
+    }
+}
+
+/// Writes `n` in decimal into the end of `buf`, returning the digits.
+fn decimal(mut n: u32, buf: &mut [u8; PID_WIDTH]) -> &[u8] {
+    let mut start = PID_WIDTH;
+    for slot in buf.iter_mut().rev() {
+        *slot = b'0' + (n % 10) as u8;
+        start -= 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.get(start..).unwrap_or_default()
+}
+
+/// A duplicate of `fd` numbered `min` or above, with `FD_CLOEXEC` (so that
+/// a child's `dup2` to low numbers never overwrites a source it still needs).
+pub(crate) fn dup_above(fd: BorrowedFd<'_>, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC only creates a new descriptor (or fails).
+    let raw = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    if raw < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl just returned this new descriptor; nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 /// Sets `FD_CLOEXEC` on a descriptor just taken over, so our own children
@@ -275,7 +485,7 @@ fn set_cloexec(fd: OwnedFd) -> io::Result<OwnedFd> {
 /// `FD_CLOEXEC` on it so that workers do not inherit it: they get their own
 /// duplicate over IPC, like any other listener.
 ///
-/// The caller (`watcher::systemd::listen_fds`) guarantees this runs at most
+/// The caller (`activation::inherited`) guarantees this runs at most
 /// once per descriptor number and process, after checking `LISTEN_PID` is
 /// this process.
 pub(crate) fn take_listen_fd(raw: RawFd) -> io::Result<OwnedFd> {
@@ -323,4 +533,31 @@ pub(crate) fn fork_single_threaded() -> io::Result<nix::unistd::ForkResult> {
     // this function starts another, so no lock can be held by a thread that
     // does not exist in the child: the child may do everything the parent may.
     unsafe { nix::unistd::fork() }.map_err(io::Error::from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_digits() {
+        let mut buf = [0u8; PID_WIDTH];
+        assert_eq!(decimal(0, &mut buf), b"0");
+        assert_eq!(decimal(4242, &mut buf), b"4242");
+        assert_eq!(decimal(u32::MAX, &mut buf), b"4294967295");
+    }
+
+    #[test]
+    fn child_exec_refuses_overlapping_moves_and_nul_bytes() {
+        let env = [("A".into(), "1".into())];
+        let argv = ["x".into()];
+        assert!(ChildExec::new("x".as_ref(), &argv, &env, &[], vec![(10, 3), (11, 4)]).is_ok());
+        assert!(ChildExec::new("x".as_ref(), &argv, &env, &[], vec![(4, 3), (11, 4)]).is_err());
+        assert!(ChildExec::new("x".as_ref(), &argv, &env, &[], vec![(10, 2)]).is_err());
+        let nul = [("A".into(), "1\0".into())];
+        assert!(ChildExec::new("x".as_ref(), &argv, &nul, &[], vec![]).is_err());
+        let e = ChildExec::new("x".as_ref(), &argv, &env, &["A"], vec![]).unwrap();
+        assert_eq!(e.env[0], b"A=0000000000\0");
+        assert_eq!(e.pid_slots, [(0, 2)]);
+    }
 }

@@ -113,6 +113,9 @@ fn api_answers_json_with_fitting_statuses() {
     assert_eq!(status, 200, "{body}");
     let s = json_of(&body);
     assert_eq!(s["workers_wanted"], 2);
+    // One watcher's SQLite store has no nodes.
+    let (status, body) = request(port, "GET", "/api/nodes", &[], "");
+    assert_eq!((status, json_of(&body)), (200, json!([])), "{body}");
     assert_eq!(s["pid"], c.pid);
     assert_eq!(s["workers"].as_array().unwrap().len(), 2);
     assert_eq!(s["jobs"]["pools"][0]["name"], "default");
@@ -230,6 +233,63 @@ fn api_answers_json_with_fitting_statuses() {
         got.extend_from_slice(&buf[..n]);
     }
     assert!(String::from_utf8_lossy(&got).contains("text/event-stream"));
+}
+
+#[test]
+fn api_nodes_lists_the_nodes_of_a_shared_store() {
+    let Some(url) = common::pg::fresh_url() else {
+        return;
+    };
+    let port = free_port();
+    let mut a = watcher()
+        .workers(1)
+        .arg("--http")
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--jobs", &url, "--node", "dash-a"])
+        .start(example("jobs"), &[]);
+    let mut b = watcher()
+        .workers(2)
+        .args(["--jobs", &url, "--node", "dash-b"])
+        .start(example("jobs"), &[]);
+    a.wait_workers(1, START);
+    b.wait_workers(2, START);
+    wait_http(&a, port);
+    let nodes = wait_for(START, || {
+        let (status, body) = request(port, "GET", "/api/nodes", &[], "");
+        assert_eq!(status, 200, "{body}");
+        let v = json_of(&body);
+        (v.as_array().map_or(0, Vec::len) == 2).then_some(v)
+    })
+    .unwrap_or_else(|| panic!("two nodes never listed:\n{}", a.stderr()));
+    let mut names: Vec<&str> = nodes
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| {
+            assert_eq!(n["state"], "alive", "{n}");
+            assert!(
+                n["heartbeat_at"].is_string() && n["capacity"].is_u64(),
+                "{n}"
+            );
+            n["name"].as_str().unwrap()
+        })
+        .collect();
+    names.sort();
+    assert_eq!(names, ["dash-a", "dash-b"]);
+    // The page's script asks for them.
+    let (_, js) = request(port, "GET", "/app.js", &[], "");
+    assert!(js.contains("/api/nodes"));
+    b.signal(nix::sys::signal::Signal::SIGTERM);
+    b.wait_exit(START).expect("node b stops");
+    let gone = wait_for(START, || {
+        let (_, body) = request(port, "GET", "/api/nodes", &[], "");
+        let v = json_of(&body);
+        v.as_array()?
+            .iter()
+            .any(|n| n["name"] == "dash-b" && n["state"] != "alive")
+            .then_some(())
+    });
+    assert!(gone.is_some(), "a stopped node is not shown alive");
 }
 
 #[test]

@@ -361,16 +361,14 @@ fn workers_of_another_user_get_only_the_addresses_the_operator_allowed() {
 
 #[test]
 fn a_worker_gets_at_most_64_addresses_and_listeners_nobody_uses_are_closed() {
-    // 70 distinct ports: each stays bound until all are picked (a port
-    // picked twice would be granted twice but count once).
-    let held: Vec<std::net::TcpListener> = (0..70)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").unwrap())
-        .collect();
-    let ports: Vec<String> = held
-        .iter()
-        .map(|l| l.local_addr().unwrap().to_string())
-        .collect();
-    drop(held);
+    // 70 distinct ports (free_port can hand out the same one twice).
+    let mut ports: Vec<String> = Vec::new();
+    while ports.len() < 70 {
+        let p = format!("127.0.0.1:{}", free_port());
+        if !ports.contains(&p) {
+            ports.push(p);
+        }
+    }
     let dir = tempfile::tempdir().unwrap();
     let mark = dir.path().join("asked");
     let evil_path = evil();

@@ -539,10 +539,10 @@ fn bad_input_is_refused_with_one_line() {
     );
     refused(
         &d,
-        &["submit", "--jobs", "postgres://h/db", "x"],
+        &["submit", "--jobs", "postgres://nosuchhost.invalid/db", "x"],
         None,
         1,
-        "PostgreSQL store is not built yet",
+        "cannot open the job store postgres://nosuchhost.invalid/db: error connecting to server",
     );
 }
 

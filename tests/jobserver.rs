@@ -514,7 +514,7 @@ fn durable_jobs_with_keys_coalesce_and_long_polls_answer_when_they_end() {
     assert_eq!(r.status, 200);
     let job = check(&doc, "/v1/jobs/{id}", "get", &r);
     assert_eq!(job["state"], "done", "{job}");
-    assert_eq!(job["result"], json!({"slept_ms": 1500}));
+    assert_eq!(job["result"]["slept_ms"], 1500, "{job}");
     assert!(started.elapsed() < Duration::from_secs(5));
 
     // Once it ended, the key is free again.
@@ -575,7 +575,8 @@ fn a_rolling_restart_moves_new_calls_to_new_workers_and_lets_running_ones_finish
     );
     assert!(calls > 0);
     let r = long.join().unwrap();
-    assert_eq!((r.status, r.body.as_str()), (200, r#"{"slept_ms":2000}"#));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(r.body.contains(r#""slept_ms":2000"#), "{}", r.body);
     let new = c.wait_workers(2, START);
     assert!(
         new.iter().all(|p| !old.contains(p)),
@@ -608,7 +609,7 @@ fn the_rust_client_calls_in_parallel_and_tells_errors_apart() {
             started.elapsed()
         );
         for r in [a, b, c] {
-            assert_eq!(r.unwrap(), json!({"slept_ms": 1000}));
+            assert_eq!(r.unwrap()["slept_ms"], 1000);
         }
         let e = client
             .call::<_, Value>("nope", &json!(1))
@@ -662,7 +663,7 @@ fn the_amp_quickstart_example_takes_about_one_second() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text.matches(r#"{"slept_ms":1000}"#).count(), 3, "{text}");
+    assert_eq!(text.matches(r#""slept_ms":1000"#).count(), 3, "{text}");
     let took: f64 = text
         .lines()
         .find_map(|l| l.strip_prefix("3 calls of 1 s took "))
@@ -701,7 +702,7 @@ fn the_readme_curl_and_python_clients_work() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{curl}\n{text}");
-    assert_eq!(text.matches(r#"{"slept_ms":1000}"#).count(), 3, "{text}");
+    assert_eq!(text.matches(r#""slept_ms":1000"#).count(), 3, "{text}");
     assert!(
         started.elapsed() < Duration::from_millis(1800),
         "{:?}",
@@ -724,7 +725,7 @@ fn the_readme_curl_and_python_clients_work() {
         "{python}\n{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(text.matches("{'slept_ms': 1000}").count(), 3, "{text}");
+    assert_eq!(text.matches("'slept_ms': 1000").count(), 3, "{text}");
 }
 
 /// Lets this test process open a thousand connections on a machine whose

@@ -115,7 +115,7 @@ fn text_format_tags_records() {
 
 #[test]
 fn hundred_thousand_records_from_four_workers_arrive_complete() {
-    let mut c = log_workers(4, "json", "info", &["25000", "20"]);
+    let mut c = log_workers(4, "json", "info", &["25000", "40"]);
     // Read the growing output incrementally: re-reading megabytes every
     // 20 ms would dominate the test's time.
     const NEEDLE: &[u8] = b"\"message\":\"done\"";
@@ -135,8 +135,10 @@ fn hundred_thousand_records_from_four_workers_arrive_complete() {
         offset = end;
         (done == 4 || dropped).then_some(())
     });
-    // 4 workers x 5,000 records/s is within what even a debug-build watcher
-    // writes; a drop here means records were lost below capacity.
+    // 4 workers x 2,500 records/s is well within what even a debug-build
+    // watcher writes while the other tests run beside it on two cores (the
+    // flood tests measure the ceiling); a drop here means records were
+    // lost below capacity.
     assert!(
         !dropped,
         "records were dropped:\n{}",

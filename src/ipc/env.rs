@@ -10,6 +10,8 @@ pub(crate) const WATCHER_PID: &str = "CLUSTER_WATCHER_PID";
 pub(crate) const CONTEXT_ID: &str = "CLUSTER_CONTEXT_ID";
 /// Slot (1..N).
 pub(crate) const SLOT: &str = "CLUSTER_SLOT";
+/// The worker's name (`--name`, `--names`), when it has one.
+pub(crate) const NAME: &str = "CLUSTER_NAME";
 /// Milliseconds a worker has to exit once its watcher is gone.
 pub(crate) const SHUTDOWN_TIMEOUT_MS: &str = "CLUSTER_SHUTDOWN_TIMEOUT_MS";
 /// The watcher's log filter (`EnvFilter` directives), applied by the

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 4;
+pub(crate) const VERSION: u32 = 5;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.
@@ -56,6 +56,15 @@ pub(crate) enum ToWorker {
     /// Stop running job `ticket` (timed out or cancelled); answered with
     /// its `JobDone`.
     CancelJob { ticket: u64 },
+    // Shared state and commands (storage, watches, commands between processes).
+    /// Answers to `Requests`, by request id, in the order they were asked.
+    Replies(Vec<Reply>),
+    /// Commands for this worker's handlers; each is answered in `CallResults`.
+    Calls(Vec<Call>),
+    /// Changes seen by this worker's watches, in the store's order.
+    Changes(Vec<Change>),
+    /// Watch `watch` ended (its worker did not keep up with its changes).
+    WatchEnded { watch: u64, reason: String },
     /// A part of the arguments of job `ticket`, whose `Job` follows with
     /// the last part (see `ipc/parts.rs`).
     JobPart { ticket: u64, part: String },
@@ -134,9 +143,217 @@ pub(crate) enum ToWatcher {
     },
     /// The worker served its `--max-requests` (`requests` of them): replace it.
     Recycle { requests: u64 },
+    // Shared state and commands (storage, watches, commands between processes).
+    /// Storage operations, watches and commands, each answered by a `Reply`
+    /// with its id. Handled by the hub as they arrive, never queued.
+    Requests(Vec<Request>),
+    /// Results of `Calls` this worker ran.
+    CallResults(Vec<CallResult>),
+    /// The worker's status as `Cluster::set_status` set it.
+    SetStatus(String),
     /// A part of the result of job `ticket`, whose `JobDone` follows with
     /// the last part (see `ipc/parts.rs`).
     JobDonePart { ticket: u64, part: String },
+}
+
+/// Most requests one `Requests` message may carry (the worker packs at most
+/// [`REQUEST_BATCH`]); more is a protocol error.
+pub(crate) const MAX_REQUESTS: usize = 1024;
+
+/// Most requests a worker packs into one `Requests` message.
+pub(crate) const REQUEST_BATCH: usize = 256;
+
+/// Largest JSON text one value may have to travel in one message (a value
+/// set by a worker, a `get` reply, a command's arguments or result); the
+/// rest of [`MAX_MESSAGE`] is room for the envelope.
+pub(crate) const MAX_VALUE: usize = MAX_MESSAGE - 2048;
+
+/// One request to the watcher's hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Request {
+    /// Chosen by the worker, echoed in the `Reply`; a `Watch`'s id names
+    /// the watch afterwards.
+    pub id: u64,
+    pub body: RequestBody,
+}
+
+/// What a worker asks the hub.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum RequestBody {
+    Storage(StorageOp),
+    /// Send changes at or under `prefix` (dot path; empty: everything).
+    Watch {
+        prefix: String,
+    },
+    /// Stop watch `watch` (answered, like every request).
+    Unwatch {
+        watch: u64,
+    },
+    /// Run command `name` with `args` (JSON text) on `target`; the watcher
+    /// answers with a timeout error after `timeout_ms`.
+    Call {
+        target: TargetSpec,
+        name: String,
+        args: String,
+        timeout_ms: u64,
+    },
+}
+
+/// One storage operation; paths are dot paths, values JSON text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum StorageOp {
+    Get {
+        path: String,
+    },
+    GetVersioned {
+        path: String,
+    },
+    Set {
+        path: String,
+        value: String,
+        ttl_ms: Option<u64>,
+    },
+    Delete {
+        path: String,
+    },
+    Increment {
+        path: String,
+        by: i64,
+    },
+    CompareAndSwap {
+        path: String,
+        expected: Option<String>,
+        new: String,
+    },
+    /// Set `value` if the path's version is still `version` (0: absent).
+    Update {
+        path: String,
+        version: u64,
+        value: String,
+    },
+}
+
+/// Where a command goes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum TargetSpec {
+    Watcher,
+    Slot(u32),
+    Name(String),
+    All,
+}
+
+/// The hub's answer to one request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Reply {
+    pub id: u64,
+    pub result: Result<ReplyBody, HubError>,
+}
+
+/// What a request produced.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum ReplyBody {
+    /// `Get`: the value's JSON text, `None` when the path is missing.
+    Value(Option<String>),
+    /// `GetVersioned`: the value and its version.
+    Versioned(Option<(String, u64)>),
+    /// `Set`: the new version.
+    Version(u64),
+    /// `Delete` (the path existed), `CompareAndSwap` (it was swapped),
+    /// `Watch` and `Unwatch` (true).
+    Done(bool),
+    /// `Increment`: the new value.
+    Int(i64),
+    /// `Update`: the new version, `None` when the version did not match.
+    Updated(Option<u64>),
+    /// One process's answer to a `Call`; `remaining` more follow (for
+    /// `TargetSpec::All`, one per worker).
+    Answer { answer: Answer, remaining: u32 },
+}
+
+/// One process's answer to a command.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Answer {
+    pub from: Responder,
+    /// The handler's result as JSON text.
+    pub result: Result<String, HubError>,
+}
+
+/// Who answered: slot 0 is the watcher.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Responder {
+    pub slot: u32,
+    pub name: Option<String>,
+    pub pid: u32,
+    pub context_id: u64,
+}
+
+/// Why a request failed; the worker turns it into a `cluster::Error`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct HubError {
+    pub kind: HubErrorKind,
+    pub message: String,
+}
+
+/// The kinds of [`HubError`], one `cluster::Error` predicate each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum HubErrorKind {
+    /// The operation does not apply: a bad path, a value on the way that
+    /// is not an object, not an integer, bad JSON.
+    Storage,
+    /// Refused by the store's byte limit.
+    StorageFull,
+    /// A value does not fit in one message.
+    TooLarge,
+    UnknownTarget,
+    UnknownCommand,
+    Timeout,
+    TargetDied,
+    /// The handler returned an error (or panicked, or refused the arguments).
+    Handler,
+    /// Too many commands in flight or watches for one worker.
+    Busy,
+    /// The watcher is stopping.
+    Closed,
+}
+
+/// A command for one of the worker's handlers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Call {
+    /// The watcher's id, echoed in the `CallResult`.
+    pub call: u64,
+    pub name: String,
+    pub args: String,
+    /// Who asked (`None`: the watcher's own code or the CLI).
+    pub from: Option<Responder>,
+}
+
+/// A worker's answer to a [`Call`]: JSON text, or why there is none (a
+/// `Handler` or `UnknownCommand` error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct CallResult {
+    pub call: u64,
+    pub result: Result<String, HubError>,
+}
+
+/// One change a watch sees.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Change {
+    pub watch: u64,
+    /// The store's revision after the change (strictly increasing).
+    pub revision: u64,
+    pub kind: ChangeKind,
+    pub path: String,
+    /// The new value's JSON text (`None` for deletions, and for a value
+    /// too large for one message).
+    pub value: Option<String>,
+}
+
+/// What happened at a path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) enum ChangeKind {
+    Set,
+    Deleted,
+    Expired,
 }
 
 /// A balanced listener granted to a worker: the watcher accepts and sends
@@ -195,6 +412,47 @@ mod tests {
                 node: "n".into(),
             })),
             ToWorker::CancelJob { ticket: 4 },
+            ToWorker::Replies(vec![
+                Reply {
+                    id: 1,
+                    result: Ok(ReplyBody::Value(Some("1".into()))),
+                },
+                Reply {
+                    id: 2,
+                    result: Ok(ReplyBody::Answer {
+                        answer: Answer {
+                            from: Responder {
+                                slot: 2,
+                                name: Some("web-2".into()),
+                                pid: 9,
+                                context_id: 4,
+                            },
+                            result: Err(HubError {
+                                kind: HubErrorKind::Handler,
+                                message: "no".into(),
+                            }),
+                        },
+                        remaining: 1,
+                    }),
+                },
+            ]),
+            ToWorker::Calls(vec![Call {
+                call: 3,
+                name: "whoami".into(),
+                args: "null".into(),
+                from: None,
+            }]),
+            ToWorker::Changes(vec![Change {
+                watch: 1,
+                revision: 7,
+                kind: ChangeKind::Expired,
+                path: "a.b".into(),
+                value: None,
+            }]),
+            ToWorker::WatchEnded {
+                watch: 1,
+                reason: "lagged".into(),
+            },
             ToWorker::JobPart {
                 ticket: 4,
                 part: "[1,".into(),
@@ -250,6 +508,33 @@ mod tests {
                 result: Err(JobFailure::BadArgs("x".into())),
             },
             ToWatcher::Recycle { requests: 1000 },
+            ToWatcher::Requests(vec![
+                Request {
+                    id: 1,
+                    body: RequestBody::Storage(StorageOp::Increment {
+                        path: "hits".into(),
+                        by: 1,
+                    }),
+                },
+                Request {
+                    id: 2,
+                    body: RequestBody::Call {
+                        target: TargetSpec::Name("web-1".into()),
+                        name: "whoami".into(),
+                        args: "{}".into(),
+                        timeout_ms: 100,
+                    },
+                },
+                Request {
+                    id: 3,
+                    body: RequestBody::Watch { prefix: "".into() },
+                },
+            ]),
+            ToWatcher::CallResults(vec![CallResult {
+                call: 3,
+                result: Ok("1".into()),
+            }]),
+            ToWatcher::SetStatus("idle".into()),
             ToWatcher::JobDonePart {
                 ticket: 5,
                 part: "{\"a\":".into(),

@@ -116,6 +116,18 @@ impl Channel {
         }
     }
 
+    /// Sends raw bytes as one datagram only if the socket has room now
+    /// (`WouldBlock` otherwise); for a caller that falls back to a queue.
+    pub(crate) fn try_send_bytes(&self, bytes: &[u8]) -> io::Result<()> {
+        loop {
+            match sys::send_with_fds(self.fd.get_ref().as_fd(), bytes, &[]) {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
     /// Encodes and sends one message.
     pub(crate) async fn send<T: Serialize>(
         &self,

@@ -39,8 +39,8 @@ mod time;
 pub use call_error::CallError;
 pub use client::{JobClient, RemoteJob};
 pub use model::{
-    AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, StateCounts,
-    Submitted,
+    AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, Node,
+    NodePool, NodeState, StateCounts, Submitted,
 };
 pub(crate) use model::{DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE};
 pub use queue::JobQueue;
@@ -86,17 +86,57 @@ pub mod bench {
         /// Claims up to `batch` jobs of queue `q`; returns their
         /// `(id, attempt)`.
         pub async fn claim(&self, q: &str, batch: usize) -> crate::Result<Vec<(i64, u32)>> {
+            self.claim_as(q, batch, "bench", false).await
+        }
+
+        /// Claims up to `batch` jobs of queue `q` as `node`, in safe mode
+        /// or not; returns their `(id, attempt)`.
+        pub async fn claim_as(
+            &self,
+            q: &str,
+            batch: usize,
+            node: &str,
+            safe_mode: bool,
+        ) -> crate::Result<Vec<(i64, u32)>> {
             let jobs = self
                 .0
                 .claim(ClaimRequest {
                     pool: "bench".into(),
                     queues: vec![q.into()],
                     limit: batch,
-                    node: "bench".into(),
-                    safe_mode: false,
+                    node: node.into(),
+                    safe_mode,
                 })
                 .await?;
             Ok(jobs.into_iter().map(|j| (j.id.get(), j.attempt)).collect())
+        }
+
+        /// Records a failed attempt for each; returns how many applied.
+        pub async fn fail(&self, jobs: Vec<(i64, u32)>, error: &str) -> crate::Result<usize> {
+            let done = jobs
+                .into_iter()
+                .map(|(id, attempt)| Finished {
+                    id: super::JobId::new(id),
+                    attempt,
+                    worker: None,
+                    outcome: Outcome::Failed(error.to_string()),
+                })
+                .collect();
+            Ok(self.0.finish(done).await?.applied)
+        }
+
+        /// Gives claimed jobs back unstarted; returns how many applied.
+        pub async fn release(&self, jobs: Vec<(i64, u32)>) -> crate::Result<u64> {
+            let jobs = jobs
+                .into_iter()
+                .map(|(id, a)| (super::JobId::new(id), a))
+                .collect();
+            self.0.release(jobs).await
+        }
+
+        /// Deletes finished jobs older than `older_than`.
+        pub async fn purge(&self, older_than: std::time::Duration) -> crate::Result<u64> {
+            self.0.purge(older_than).await
         }
 
         /// Finishes claimed jobs as done, in one transaction.

@@ -18,7 +18,10 @@ use super::store::{self, Store, StoreOptions};
 ///
 /// URLs: a SQLite file path (`jobs.db`, `./x/jobs.db`), `sqlite://PATH`,
 /// `sqlite:PATH`, or `sqlite::memory:` (private to this handle, for
-/// tests). `postgres://…` is refused until the PostgreSQL store exists.
+/// tests); or PostgreSQL, `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+/// (libpq's URL parameters, plus `schema=NAME` for the schema of the job
+/// tables, default `cluster`). A PostgreSQL handle holds at most four
+/// connections.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -224,6 +227,26 @@ impl JobQueue {
         self.store.known_queues().await
     }
 
+    /// The nodes (watchers) of a shared store, by name: alive, dead or
+    /// gone, with their last heartbeat and running jobs.
+    ///
+    /// # Errors
+    ///
+    /// A store that has no nodes (SQLite: one watcher):
+    /// [`Error::is_config`]. The store failed: [`Error::is_store`].
+    pub async fn nodes(&self) -> Result<Vec<super::model::Node>> {
+        match self.store.nodes() {
+            Some(nodes) => nodes.list().await,
+            None => Err(Error::new(
+                Kind::Config,
+                format!(
+                    "the job store {} has no nodes: only a PostgreSQL store is shared by several watchers",
+                    self.store.url()
+                ),
+            )),
+        }
+    }
+
     /// Waits until the job is done, failed or cancelled, and returns it.
     /// Polls the store, starting at 1 ms and backing off to 100 ms.
     ///
@@ -377,10 +400,6 @@ mod tests {
         assert!(!missing.exists());
         let q = JobQueue::open(missing.to_str().unwrap()).await.unwrap();
         assert!(q.list(ListFilter::new()).await.unwrap().is_empty());
-        assert!(JobQueue::open("postgres://h/db")
-            .await
-            .unwrap_err()
-            .is_store());
         assert!(JobQueue::open("").await.unwrap_err().is_config());
         let pid = dir.path().join("w.pid");
         assert!(JobQueue::open_for_pid_file(&pid)

@@ -5,9 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::mpsc;
-use tracing::span::{Attributes, Id, Record};
-use tracing::subscriber::Interest;
-use tracing::{Event, Metadata, Subscriber};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
@@ -84,43 +82,69 @@ pub(crate) fn deliver(queue: Option<&WorkerLogQueue>, record: LogRecord) {
     }
 }
 
-// Every filtering method is the EnvFilter's: it needs to see spans open,
-// enter and close to apply span and field directives.
+/// The filtering methods of a `Layer<S>` whose `self.filter` is an
+/// `EnvFilter`: every one is the filter's, which must see spans open,
+/// enter and close to apply span and field directives. Expanded inside the
+/// `impl` blocks of this layer and of the watcher's (`WatcherLogLayer`).
+macro_rules! delegate_filtering {
+    () => {
+        fn register_callsite(
+            &self,
+            metadata: &'static tracing::Metadata<'static>,
+        ) -> tracing::subscriber::Interest {
+            Layer::<S>::register_callsite(&self.filter, metadata)
+        }
+
+        fn enabled(
+            &self,
+            metadata: &tracing::Metadata<'_>,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) -> bool {
+            Layer::<S>::enabled(&self.filter, metadata, ctx)
+        }
+
+        fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+            Layer::<S>::max_level_hint(&self.filter)
+        }
+
+        fn on_new_span(
+            &self,
+            attrs: &tracing::span::Attributes<'_>,
+            id: &tracing::span::Id,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            Layer::<S>::on_new_span(&self.filter, attrs, id, ctx)
+        }
+
+        fn on_record(
+            &self,
+            id: &tracing::span::Id,
+            values: &tracing::span::Record<'_>,
+            ctx: tracing_subscriber::layer::Context<'_, S>,
+        ) {
+            Layer::<S>::on_record(&self.filter, id, values, ctx)
+        }
+
+        fn on_enter(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+            Layer::<S>::on_enter(&self.filter, id, ctx)
+        }
+
+        fn on_exit(&self, id: &tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+            Layer::<S>::on_exit(&self.filter, id, ctx)
+        }
+
+        fn on_close(&self, id: tracing::span::Id, ctx: tracing_subscriber::layer::Context<'_, S>) {
+            Layer::<S>::on_close(&self.filter, id, ctx)
+        }
+    };
+}
+pub(crate) use delegate_filtering;
+
 impl<S> Layer<S> for ClusterLogLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        Layer::<S>::register_callsite(&self.filter, metadata)
-    }
-
-    fn enabled(&self, metadata: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
-        Layer::<S>::enabled(&self.filter, metadata, ctx)
-    }
-
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Layer::<S>::max_level_hint(&self.filter)
-    }
-
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_new_span(&self.filter, attrs, id, ctx)
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        Layer::<S>::on_record(&self.filter, id, values, ctx)
-    }
-
-    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_enter(&self.filter, id, ctx)
-    }
-
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_exit(&self.filter, id, ctx)
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_close(&self.filter, id, ctx)
-    }
+    delegate_filtering!();
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         deliver(self.queue, record_from_event(event, &ctx));

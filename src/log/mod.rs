@@ -17,6 +17,7 @@
 
 mod filter;
 mod layer;
+pub(crate) use layer::delegate_filtering;
 mod record;
 
 pub use filter::LogFilter;

@@ -237,6 +237,7 @@ impl Pool {
                     peer: a.peer.clone(),
                 },
                 fds: vec![a.fd],
+                weight: 0,
             };
             match c.outbound.send(out) {
                 Ok(()) => {

@@ -1,19 +1,22 @@
 //! The watcher's settings: [`Config`], shared by the supervisor and the
 //! process spawner, and the [`ClusterWatcherBuilder`] that fills it in.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
+use super::exec::find_program;
+use super::hub::StorageSettings;
+use super::listen::{self, ListenSpec};
+use super::names::Naming;
 use super::output::{LogFormat, LogOutput};
+use super::revive::Revive;
 use crate::error::{Error, Kind, Result};
-// One path each: a grouped `dispatch::{..}` names the module itself.
-use crate::jobs::dispatch::plan;
-use crate::jobs::dispatch::JobsConfig;
+use crate::jobs::dispatch::config::JobsConfig;
+use crate::jobs::dispatch::pools::plan;
 use crate::jobserver::JobServerConfig;
 use crate::socket::DEFAULT_BACKLOG;
 
@@ -81,6 +84,22 @@ pub(crate) struct Config {
     pub on_event: Option<String>,
     /// `--log-file`: where the daemon's stream goes, reopened on request.
     pub log_file: Option<PathBuf>,
+    /// `--listen` as given, parsed by `validate` into `listen`.
+    pub listen_args: Vec<String>,
+    /// Sockets every worker inherits as descriptors 3, 4, ...
+    pub listen: Vec<ListenSpec>,
+    /// Give each worker its own `NOTIFY_SOCKET` (and no assumed readiness).
+    pub notify: bool,
+    /// What a worker that does not use the library gets to stop.
+    pub stop_signal: nix::sys::signal::Signal,
+    /// `--stop-signal` as given, parsed by `validate` into `stop_signal`.
+    pub stop_signal_arg: Option<String>,
+    /// `--name`, `--names`.
+    pub naming: Naming,
+    /// `--revive`.
+    pub revive: Revive,
+    /// `--storage-max-bytes`, `--storage-init`, `--storage-file`.
+    pub storage: StorageSettings,
 }
 
 /// The dashboard's token: never printed by `Debug`.
@@ -174,7 +193,20 @@ impl Config {
             max_memory: None,
             on_event: None,
             log_file: None,
+            listen_args: Vec::new(),
+            listen: Vec::new(),
+            notify: false,
+            stop_signal: nix::sys::signal::Signal::SIGTERM,
+            stop_signal_arg: None,
+            naming: Naming::None,
+            revive: Revive::Always,
+            storage: StorageSettings::default(),
         }
+    }
+
+    /// The name of `slot`'s workers, if they have one.
+    pub(crate) fn worker_name(&self, slot: u32) -> Option<String> {
+        self.naming.of(slot)
     }
 
     /// The control socket: as configured, else beside the pid file.
@@ -286,9 +318,53 @@ impl ClusterWatcherBuilder {
 
     /// A worker that never contacts the watcher (a program that does not
     /// use the library) counts as ready once it has run this long
-    /// (default 1 s).
+    /// (default 1 s; the CLI's `--ready-delay`). Not used with
+    /// [`notify`](Self::notify), where such a worker is ready when it says
+    /// `READY=1`.
     pub fn assume_ready_after(mut self, after: Duration) -> Self {
         self.config.assume_ready_after = after;
+        self
+    }
+
+    /// Bind `spec` (`ADDR` or `NAME=ADDR`, repeatable) at start-up and start
+    /// every worker with these sockets as descriptors 3, 4, ... and
+    /// `LISTEN_FDS`, `LISTEN_FDNAMES` and `LISTEN_PID` (the worker's own
+    /// pid), as systemd's socket activation passes them: any program can
+    /// serve from the watcher's sockets. With [`Balance::Reuseport`] each
+    /// slot has its own; the balanced modes cannot be combined with it.
+    /// Workers that use the library get the matching inherited socket from
+    /// [`listen`](crate::ServerSocketFactory::listen).
+    ///
+    /// A bad address or name, or a balanced mode, makes
+    /// [`build`](Self::build) fail ([`Error::is_config`] or
+    /// [`Error::is_invalid_address`]); an address that cannot be bound
+    /// makes [`start`](super::ClusterWatcher::start) fail.
+    pub fn listen(mut self, spec: impl Into<String>) -> Self {
+        self.config.listen_args.push(spec.into());
+        self
+    }
+
+    /// Give every worker its own `NOTIFY_SOCKET` (default off): `READY=1`
+    /// marks it ready (the readiness gate of rolling restarts; no readiness
+    /// is assumed after a delay), `WATCHDOG=1` answers the heartbeat
+    /// (`WATCHDOG_USEC` is the heartbeat timeout; a worker is held to it
+    /// from its first `WATCHDOG=1` on), `STATUS=` shows in `cluster status`,
+    /// `STOPPING=1` marks it draining (a new worker starts for its slot),
+    /// `RELOADING=1` until the next `READY=1` shows it reloading. Messages
+    /// from processes other than the worker and its process group are
+    /// ignored.
+    pub fn notify(mut self, enabled: bool) -> Self {
+        self.config.notify = enabled;
+        self
+    }
+
+    /// The signal that asks a worker that does not use the library to stop
+    /// (default `SIGTERM`): `"SIGQUIT"`, `"QUIT"`, `"3"`. It then has the
+    /// [`shutdown_timeout`](Self::shutdown_timeout) before SIGKILL. Library
+    /// workers get the stop message and SIGTERM. A name that is not a
+    /// signal makes [`build`](Self::build) fail with [`Error::is_config`].
+    pub fn stop_signal(mut self, name: impl Into<String>) -> Self {
+        self.config.stop_signal_arg = Some(name.into());
         self
     }
 
@@ -452,6 +528,51 @@ impl ClusterWatcherBuilder {
         self
     }
 
+    /// Name the workers `prefix-1` … `prefix-N` (by slot): what
+    /// [`Cluster::name`](crate::Cluster::name) returns, `cluster status`
+    /// shows and commands can be sent to.
+    pub fn name(mut self, prefix: impl Into<String>) -> Self {
+        self.config.naming = Naming::Prefix(prefix.into());
+        self
+    }
+
+    /// Name each slot's workers: the first name is slot 1's, and so on;
+    /// sets the number of workers to the number of names.
+    pub fn names<S: Into<String>>(mut self, names: impl IntoIterator<Item = S>) -> Self {
+        let names: Vec<String> = names.into_iter().map(Into::into).collect();
+        self.config.workers = names.len();
+        self.config.naming = Naming::List(names);
+        self
+    }
+
+    /// When a worker that ended is replaced (default [`Revive::Always`]).
+    pub fn revive(mut self, revive: Revive) -> Self {
+        self.config.revive = revive;
+        self
+    }
+
+    /// The most the shared storage may hold, in bytes (default 64 MiB):
+    /// a write past it is refused with [`Error::is_storage_full`].
+    pub fn storage_max_bytes(mut self, bytes: usize) -> Self {
+        self.config.storage.max_bytes = bytes;
+        self
+    }
+
+    /// Start the shared storage with the JSON object in `path` (unless
+    /// [`storage_file`](Self::storage_file) has a snapshot to load).
+    pub fn storage_init(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.storage.init = Some(path.into());
+        self
+    }
+
+    /// Keep the shared storage in `path`: loaded at start when it exists,
+    /// written atomically once a second when something changed, and when
+    /// the watcher stops.
+    pub fn storage_file(mut self, path: impl Into<PathBuf>) -> Self {
+        self.config.storage.file = Some(path.into());
+        self
+    }
+
     /// Run the workers with the group `name`, with no supplementary groups.
     /// The watcher must run as root.
     pub fn group(mut self, name: impl Into<String>) -> Self {
@@ -480,6 +601,11 @@ impl ClusterWatcherBuilder {
                 "the number of workers must be at least 1",
             ));
         }
+        self.config.listen = listen::parse_all(&self.config.listen_args, self.config.balance)?;
+        if let Some(name) = &self.config.stop_signal_arg {
+            self.config.stop_signal = parse_signal(name)?;
+        }
+        self.config.naming.check(self.config.workers)?;
         if let Some(server) = self.config.job_server.as_mut() {
             server.validate()?;
             if server.addrs.is_empty() {
@@ -539,7 +665,19 @@ impl ClusterWatcherBuilder {
                 ));
             }
         }
-        check_program(&self.config.program, self.config.current_dir.as_deref())?;
+        let path = self
+            .config
+            .envs
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| std::env::var_os("PATH"));
+        find_program(
+            &self.config.program,
+            path.as_deref(),
+            self.config.current_dir.as_deref(),
+        )
+        .map_err(|why| Error::new(Kind::Spawn, why))?;
         for path in &self.config.watch {
             if let Err(e) = std::fs::metadata(path) {
                 return Err(Error::with_io(
@@ -551,6 +689,18 @@ impl ClusterWatcherBuilder {
         }
         Ok(self.config)
     }
+}
+
+/// A signal by name (`SIGQUIT`, `QUIT`, any case) or number.
+fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal> {
+    use nix::sys::signal::Signal;
+    let upper = name.trim().to_ascii_uppercase();
+    let parsed = match upper.parse::<i32>() {
+        Ok(n) => Signal::try_from(n).ok(),
+        Err(_) if upper.starts_with("SIG") => upper.parse().ok(),
+        Err(_) => format!("SIG{upper}").parse().ok(),
+    };
+    parsed.ok_or_else(|| Error::new(Kind::Config, format!("not a signal: {name}")))
 }
 
 /// Resolves `user` and `group` names to ids (before any fork: the child
@@ -608,36 +758,17 @@ fn resolve_credentials(
     }))
 }
 
-/// Checks that `program` names an executable file, searching `PATH` when it
-/// has no slash, as exec would.
-fn check_program(program: &OsStr, cwd: Option<&Path>) -> Result<PathBuf> {
-    let shown = Path::new(program).display().to_string();
-    let candidates: Vec<PathBuf> = if program.as_encoded_bytes().contains(&b'/') {
-        let p = PathBuf::from(program);
-        vec![match cwd {
-            Some(dir) if p.is_relative() => dir.join(p),
-            _ => p,
-        }]
-    } else {
-        std::env::var_os("PATH")
-            .map(|path| {
-                std::env::split_paths(&path)
-                    .map(|d| d.join(program))
-                    .collect()
-            })
-            .unwrap_or_default()
-    };
-    let mut found_not_executable = None;
-    for candidate in candidates {
-        match std::fs::metadata(&candidate) {
-            Ok(m) if m.is_file() && m.permissions().mode() & 0o111 != 0 => return Ok(candidate),
-            Ok(m) if m.is_dir() => found_not_executable = Some(format!("{shown} is a directory")),
-            Ok(_) => found_not_executable = Some(format!("{shown} is not executable")),
-            Err(_) => {}
-        }
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signals_by_name_or_number() {
+        use nix::sys::signal::Signal;
+        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
+        assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
+        assert_eq!(parse_signal("15").unwrap(), Signal::SIGTERM);
+        assert!(parse_signal("SIGNOPE").unwrap_err().is_config());
+        assert!(parse_signal("99").is_err());
     }
-    Err(Error::new(
-        Kind::Spawn,
-        found_not_executable.unwrap_or_else(|| format!("program not found: {shown}")),
-    ))
 }

@@ -6,21 +6,24 @@
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::oneshot;
 
-use super::event::{Command, CommandSender, Scale};
+use super::control_hub;
+use super::event::{Command, CommandSender, Scale, WorkerSelector};
+use super::hub::Hub;
 use super::process::signal_name;
 use super::procfs;
 use super::sampler::Sampler;
-use crate::control::{Request, Response, WorkerStatus};
+use crate::control::{Request, Response, StorageStatus, TrafficStatus, WorkerStatus};
 use crate::error::{Error, Kind, Result};
 
-/// Largest request line accepted.
-const MAX_REQUEST: usize = 4096;
+/// Largest request line accepted (a value for `cluster storage set`).
+const MAX_REQUEST: usize = 1024 * 1024;
 
 /// How long `status` samples CPU use.
 const CPU_SAMPLE: Duration = Duration::from_millis(200);
@@ -54,6 +57,7 @@ impl Server {
         path: &Path,
         commands: CommandSender,
         sampler: Option<Sampler>,
+        hub: Arc<Hub>,
     ) -> Result<Server> {
         let err = |e: io::Error| {
             Error::with_io(
@@ -91,8 +95,9 @@ impl Server {
                     continue;
                 };
                 let (commands, sampler) = (commands.clone(), sampler.clone());
+                let hub = hub.clone();
                 tokio::spawn(async move {
-                    let _ = serve(stream, commands, sampler, me).await;
+                    let _ = serve(stream, commands, sampler, hub, me).await;
                 });
             }
         });
@@ -139,6 +144,7 @@ async fn serve(
     stream: UnixStream,
     commands: CommandSender,
     sampler: Option<Sampler>,
+    hub: Arc<Hub>,
     me: u32,
 ) -> io::Result<()> {
     let peer = stream.peer_cred().map(|c| c.uid()).ok();
@@ -155,7 +161,7 @@ async fn serve(
             ))
         },
         Ok(Ok(_)) => match serde_json::from_str::<Request>(line.trim()) {
-            Ok(request) => handle(request, &commands, sampler.as_ref()).await,
+            Ok(request) => handle(request, &commands, sampler.as_ref(), hub).await,
             Err(e) => failure(format!("bad request: {e}")),
         },
         Ok(Err(e)) => failure(format!("bad request: {e}")),
@@ -168,20 +174,11 @@ async fn serve(
 }
 
 pub(crate) fn failure(error: String) -> Response {
-    Response {
-        ok: false,
-        error: Some(error),
-        pid: std::process::id(),
-        ..Response::default()
-    }
+    Response::failure(error)
 }
 
 fn success() -> Response {
-    Response {
-        ok: true,
-        pid: std::process::id(),
-        ..Response::default()
-    }
+    Response::success()
 }
 
 /// Sends the command `make` builds around a reply channel and waits for
@@ -250,23 +247,45 @@ pub(crate) async fn status(
             last_exit_code: w.last_exit_code,
             last_exit_signal: w.last_exit_signal.map(signal_name),
             next_start_secs: None,
+            name: w.name,
+            status: w.status,
+            reloading: w.reloading,
+            stats: TrafficStatus {
+                commands_sent: w.traffic.commands_sent,
+                commands_received: w.traffic.commands_received,
+                messages_sent: w.traffic.messages_sent,
+                messages_received: w.traffic.messages_received,
+            },
         })
         .collect();
     let gave_up = report.idle.iter().any(|s| s.gave_up);
-    workers.extend(report.idle.into_iter().map(|s| WorkerStatus {
-        slot: s.slot,
-        context_id: 0,
-        pid: 0,
-        state: if s.gave_up { "failed" } else { "backoff" }.into(),
-        uptime_secs: 0.0,
-        restarts: s.restarts,
-        rss_bytes: None,
-        cpu_seconds: None,
-        cpu_percent: None,
-        last_exit: s.last_exit,
-        last_exit_code: s.last_exit_code,
-        last_exit_signal: s.last_exit_signal.map(signal_name),
-        next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+    workers.extend(report.idle.into_iter().map(|s| {
+        WorkerStatus {
+            slot: s.slot,
+            context_id: 0,
+            pid: 0,
+            // Given up after --max-restarts, waiting for its respawn, or left
+            // empty (`--revive`, `cluster stop --slot`).
+            state: match (s.gave_up, s.next_start) {
+                (true, _) => "failed",
+                (false, Some(_)) => "backoff",
+                (false, None) => "stopped",
+            }
+            .into(),
+            uptime_secs: 0.0,
+            restarts: s.restarts,
+            rss_bytes: None,
+            cpu_seconds: None,
+            cpu_percent: None,
+            last_exit: s.last_exit,
+            last_exit_code: s.last_exit_code,
+            last_exit_signal: s.last_exit_signal.map(signal_name),
+            next_start_secs: s.next_start.map(|d| d.as_secs_f64()),
+            name: s.name,
+            status: None,
+            reloading: false,
+            stats: TrafficStatus::default(),
+        }
     }));
     workers.sort_by_key(|w| (w.slot, w.context_id == 0, w.context_id));
     Some(Response {
@@ -278,13 +297,57 @@ pub(crate) async fn status(
         log_file: report.log_file.map(|p| p.display().to_string()),
         jobs,
         workers,
+        storage: Some(StorageStatus {
+            keys: report.storage.keys,
+            bytes: report.storage.bytes,
+            max_bytes: report.storage.max_bytes,
+            operations: report.storage.ops_total,
+            operations_per_sec: report.storage.ops_per_sec,
+        }),
         ..success()
     })
 }
 
-async fn handle(request: Request, commands: &CommandSender, sampler: Option<&Sampler>) -> Response {
+async fn handle(
+    request: Request,
+    commands: &CommandSender,
+    sampler: Option<&Sampler>,
+    hub: Arc<Hub>,
+) -> Response {
     let gone = || failure("the watcher is stopping".into());
     match request {
+        Request::StorageGet { .. }
+        | Request::StorageSet { .. }
+        | Request::StorageDelete { .. }
+        | Request::StorageDump
+        | Request::Command { .. } => control_hub::handle(request, hub).await,
+        Request::StopWorker {
+            slot,
+            name,
+            timeout_ms,
+        } => {
+            let which = match (slot, name) {
+                (Some(n), None) => WorkerSelector::Slot(n),
+                (None, Some(name)) => WorkerSelector::Name(name),
+                _ => return failure("stop_worker needs a slot or a name".into()),
+            };
+            let timeout = timeout_ms.map(|ms| Duration::from_millis(ms.min(86_400_000)));
+            let stopped = ask(commands, |done| Command::StopWorker {
+                which,
+                timeout,
+                done,
+            });
+            match stopped.await {
+                Some(Ok(s)) => Response {
+                    stopped: Some(serde_json::json!({
+                        "slot": s.slot, "pid": s.pid, "context_id": s.context_id, "at_once": s.at_once,
+                    })),
+                    ..success()
+                },
+                Some(Err(e)) => failure(e.to_string()),
+                None => gone(),
+            }
+        }
         Request::Status { quick } => status(commands, sampler, quick).await.unwrap_or_else(gone),
         Request::Reload => {
             let reload = ask(commands, |done| Command::Restart {

@@ -20,7 +20,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::status::{JobsStatus, Snapshot, StatusReport};
 use crate::error::{Error, Result};
 use crate::ipc::message::{ToWatcher, ToWorker};
-use crate::ipc::RecvError;
+use crate::ipc::{Channel, RecvError};
 
 /// Something a worker's tasks report.
 pub(crate) enum Event {
@@ -36,6 +36,11 @@ pub(crate) enum Event {
     Exited {
         context_id: u64,
         status: Option<ExitStatus>,
+    },
+    /// The worker said something new on its notify socket (`--notify`):
+    /// read its `NotifyState`.
+    Notify {
+        context_id: u64,
     },
 }
 
@@ -85,6 +90,30 @@ pub(crate) enum Command {
     Recycle { context_id: u64, why: String },
     /// Reopen the log file (`--log-file`) after logrotate moved it.
     ReopenLogs(oneshot::Sender<Result<()>>),
+    /// Stop one worker (`cluster stop --slot/--name`): at once when its
+    /// status is `idle`, else asked to and killed after `timeout`.
+    StopWorker {
+        which: WorkerSelector,
+        timeout: Option<Duration>,
+        done: oneshot::Sender<Result<StoppedWorker>>,
+    },
+}
+
+/// Which worker: by slot or by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum WorkerSelector {
+    Slot(u32),
+    Name(String),
+}
+
+/// The worker a `StopWorker` stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct StoppedWorker {
+    pub slot: u32,
+    pub pid: u32,
+    pub context_id: u64,
+    /// It was idle: stopped at once.
+    pub at_once: bool,
 }
 
 /// Where requests to the supervisor go.
@@ -94,6 +123,9 @@ pub(crate) type CommandSender = mpsc::UnboundedSender<Command>;
 pub(crate) struct Outbound {
     pub msg: ToWorker,
     pub fds: Vec<OwnedFd>,
+    /// About how many bytes it takes (counted for the messages that can be
+    /// large: replies, commands, changes; 0 for the rest).
+    pub weight: usize,
 }
 
 impl Outbound {
@@ -102,15 +134,27 @@ impl Outbound {
         Outbound {
             msg,
             fds: Vec::new(),
+            weight: 0,
+        }
+    }
+
+    /// A message of about `weight` bytes.
+    pub(crate) fn weighed(msg: ToWorker, weight: usize) -> Outbound {
+        Outbound {
+            msg,
+            fds: Vec::new(),
+            weight,
         }
     }
 }
 
-/// How many messages and descriptors wait in one worker's writer queue.
+/// How many messages, descriptors and (weighed) bytes wait in one
+/// worker's writer queue.
 #[derive(Debug, Default)]
 struct Queued {
     messages: AtomicUsize,
     fds: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
 /// A worker's writer queue. It counts what waits in it, so that a worker
@@ -122,6 +166,8 @@ struct Queued {
 pub(crate) struct OutboundSender {
     tx: mpsc::UnboundedSender<Outbound>,
     queued: Arc<Queued>,
+    /// The worker's channel, for [`send_now`](Self::send_now).
+    direct: Option<Arc<Channel>>,
 }
 
 /// The writer task's end of an [`OutboundSender`].
@@ -146,23 +192,60 @@ pub(crate) fn outbound() -> (OutboundSender, OutboundReceiver) {
         OutboundSender {
             tx,
             queued: queued.clone(),
+            direct: None,
         },
         OutboundReceiver { rx, queued },
     )
+}
+
+/// A new writer queue for `channel`, whose messages without descriptors
+/// may also be written at once ([`OutboundSender::send_now`]).
+pub(crate) fn outbound_for(channel: Arc<Channel>) -> (OutboundSender, OutboundReceiver) {
+    let (mut tx, rx) = outbound();
+    tx.direct = Some(channel);
+    (tx, rx)
 }
 
 impl OutboundSender {
     /// Queues `out`; gives it back when the writer is gone (the worker is
     /// exiting).
     pub(crate) fn send(&self, out: Outbound) -> Result<(), Outbound> {
-        let fds = out.fds.len();
+        let (fds, weight) = (out.fds.len(), out.weight);
         self.queued.messages.fetch_add(1, Ordering::Relaxed);
         self.queued.fds.fetch_add(fds, Ordering::Relaxed);
+        self.queued.bytes.fetch_add(weight, Ordering::Relaxed);
         self.tx.send(out).map_err(|mpsc::error::SendError(back)| {
             self.queued.messages.fetch_sub(1, Ordering::Relaxed);
             self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+            self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
             back
         })
+    }
+
+    /// Writes `msg` to the worker's socket right now when nothing waits in
+    /// the queue (so it overtakes nothing) and the socket has room; else
+    /// queues it like [`send`](Self::send). Saves the writer task's hop on
+    /// the paths where latency matters (replies, commands).
+    pub(crate) fn send_now(&self, msg: ToWorker, weight: usize) {
+        if let Some(channel) = &self.direct {
+            // An encoding error is left to the writer, as for any message.
+            if self.queued.messages.load(Ordering::Acquire) == 0 {
+                if let Ok(bytes) = crate::ipc::codec::encode(&msg) {
+                    match channel.try_send_bytes(&bytes) {
+                        Ok(()) => return,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        // The worker is gone or going; its exit follows.
+                        Err(_) => return,
+                    }
+                }
+            }
+        }
+        let _ = self.send(Outbound::weighed(msg, weight));
+    }
+
+    /// Weighed bytes queued and not yet written.
+    pub(crate) fn queued_bytes(&self) -> usize {
+        self.queued.bytes.load(Ordering::Relaxed)
     }
 
     /// Descriptors queued and not yet written to the worker's socket.
@@ -188,10 +271,11 @@ impl OutboundReceiver {
         self.rx.try_recv().ok()
     }
 
-    /// One message with `fds` descriptors left the queue.
-    pub(crate) fn written(&self, fds: usize) {
+    /// One message with `fds` descriptors and `weight` left the queue.
+    pub(crate) fn written(&self, fds: usize, weight: usize) {
         self.queued.messages.fetch_sub(1, Ordering::Relaxed);
         self.queued.fds.fetch_sub(fds, Ordering::Relaxed);
+        self.queued.bytes.fetch_sub(weight, Ordering::Relaxed);
     }
 }
 

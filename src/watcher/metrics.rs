@@ -129,6 +129,8 @@ pub(crate) fn render(s: &Snapshot) -> String {
         s.messages_out
     );
 
+    shared_state(&mut out, s);
+
     let samples: Vec<(u32, u32, Option<u64>, Option<Duration>)> = s
         .workers
         .iter()
@@ -166,6 +168,79 @@ pub(crate) fn render(s: &Snapshot) -> String {
     out
 }
 
+/// A label value with `\\`, `"` and newlines escaped.
+fn label(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// Names, statuses, commands and the shared storage.
+fn shared_state(out: &mut String, s: &Snapshot) {
+    fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}");
+        let _ = writeln!(out, "# TYPE {name} {kind}");
+    }
+    family(
+        out,
+        "cluster_worker_info",
+        "gauge",
+        "A worker process with its name and the status it reported (always 1).",
+    );
+    for (slot, pid, name, status, _) in &s.info {
+        let _ = writeln!(
+            out,
+            "cluster_worker_info{{slot=\"{slot}\",pid=\"{pid}\",name=\"{}\",status=\"{}\"}} 1",
+            label(name.as_deref().unwrap_or("")),
+            label(status.as_deref().unwrap_or(""))
+        );
+    }
+    family(
+        out,
+        "cluster_worker_commands_total",
+        "counter",
+        "Commands a worker process sent and received.",
+    );
+    for (slot, pid, _, _, t) in &s.info {
+        for (direction, n) in [("sent", t.commands_sent), ("received", t.commands_received)] {
+            let _ = writeln!(
+                out,
+                "cluster_worker_commands_total{{slot=\"{slot}\",pid=\"{pid}\",direction=\"{direction}\"}} {n}"
+            );
+        }
+    }
+    let st = &s.storage;
+    for (name, kind, help, value) in [
+        (
+            "cluster_storage_keys",
+            "gauge",
+            "Keys in the shared storage.",
+            st.keys as f64,
+        ),
+        (
+            "cluster_storage_bytes",
+            "gauge",
+            "Bytes the shared storage holds, as its limit counts them.",
+            st.bytes as f64,
+        ),
+        (
+            "cluster_storage_max_bytes",
+            "gauge",
+            "The shared storage's byte limit.",
+            st.max_bytes as f64,
+        ),
+        (
+            "cluster_storage_operations_total",
+            "counter",
+            "Shared storage operations.",
+            st.ops_total as f64,
+        ),
+    ] {
+        family(out, name, kind, help);
+        let _ = writeln!(out, "{name} {value}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -187,6 +262,20 @@ mod tests {
             messages_out: 6,
             gave_up: vec![2],
             recycled: 7,
+            info: vec![(
+                1,
+                me,
+                Some("web-1".into()),
+                Some("say \"hi\"".into()),
+                crate::watcher::status::Traffic {
+                    commands_sent: 2,
+                    ..Default::default()
+                },
+            )],
+            storage: crate::watcher::status::HubStats {
+                keys: 3,
+                ..Default::default()
+            },
         };
         let text = render(&s);
         for line in [
@@ -204,6 +293,9 @@ mod tests {
             "cluster_log_records_dropped_total 4",
             "cluster_messages_total{direction=\"in\"} 5",
             "cluster_messages_total{direction=\"out\"} 6",
+            &format!("cluster_worker_info{{slot=\"1\",pid=\"{me}\",name=\"web-1\",status=\"say \\\"hi\\\"\"}} 1"),
+            &format!("cluster_worker_commands_total{{slot=\"1\",pid=\"{me}\",direction=\"sent\"}} 2"),
+            "cluster_storage_keys 3",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} missing:\n{text}");
         }

@@ -10,15 +10,22 @@ mod balance;
 mod bind_policy;
 pub(crate) mod config;
 mod control;
+mod control_hub;
 pub(crate) mod event;
+mod exec;
 mod hooks;
 pub(crate) mod http;
+pub(crate) mod hub;
+pub(crate) mod listen;
 mod metrics;
+mod names;
+pub(crate) mod notify;
 pub(crate) mod output;
 pub(crate) mod process;
 pub(crate) mod procfs;
 pub(crate) mod recycle;
 mod reload_triggers;
+mod revive;
 mod sampler;
 pub(crate) mod status;
 mod supervise;
@@ -27,9 +34,10 @@ pub(crate) mod systemd;
 pub use balance::Balance;
 pub use config::{ClusterWatcherBuilder, DEFAULT_MAX_RESTARTS, DEFAULT_RESTART_WINDOW};
 pub use output::{LogFormat, LogOutput, WatcherLogLayer};
-pub use status::{WorkerInfo, WorkerState};
+pub use revive::Revive;
+pub use status::{Traffic, WorkerInfo, WorkerState};
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -39,6 +47,7 @@ use crate::ipc::codec::{decode_user, encode_user};
 use crate::signal::WatcherSignal;
 use config::Config;
 use event::{Command, CommandSender, Incoming, Outcome, Scale, MESSAGE_QUEUE};
+use hub::Hub;
 use supervise::{Channels, Supervisor};
 
 /// The stream of [`WorkerMessage`]s; see [`ClusterWatcher::messages`].
@@ -197,6 +206,7 @@ impl ClusterWatcherBuilder {
         let (state_tx, state_rx) = watch::channel(None);
         let (ready_tx, ready_rx) = watch::channel(false);
         Ok(ClusterWatcher {
+            hub: Hub::new(config.storage.clone()),
             config,
             commands: Mutex::new(None),
             messages: tokio::sync::Mutex::new(None),
@@ -227,9 +237,10 @@ impl ClusterWatcherBuilder {
 /// from its worker threads; Linux delivers `PR_SET_PDEATHSIG` when the
 /// *thread* that forked exits, so that runtime must outlive the workers
 /// (a current-thread runtime, or tokio's multi-thread workers, both do).
-#[derive(Debug)]
 pub struct ClusterWatcher {
     config: Config,
+    /// Shared storage and commands.
+    hub: Arc<Hub>,
     commands: Mutex<Option<CommandSender>>,
     messages: tokio::sync::Mutex<Option<mpsc::Receiver<Incoming>>>,
     #[allow(clippy::type_complexity)]
@@ -237,6 +248,14 @@ pub struct ClusterWatcher {
     state: watch::Receiver<Option<Outcome>>,
     /// Every initial worker has been ready.
     ready: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for ClusterWatcher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterWatcher")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ClusterWatcher {
@@ -277,8 +296,12 @@ impl ClusterWatcher {
         };
         let supervisor = Supervisor::new(
             self.config.clone(),
-            Box::new(process::Processes::new(self.config.subreaper)),
+            Box::new(process::Processes::new(
+                self.config.subreaper,
+                self.hub.clone(),
+            )),
             channels,
+            self.hub.clone(),
         );
         let triggers = reload_triggers::start(&self.config, tx.clone());
         tokio::spawn(async move {
@@ -324,7 +347,7 @@ impl ClusterWatcher {
 
     /// Sends `cmd` to the supervisor; [`Error::is_closed`] when it is not
     /// running.
-    fn command(&self, cmd: Command) -> Result<()> {
+    fn send_command(&self, cmd: Command) -> Result<()> {
         let sent = match self.commands.lock() {
             Ok(guard) => guard.as_ref().is_some_and(|tx| tx.send(cmd).is_ok()),
             Err(_) => false,
@@ -340,7 +363,7 @@ impl ClusterWatcher {
     /// the answer.
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T>>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
-        self.command(make(tx))?;
+        self.send_command(make(tx))?;
         rx.await
             .unwrap_or_else(|_| Err(Error::closed("the watcher stopped")))
     }
@@ -349,7 +372,7 @@ impl ClusterWatcher {
     /// those still running after `timeout`. Returns at once; see
     /// [`stop`](ClusterWatcher::stop) to wait for the end.
     pub fn request_stop(&self, timeout: Duration) {
-        let _ = self.command(Command::Stop {
+        let _ = self.send_command(Command::Stop {
             timeout: Some(timeout),
         });
     }
@@ -407,7 +430,7 @@ impl ClusterWatcher {
     /// [`Error::is_closed`] when the watcher is not running.
     pub fn broadcast<T: serde::Serialize>(&self, msg: &T) -> Result<()> {
         let bytes = encode_user(msg)?;
-        self.command(Command::Send { to: None, bytes })
+        self.send_command(Command::Send { to: None, bytes })
     }
 
     /// Sends `msg` to the worker with `context_id`. A message to a worker
@@ -418,7 +441,7 @@ impl ClusterWatcher {
     /// As [`broadcast`](ClusterWatcher::broadcast).
     pub fn send<T: serde::Serialize>(&self, context_id: u64, msg: &T) -> Result<()> {
         let bytes = encode_user(msg)?;
-        self.command(Command::Send {
+        self.send_command(Command::Send {
             to: Some(context_id),
             bytes,
         })
@@ -433,7 +456,7 @@ impl ClusterWatcher {
 
     /// Kills every worker with SIGKILL at once and stops.
     pub fn kill(&self) {
-        let _ = self.command(Command::Kill);
+        let _ = self.send_command(Command::Kill);
     }
 
     /// Waits until the watcher has stopped: after [`stop`](ClusterWatcher::stop),
@@ -488,14 +511,14 @@ impl ClusterWatcher {
                         self.kill();
                     }
                     WatcherSignal::Reload(name) => {
-                        let _ = self.command(Command::Restart { reason: name.to_string(), done: None });
+                        let _ = self.send_command(Command::Restart { reason: name.to_string(), done: None });
                     }
                     WatcherSignal::ScaleUp => {
-                        let _ = self.command(Command::Scale { to: Scale::Up, done: None });
+                        let _ = self.send_command(Command::Scale { to: Scale::Up, done: None });
                     }
                     WatcherSignal::ScaleDown => {
                         let (tx, rx) = oneshot::channel();
-                        let _ = self.command(Command::Scale { to: Scale::Down, done: Some(tx) });
+                        let _ = self.send_command(Command::Scale { to: Scale::Down, done: Some(tx) });
                         tokio::spawn(async move {
                             if let Ok(Err(e)) = rx.await {
                                 tracing::warn!("SIGTTOU: {e}");
@@ -507,11 +530,58 @@ impl ClusterWatcher {
         }
     }
 
+    /// The shared storage (the same API as
+    /// [`Cluster::storage`](crate::Cluster::storage) in a worker, without the
+    /// message size limit). Usable once [`start`](ClusterWatcher::start)
+    /// returned; [`Error::is_closed`] before and after.
+    pub fn storage(&self) -> crate::Storage {
+        crate::Storage::new(self.hub.clone())
+    }
+
+    /// The watcher's own command handlers (target
+    /// [`Target::Watcher`](crate::Target::Watcher)); they run on the
+    /// runtime that registers them.
+    pub fn commands(&self) -> crate::Commands {
+        crate::Commands::new(self.hub.handlers())
+    }
+
+    /// Sends command `name` with `args` to `target` (a worker by slot or
+    /// name, every worker, or the watcher's own handlers) and waits for
+    /// the reply; see [`Cluster::command`](crate::Cluster::command).
+    pub fn command<A: serde::Serialize + ?Sized>(
+        &self,
+        target: impl Into<crate::Target>,
+        name: &str,
+        args: &A,
+    ) -> crate::CommandCall {
+        crate::CommandCall::new(self.hub.clone(), target.into(), name, args)
+    }
+
+    /// Stops the worker of `slot` alone (as `cluster stop --slot`): at once
+    /// when its status is `idle`, else asked to stop and killed after
+    /// `timeout` (`None`: the shutdown timeout). Whether its slot gets a
+    /// new worker follows [`revive`](ClusterWatcherBuilder::revive).
+    /// Returns the pid of the worker it stopped.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_unknown_target`] when no worker runs in `slot`;
+    /// [`Error::is_closed`] when the watcher is stopping or not started.
+    pub async fn stop_worker(&self, slot: u32, timeout: Option<Duration>) -> Result<u32> {
+        self.ask(|done| Command::StopWorker {
+            which: event::WorkerSelector::Slot(slot),
+            timeout,
+            done,
+        })
+        .await
+        .map(|s| s.pid)
+    }
+
     /// The workers running now, by slot, with their memory and CPU time
     /// read from `/proc`.
     pub async fn workers(&self) -> Vec<WorkerInfo> {
         let (tx, rx) = oneshot::channel();
-        if self.command(Command::Status(tx)).is_err() {
+        if self.send_command(Command::Status(tx)).is_err() {
             return Vec::new();
         }
         rx.await

@@ -14,9 +14,7 @@ use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
 
 use serde::Serialize;
-use tracing::span::{Attributes, Id, Record};
-use tracing::subscriber::Interest;
-use tracing::{Event, Metadata, Subscriber};
+use tracing::{Event, Subscriber};
 use tracing_subscriber::filter::EnvFilter;
 use tracing_subscriber::layer::Context;
 use tracing_subscriber::registry::LookupSpan;
@@ -300,37 +298,7 @@ impl<S> Layer<S> for WatcherLogLayer
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
 {
-    fn register_callsite(&self, metadata: &'static Metadata<'static>) -> Interest {
-        Layer::<S>::register_callsite(&self.filter, metadata)
-    }
-
-    fn enabled(&self, metadata: &Metadata<'_>, ctx: Context<'_, S>) -> bool {
-        Layer::<S>::enabled(&self.filter, metadata, ctx)
-    }
-
-    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
-        Layer::<S>::max_level_hint(&self.filter)
-    }
-
-    fn on_new_span(&self, attrs: &Attributes<'_>, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_new_span(&self.filter, attrs, id, ctx)
-    }
-
-    fn on_record(&self, id: &Id, values: &Record<'_>, ctx: Context<'_, S>) {
-        Layer::<S>::on_record(&self.filter, id, values, ctx)
-    }
-
-    fn on_enter(&self, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_enter(&self.filter, id, ctx)
-    }
-
-    fn on_exit(&self, id: &Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_exit(&self.filter, id, ctx)
-    }
-
-    fn on_close(&self, id: Id, ctx: Context<'_, S>) {
-        Layer::<S>::on_close(&self.filter, id, ctx)
-    }
+    crate::log::delegate_filtering!();
 
     fn on_event(&self, event: &Event<'_>, ctx: Context<'_, S>) {
         let mut record = record_from_event(event, &ctx);

@@ -7,7 +7,7 @@
 //! it with fake processes under paused time.
 
 use std::collections::HashSet;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::Path;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,11 @@ use tokio::task::JoinHandle;
 
 use super::config::Config;
 use super::event::{Event, EventSender, Outbound, OutboundSender};
+use super::hub::{Hub, Origin, MAX_BACKLOG};
+use super::listen::{self, FIRST_FD};
+use super::notify::{NotifyDir, NotifySocket, NotifyState, Owner};
 use super::output::{LogOutput, Source};
-use super::systemd;
+use super::{exec, systemd};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::{self, env, Channel};
 use crate::log::{now_nanos, LogRecord};
@@ -29,6 +32,8 @@ use crate::sys;
 pub(crate) struct Spawned {
     pub pid: u32,
     pub outbound: OutboundSender,
+    /// What it says on its notify socket (`--notify`).
+    pub notify: Option<Arc<NotifyState>>,
 }
 
 /// Which worker to start: its slot and its (new) context id.
@@ -40,9 +45,16 @@ pub(crate) struct WorkerId {
 
 /// How the supervisor starts and signals workers.
 pub(crate) trait Launcher: Send {
-    /// Starts worker `id`. Its tasks report on `events`: every message, a
-    /// broken channel, and finally its exit.
-    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned>;
+    /// Starts worker `id` with `listen_fds` (the `--listen` sockets, in
+    /// order) as its descriptors 3, 4, .... Its tasks report on `events`:
+    /// every message, a broken channel, notifications, and finally its exit.
+    fn spawn(
+        &self,
+        config: &Config,
+        id: WorkerId,
+        listen_fds: Vec<OwnedFd>,
+        events: &EventSender,
+    ) -> Result<Spawned>;
 
     /// Sends `sig` to the worker `pid`.
     fn signal(&self, pid: u32, sig: Signal);
@@ -87,11 +99,15 @@ pub(crate) fn unregister(pid: u32) {
 /// living on under init.
 pub(crate) struct Processes {
     reaper: Option<JoinHandle<()>>,
+    /// Where the workers' notify sockets are (`--notify`), made on first use.
+    notify_dir: Mutex<Option<NotifyDir>>,
+    /// Where each worker's reader hands storage requests and commands.
+    hub: Arc<Hub>,
 }
 
 impl Processes {
     /// Must be called within a tokio runtime when `subreaper` is set.
-    pub(crate) fn new(subreaper: bool) -> Processes {
+    pub(crate) fn new(subreaper: bool, hub: Arc<Hub>) -> Processes {
         let reaper = subreaper
             .then(|| match nix::sys::prctl::set_child_subreaper(true) {
                 Ok(()) => match crate::signal::child_exits() {
@@ -107,7 +123,11 @@ impl Processes {
                 }
             })
             .flatten();
-        Processes { reaper }
+        Processes {
+            reaper,
+            notify_dir: Mutex::new(None),
+            hub,
+        }
     }
 }
 
@@ -120,8 +140,31 @@ impl Drop for Processes {
 }
 
 impl Launcher for Processes {
-    fn spawn(&self, config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
-        spawn(config, id.slot, id.context_id, events)
+    fn spawn(
+        &self,
+        config: &Config,
+        id: WorkerId,
+        listen_fds: Vec<OwnedFd>,
+        events: &EventSender,
+    ) -> Result<Spawned> {
+        let notify = if config.notify {
+            let mut made = self
+                .notify_dir
+                .lock()
+                .map_err(|_| Error::new(Kind::Spawn, "launcher state poisoned"))?;
+            let dir = match &mut *made {
+                Some(dir) => dir,
+                None => made.insert(NotifyDir::create(config.credentials).map_err(|e| {
+                    Error::with_io(Kind::Spawn, "cannot create the notify directory", e)
+                })?),
+            };
+            Some(dir.bind(id.context_id).map_err(|e| {
+                Error::with_io(Kind::Spawn, "cannot bind a worker's notify socket", e)
+            })?)
+        } else {
+            None
+        };
+        spawn(config, id, listen_fds, notify, events, &self.hub)
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -221,9 +264,22 @@ pub(crate) fn kill_left_behind(pid: u32) -> usize {
     killed
 }
 
-/// Forks and execs one worker for `slot` with `context_id`, and starts the
-/// tasks that read its channel, write to it, and wait for its exit.
-fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> Result<Spawned> {
+/// Forks and execs one worker `id`, and starts the tasks that read its
+/// channel and notify socket, write to it, and wait for its exit.
+///
+/// With `--listen` or `--notify` the child execs itself (see `exec.rs`):
+/// the `--listen` sockets go to descriptors 3, 4, ... and every descriptor
+/// it keeps (its socketpair end, the sockets' sources) is first
+/// duplicated above them, so no move overwrites another.
+fn spawn(
+    config: &Config,
+    id: WorkerId,
+    listen_fds: Vec<OwnedFd>,
+    notify: Option<NotifySocket>,
+    events: &EventSender,
+    hub: &Arc<Hub>,
+) -> Result<Spawned> {
+    let WorkerId { slot, context_id } = id;
     let spawn_err = |e: std::io::Error| {
         Error::with_io(
             Kind::Spawn,
@@ -232,6 +288,23 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         )
     };
     let (ours, theirs) = ipc::pair().map_err(spawn_err)?;
+    let own_exec = !config.listen.is_empty() || config.notify;
+    let floor = FIRST_FD + listen_fds.len() as i32;
+    let theirs = if own_exec {
+        sys::dup_above(theirs.as_fd(), floor).map_err(spawn_err)?
+    } else {
+        theirs
+    };
+    let sources = listen_fds
+        .iter()
+        .map(|fd| sys::dup_above(fd.as_fd(), floor))
+        .collect::<std::io::Result<Vec<OwnedFd>>>()
+        .map_err(spawn_err)?;
+    drop(listen_fds);
+    let moves: Vec<_> = (FIRST_FD..)
+        .zip(&sources)
+        .map(|(to, from)| (from.as_raw_fd(), to))
+        .collect();
     let mut cmd = tokio::process::Command::new(&config.program);
     cmd.args(&config.args);
     for (k, v) in &config.envs {
@@ -248,11 +321,28 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         cmd.env_remove(var);
     }
     if let Some(jobs) = &config.jobs {
-        if let Some(i) = crate::jobs::dispatch::pool_of(&jobs.pools, slot) {
+        if let Some(i) = crate::jobs::dispatch::pools::pool_of(&jobs.pools, slot) {
             cmd.env(env::POOL, &jobs.pools[i].name);
         }
         cmd.env(env::JOB_CONCURRENCY, jobs.concurrency.to_string());
     }
+    if !config.listen.is_empty() {
+        // LISTEN_PID is written in the child (exec::PID_VARS).
+        cmd.env("LISTEN_FDS", sources.len().to_string())
+            .env("LISTEN_FDNAMES", listen::fd_names(&config.listen))
+            .env("LISTEN_PID", "");
+    }
+    if let Some(sock) = &notify {
+        cmd.env("NOTIFY_SOCKET", sock.path());
+        if let Some(limit) = config.heartbeat_timeout {
+            cmd.env("WATCHDOG_USEC", limit.as_micros().to_string())
+                .env("WATCHDOG_PID", "");
+        }
+    }
+    match config.worker_name(slot) {
+        Some(name) => cmd.env(env::NAME, name),
+        None => cmd.env_remove(env::NAME),
+    };
     cmd.env(env::IPC_FD, theirs.as_raw_fd().to_string())
         .env(env::WATCHER_PID, std::process::id().to_string())
         .env(env::CONTEXT_ID, context_id.to_string())
@@ -274,11 +364,16 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials);
+    let exec = own_exec
+        .then(|| exec::child_exec(cmd.as_std(), moves))
+        .transpose()
+        .map_err(spawn_err)?;
+    sys::prepare_child_exec(&mut cmd, Some(theirs.as_raw_fd()), config.credentials, exec);
     // Registered under the lock, so the orphan reaper never sees the new
     // child as someone else's.
     let (mut child, pid) = spawn_registered(&mut cmd).map_err(spawn_err)?;
     drop(theirs);
+    drop(sources);
     // Tasks whose work must be done before the exit is reported, so that
     // every line and message a worker sent is handled before its exit.
     let mut drained = Vec::new();
@@ -305,15 +400,56 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
             return Err(spawn_err(e));
         }
     };
+    let owner = Owner {
+        slot,
+        pid,
+        context_id,
+    };
+    let (notify, notify_exited) = match notify.map(|s| s.serve(owner, events.clone())) {
+        Some(Ok(reader)) => {
+            drained.push(reader.task);
+            (Some(reader.state), Some(reader.exited))
+        }
+        Some(Err(e)) => {
+            let _ = child.start_kill();
+            return Err(spawn_err(e));
+        }
+        None => (None, None),
+    };
 
-    // Reader: every message or failure becomes an event.
+    let (outbound, mut rx) = super::event::outbound_for(channel.clone());
+
+    // Reader: storage requests and commands go to the hub as they arrive;
+    // every other message or failure becomes an event.
     let tx = events.clone();
     let reader = channel.clone();
+    let (hub, replies) = (hub.clone(), outbound.clone());
     drained.push(tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {
             match reader.recv(&mut buf).await {
                 Ok((msg, fds)) => {
+                    let msg = if fds.is_empty() && Hub::takes(&msg) {
+                        // A worker that does not read its replies is not
+                        // read either: its socket fills up, not our memory.
+                        while replies.queued_bytes() > MAX_BACKLOG {
+                            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+                        }
+                        let origin = Origin {
+                            context_id,
+                            outbound: &replies,
+                        };
+                        match hub.handle(origin, msg) {
+                            None => {
+                                // Others' requests get their turn.
+                                tokio::task::yield_now().await;
+                                continue;
+                            }
+                            Some(msg) => msg,
+                        }
+                    } else {
+                        msg
+                    };
                     if tx
                         .send(Event::Message {
                             context_id,
@@ -341,6 +477,9 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         // Whatever the worker left in its group goes with it.
         signal_group(pid, Signal::SIGKILL);
         unregister(pid);
+        if let Some(exited) = notify_exited {
+            let _ = exited.send(());
+        }
         let _ = tokio::time::timeout(DRAIN_AFTER_EXIT, async {
             for task in drained {
                 let _ = task.await;
@@ -356,12 +495,11 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
     // Writer: ends when the supervisor drops the sender. A write error means
     // the worker is gone or going (EPIPE); its exit event follows, so the
     // writer just stops.
-    let (outbound, mut rx) = super::event::outbound();
     tokio::spawn(async move {
-        while let Some(Outbound { msg, fds }) = rx.recv().await {
+        while let Some(Outbound { msg, fds, weight }) = rx.recv().await {
             let borrowed: Vec<_> = fds.iter().map(|fd| fd.as_fd()).collect();
             let sent = channel.send(&msg, &borrowed).await;
-            rx.written(fds.len());
+            rx.written(fds.len(), weight);
             if let Err(e) = sent {
                 tracing::debug!("worker {slot} (context {context_id}): {e}");
                 return;
@@ -369,7 +507,11 @@ fn spawn(config: &Config, slot: u32, context_id: u64, events: &EventSender) -> R
         }
     });
 
-    Ok(Spawned { pid, outbound })
+    Ok(Spawned {
+        pid,
+        outbound,
+        notify,
+    })
 }
 
 /// How long a worker's output and messages may still arrive after it exited.

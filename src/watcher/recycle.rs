@@ -1,71 +1,34 @@
-//! Recycling by memory (`--max-memory BYTES`): a task beside the
-//! supervisor reads each ready worker's resident memory from `/proc` once
-//! a second and asks the supervisor to replace a worker past the limit
+//! Recycling by memory (`--max-memory BYTES`): the sampler, which reads
+//! each worker's resident memory from `/proc` once a second anyway, asks
+//! the supervisor to replace a ready worker past the limit
 //! (`Command::Recycle`), which it does through the rolling-restart path.
 //! Recycling by requests (`--max-requests`) is counted in the worker (the
 //! crate's `Listener`), which asks itself (`ToWatcher::Recycle`).
-//!
-//! The task asks for the worker list like `cluster status` does, so
-//! `/proc` is read outside the supervisor.
-
-use std::time::Duration;
-
-use tokio::sync::oneshot;
 
 use super::event::{Command, CommandSender};
-use super::procfs;
-use super::status::WorkerState;
+use super::status::{WorkerInfo, WorkerState};
 
-/// How often memory is checked.
-pub(crate) const MEMORY_CHECK_EVERY: Duration = Duration::from_secs(1);
-
-/// The running memory check; stops when dropped.
-pub(crate) struct MemoryWatch {
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MemoryWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl MemoryWatch {
-    /// Checks every [`MEMORY_CHECK_EVERY`] that no ready worker uses more
-    /// than `limit` bytes. Must be called within a tokio runtime.
-    pub(crate) fn start(limit: u64, commands: CommandSender) -> MemoryWatch {
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(MEMORY_CHECK_EVERY);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                let (tx, rx) = oneshot::channel();
-                if commands.send(Command::Status(tx)).is_err() {
-                    return;
-                }
-                let Ok(report) = rx.await else { return };
-                for w in report.workers {
-                    if w.state != WorkerState::Ready {
-                        continue;
-                    }
-                    let Some(rss) = procfs::rss_bytes(w.pid) else {
-                        continue;
-                    };
-                    if rss > limit {
-                        let why = format!(
-                            "uses {} of memory, more than --max-memory {}",
-                            human_bytes(rss),
-                            human_bytes(limit)
-                        );
-                        let _ = commands.send(Command::Recycle {
-                            context_id: w.context_id,
-                            why,
-                        });
-                    }
-                }
-            }
+/// Asks for the replacement of every ready worker in `workers` whose
+/// resident memory (`rss` of its pid) is above `limit` bytes.
+pub(crate) fn over_memory(
+    limit: u64,
+    workers: &[WorkerInfo],
+    rss: impl Fn(u32) -> Option<u64>,
+    commands: &CommandSender,
+) {
+    for w in workers.iter().filter(|w| w.state == WorkerState::Ready) {
+        let Some(used) = rss(w.pid).filter(|&b| b > limit) else {
+            continue;
+        };
+        let why = format!(
+            "uses {} of memory, more than --max-memory {}",
+            human_bytes(used),
+            human_bytes(limit)
+        );
+        let _ = commands.send(Command::Recycle {
+            context_id: w.context_id,
+            why,
         });
-        MemoryWatch { task }
     }
 }
 

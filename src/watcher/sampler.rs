@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 
 use super::event::{Command, CommandSender};
 use super::procfs;
+use super::recycle;
 use super::status::JobsStatus;
 
 /// How often the sampler samples.
@@ -70,8 +71,9 @@ impl Drop for Sampler {
 }
 
 impl Sampler {
-    /// Starts sampling the workers the supervisor reports.
-    pub(crate) fn start(commands: CommandSender) -> Sampler {
+    /// Starts sampling the workers the supervisor reports; with
+    /// `max_memory`, a ready worker whose RSS passes it is recycled.
+    pub(crate) fn start(commands: CommandSender, max_memory: Option<u64>) -> Sampler {
         let samples = Arc::new(RwLock::new(Samples::default()));
         let shared = samples.clone();
         let task = tokio::spawn(async move {
@@ -96,6 +98,10 @@ impl Sampler {
                     report.workers.iter().map(|w| (w.pid, w.slot)).collect();
                 if let Ok(mut s) = shared.write() {
                     sample(&mut s, &pids, jobs.as_ref(), Instant::now());
+                    if let Some(limit) = max_memory {
+                        let rss = |pid| s.workers.get(&pid).and_then(|w| w.rss_bytes);
+                        recycle::over_memory(limit, &report.workers, rss, &commands);
+                    }
                 }
             }
         });

@@ -44,6 +44,31 @@ pub struct WorkerInfo {
     pub last_exit_code: Option<i32>,
     /// The signal that killed the previous worker of this slot, if one did.
     pub last_exit_signal: Option<i32>,
+    /// The worker's name (`--name`, `--names`), if it has one.
+    pub name: Option<String>,
+    /// What the worker last said with `Cluster::set_status` (`idle`,
+    /// `processing`, a short text) or with `STATUS=` on its notify socket
+    /// (`--notify`), `stopping` once it was asked to stop; `None` when it
+    /// never said.
+    pub status: Option<String>,
+    /// It said `RELOADING=1` and has not said `READY=1` since.
+    pub reloading: bool,
+    /// Commands and messages it sent and received.
+    pub traffic: Traffic,
+}
+
+/// Commands and user messages one worker sent and received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Traffic {
+    /// Commands it sent (`Cluster::command`).
+    pub commands_sent: u64,
+    /// Commands it was sent (by the watcher or other workers).
+    pub commands_received: u64,
+    /// User messages it sent the watcher (`MessageChannel::send`).
+    pub messages_sent: u64,
+    /// User messages the watcher sent it.
+    pub messages_received: u64,
 }
 
 impl WorkerInfo {
@@ -104,12 +129,16 @@ pub(crate) struct StatusReport {
     pub addresses: Vec<String>,
     /// Where the daemon's log goes (`--log-file`).
     pub log_file: Option<std::path::PathBuf>,
+    /// The shared storage's counters.
+    pub storage: HubStats,
 }
 
 /// A slot without a worker process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct IdleSlot {
     pub slot: u32,
+    /// The slot's worker name (`--name`, `--names`).
+    pub name: Option<String>,
     pub restarts: u32,
     /// When its next worker starts (`None`: never, it gave up).
     pub next_start: Option<Duration>,
@@ -121,11 +150,18 @@ pub(crate) struct IdleSlot {
     pub last_exit_signal: Option<i32>,
 }
 
+/// A worker's slot, pid, name, status and traffic, for metrics.
+pub(crate) type WorkerLabels = (u32, u32, Option<String>, Option<String>, Traffic);
+
 /// What the supervisor reports for one metrics scrape.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Snapshot {
     /// Every worker process: slot, pid, state.
     pub workers: Vec<(u32, u32, WorkerState)>,
+    /// Every worker process: slot, pid, name, status, traffic.
+    pub info: Vec<WorkerLabels>,
+    /// The shared storage's counters.
+    pub storage: HubStats,
     /// Per slot: (slot, restarts, crashes).
     pub slots: Vec<(u32, u64, u64)>,
     pub reloads_ok: u64,
@@ -207,4 +243,14 @@ impl JobsStatus {
         }
         self.recent.push_back(info);
     }
+}
+
+/// The storage's counters, for `cluster status --stats` and metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct HubStats {
+    pub keys: usize,
+    pub bytes: usize,
+    pub max_bytes: usize,
+    pub ops_total: u64,
+    pub ops_per_sec: f64,
 }

@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::hub_link::HubState;
 use super::shared::{Granted, Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{JobFailure, ToWatcher, ToWorker, VERSION};
@@ -28,6 +29,8 @@ pub(crate) struct Inbound {
     pub pending: HashMap<u64, (String, oneshot::Sender<Result<Granted>>)>,
     /// Arguments of jobs that arrive in parts.
     pub parts: Assembly,
+    /// Storage requests, watches and commands.
+    pub hub: HubState,
 }
 
 /// The largest job arguments a worker assembles from parts.
@@ -112,8 +115,15 @@ impl Inbound {
                 }
             }
             ToWorker::Stop { .. } => {
+                if let Ok(mut status) = self.shared.status.lock() {
+                    *status = Some("stopping".into());
+                }
                 let _ = self.stop.send(true);
             }
+            ToWorker::Replies(replies) => self.hub.on_replies(replies, &self.shared),
+            ToWorker::Calls(calls) => self.hub.on_calls(calls, &self.shared),
+            ToWorker::Changes(changes) => self.hub.on_changes(changes, &self.shared),
+            ToWorker::WatchEnded { watch, reason } => self.hub.on_watch_ended(watch, reason),
             ToWorker::Ping { seq } if self.shared.pings.awaiters.load(Ordering::SeqCst) > 0 => {
                 self.shared.pings.latest.send_replace(seq);
             }
@@ -173,8 +183,11 @@ impl Inbound {
         Ok(())
     }
 
-    /// The watcher is gone or broken: fails every waiting `listen`.
+    /// The watcher is gone or broken: fails every waiting `listen`,
+    /// request and command, and ends every watch.
     pub(crate) fn fail_pending(&mut self, reason: &str) {
+        let shared = self.shared.clone();
+        self.hub.fail_all(reason, &shared);
         for (_, (_, reply)) in self.pending.drain() {
             let _ = reply.send(Err(Error::new(
                 Kind::Ipc,

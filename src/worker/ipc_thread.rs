@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::dispatch::Inbound;
+use super::hub_link;
 use super::shared::{Outgoing, Shared};
 use crate::ipc::codec::{encode, EncodeError};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
@@ -119,33 +120,20 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
         tokio::select! {
             out = ipc.rx.recv() => {
                 let Some(out) = out else { return "the worker API was dropped".to_string() };
-                let result = match out {
-                    Outgoing::Message(m) => channel.send(&m, &[]).await,
-                    Outgoing::Socket { addr, reply } => {
-                        let id = next_id.fetch_add(1, Ordering::Relaxed);
-                        ipc.inbound.pending.insert(id, (addr.clone(), reply));
-                        channel.send(&ToWatcher::SocketRequest { id, addr }, &[]).await
+                // Take what else is queued now too, so requests made at
+                // once travel in one message.
+                let mut next = Some(out);
+                let mut taken = 0;
+                while let Some(out) = next.take() {
+                    if let Err(e) = outgoing(channel, ipc, shared, &next_id, &mut batch, out).await {
+                        return write_err(e);
                     }
-                    Outgoing::Balanced(ToIpc::GiveBack(listener, Handed { fd, peer, conn })) => {
-                        channel
-                            .send(&ToWatcher::ConnectionReturned { listener, conn, peer }, &[fd.as_fd()])
-                            .await
+                    taken += 1;
+                    if taken < DRAIN {
+                        next = ipc.rx.try_recv().ok();
                     }
-                    Outgoing::Balanced(ToIpc::AcksDue) => send_acks(channel, shared).await,
-                    Outgoing::Flush(ack) => {
-                        let mut rest = std::mem::take(&mut batch);
-                        while let Ok(r) = ipc.logs.try_recv() {
-                            rest.push(r);
-                        }
-                        let mut sent = if rest.is_empty() { Ok(()) } else { send_logs(channel, shared, rest).await };
-                        if sent.is_ok() {
-                            sent = report_drops(channel, shared).await;
-                        }
-                        let _ = ack.send(());
-                        sent
-                    }
-                };
-                if let Err(e) = result {
+                }
+                if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await {
                     return write_err(e);
                 }
             }
@@ -179,12 +167,85 @@ async fn serve(channel: &Channel, ipc: &mut Ipc, shared: &Shared) -> String {
                     if let Err(why) = ipc.inbound.handle(channel, msg, fds).await {
                         return why;
                     }
+                    if let Err(e) = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await {
+                        return write_err(e);
+                    }
                 }
                 Err(RecvError::Closed) => return "the watcher is gone".to_string(),
                 Err(e) => return format!("bad message from the watcher: {e}"),
             },
         }
     }
+}
+
+/// Most queued requests taken in one go (then the channel is read again).
+const DRAIN: usize = 1024;
+
+/// Handles one thing user code queued.
+async fn outgoing(
+    channel: &Channel,
+    ipc: &mut Ipc,
+    shared: &Shared,
+    next_id: &AtomicU64,
+    batch: &mut Vec<LogRecord>,
+    out: Outgoing,
+) -> Result<(), SendError> {
+    let hub = &mut ipc.inbound.hub;
+    let full = match out {
+        Outgoing::Request(id, body) => hub.queue(id, body),
+        Outgoing::Unwatch(watch) => hub.unwatch(watch, shared),
+        Outgoing::CallResult(r) => hub.result(r),
+        Outgoing::Message(m) => {
+            if matches!(m, ToWatcher::Ready) {
+                let me = ipc.inbound.shared.clone();
+                ipc.inbound.hub.ready(&me);
+            }
+            return channel.send(&m, &[]).await;
+        }
+        Outgoing::Socket { addr, reply } => {
+            let id = next_id.fetch_add(1, Ordering::Relaxed);
+            ipc.inbound.pending.insert(id, (addr.clone(), reply));
+            return channel
+                .send(&ToWatcher::SocketRequest { id, addr }, &[])
+                .await;
+        }
+        Outgoing::Balanced(ToIpc::GiveBack(listener, Handed { fd, peer, conn })) => {
+            return channel
+                .send(
+                    &ToWatcher::ConnectionReturned {
+                        listener,
+                        conn,
+                        peer,
+                    },
+                    &[fd.as_fd()],
+                )
+                .await;
+        }
+        Outgoing::Balanced(ToIpc::AcksDue) => return send_acks(channel, shared).await,
+        Outgoing::Flush(ack) => {
+            let mut rest = std::mem::take(batch);
+            while let Ok(r) = ipc.logs.try_recv() {
+                rest.push(r);
+            }
+            let mut sent = if rest.is_empty() {
+                Ok(())
+            } else {
+                send_logs(channel, shared, rest).await
+            };
+            if sent.is_ok() {
+                sent = report_drops(channel, shared).await;
+            }
+            if sent.is_ok() {
+                sent = hub_link::flush(channel, &mut ipc.inbound.hub, shared).await;
+            }
+            let _ = ack.send(());
+            return sent;
+        }
+    };
+    if full {
+        hub_link::flush(channel, &mut ipc.inbound.hub, shared).await?;
+    }
+    Ok(())
 }
 
 /// Tells the watcher which handed-off connections the code accepted.

@@ -12,6 +12,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
 use super::dispatch::Inbound;
+use super::hub_link::HubState;
 use super::ipc_thread::{self, Ipc};
 use super::shared::{Outgoing, Pings, Shared};
 use crate::ipc::env;
@@ -88,6 +89,11 @@ fn connect() -> Option<Arc<Shared>> {
         inbox: tokio::sync::Mutex::new(inbox_rx),
         balanced: Arc::new(Balanced::new(to_ipc)),
         jobs: std::sync::Mutex::new(None),
+        name: std::env::var(env::NAME).ok().filter(|n| !n.is_empty()),
+        status: std::sync::Mutex::new(None),
+        handlers: Arc::default(),
+        waiters: Default::default(),
+        direct: fd.try_clone().ok(),
     });
     if let Some(limit) = env_num::<u64>(env::MAX_REQUESTS).filter(|&n| n > 0) {
         let tx = shared.tx.clone();
@@ -111,6 +117,7 @@ fn connect() -> Option<Arc<Shared>> {
                 inbox: inbox_tx,
                 pending: HashMap::new(),
                 parts: crate::ipc::parts::Assembly::new(super::dispatch::MAX_ARGS),
+                hub: HubState::default(),
             },
         },
     );

@@ -11,16 +11,21 @@
 //! signals, so one program runs with and without `cluster`.
 
 mod dispatch;
+mod endpoint;
+mod hub_link;
 mod ipc_thread;
 mod jobs;
 mod link;
 mod shared;
+mod status;
 mod termination;
 
 pub use jobs::{JobContext, JobError, Jobs};
+pub use status::{Status, MAX_STATUS_LEN};
 
 use serde::{de::DeserializeOwned, Serialize};
 
+use crate::activation;
 use crate::error::{Error, Kind, Result};
 use crate::ipc::codec::{decode_user, encode_user};
 use crate::ipc::message::ToWatcher;
@@ -152,6 +157,91 @@ impl Cluster {
         Jobs::new()
     }
 
+    /// The worker's name: `NAME-<slot>` with `--name NAME`, its own with
+    /// `--names a,b,c`; `None` without either, and standalone.
+    pub fn name() -> Option<String> {
+        link().and_then(|l| l.name.clone())
+    }
+
+    /// Tells the watcher what this worker is doing: `idle`, `processing`,
+    /// `stopping` or a short text (at most 64 bytes). `cluster status`
+    /// shows it; `cluster stop --slot` stops an `idle` worker at once and
+    /// gives any other its timeout. Never blocks.
+    ///
+    /// ```no_run
+    /// use cluster::{Cluster, Status};
+    /// Cluster::set_status(Status::Processing)?;
+    /// Cluster::set_status("warming the cache")?;
+    /// # Ok::<(), cluster::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::is_config`] for an empty text, one over 64 bytes or with
+    /// control characters (nothing is sent).
+    pub fn set_status(status: impl Into<Status>) -> Result<()> {
+        let status = status.into().checked()?;
+        if let Some(link) = link() {
+            let text = status.as_str().to_string();
+            if let Ok(mut s) = link.status.lock() {
+                *s = Some(text.clone());
+            }
+            let _ = link.send(ToWatcher::SetStatus(text));
+        }
+        Ok(())
+    }
+
+    /// The shared storage held by the watcher: JSON values by dot path,
+    /// atomic increments and compare-and-swap, versions, expiry, watches.
+    /// It survives this worker's crashes and rolling restarts. Standalone,
+    /// a storage of this process's own.
+    pub fn storage() -> crate::Storage {
+        crate::Storage::new(endpoint::transport())
+    }
+
+    /// This worker's command handlers: [`register`](crate::Commands::register)
+    /// them (before the worker is ready), and the watcher or other workers
+    /// can call them. Built in: `ping` (answers `"pong"`) and `status`
+    /// (slot, name, pid, context id and status).
+    pub fn commands() -> crate::Commands {
+        crate::Commands::new(endpoint::handlers())
+    }
+
+    /// Sends command `name` with `args` to `target`: the watcher
+    /// ([`Target::Watcher`](crate::Target::Watcher)), a slot (`3`), a
+    /// worker name (`"web-2"`) or every worker
+    /// ([`Target::All`](crate::Target::All)); the watcher routes it.
+    /// Await it (after an optional [`timeout`](crate::CommandCall::timeout),
+    /// default 10 s) for the [`Reply`](crate::Reply).
+    ///
+    /// ```no_run
+    /// # async fn run() -> Result<(), cluster::Error> {
+    /// use std::time::Duration;
+    /// use cluster::{Cluster, Target};
+    ///
+    /// let reply = Cluster::command("web-2", "whoami", &()).timeout(Duration::from_secs(1)).await?;
+    /// let who: serde_json::Value = reply.decode()?;
+    /// for r in Cluster::command(Target::All, "ping", &()).await?.responses() {
+    ///     println!("slot {}: {:?}", r.from().slot(), r.json());
+    /// }
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// For one target: [`Error::is_unknown_target`], [`Error::is_unknown_command`],
+    /// [`Error::is_timeout`], [`Error::is_target_died`] (it exited before
+    /// answering), [`Error::is_handler_error`] (its handler failed);
+    /// [`Error::is_busy`] past 1,024 commands in flight. For all workers
+    /// each response carries its own error.
+    pub fn command<A: Serialize + ?Sized>(
+        target: impl Into<crate::Target>,
+        name: &str,
+        args: &A,
+    ) -> crate::CommandCall {
+        crate::CommandCall::new(endpoint::transport(), target.into(), name, args)
+    }
+
     /// Tells the watcher that this worker is ready to serve. Idempotent;
     /// a no-op when standalone. [`await_termination`](Cluster::await_termination)
     /// calls it too, so most programs never need to.
@@ -265,6 +355,12 @@ impl ServerSocketFactory {
     /// with the same options (`SO_REUSEADDR`, a backlog of
     /// [`DEFAULT_BACKLOG`](crate::DEFAULT_BACKLOG)).
     ///
+    /// Either way, a socket this process inherited through socket
+    /// activation (`LISTEN_PID` is this process: the watcher's `--listen`,
+    /// or systemd) that is bound to a matching address is used instead:
+    /// the same address, a wildcard of either family on the same port, or
+    /// the same Unix socket.
+    ///
     /// Must be called within a tokio runtime.
     ///
     /// # Errors
@@ -274,12 +370,24 @@ impl ServerSocketFactory {
     /// permitted), [`Error::is_ipc`] when the watcher cannot be reached.
     pub async fn listen(&self, addr: &str) -> Result<Listener> {
         let parsed = Address::parse(addr);
-        let fd = match link() {
-            None => parsed
+        let inherited = parsed.as_ref().ok().and_then(|a| {
+            activation::inherited()
+                .iter()
+                .find(|i| activation::matches(a, &i.addr))
+        });
+        let fd = match (inherited, link()) {
+            (Some(inherited), _) => inherited.fd.try_clone().map_err(|e| {
+                Error::with_io(
+                    Kind::Io,
+                    format!("cannot use the inherited socket for {addr}"),
+                    e,
+                )
+            })?,
+            (None, None) => parsed
                 .as_ref()
                 .map_err(Error::clone)?
                 .bind(DEFAULT_BACKLOG)?,
-            Some(link) => {
+            (None, Some(link)) => {
                 // Asked even when the address does not parse here: the
                 // watcher parses it too, and a bad address before any
                 // worker was ready stops it with one clear error instead

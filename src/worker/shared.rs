@@ -8,10 +8,12 @@ use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::commands::handlers::Handlers;
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::{JobOrder, ToWatcher};
+use crate::ipc::message::{CallResult, JobOrder, RequestBody, ToWatcher};
 use crate::listener::{Balanced, ToIpc};
 use crate::log::{LogFilter, WorkerLogQueue};
+use crate::transport::Waiters;
 
 /// What user code asks the IPC thread to send.
 pub(crate) enum Outgoing {
@@ -25,6 +27,13 @@ pub(crate) enum Outgoing {
     /// A balanced listener's request: give a connection back, or
     /// acknowledge accepted ones.
     Balanced(ToIpc),
+    /// A storage operation, watch or command for the watcher's hub; its
+    /// waiter is registered in `Shared::waiters` under the id.
+    Request(u64, RequestBody),
+    /// End a watch.
+    Unwatch(u64),
+    /// A handler's answer to a command.
+    CallResult(CallResult),
 }
 
 /// What the watcher granted for a `listen` request.
@@ -79,6 +88,18 @@ pub(crate) struct Shared {
     pub balanced: Arc<Balanced>,
     /// Where jobs go while `Cluster::jobs().run()` serves them.
     pub jobs: std::sync::Mutex<Option<mpsc::UnboundedSender<ToJobs>>>,
+    /// `--name`/`--names`, from the environment.
+    pub name: Option<String>,
+    /// What `Cluster::set_status` set last.
+    pub status: std::sync::Mutex<Option<String>>,
+    /// This worker's command handlers.
+    pub handlers: Arc<Handlers>,
+    /// Storage, watch and command requests waiting for their replies.
+    pub waiters: Waiters,
+    /// A second descriptor of the channel: a request made while no other
+    /// is in flight is sent from the caller's thread at once (one thread
+    /// hop less on the way to the watcher).
+    pub direct: Option<OwnedFd>,
 }
 
 impl Shared {

@@ -34,6 +34,21 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// Whether `program --version` runs here; when not, says that the calling
+/// test is skipped.
+pub fn installed(program: &str) -> bool {
+    let ok = Command::new(program)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!("skipped: {program} is not installed");
+    }
+    ok
+}
+
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -472,6 +487,33 @@ pub fn cli<S: AsRef<OsStr>>(args: impl IntoIterator<Item = S>) -> Output {
 
 /// Runs `cluster SUBCOMMAND --pid-file PID_FILE ARGS...`, also where no
 /// watcher runs (yet).
+/// `cluster status --json -q` of a running watcher; `None` when it does
+/// not answer. Exit 5 (degraded: fewer workers ready than wanted) is an
+/// answer too.
+pub fn status_json(c: &Running) -> Option<serde_json::Value> {
+    let out = c.control(&["status", "--json", "-q"]);
+    if !matches!(out.status.code(), Some(0 | 5)) {
+        return None;
+    }
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+/// The `workers` rows of a status.
+pub fn workers_of(v: &serde_json::Value) -> Vec<serde_json::Value> {
+    v["workers"].as_array().cloned().unwrap_or_default()
+}
+
+/// Waits (20 s at most) until the status has `n` rows, all ready; returns it.
+pub fn wait_ready(c: &Running, n: usize) -> serde_json::Value {
+    wait_for(Duration::from_secs(20), || {
+        status_json(c).filter(|v| {
+            let w = workers_of(v);
+            w.len() == n && w.iter().all(|w| w["state"] == "ready")
+        })
+    })
+    .unwrap_or_else(|| panic!("never {n} ready workers:\n{}", c.stderr()))
+}
+
 pub fn control(pid_file: &Path, command: &[&str]) -> Output {
     let (subcommand, rest) = command.split_first().expect("a subcommand");
     let head = [
@@ -611,3 +653,4 @@ pub fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<
         }
     })
 }
+pub mod pg;

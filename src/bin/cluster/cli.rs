@@ -85,6 +85,29 @@ pub struct Args {
     #[arg(long, value_name = "MODE", default_value = "shared")]
     pub balance: cluster::Balance,
 
+    /// Bind ADDR at start-up (host:port, :port, unix:///path; NAME=ADDR
+    /// names it) and start every worker with it as descriptor 3, 4, ...
+    /// and LISTEN_FDS, LISTEN_FDNAMES, LISTEN_PID, as systemd's socket
+    /// activation does: any program can serve from it (repeatable)
+    #[arg(long, value_name = "[NAME=]ADDR")]
+    pub listen: Vec<String>,
+
+    /// Give each worker its own NOTIFY_SOCKET (sd_notify): READY=1 marks it
+    /// ready, WATCHDOG=1 answers the heartbeat (WATCHDOG_USEC), STATUS=
+    /// shows in `cluster status`, STOPPING=1 drains it, RELOADING=1 shows
+    #[arg(long, conflicts_with = "ready_delay")]
+    pub notify: bool,
+
+    /// Seconds after its start at which a worker that does not use the
+    /// library counts as ready (without --notify)
+    #[arg(long, value_name = "SECS", default_value = "1", value_parser = parse_seconds)]
+    pub ready_delay: Duration,
+
+    /// The signal that asks a worker that does not use the library to stop
+    /// (it has --shutdown-timeout to finish before SIGKILL)
+    #[arg(long, value_name = "SIGNAL", default_value = "SIGTERM")]
+    pub stop_signal: String,
+
     /// Control socket path [default: beside the pid file, x.pid -> x.sock]
     #[arg(long, value_name = "PATH")]
     pub control_socket: Option<PathBuf>,
@@ -113,8 +136,9 @@ pub struct Args {
     #[arg(long, value_name = "NAME")]
     pub group: Option<String>,
 
-    /// Run jobs from this job store (a SQLite file: jobs.db, sqlite://PATH):
-    /// the watcher claims the jobs of its pools' queues for its workers
+    /// Run jobs from this job store (a SQLite file: jobs.db, sqlite://PATH;
+    /// or postgres://USER@HOST/DB, shared by many watchers as nodes): the
+    /// watcher claims the jobs of its pools' queues for its workers
     #[arg(long, value_name = "URL", help_heading = "Jobs")]
     pub jobs: Option<String>,
 
@@ -207,6 +231,20 @@ pub struct Args {
     #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds, help_heading = "Job server")]
     pub job_header_timeout: Duration,
 
+    /// The PostgreSQL schema of the job tables [default: cluster]
+    #[arg(long, value_name = "NAME", help_heading = "Jobs", requires = "jobs")]
+    pub jobs_schema: Option<String>,
+
+    /// This watcher's node name on a PostgreSQL job store [default: the
+    /// host name plus a per-start id]
+    #[arg(long, value_name = "NAME", value_parser = parse_node, help_heading = "Jobs", requires = "jobs")]
+    pub node: Option<String>,
+
+    /// Seconds a node may miss heartbeats before the others declare it
+    /// dead and run its jobs again (PostgreSQL job stores)
+    #[arg(long, value_name = "SECS", default_value = "30", value_parser = parse_node_timeout, help_heading = "Jobs")]
+    pub node_timeout: Duration,
+
     /// Let workers listen on addresses matching PATTERN (repeatable):
     /// HOST:PORT, :PORT, HOST:LOW-HIGH, unix:///path/file.sock or
     /// unix:///path/dir/. Once given, workers get only matching addresses;
@@ -261,6 +299,48 @@ pub struct Args {
     /// Level of the lines workers print on stderr (stdout lines are info)
     #[arg(long, value_name = "LEVEL", default_value = "warn", value_parser = parse_level)]
     pub stderr_level: tracing::Level,
+    /// Name the workers PREFIX-1 ... PREFIX-N (by slot)
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        conflicts_with = "names",
+        help_heading = "Workers"
+    )]
+    pub name: Option<String>,
+
+    /// Name each worker (one name per slot; sets the number of workers)
+    #[arg(
+        long,
+        value_name = "A,B,...",
+        value_delimiter = ',',
+        help_heading = "Workers"
+    )]
+    pub names: Vec<String>,
+
+    /// When a worker that ended is replaced: always, on-failure (it exited
+    /// non-zero or was killed), never
+    #[arg(
+        long,
+        value_name = "WHEN",
+        default_value = "always",
+        help_heading = "Workers"
+    )]
+    pub revive: cluster::Revive,
+
+    /// Most bytes the shared storage holds (K, M, G suffixes); a write past
+    /// it is refused
+    #[arg(long, value_name = "N", default_value = "64M", value_parser = parse_bytes, help_heading = "Shared storage")]
+    pub storage_max_bytes: usize,
+
+    /// Start the shared storage with the JSON object in FILE (unless
+    /// --storage-file has a snapshot)
+    #[arg(long, value_name = "FILE", help_heading = "Shared storage")]
+    pub storage_init: Option<PathBuf>,
+
+    /// Keep the shared storage in FILE: loaded at start, written atomically
+    /// once a second when it changed and at exit
+    #[arg(long, value_name = "FILE", help_heading = "Shared storage")]
+    pub storage_file: Option<PathBuf>,
 
     /// The program to run as each worker, and its arguments
     #[arg(value_name = "PROGRAM", required = true, num_args = 1.., trailing_var_arg = true)]
@@ -300,6 +380,10 @@ pub enum Control {
         /// Print JSON instead of a table
         #[arg(long)]
         json: bool,
+        /// Add commands and messages per worker and the shared storage's
+        /// size and operations per second to the table
+        #[arg(long)]
+        stats: bool,
         /// Print nothing; only the exit status tells
         #[arg(short, long)]
         quiet: bool,
@@ -309,13 +393,46 @@ pub enum Control {
         #[command(flatten)]
         target: Target,
     },
-    /// Stop the watcher gracefully and wait until it has exited
+    /// Stop the watcher gracefully and wait until it has exited; with
+    /// --slot or --name, stop that worker alone (at once when its status is
+    /// idle, else asked to stop and killed after --timeout)
     Stop {
         #[command(flatten)]
         target: Target,
-        /// Seconds to wait for the watcher to exit
-        #[arg(long, value_name = "SECS", default_value = "60", value_parser = parse_seconds)]
+        /// Stop the worker of this slot alone
+        #[arg(long, value_name = "N", conflicts_with = "name")]
+        slot: Option<u32>,
+        /// Stop the worker with this name alone
+        #[arg(long, value_name = "NAME")]
+        name: Option<String>,
+        /// Seconds to wait for the watcher to exit [default: 60]; with
+        /// --slot/--name, seconds a busy worker has before it is killed
+        /// [default: the watcher's --shutdown-timeout]
+        #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+        timeout: Option<Duration>,
+    },
+    /// Read and write the watcher's shared storage
+    Storage {
+        #[command(subcommand)]
+        op: StorageOp,
+    },
+    /// Send a command to the watcher or its workers and print the reply
+    /// (one JSON line per worker for --to all)
+    Command {
+        #[command(flatten)]
+        target: Target,
+        /// Where: watcher, a slot number, a worker name, or all
+        #[arg(long, value_name = "TARGET")]
+        to: String,
+        /// Seconds to wait for the reply
+        #[arg(long, value_name = "SECS", default_value = "10", value_parser = parse_seconds)]
         timeout: Duration,
+        /// The command's name
+        #[arg(value_name = "NAME")]
+        name: String,
+        /// Its arguments, as JSON [default: null]
+        #[arg(value_name = "JSON")]
+        args: Option<String>,
     },
     /// Reopen the daemon's --log-file (after logrotate moved it)
     ReopenLogs {
@@ -329,6 +446,46 @@ pub enum Control {
         /// The new number of workers
         #[arg(value_name = "N", value_parser = parse_workers)]
         workers: usize,
+    },
+}
+
+/// `cluster storage` operations.
+#[derive(Debug, clap::Subcommand)]
+pub enum StorageOp {
+    /// Print the JSON value at PATH (exit 1 when nothing is there)
+    Get {
+        #[command(flatten)]
+        target: Target,
+        /// A dot path (users.42.name)
+        #[arg(value_name = "PATH")]
+        path: String,
+    },
+    /// Set PATH to the JSON value
+    Set {
+        #[command(flatten)]
+        target: Target,
+        /// A dot path; missing objects on the way are created
+        #[arg(value_name = "PATH")]
+        path: String,
+        /// The value, as JSON (quote strings: '"text"')
+        #[arg(value_name = "JSON")]
+        value: String,
+        /// Delete it after SECS
+        #[arg(long, value_name = "SECS", value_parser = parse_seconds)]
+        ttl: Option<Duration>,
+    },
+    /// Delete PATH and everything under it (exit 1 when nothing was there)
+    Delete {
+        #[command(flatten)]
+        target: Target,
+        /// A dot path
+        #[arg(value_name = "PATH")]
+        path: String,
+    },
+    /// Print the whole storage as JSON
+    Dump {
+        #[command(flatten)]
+        target: Target,
     },
 }
 
@@ -403,6 +560,13 @@ fn parse_level(s: &str) -> Result<tracing::Level, String> {
         .map_err(|_| format!("'{s}' is not a level (error, warn, info, debug, trace)"))
 }
 
+/// A byte count with an optional K, M or G suffix (powers of 1024), as
+/// `--max-memory` takes it.
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let n = cluster::__parse_bytes(s)?;
+    usize::try_from(n).map_err(|_| format!("'{s}' is too large"))
+}
+
 fn parse_count(s: &str) -> Result<u32, String> {
     let n: u32 = s.parse().map_err(|_| format!("'{s}' is not a number"))?;
     if n == 0 {
@@ -421,14 +585,21 @@ fn parse_retention(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn parse_bytes(s: &str) -> Result<usize, String> {
-    let n: usize = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of bytes"))?;
-    if n == 0 {
-        return Err("must be at least 1".into());
+fn parse_node(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 200 || s.chars().any(char::is_control) {
+        return Err("must be 1 to 200 printable characters".into());
     }
-    Ok(n)
+    Ok(s.to_string())
+}
+
+fn parse_node_timeout(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.2..=86_400.0).contains(&secs) {
+        return Err("must be between 0.2 and 86400 seconds".into());
+    }
+    Ok(Duration::from_secs_f64(secs))
 }
 
 fn parse_backlog(s: &str) -> Result<u32, String> {
@@ -522,6 +693,35 @@ mod tests {
         let d = parse(&["./srv"]).unwrap();
         assert_eq!(d.max_restarts, cluster::DEFAULT_MAX_RESTARTS);
         assert_eq!(d.stderr_level, tracing::Level::WARN);
+    }
+
+    #[test]
+    fn any_language_options() {
+        let a = parse(&[
+            "--listen", "web=:80", "--listen", ":81", "--notify", "./srv",
+        ])
+        .unwrap();
+        assert_eq!(a.listen, ["web=:80", ":81"]);
+        assert!(a.notify);
+        assert!(parse(&["--notify", "--ready-delay", "2", "./srv"]).is_err());
+        let a = parse(&["--ready-delay", "0.5", "--stop-signal", "QUIT", "./srv"]).unwrap();
+        assert_eq!(a.ready_delay, Duration::from_millis(500));
+        assert_eq!(a.stop_signal, "QUIT");
+    }
+
+    #[test]
+    fn shared_state_options() {
+        let a = parse(&["--names", "a,b,c", "--revive", "never", "./srv"]).unwrap();
+        assert_eq!(a.names, ["a", "b", "c"]);
+        assert_eq!(a.revive, cluster::Revive::Never);
+        assert_eq!(a.storage_max_bytes, 64 << 20);
+        assert!(parse(&["--name", "w", "--names", "a", "./srv"]).is_err());
+        assert!(parse(&["--revive", "sometimes", "./srv"]).is_err());
+        assert_eq!(parse_bytes("1024").unwrap(), 1024);
+        assert_eq!(parse_bytes("2K").unwrap(), 2048);
+        assert_eq!(parse_bytes("1MiB").unwrap(), 1 << 20);
+        assert!(parse_bytes("0").is_err());
+        assert!(parse_bytes("12Q").is_err());
     }
 
     #[test]

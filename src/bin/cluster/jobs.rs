@@ -15,7 +15,7 @@ use serde_json::Value;
 
 use cluster::__jobs_cli::{format_rfc3339, parse_rfc3339};
 use cluster::{
-    CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob, StateCounts,
+    CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob, Node, StateCounts,
     Submitted,
 };
 
@@ -79,19 +79,36 @@ pub enum JobsCommand {
         #[arg(value_name = "ID", value_parser = parse_id)]
         id: JobId,
     },
+    /// List the nodes (watchers) of a PostgreSQL job store: state, last
+    /// heartbeat, running jobs
+    Nodes {
+        #[command(flatten)]
+        target: JobsTarget,
+        /// Print JSON (an array of nodes) instead of a table
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Which job store to use.
 #[derive(Debug, clap::Args)]
-#[group(required = true, multiple = false)]
 pub struct JobsTarget {
-    /// The job store: a SQLite file (jobs.db, sqlite://PATH)
-    #[arg(long = "jobs", value_name = "URL")]
+    /// The job store: a SQLite file (jobs.db, sqlite://PATH) or
+    /// postgres://USER@HOST/DB
+    #[arg(
+        long = "jobs",
+        value_name = "URL",
+        required_unless_present = "pid_file",
+        conflicts_with = "pid_file"
+    )]
     pub jobs: Option<String>,
     /// A watcher's pid file; its job store URL is read from beside it
     /// (x.pid -> x.jobs)
     #[arg(short = 'p', long, value_name = "FILE")]
     pub pid_file: Option<PathBuf>,
+    /// The PostgreSQL schema of the job tables [default: cluster]
+    #[arg(long, value_name = "NAME", requires = "jobs")]
+    pub jobs_schema: Option<String>,
 }
 
 /// `cluster jobs submit` options.
@@ -183,7 +200,14 @@ fn error(message: impl std::fmt::Display) -> ExitCode {
 /// Opens the store; `create` only for submit, so that a mistyped path
 /// given to a read-only command does not create a file.
 async fn open(target: &JobsTarget, create: bool) -> Result<JobQueue, String> {
-    let result = match (&target.jobs, &target.pid_file) {
+    let url = target.jobs.as_ref().map(|url| match &target.jobs_schema {
+        Some(s) => {
+            let sep = if url.contains('?') { '&' } else { '?' };
+            format!("{url}{sep}schema={s}")
+        }
+        None => url.clone(),
+    });
+    let result = match (&url, &target.pid_file) {
         (Some(url), _) if create => JobQueue::open(url).await,
         (Some(url), _) => JobQueue::open_existing(url).await,
         (None, Some(pid_file)) => JobQueue::open_for_pid_file(pid_file).await,
@@ -246,6 +270,16 @@ async fn dispatch(cmd: JobsCommand) -> Result<(), String> {
             let q = open(&target, false).await?;
             q.retry(id).await.map_err(|e| e.to_string())?;
             println!("job {id} queued again");
+            Ok(())
+        }
+        JobsCommand::Nodes { target, json } => {
+            let q = open(&target, false).await?;
+            let nodes = q.nodes().await.map_err(|e| e.to_string())?;
+            if json {
+                print_json(&nodes)?;
+            } else {
+                print_nodes(&nodes);
+            }
             Ok(())
         }
         JobsCommand::Cancel { target, id } => {
@@ -563,6 +597,59 @@ fn print_job(j: &Job) {
                 println!("    {more}");
             }
         }
+    }
+}
+
+fn print_nodes(nodes: &[Node]) {
+    if nodes.is_empty() {
+        println!("no nodes");
+        return;
+    }
+    let rows: Vec<[String; 7]> = nodes
+        .iter()
+        .map(|n| {
+            let pools: Vec<String> = n
+                .pools
+                .iter()
+                .map(|p| format!("{}:{}", p.name, p.slots))
+                .collect();
+            [
+                n.name.clone(),
+                n.state.to_string(),
+                format!("{} ({})", n.host, n.pid),
+                format!("{} ago", age(n.heartbeat_at)),
+                n.running.to_string(),
+                n.capacity.to_string(),
+                pools.join(","),
+            ]
+        })
+        .collect();
+    let header = [
+        "NODE",
+        "STATE",
+        "HOST (PID)",
+        "HEARTBEAT",
+        "RUNNING",
+        "CAPACITY",
+        "POOLS",
+    ];
+    let mut widths = header.map(|h| h.chars().count());
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: [&str; 7]| {
+        let mut out = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            out.push_str(cell);
+            out.push_str(&" ".repeat(widths[i] - cell.chars().count() + 2));
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header);
+    for r in &rows {
+        line([&r[0], &r[1], &r[2], &r[3], &r[4], &r[5], &r[6]]);
     }
 }
 

@@ -7,11 +7,13 @@
 //! cluster is degraded. `cluster jobs ...` exits 0 or 1.
 
 mod cli;
+mod client;
 mod completions;
 mod config_file;
 mod jobs;
 mod logs;
 mod running;
+mod shared_state;
 
 use std::process::ExitCode;
 
@@ -117,7 +119,15 @@ fn main() -> ExitCode {
             Some(args.max_restarts).filter(|&n| n > 0),
             args.restart_window,
         )
-        .max_requests(args.max_requests, args.max_requests_jitter);
+        .max_requests(args.max_requests, args.max_requests_jitter)
+        .notify(args.notify)
+        .assume_ready_after(args.ready_delay)
+        .stop_signal(&args.stop_signal)
+        .revive(args.revive)
+        .storage_max_bytes(args.storage_max_bytes);
+    for spec in &args.listen {
+        builder = builder.listen(spec);
+    }
     if let Some(bytes) = args.max_memory {
         builder = builder.max_memory(bytes);
     }
@@ -126,6 +136,18 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &log_file {
         builder = builder.log_file(path);
+    }
+    if let Some(prefix) = &args.name {
+        builder = builder.name(prefix);
+    }
+    if !args.names.is_empty() {
+        builder = builder.names(args.names.iter().cloned());
+    }
+    if let Some(path) = &args.storage_init {
+        builder = builder.storage_init(path);
+    }
+    if let Some(path) = &args.storage_file {
+        builder = builder.storage_file(path);
     }
     for path in &args.watch {
         builder = builder.watch(path);
@@ -182,7 +204,14 @@ fn main() -> ExitCode {
             .job_timeout(args.job_timeout)
             .retry_delay(args.retry_delay)
             .job_source_interval(args.job_source_interval)
-            .jobs_retention(args.jobs_retention);
+            .jobs_retention(args.jobs_retention)
+            .node_timeout(args.node_timeout);
+        if let Some(schema) = &args.jobs_schema {
+            builder = builder.jobs_schema(schema);
+        }
+        if let Some(node) = &args.node {
+            builder = builder.node(node);
+        }
         for pool in &args.pool {
             builder = builder.pool(pool);
         }

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use cluster::control::{request, Request, Response};
 
 use crate::cli::Control;
+use crate::client::{ask, denied, error, refused, running, DENIED};
 
 /// Exit status of `status` when no watcher runs (LSB: "program is not running").
 const NOT_RUNNING: u8 = 3;
@@ -14,26 +15,6 @@ const NOT_RUNNING: u8 = 3;
 /// Exit status of `status` when fewer workers are ready than wanted, or a
 /// slot gave up after `--max-restarts`.
 const DEGRADED: u8 = 5;
-
-/// Exit status of every subcommand when the caller may not use the
-/// watcher's control socket (LSB: "user had insufficient privilege").
-const DENIED: u8 = 4;
-
-/// Whether `e` says the control socket is not ours to use.
-fn denied(e: &cluster::Error) -> bool {
-    e.io_error()
-        .is_some_and(|io| io.kind() == std::io::ErrorKind::PermissionDenied)
-}
-
-fn refused(r: Response) -> ExitCode {
-    let code = if r.denied { DENIED } else { 1 };
-    eprintln!(
-        "cluster: error: {}",
-        r.error.unwrap_or_else(|| "the watcher refused".into())
-    );
-    ExitCode::from(code)
-}
-
 pub fn run(cmd: Control) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -48,29 +29,12 @@ pub fn run(cmd: Control) -> ExitCode {
     runtime.block_on(dispatch(cmd))
 }
 
-fn error(message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("cluster: error: {message}");
-    ExitCode::FAILURE
-}
-
-async fn ask(target: &crate::cli::Target, req: Request) -> Result<Response, ExitCode> {
-    let socket = target.socket().map_err(error)?;
-    match request(&socket, &req).await {
-        Ok(r) if r.ok => Ok(r),
-        Ok(r) => Err(refused(r)),
-        Err(e) if denied(&e) => {
-            eprintln!("cluster: error: {e}");
-            Err(ExitCode::from(DENIED))
-        }
-        Err(e) => Err(error(e)),
-    }
-}
-
 async fn dispatch(cmd: Control) -> ExitCode {
     match cmd {
         Control::Status {
             target,
             json,
+            stats,
             quiet,
         } => {
             let socket = match target.socket() {
@@ -82,7 +46,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
                     if json {
                         println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
                     } else if !quiet {
-                        print_table(&r);
+                        print_table(&r, stats);
                     }
                     if r.degraded {
                         ExitCode::from(DEGRADED)
@@ -122,7 +86,26 @@ async fn dispatch(cmd: Control) -> ExitCode {
                 Err(code) => code,
             }
         }
-        Control::Stop { target, timeout } => {
+        Control::Stop {
+            target,
+            slot,
+            name,
+            timeout,
+        } if slot.is_some() || name.is_some() => {
+            crate::shared_state::stop_worker(&target, slot, name, timeout).await
+        }
+        Control::Storage { op } => crate::shared_state::storage(op).await,
+        Control::Command {
+            target,
+            to,
+            timeout,
+            name,
+            args,
+        } => crate::shared_state::command(&target, to, name, args, timeout).await,
+        Control::Stop {
+            target, timeout, ..
+        } => {
+            let timeout = timeout.unwrap_or(Duration::from_secs(60));
             let response = match ask(&target, Request::Stop).await {
                 Ok(r) => r,
                 Err(code) => return code,
@@ -145,22 +128,7 @@ async fn dispatch(cmd: Control) -> ExitCode {
     }
 }
 
-/// Whether `pid` is a live process (a zombie waiting for its parent to
-/// reap it has exited).
-fn running(pid: nix::unistd::Pid) -> bool {
-    if nix::sys::signal::kill(pid, None).is_err() {
-        return false;
-    }
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X"),
-        Err(_) => false,
-    }
-}
-
-fn print_table(r: &Response) {
+fn print_table(r: &Response, stats: bool) {
     let running = r.workers.iter().filter(|w| w.pid != 0).count();
     let health = if r.degraded { "DEGRADED" } else { "ok" };
     println!(
@@ -177,11 +145,28 @@ fn print_table(r: &Response) {
         };
         println!("program {program}{listening}");
     }
+    let extra = if stats {
+        format!(
+            "  {:>7} {:>7} {:>7} {:>7}",
+            "CMD-OUT", "CMD-IN", "MSG-OUT", "MSG-IN"
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  LAST EXIT",
-        "SLOT", "CONTEXT", "PID", "STATE", "UPTIME", "RESTARTS", "RSS", "CPU%"
+        "{:>4}  {:<12} {:>8}  {:>8}  {:<9} {:<12} {:>10}  {:>8}  {:>8}  {:>6}{extra}  LAST EXIT",
+        "SLOT", "NAME", "CONTEXT", "PID", "STATE", "STATUS", "UPTIME", "RESTARTS", "RSS", "CPU%"
     );
     for w in &r.workers {
+        let extra = if stats {
+            let t = &w.stats;
+            format!(
+                "  {:>7} {:>7} {:>7} {:>7}",
+                t.commands_sent, t.commands_received, t.messages_sent, t.messages_received
+            )
+        } else {
+            String::new()
+        };
         let dash = |n: u64| {
             if n == 0 {
                 "-".to_string()
@@ -194,12 +179,19 @@ fn print_table(r: &Response) {
             (0, None) => "-".into(),
             _ => human(w.uptime_secs),
         };
+        let state = if w.reloading && w.state == "ready" {
+            "reloading"
+        } else {
+            w.state.as_str()
+        };
         println!(
-            "{:>4}  {:>8}  {:>8}  {:<9} {:>10}  {:>8}  {:>8}  {:>6}  {}",
+            "{:>4}  {:<12} {:>8}  {:>8}  {:<9} {:<12} {:>10}  {:>8}  {:>8}  {:>6}{extra}  {}",
             w.slot,
+            w.name.as_deref().unwrap_or("-"),
             dash(w.context_id),
             dash(w.pid.into()),
-            w.state,
+            state,
+            w.status.as_deref().unwrap_or("-"),
             uptime,
             w.restarts,
             w.rss_bytes.map(bytes).unwrap_or_else(|| "-".into()),
@@ -207,6 +199,18 @@ fn print_table(r: &Response) {
                 .map(|p| format!("{p:.1}"))
                 .unwrap_or_else(|| "-".into()),
             w.last_exit.as_deref().unwrap_or("-")
+        );
+    }
+    if let (true, Some(s)) = (stats, &r.storage) {
+        println!();
+        println!(
+            "storage: {} key(s), {} of {} ({:.1}%), {:.0} operations/s, {} since start",
+            s.keys,
+            bytes(s.bytes as u64),
+            bytes(s.max_bytes as u64),
+            100.0 * s.bytes as f64 / s.max_bytes.max(1) as f64,
+            s.operations_per_sec,
+            s.operations
         );
     }
     if let Some(jobs) = &r.jobs {

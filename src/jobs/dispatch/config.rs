@@ -6,6 +6,9 @@ use std::time::Duration;
 use super::pools::{Pool, PoolSpec};
 use crate::jobs::NewJob;
 
+/// How long a node may miss heartbeats before it is declared dead.
+pub(crate) const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// A job source given as a library closure: called once per pool every
 /// interval with the pool's name and its slot count; returns the jobs to
 /// queue (deduplicated by key against queued and running jobs).
@@ -70,6 +73,14 @@ pub(crate) struct JobsConfig {
     pub warnings: Vec<String>,
     /// `--job-queue-limit`: in-memory calls that may wait for a worker.
     pub call_queue_limit: usize,
+    /// `--node`: this watcher's node name [default: host name plus a
+    /// per-start id].
+    pub node: Option<String>,
+    /// `--node-timeout`: a node silent longer than this is dead and its
+    /// running jobs run elsewhere (shared stores only).
+    pub node_timeout: Duration,
+    /// `--jobs-schema`: the PostgreSQL schema of the store.
+    pub schema: Option<String>,
 }
 
 impl JobsConfig {
@@ -90,6 +101,9 @@ impl JobsConfig {
             retention: crate::jobs::store::DEFAULT_RETENTION,
             warnings: Vec::new(),
             call_queue_limit: DEFAULT_CALL_QUEUE_LIMIT,
+            node: None,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            schema: None,
         }
     }
 

@@ -65,6 +65,9 @@ pub(crate) enum JobsEvent {
     },
     /// A batch of outcomes the dispatcher started writing is written.
     Flushed(Result<crate::jobs::store::FinishReport>),
+    /// This node had been declared dead (it missed its heartbeats): the
+    /// store queued again the jobs it holds, so the buffered ones go.
+    NodeLost,
     /// An in-memory call from the job server.
     Call(Call),
     /// The handlers the workers serve, for the job server.

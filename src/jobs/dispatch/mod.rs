@@ -11,26 +11,29 @@
 //! nothing more and finishes what it runs.
 //!
 //! Claimed jobs are `running` in the store from the claim on (a crash of
-//! the watcher re-queues them at the next start, attempt counted); on a
-//! clean stop the ones never started are released without counting.
+//! the watcher re-queues them at the next start on SQLite, or when its
+//! node is declared dead on PostgreSQL, attempt counted); on a clean stop
+//! the ones never started are released without counting. On a shared
+//! store the node side (heartbeats, rescue, notifications) runs beside
+//! the loop (`nodes.rs`).
 //!
 //! The job server's in-memory calls ([`Call`], `calls.rs`) run on the same
 //! workers, with the same tickets and capacity; without a store (a job
 //! server without `--jobs`) the dispatcher runs calls only.
 
 mod calls;
-mod config;
+pub(crate) mod config;
 mod event;
-mod pools;
+mod nodes;
+pub(crate) mod pools;
 mod runner;
 mod sources;
 mod state;
 mod workers;
 
 pub(crate) use calls::{Call, CallOutcome};
-pub(crate) use config::{JobSourceFn, JobsConfig, Source};
+pub(crate) use config::JobsConfig;
 pub(crate) use event::{HandlersReport, JobsEvent};
-pub(crate) use pools::{plan, pool_of};
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,6 +47,7 @@ use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{self, Store, StoreOptions};
 use crate::watcher::config::Config;
 use crate::watcher::event::CommandSender;
+use nodes::{NodeTasks, Wake};
 use state::Dispatcher;
 
 /// The running dispatcher: a sender for its events and its task.
@@ -54,6 +58,8 @@ pub(crate) struct JobsHandle {
     url_file: Option<PathBuf>,
     store: Option<Arc<dyn Store>>,
     written: watch::Receiver<u64>,
+    /// The node side (`None` without a store).
+    nodes: Option<NodeTasks>,
 }
 
 impl JobsHandle {
@@ -87,6 +93,9 @@ impl JobsHandle {
         let (tx, rx) = oneshot::channel();
         self.send(JobsEvent::Shutdown(tx));
         let _ = tokio::time::timeout(timeout, rx).await;
+        if let Some(nodes) = &self.nodes {
+            let _ = tokio::time::timeout(timeout, nodes.leave()).await;
+        }
     }
 }
 
@@ -126,16 +135,18 @@ fn node_name() -> String {
     format!("{host}-{id:08x}")
 }
 
-/// Opens the store, takes it over (a second watcher on one store is
-/// refused), re-queues what a dead watcher left running, registers the
-/// queues, writes the store's URL beside the pid file, and starts the
-/// dispatcher and the job sources. Without a store URL it starts the
-/// dispatcher for in-memory calls only.
+/// Opens the store; on SQLite takes it over (a second watcher on one
+/// store is refused) and re-queues what a dead watcher left running, on
+/// PostgreSQL joins as a node; registers the queues, writes the store's
+/// URL beside the pid file, and starts the dispatcher, its node tasks and
+/// the job sources. Without a store URL it starts the dispatcher for
+/// in-memory calls only.
 ///
 /// # Errors
 ///
 /// [`Error::is_store`] when the store cannot be opened or is corrupt;
-/// [`Error::is_config`] when another watcher runs it.
+/// [`Error::is_config`] when another watcher runs it (SQLite) or an alive
+/// node has this `--node` name (PostgreSQL).
 pub(crate) async fn start(
     jobs: JobsConfig,
     watcher: Arc<Config>,
@@ -145,7 +156,7 @@ pub(crate) async fn start(
     let (written_tx, written) = watch::channel(0);
     if !jobs.has_store() {
         let (tx, rx) = mpsc::unbounded_channel();
-        let node = node_name();
+        let node = jobs.node.clone().unwrap_or_else(node_name);
         let dispatcher =
             Dispatcher::new(jobs, watcher, None, node, commands, tx.clone(), written_tx);
         let task = tokio::spawn(dispatcher.run(rx, None, ready));
@@ -156,14 +167,17 @@ pub(crate) async fn start(
             url_file: None,
             store: None,
             written,
+            nodes: None,
         });
     }
     let options = StoreOptions {
         retry_base: jobs.retry_delay,
+        schema: jobs.schema.clone(),
         ..StoreOptions::default()
     };
     let store = store::open(&jobs.url, options).await?;
-    let wake = match sqlite_path(&jobs.url) {
+    let shared = store.nodes().is_some();
+    let wake = match sqlite_path(&jobs.url).filter(|_| !shared) {
         Some(path) => Some(WakeListener::bind(&path).map_err(|e| {
             Error::new(
                 Kind::Config,
@@ -172,8 +186,17 @@ pub(crate) async fn start(
         })?),
         None => None,
     };
-    let node = node_name();
-    let report = store.recover(None).await?;
+    let node = jobs.node.clone().unwrap_or_else(node_name);
+    let info = nodes::node_info(&jobs, node.clone());
+    let joined = nodes::join(&store, &info).await?;
+    // One watcher per SQLite store: whatever is running was left by a
+    // dead one. (A shared store recovers per node: `join`, and the rescue
+    // of dead nodes.)
+    let report = if joined {
+        Default::default()
+    } else {
+        store.recover(None).await?
+    };
     if report.requeued + report.failed + report.cancelled > 0 {
         tracing::warn!(
             "jobs left running by a watcher that died: {} queued again, {} failed (last attempt), {} cancelled",
@@ -184,7 +207,17 @@ pub(crate) async fn start(
     }
     store.register_queues(&node, &jobs.queues()).await?;
     let url_file = match &watcher.pid_file {
-        Some(pid_file) => Some(write_url_file(pid_file, &jobs.url)?),
+        Some(pid_file) => {
+            // `cluster jobs --pid-file` must find the same schema.
+            let url = match (&jobs.schema, shared) {
+                (Some(s), true) => {
+                    let sep = if jobs.url.contains('?') { '&' } else { '?' };
+                    format!("{}{sep}schema={s}", jobs.url)
+                }
+                _ => jobs.url.clone(),
+            };
+            Some(write_url_file(pid_file, &url)?)
+        }
         None => None,
     };
     let ended = (!jobs.sources.is_empty()).then(|| Arc::new(sources::EndedKeys::new(&jobs)));
@@ -192,6 +225,20 @@ pub(crate) async fn start(
         .as_ref()
         .and_then(|ended| sources::start(&jobs, store.clone(), ended.clone()));
     let (tx, rx) = mpsc::unbounded_channel();
+    let lost = tx.clone();
+    let (node_tasks, notify) = nodes::start(
+        store.clone(),
+        joined.then_some(info),
+        jobs.retention,
+        move || {
+            let _ = lost.send(JobsEvent::NodeLost);
+        },
+    );
+    let wake = match (wake, notify) {
+        (Some(w), _) => Some(Wake::Socket(w)),
+        (None, Some(n)) => Some(Wake::Notify(n)),
+        (None, None) => None,
+    };
     let dispatcher = Dispatcher::new(
         jobs,
         watcher,
@@ -210,6 +257,7 @@ pub(crate) async fn start(
         url_file,
         store: Some(store),
         written,
+        nodes: Some(node_tasks),
     })
 }
 
@@ -223,7 +271,19 @@ fn write_url_file(pid_file: &Path, url: &str) -> Result<PathBuf> {
         Some(p) => p.display().to_string(),
         None => url.to_string(),
     };
-    std::fs::write(&file, format!("{absolute}\n")).map_err(|e| {
+    // A PostgreSQL URL may hold a password: only the owner reads it.
+    let write = || -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&file)?;
+        f.write_all(format!("{absolute}\n").as_bytes())
+    };
+    write().map_err(|e| {
         Error::with_io(
             Kind::Config,
             format!("cannot write the job store URL to {}", file.display()),

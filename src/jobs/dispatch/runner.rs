@@ -124,7 +124,7 @@ pub(crate) fn spawn(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(false);
-    sys::prepare_child_exec(&mut cmd, None, config.credentials);
+    sys::prepare_child_exec(&mut cmd, None, config.credentials, None);
     let (mut child, pid) = spawn_registered(&mut cmd).map_err(spawn_err)?;
     if let (Some(json), Some(mut stdin)) = (stdin_json, child.stdin.take()) {
         tokio::spawn(async move {

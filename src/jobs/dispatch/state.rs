@@ -13,13 +13,13 @@ use tokio::time::Instant;
 use super::calls::{CallOutcome, Calls};
 use super::config::JobsConfig;
 use super::event::{HandlersReport, JobsEvent};
+use super::nodes::{jittered, Wake};
 use super::pools::pool_of;
 use super::runner;
 use super::sources::EndedKeys;
 use super::workers::{self, Worker};
 use crate::ipc::message::JobFailure;
 use crate::ipc::parts::{Assembly, Joined};
-use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{Finished, Outcome, Store};
 use crate::jobs::Job;
 use crate::watcher::config::Config;
@@ -163,7 +163,7 @@ impl Dispatcher {
     pub(super) async fn run(
         mut self,
         mut rx: mpsc::UnboundedReceiver<JobsEvent>,
-        wake: Option<WakeListener>,
+        wake: Option<Wake>,
         mut ready: watch::Receiver<bool>,
     ) {
         // Persistent workers register as they start; dispatching waits for
@@ -210,7 +210,7 @@ impl Dispatcher {
                         self.dry.clear();
                     }
                     if now >= next_tick {
-                        next_tick = now + TICK;
+                        next_tick = now + jittered(TICK);
                         self.dry.clear();
                         self.cancel_requested().await;
                     }
@@ -421,6 +421,15 @@ impl Dispatcher {
                     Err(e) => tracing::error!("cannot record job outcomes: {e}"),
                 }
             }
+            JobsEvent::NodeLost => {
+                // The store queued them again: another claim runs them.
+                let dropped: usize = self.buffers.drain().map(|(_, q)| q.len()).sum();
+                if dropped > 0 {
+                    tracing::warn!(
+                        "{dropped} buffered job(s) dropped: this node was declared dead"
+                    );
+                }
+            }
             JobsEvent::Shutdown(ack) => {
                 // Handled by `run`, which owns the event channel.
                 let _ = ack.send(());
@@ -463,7 +472,7 @@ fn failure_text(f: JobFailure) -> String {
     }
 }
 
-async fn wait_wake(wake: Option<&WakeListener>) {
+async fn wait_wake(wake: Option<&Wake>) {
     match wake {
         Some(w) => {
             if w.wait().await.is_err() {

@@ -27,7 +27,7 @@ pub(crate) fn retry_delay_jittered(
 
 /// A number in `[0, 1)` that differs between calls; for jitter only. Uses
 /// std's randomly keyed hasher rather than a random-number crate.
-fn random_unit() -> f64 {
+pub(crate) fn random_unit() -> f64 {
     use std::sync::atomic::{AtomicU64, Ordering};
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();

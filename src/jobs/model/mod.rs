@@ -3,6 +3,7 @@
 
 mod backoff;
 mod key;
+mod node;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -16,8 +17,9 @@ use crate::error::{Error, Kind, Result};
 
 use super::time::{rfc3339, rfc3339_opt};
 
-pub(crate) use backoff::retry_delay;
+pub(crate) use backoff::{random_unit, retry_delay};
 pub(crate) use key::derived_key;
+pub use node::{Node, NodePool, NodeState};
 // Their paths from before the split (`model::canonical_json`, ...).
 #[allow(unused_imports)]
 pub(crate) use backoff::retry_delay_jittered;

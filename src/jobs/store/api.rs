@@ -7,7 +7,9 @@ use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::error::Result;
-use crate::jobs::model::{CancelOutcome, Job, JobId, JobStats, ListFilter, NewJob, Submitted};
+use crate::jobs::model::{
+    CancelOutcome, Job, JobId, JobStats, ListFilter, NewJob, Node, NodePool, Submitted,
+};
 
 /// How long finished jobs are kept before `purge` removes them, unless
 /// configured otherwise: 7 days.
@@ -27,6 +29,9 @@ pub(crate) struct StoreOptions {
     /// Create the database when it does not exist (the CLI's read-only
     /// commands say no, so that a typo does not create a file).
     pub create: bool,
+    /// The PostgreSQL schema that holds the tables (`--jobs-schema`);
+    /// `None` is the URL's `schema=` parameter, else `cluster`.
+    pub schema: Option<String>,
 }
 
 impl Default for StoreOptions {
@@ -36,6 +41,7 @@ impl Default for StoreOptions {
             retry_cap: Duration::from_secs(600),
             busy_timeout: Duration::from_secs(5),
             create: true,
+            schema: None,
         }
     }
 }
@@ -105,6 +111,80 @@ pub(crate) struct RecoverReport {
     pub cancelled: u64,
 }
 
+/// What a watcher registers about itself as a node of a shared store.
+#[derive(Debug, Clone)]
+pub(crate) struct NodeInfo {
+    /// `--node`, or the host name plus a per-start id.
+    pub name: String,
+    /// Differs at every start, so a node that is replaced is not
+    /// mistaken for the one that replaced it.
+    pub instance: String,
+    pub host: String,
+    pub pid: u32,
+    pub pools: Vec<NodePool>,
+    /// Jobs it runs at once: slots × concurrency.
+    pub capacity: u32,
+    /// Every queue its pools take.
+    pub queues: Vec<String>,
+    /// `--node-timeout`: silent longer than this, it is dead.
+    pub timeout: Duration,
+}
+
+/// What a heartbeat found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Heartbeat {
+    /// The node is alive, as it was.
+    Alive,
+    /// The node had been declared dead (it was silent too long) and its
+    /// running jobs were queued again; it is alive again from now.
+    WasDead,
+    /// Another watcher took this node's name.
+    Replaced,
+}
+
+/// What one rescue round did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct RescueReport {
+    /// The nodes declared dead in this round.
+    pub dead: Vec<String>,
+    /// What happened to the jobs they (or nodes gone before) left running.
+    pub jobs: RecoverReport,
+}
+
+/// The nodes of a store that many watchers share (PostgreSQL): joining,
+/// heartbeats, the rescue of dead nodes' jobs, wake-ups.
+#[async_trait]
+pub(crate) trait Nodes: Send + Sync {
+    /// Registers `node` as alive. A node row of the same name whose
+    /// heartbeat is fresh is refused ([`Error::is_config`]) unless it
+    /// is a dead process of this host (then it is taken over); the jobs a
+    /// previous watcher of this name left running are queued again.
+    async fn join(&self, node: &NodeInfo) -> Result<RecoverReport>;
+
+    /// Records that `node` is alive. When it had been declared dead, the
+    /// jobs still running on it are queued again (or failed) first: they
+    /// are void, and the dispatcher drops what it holds of them.
+    async fn heartbeat(&self, node: &NodeInfo) -> Result<Heartbeat>;
+
+    /// If no other node is doing it now (an advisory lock): declares dead
+    /// the alive nodes silent past their timeout, queues again (or fails,
+    /// "node NAME lost") the jobs left running on nodes that are not
+    /// alive, and forgets nodes gone or dead for a day. `None` when
+    /// another node holds the lock.
+    async fn rescue(&self) -> Result<Option<RescueReport>>;
+
+    /// Marks `node` gone (a clean stop) and unregisters its queues.
+    async fn leave(&self, node: &NodeInfo) -> Result<()>;
+
+    /// Every node the store knows, by name.
+    async fn list(&self) -> Result<Vec<Node>>;
+
+    /// Runs until dropped: listens for the store's job notifications on
+    /// one connection of its own, calling `wake` for each (and after every
+    /// reconnect, since notifications may have been missed meanwhile).
+    async fn listen(&self, wake: Box<dyn Fn() + Send + Sync>);
+}
+
 /// The durable job store. Object-safe (`Arc<dyn Store>`); every method is
 /// one transaction and returns the store's error as
 /// [`Error::is_store`](crate::Error::is_store).
@@ -114,6 +194,12 @@ pub(crate) struct RecoverReport {
 pub(crate) trait Store: Send + Sync + std::fmt::Debug {
     /// The URL (or path) it was opened with, for messages.
     fn url(&self) -> &str;
+
+    /// The node side of a store that many watchers share (PostgreSQL);
+    /// `None` for one that has one watcher (SQLite).
+    fn nodes(&self) -> Option<&dyn Nodes> {
+        None
+    }
 
     /// Inserts the jobs in one transaction, in order; returns one entry per
     /// job. A job with `dedupe` whose effective key is queued or running

@@ -25,6 +25,7 @@
 //!   was recorded.
 
 mod api;
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 
 use std::path::PathBuf;
@@ -32,7 +33,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Kind, Result};
 
-pub(crate) use api::{ClaimRequest, Finished, Outcome, Store, StoreOptions};
+pub(crate) use api::{ClaimRequest, Finished, Heartbeat, NodeInfo, Outcome, Store, StoreOptions};
 // The watcher's job dispatcher (DESIGN 4a, being written) names these here.
 #[allow(unused_imports)]
 pub(crate) use api::{FinishReport, RecoverReport, DEFAULT_RETENTION};
@@ -96,7 +97,7 @@ impl StoreUrl {
 /// # Errors
 ///
 /// A bad URL: [`Error::is_config`]; a store that cannot be opened (see
-/// [`sqlite::SqliteStore::open`]), or PostgreSQL (not built yet):
+/// [`sqlite::SqliteStore::open`] and [`postgres::PgStore::open`]):
 /// [`Error::is_store`].
 pub(crate) async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Store>> {
     match StoreUrl::parse(url)? {
@@ -106,10 +107,7 @@ pub(crate) async fn open(url: &str, options: StoreOptions) -> Result<Arc<dyn Sto
         StoreUrl::SqliteMemory => Ok(Arc::new(
             sqlite::SqliteStore::open(None, url, options).await?,
         )),
-        StoreUrl::Postgres(_) => Err(Error::new(
-            Kind::Store,
-            format!("cannot open the job store {url}: the PostgreSQL store is not built yet (use a SQLite file)"),
-        )),
+        StoreUrl::Postgres(_) => Ok(Arc::new(postgres::PgStore::open(url, options).await?)),
     }
 }
 
@@ -136,17 +134,5 @@ mod tests {
         assert!(StoreUrl::parse("").unwrap_err().is_config());
         assert!(StoreUrl::parse("sqlite://").unwrap_err().is_config());
         assert!(StoreUrl::parse("mysql://h/db").unwrap_err().is_config());
-    }
-
-    #[tokio::test]
-    async fn postgres_is_a_clear_store_error() {
-        let e = open("postgres://localhost/jobs", StoreOptions::default())
-            .await
-            .unwrap_err();
-        assert!(e.is_store(), "{e}");
-        assert!(
-            e.to_string().contains("PostgreSQL store is not built yet"),
-            "{e}"
-        );
     }
 }

@@ -5,9 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use super::ClusterWatcherBuilder;
-use crate::jobs::dispatch::JobSourceFn;
-use crate::jobs::dispatch::JobsConfig;
-use crate::jobs::dispatch::Source;
+use crate::jobs::dispatch::config::{JobSourceFn, JobsConfig, Source};
 use crate::jobserver::JobServerConfig;
 
 impl ClusterWatcherBuilder {
@@ -124,6 +122,30 @@ impl ClusterWatcherBuilder {
     /// How often job sources run (default 5 s).
     pub fn job_source_interval(mut self, every: Duration) -> Self {
         self.jobs_mut().source_interval = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// The PostgreSQL schema that holds the job tables (default
+    /// `cluster`, or the URL's `schema=` parameter): watchers with the
+    /// same database and schema share their jobs.
+    pub fn jobs_schema(mut self, schema: impl Into<String>) -> Self {
+        self.jobs_mut().schema = Some(schema.into());
+        self
+    }
+
+    /// This watcher's node name on a shared (PostgreSQL) store (default:
+    /// the host name plus a per-start id). Job processes see it as
+    /// `CLUSTER_NODE`, handlers as [`JobContext::node`](crate::JobContext::node).
+    pub fn node(mut self, name: impl Into<String>) -> Self {
+        self.jobs_mut().node = Some(name.into());
+        self
+    }
+
+    /// How long this node may miss heartbeats before the other nodes
+    /// declare it dead and run its jobs again (default 30 s; at least
+    /// 200 ms).
+    pub fn node_timeout(mut self, timeout: Duration) -> Self {
+        self.jobs_mut().node_timeout = timeout.max(Duration::from_millis(200));
         self
     }
 

@@ -38,6 +38,17 @@ pub(super) async fn handle(req: Request<Incoming>, state: &State) -> Response<Bo
             Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
         },
         (Method::GET, ["api", "jobs"]) => list(state, &query).await,
+        // The nodes of a shared store (PostgreSQL); one watcher's SQLite
+        // store has none.
+        (Method::GET, ["api", "nodes"]) => {
+            with_store(state, |s| async move {
+                match s.nodes() {
+                    Some(nodes) => nodes.list().await.map(|v| json!(v)),
+                    None => Ok(json!([])),
+                }
+            })
+            .await
+        }
         (Method::GET, ["api", "jobs", "stats"]) => {
             with_store(state, |s| async move { s.stats().await.map(|v| json!(v)) }).await
         }
@@ -85,7 +96,8 @@ pub(super) async fn handle(req: Request<Incoming>, state: &State) -> Response<Bo
         (Method::POST, ["api", "scale"]) => scale(req, state).await,
         (
             _,
-            ["metrics"] | ["api", "status" | "samples" | "jobs" | "reload" | "scale" | "events"],
+            ["metrics"]
+            | ["api", "status" | "samples" | "jobs" | "nodes" | "reload" | "scale" | "events"],
         )
         | (_, ["api", "jobs", _] | ["api", "jobs", _, "retry" | "cancel"]) => error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -20,7 +20,7 @@ mod api;
 mod reply;
 mod sse;
 
-pub(crate) use reply::State;
+pub(crate) use reply::{error, full, Body, State};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,7 +33,6 @@ use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 
 use crate::error::{Error, Kind, Result};
-use reply::{error, full, Body};
 
 /// Connections served at once; more wait in the backlog.
 const MAX_CONNECTIONS: usize = 256;

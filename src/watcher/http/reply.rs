@@ -1,6 +1,6 @@
-//! Leaf: what the dashboard's handlers share (their state, the body type)
-//! and the responses they build, so `api.rs` and `sse.rs` need nothing
-//! from `mod.rs`.
+//! Leaf of the HTTP server: the response body type, what the handlers
+//! share ([`State`]) and the whole, JSON and error responses, used by the
+//! server (`mod.rs`), the API and the event stream.
 
 use std::sync::Arc;
 

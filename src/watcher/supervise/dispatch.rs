@@ -20,7 +20,18 @@ use crate::watcher::event::{Incoming, Outbound, MAX_QUEUED_FDS};
 
 /// Socket requests one worker may make in its life; more is abuse.
 pub(crate) const MAX_SOCKET_REQUESTS: u32 = 1024;
+use crate::watcher::hub::Origin;
 use crate::watcher::output::Source;
+
+/// Longest status a worker may set.
+pub(crate) const MAX_STATUS: usize = 64;
+
+/// A status as a worker may set it: at most [`MAX_STATUS`] bytes of text
+/// without control characters.
+fn checked_status(text: String) -> Option<String> {
+    let ok = !text.is_empty() && text.len() <= MAX_STATUS && !text.chars().any(char::is_control);
+    ok.then_some(text)
+}
 
 impl Supervisor {
     pub(super) fn on_message(&mut self, context_id: u64, msg: ToWatcher, mut fds: Vec<OwnedFd>) {
@@ -35,7 +46,8 @@ impl Supervisor {
         {
             if fds.len() == 1 {
                 let fd = fds.pop().expect("one descriptor");
-                self.listeners
+                self.pool
+                    .listeners
                     .returned(*listener, context_id, *conn, fd, peer);
                 return;
             }
@@ -105,10 +117,10 @@ impl Supervisor {
                 w.kill(&self.ctx, "protocol error");
             }
             ToWatcher::ConnectionsClosed { listener, count } => {
-                self.listeners.closed(listener, context_id, count);
+                self.pool.listeners.closed(listener, context_id, count);
             }
             ToWatcher::ConnectionsAccepted { listener, conns } => {
-                self.listeners.accepted(listener, context_id, &conns);
+                self.pool.listeners.accepted(listener, context_id, &conns);
             }
             ToWatcher::JobsReady {
                 handlers,
@@ -148,6 +160,7 @@ impl Supervisor {
             }
             ToWatcher::Data(bytes) => {
                 self.counters.messages_in += 1;
+                w.messages_in += 1;
                 let incoming = Incoming {
                     slot: w.slot,
                     context_id,
@@ -157,6 +170,23 @@ impl Supervisor {
                 if self.channels.messages.try_send(incoming).is_err() {
                     self.counters.message_dropped();
                 }
+            }
+            ToWatcher::SetStatus(text) => match checked_status(text) {
+                Some(text) => w.status = Some(text),
+                None => tracing::warn!(
+                    "worker {} (pid {}) set a status that is not a short line of text; ignored",
+                    w.slot,
+                    w.pid
+                ),
+            },
+            msg @ (ToWatcher::Requests(_) | ToWatcher::CallResults(_)) => {
+                // The reader hands these to the hub itself; this is the
+                // path for launchers whose readers do not.
+                let origin = Origin {
+                    context_id,
+                    outbound: &w.outbound,
+                };
+                let _ = self.ctx.hub.handle(origin, msg);
             }
         }
     }
@@ -184,7 +214,7 @@ impl Supervisor {
                 format!("cannot listen on {addr}: too many socket replies wait to be read"),
             ))
         } else {
-            Address::parse(&addr).and_then(|a| self.listeners.grant(&a, slot, context_id))
+            Address::parse(&addr).and_then(|a| self.pool.listeners.grant(&a, slot, context_id))
         };
         let Some(w) = self.pool.workers.get(&context_id) else {
             return;
@@ -195,6 +225,7 @@ impl Supervisor {
                 let _ = w.outbound.send(Outbound {
                     msg: ToWorker::SocketReply { id, result: Ok(()) },
                     fds: vec![fd],
+                    weight: 0,
                 });
             }
             Ok(Grant::Balanced(grant)) => {
@@ -205,7 +236,7 @@ impl Supervisor {
                 });
                 // Joins the pool only after the reply is queued, so no
                 // connection can overtake it.
-                self.listeners.join(
+                self.pool.listeners.join(
                     listener,
                     context_id,
                     w.outbound.clone(),

@@ -8,6 +8,10 @@
 //!   address's [`Balancer`], which accepts and hands connections over;
 //! * socket activation: a duplicate of the socket systemd passed, for any
 //!   mode (it is one socket, so reuseport slots share it).
+//!
+//! The `--listen` sockets are the same listeners, bound at start-up and
+//! pinned: held by the command line (a holder that never leaves), so they
+//! are never swept; reuseport ones live as long as their slot.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -17,14 +21,15 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::activation::{self, Activated};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::BalancedGrant;
 use crate::socket::Address;
 use crate::watcher::balance::{Balance, Balancer};
 use crate::watcher::bind_policy::BindPolicy;
 use crate::watcher::event::OutboundSender;
+use crate::watcher::listen::ListenSpec;
 use crate::watcher::procfs;
-use crate::watcher::systemd::{self, Activated};
 
 /// Listening sockets the watcher holds at most (every mode and address).
 pub(crate) const MAX_LISTENERS: usize = 1024;
@@ -39,6 +44,9 @@ pub(crate) const FD_RESERVE: u64 = 256;
 /// How long a listener no worker holds stays open (while every slot's
 /// worker is ready without it) before it is closed.
 pub(crate) const UNUSED_GRACE: Duration = Duration::from_secs(5);
+
+/// The holder of the `--listen` sockets (context ids of workers start at 1).
+const COMMAND_LINE: u64 = 0;
 
 /// One listener of the registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -66,7 +74,7 @@ pub(crate) struct Listeners {
     next_balancer_id: u64,
     /// Sockets passed by systemd's socket activation, handed out for
     /// matching addresses instead of binding.
-    activated: Vec<Activated>,
+    activated: &'static [Activated],
     policy: BindPolicy,
     /// Which live workers asked for each listener, and since when a
     /// listener nobody holds has been unheld.
@@ -80,7 +88,7 @@ impl Listeners {
     pub(crate) fn new(
         balance: Balance,
         backlog: u32,
-        activated: Vec<Activated>,
+        activated: &'static [Activated],
         policy: BindPolicy,
     ) -> Listeners {
         Listeners {
@@ -117,12 +125,7 @@ impl Listeners {
                 format!("cannot listen on {addr}: a worker may ask for at most {MAX_ADDRESSES_PER_WORKER} addresses"),
             ));
         }
-        if let Some(headroom) = procfs::fd_headroom().filter(|&h| h < FD_RESERVE) {
-            return Err(Error::new(
-                Kind::Io,
-                format!("cannot listen on {addr}: the watcher has only {headroom} descriptors left (it keeps {FD_RESERVE} in reserve)"),
-            ));
-        }
+        check_headroom(addr)?;
         let (key, grant) = if self.balance.hands_off() {
             let key = Key::Balanced(addr.clone());
             (key, self.balancer_for(addr).map(Grant::Balanced))
@@ -145,6 +148,53 @@ impl Listeners {
         self.unheld_since.remove(&key);
         self.holders.entry(key).or_default().insert(context_id);
         Ok(grant)
+    }
+
+    /// The `--listen` sockets for a worker of `slot`, in order (duplicates
+    /// for it to inherit): bound on first use (at start-up for the first
+    /// slots, when a slot is added by scaling), then pinned for the
+    /// watcher's lifetime (reuseport ones for the slot's), and put in
+    /// blocking mode when bound, as socket activation passes them (a
+    /// program's plain blocking `accept` loop works; programs that want
+    /// non-blocking sockets set that themselves). The operator named them,
+    /// so `--allow-bind` does not apply.
+    ///
+    /// # Errors
+    ///
+    /// `is_bind` when an address cannot be bound, `is_io` ones when a
+    /// bound is reached.
+    pub(crate) fn inherited(&mut self, specs: &[ListenSpec], slot: u32) -> Result<Vec<OwnedFd>> {
+        specs.iter().map(|s| self.pinned(&s.addr, slot)).collect()
+    }
+
+    fn pinned(&mut self, addr: &Address, slot: u32) -> Result<OwnedFd> {
+        if let Some(fd) = self.activated_for(addr) {
+            return fd;
+        }
+        check_headroom(addr)?;
+        let (key, fd) = if self.balance == Balance::Reuseport && matches!(addr, Address::Tcp(_)) {
+            (
+                Key::Reuseport(addr.clone(), slot),
+                self.reuseport_for(addr, slot)?,
+            )
+        } else {
+            (Key::Shared(addr.clone()), self.shared_for(addr)?)
+        };
+        self.unheld_since.remove(&key);
+        if self.holders.entry(key).or_default().insert(COMMAND_LINE) {
+            // Once, when it is pinned: a library worker may have made it
+            // non-blocking since, and must keep it that way.
+            socket2::SockRef::from(&fd)
+                .set_nonblocking(false)
+                .map_err(|e| Error::with_io(Kind::Bind, format!("cannot listen on {addr}"), e))?;
+            let local = socket2::SockRef::from(&fd).local_addr().ok();
+            if let Some(local) = local.and_then(|a| a.as_socket()) {
+                if Address::Tcp(local) != *addr {
+                    tracing::info!("--listen {addr} is {local}");
+                }
+            }
+        }
+        Ok(fd)
     }
 
     fn count(&self) -> usize {
@@ -377,8 +427,19 @@ impl Listeners {
         let a = self
             .activated
             .iter()
-            .find(|a| systemd::matches(addr, &a.addr))?;
+            .find(|a| activation::matches(addr, &a.addr))?;
         Some(dup(&a.fd, addr))
+    }
+}
+
+/// Refuses to bind or duplicate below [`FD_RESERVE`] free descriptors.
+fn check_headroom(addr: &Address) -> Result<()> {
+    match procfs::fd_headroom().filter(|&h| h < FD_RESERVE) {
+        Some(headroom) => Err(Error::new(
+            Kind::Io,
+            format!("cannot listen on {addr}: the watcher has only {headroom} descriptors left (it keeps {FD_RESERVE} in reserve)"),
+        )),
+        None => Ok(()),
     }
 }
 

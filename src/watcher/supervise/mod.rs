@@ -17,13 +17,17 @@
 mod dispatch;
 mod health;
 mod listeners;
+mod notify;
 mod reload;
+mod report;
 mod services;
 mod slots;
+mod stop_one;
 #[cfg(test)]
 mod tests;
 
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot, watch};
@@ -35,9 +39,10 @@ use crate::jobs::dispatch::JobsEvent;
 use crate::watcher::config::Config;
 use crate::watcher::event::{Command, CommandSender, Event, Incoming, Outcome, Scale};
 use crate::watcher::hooks::{event_fields, HOOK_TIMEOUT};
+use crate::watcher::hub::Hub;
 use crate::watcher::process::{signal_name, Launcher};
-use crate::watcher::status::{Snapshot, StatusReport, WorkerState};
-use crate::watcher::systemd::{self, Notifier};
+use crate::watcher::status::WorkerState;
+use crate::watcher::systemd::Notifier;
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
@@ -107,7 +112,6 @@ pub(crate) struct Supervisor {
     events: mpsc::UnboundedReceiver<Event>,
     pool: Pool,
     reloads: Reloads,
-    listeners: Listeners,
     services: Services,
     counters: Counters,
     /// Some worker has been ready at least once: past start-up.
@@ -121,12 +125,13 @@ impl Supervisor {
         config: Config,
         launcher: Box<dyn Launcher>,
         channels: Channels,
+        hub: Arc<Hub>,
     ) -> Supervisor {
         let (events_tx, events) = mpsc::unbounded_channel();
         let (activated, notifier) = if config.systemd {
-            (systemd::listen_fds(), Notifier::from_env())
+            (crate::activation::inherited(), Notifier::from_env())
         } else {
-            (Vec::new(), None)
+            (&[][..], None)
         };
         let listeners = Listeners::new(
             config.balance,
@@ -134,19 +139,19 @@ impl Supervisor {
             activated,
             config.bind_policy.clone(),
         );
-        let pool = Pool::new(config.workers);
+        let pool = Pool::new(config.workers, listeners);
         Supervisor {
             ctx: Ctx {
                 config,
                 launcher,
                 events: events_tx,
                 notifier,
+                hub,
             },
             channels,
             events,
             pool,
             reloads: Reloads::default(),
-            listeners,
             services: Services::default(),
             counters: Counters::default(),
             ever_ready: false,
@@ -161,6 +166,7 @@ impl Supervisor {
     pub(crate) async fn run(mut self, started: oneshot::Sender<Result<()>>) -> Outcome {
         let services = Services::start(
             &self.ctx.config,
+            &self.ctx.hub,
             &self.channels.commands_tx,
             self.ctx.notifier.as_ref(),
             self.channels.ready.subscribe(),
@@ -170,6 +176,16 @@ impl Supervisor {
             Ok(s) => self.services = s,
             Err(e) => {
                 let _ = started.send(Err(e.clone()));
+                return Outcome::Failed(e);
+            }
+        }
+        // `--listen` sockets are bound before the first worker starts: an
+        // address that cannot be bound is a start-up error.
+        for slot in 1..=self.pool.slots.len() as u32 {
+            let listen = &self.ctx.config.listen;
+            if let Err(e) = self.pool.listeners.inherited(listen, slot) {
+                let _ = started.send(Err(e.clone()));
+                self.pool.listeners.shutdown();
                 return Outcome::Failed(e);
             }
         }
@@ -228,7 +244,7 @@ impl Supervisor {
                 .await;
         }
         self.services.stop_job_server().await;
-        self.listeners.shutdown();
+        self.pool.listeners.shutdown();
         self.services.hooks.finish(HOOK_TIMEOUT).await;
         drop(std::mem::take(&mut self.services));
         match self.failure.take() {
@@ -254,7 +270,7 @@ impl Supervisor {
     /// worker is ready (a worker that starts may still ask for them).
     fn listener_sweep(&self) -> Option<Instant> {
         let settled = !self.stopping && self.pool.ready_slots() == self.pool.slots.len();
-        settled.then(|| self.listeners.next_sweep()).flatten()
+        settled.then(|| self.pool.listeners.next_sweep()).flatten()
     }
 
     fn on_command(&mut self, cmd: Command) {
@@ -265,17 +281,7 @@ impl Supervisor {
                 self.pool.kill_all(&self.ctx, "forced stop");
             }
             Command::Status(reply) => {
-                let _ = reply.send(StatusReport {
-                    workers: self.pool.status(),
-                    wanted: self.pool.slots.len(),
-                    ready: self.pool.ready_slots(),
-                    idle: self.pool.idle_slots(),
-                    program: std::path::Path::new(&self.ctx.config.program)
-                        .display()
-                        .to_string(),
-                    addresses: self.listeners.addresses(),
-                    log_file: self.ctx.config.log_file.clone(),
-                });
+                let _ = reply.send(self.status_report());
             }
             Command::Recycle { context_id, why } => self.recycle(context_id, &why),
             Command::ReopenLogs(reply) => {
@@ -310,6 +316,13 @@ impl Supervisor {
             Command::JobsStatus { reply, counts } => {
                 self.services.jobs(JobsEvent::Status { reply, counts })
             }
+            Command::StopWorker {
+                which,
+                timeout,
+                done,
+            } => {
+                let _ = done.send(self.stop_one(which, timeout));
+            }
         }
     }
 
@@ -321,6 +334,8 @@ impl Supervisor {
                 fds,
             } => self.on_message(context_id, msg, fds),
             Event::ChannelClosed { context_id, error } => {
+                // Its calls end now: "target died" needs no exit to wait for.
+                self.ctx.hub.detach(context_id, "closed its channel");
                 let Some(w) = self.pool.workers.get_mut(&context_id) else {
                     return;
                 };
@@ -329,7 +344,7 @@ impl Supervisor {
                     // everything it sent was handled, so what it was handed
                     // and never accepted can go to another worker now.
                     RecvError::Closed => {
-                        self.listeners.worker_gone(context_id);
+                        self.pool.listeners.worker_gone(context_id);
                         // Its exit follows; one that lives on without its
                         // channel cannot be supervised and is killed.
                         w.channel_closed_at = Some(Instant::now());
@@ -345,6 +360,7 @@ impl Supervisor {
                 }
             }
             Event::Exited { context_id, status } => self.on_exit(context_id, status),
+            Event::Notify { context_id } => self.on_notify(context_id),
         }
     }
 
@@ -358,17 +374,10 @@ impl Supervisor {
             self.pool.spawn_due(&self.ctx, now);
         }
         if self.listener_sweep().is_some_and(|t| t <= now) {
-            self.listeners.sweep(now);
+            self.pool.listeners.sweep(now);
         }
         let due = self.pool.tick(&self.ctx, now);
         for id in due.assumed_ready {
-            if let Some(w) = self.pool.workers.get(&id) {
-                tracing::debug!(
-                    "worker {} (pid {}) has not contacted the watcher; assumed ready",
-                    w.slot,
-                    w.pid
-                );
-            }
             self.on_ready(id);
         }
         let ready_timeout = self.ctx.config.ready_timeout;
@@ -409,7 +418,8 @@ impl Supervisor {
         let Some(exit) = self.pool.remove(context_id, status) else {
             return;
         };
-        self.listeners.worker_gone(context_id);
+        self.ctx.hub.detach(context_id, &exit.how);
+        self.pool.listeners.worker_gone(context_id);
         self.services.jobs(JobsEvent::WorkerGone {
             context_id,
             how: exit.how.clone(),
@@ -427,8 +437,20 @@ impl Supervisor {
             tracing::debug!("worker {slot} (pid {pid}) {how} (slot retired)");
             return;
         }
-        if self.stopping || exit.state == WorkerState::Stopping || !exit.was_current {
+        let asked = exit.state == WorkerState::Stopping && !exit.stopped_alone;
+        if self.stopping || asked || !exit.was_current {
             tracing::debug!("worker {slot} (pid {pid}) {how}");
+            return;
+        }
+        let revive = self.ctx.config.revive;
+        if !revive.revives(exit.failed, exit.stopped_alone) {
+            tracing::info!("worker {slot} (pid {pid}) {how}; not replaced (--revive {revive})");
+            return;
+        }
+        if exit.stopped_alone {
+            tracing::info!("worker {slot} (pid {pid}) {how}; replacing it (--revive {revive})");
+            self.pool
+                .schedule_respawn(&self.ctx, slot, how, Respawn::Killed);
             return;
         }
         if let Some(s) = self.pool.slot_mut(slot) {
@@ -458,48 +480,27 @@ impl Supervisor {
     /// A user message to one worker, or to every worker not stopping.
     fn send(&mut self, to: Option<u64>, bytes: Vec<u8>) {
         let workers = &self.pool.workers;
-        let targets: Vec<_> = match to {
-            Some(id) => workers.get(&id).into_iter().collect(),
+        let ids: Vec<u64> = match to {
+            Some(id) => workers
+                .get_key_value(&id)
+                .map(|(&k, _)| k)
+                .into_iter()
+                .collect(),
             None => workers
-                .values()
-                .filter(|w| w.state != WorkerState::Stopping)
+                .iter()
+                .filter(|(_, w)| w.state != WorkerState::Stopping)
+                .map(|(&k, _)| k)
                 .collect(),
         };
-        if targets.is_empty() {
+        if ids.is_empty() {
             tracing::debug!("message to {to:?} dropped: no such worker");
         }
-        self.counters.messages_out += targets.len() as u64;
-        for w in targets {
-            w.send(crate::ipc::message::ToWorker::Data(bytes.clone()));
-        }
-    }
-
-    /// The counters and workers for one metrics scrape.
-    fn snapshot(&self) -> Snapshot {
-        let mut workers: Vec<(u32, u32, WorkerState)> = self
-            .pool
-            .workers
-            .values()
-            .map(|w| (w.slot, w.pid, w.state))
-            .collect();
-        workers.sort_by_key(|w| (w.0, w.1));
-        let (log_records, output_drops) = self.ctx.config.output.counts();
-        Snapshot {
-            workers,
-            slots: (1..=self.pool.slots.len() as u32)
-                .zip(&self.pool.slots)
-                .map(|(n, s)| (n, u64::from(s.restarts), u64::from(s.crashes)))
-                .collect(),
-            reloads_ok: self.reloads.ok,
-            reloads_failed: self.reloads.failed,
-            log_records,
-            log_dropped: output_drops + self.counters.worker_log_drops,
-            messages_in: self.counters.messages_in,
-            messages_out: self.counters.messages_out,
-            gave_up: (1..=self.pool.slots.len() as u32)
-                .filter(|&n| self.pool.slot(n).is_some_and(|s| s.gave_up))
-                .collect(),
-            recycled: self.counters.recycled,
+        self.counters.messages_out += ids.len() as u64;
+        for id in ids {
+            if let Some(w) = self.pool.workers.get_mut(&id) {
+                w.messages_out += 1;
+                w.send(crate::ipc::message::ToWorker::Data(bytes.clone()));
+            }
         }
     }
 
@@ -568,7 +569,7 @@ impl Supervisor {
         while self.pool.slots.len() > target {
             let slot = self.pool.slots.len() as u32;
             let removed = self.pool.slots.pop().expect("more than target");
-            self.listeners.retire_slot(slot);
+            self.pool.listeners.retire_slot(slot);
             self.reloads.slot_retired(&mut self.pool, &self.ctx, slot);
             if let Some(id) = removed.current {
                 self.pool.stop(&self.ctx, id);

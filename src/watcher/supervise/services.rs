@@ -17,8 +17,8 @@ use crate::watcher::control;
 use crate::watcher::event::CommandSender;
 use crate::watcher::hooks::Hooks;
 use crate::watcher::http;
+use crate::watcher::hub::{timers, Hub};
 use crate::watcher::process;
-use crate::watcher::recycle::MemoryWatch;
 use crate::watcher::sampler::Sampler;
 use crate::watcher::systemd::Notifier;
 
@@ -34,6 +34,8 @@ pub(crate) struct Services {
     sampler: Option<Sampler>,
     /// The dashboard (`--http`).
     http: Option<http::Server>,
+    /// The shared storage's timers; dropping it writes the last snapshot.
+    hub: Option<HubGuard>,
     // Field order is drop order: the pid file goes last, so a client that
     // finds it can still reach the control socket while the watcher runs.
     metrics: Option<http::Server>,
@@ -43,8 +45,6 @@ pub(crate) struct Services {
     pub watchdog_at: Option<Instant>,
     /// `--on-event`.
     pub hooks: Hooks,
-    /// `--max-memory`.
-    memory: Option<MemoryWatch>,
 }
 
 impl Services {
@@ -52,6 +52,7 @@ impl Services {
     /// socket and the metrics responder send their requests.
     pub(crate) async fn start(
         config: &Config,
+        hub: &Arc<Hub>,
         commands: &CommandSender,
         notifier: Option<&Notifier>,
         ready: watch::Receiver<bool>,
@@ -74,12 +75,20 @@ impl Services {
             }
             services.pid_file = Some(pid_file);
         }
-        let sampler = Sampler::start(commands.clone());
+        // After the pid file: a second watcher on it never reads the
+        // storage file the first one writes.
+        hub.load()?;
+        services.hub = Some(HubGuard {
+            hub: hub.clone(),
+            timers: timers::start(hub.clone()),
+        });
+        let sampler = Sampler::start(commands.clone(), config.max_memory);
         if let Some(path) = config.control_path() {
             services.control = Some(control::Server::bind(
                 &path,
                 commands.clone(),
                 Some(sampler.clone()),
+                hub.clone(),
             )?);
         }
         if let Some(addr) = config.metrics {
@@ -123,9 +132,6 @@ impl Services {
             services.http = Some(http::Server::bind(addr, state).await?);
         }
         services.sampler = Some(sampler);
-        if let Some(limit) = config.max_memory {
-            services.memory = Some(MemoryWatch::start(limit, commands.clone()));
-        }
         if let Some(every) = notifier.and_then(|n| n.watchdog) {
             tracing::debug!("systemd watchdog: WATCHDOG=1 every {every:?}");
             services.watchdog_at = Some(Instant::now());
@@ -158,5 +164,19 @@ impl Services {
             }
             self.watchdog_at = notifier.and_then(|n| n.watchdog).map(|d| now + d);
         }
+    }
+}
+
+/// The hub's timer task while the watcher runs; the last snapshot is
+/// written when it drops (after every worker exited).
+struct HubGuard {
+    hub: Arc<Hub>,
+    timers: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for HubGuard {
+    fn drop(&mut self) {
+        self.timers.abort();
+        self.hub.close();
     }
 }

@@ -15,12 +15,16 @@ use std::time::Duration;
 use nix::sys::signal::Signal;
 use tokio::time::Instant;
 
+use super::listeners::Listeners;
+use crate::commands::router::Peer;
 use crate::error::Result;
 use crate::ipc::message::ToWorker;
 use crate::watcher::config::Config;
 use crate::watcher::event::{EventSender, Outbound, OutboundSender, MAX_QUEUED_MESSAGES};
+use crate::watcher::hub::Hub;
+use crate::watcher::notify::Notified;
 use crate::watcher::process::{describe_exit, Launcher, WorkerId};
-use crate::watcher::status::{IdleSlot, WorkerInfo, WorkerState};
+use crate::watcher::status::{IdleSlot, WorkerState};
 use crate::watcher::systemd::Notifier;
 
 /// How long a worker whose channel closed may take to exit.
@@ -37,6 +41,8 @@ pub(crate) struct Ctx {
     pub launcher: Box<dyn Launcher>,
     pub events: EventSender,
     pub notifier: Option<Notifier>,
+    /// Shared storage and commands: workers are attached while they run.
+    pub hub: Arc<Hub>,
 }
 
 impl Ctx {
@@ -75,6 +81,17 @@ pub(crate) struct Worker {
     pub socket_requests: u32,
     /// When its channel reached EOF (it is exiting, or must be killed).
     pub channel_closed_at: Option<Instant>,
+    /// What it said on its notify socket (`--notify`).
+    pub notify: Option<Notified>,
+    /// It said `RELOADING=1` and not `READY=1` since.
+    pub reloading: bool,
+    /// What `Cluster::set_status` said last (`stopping` once asked to stop).
+    pub status: Option<String>,
+    /// User messages from it and to it.
+    pub messages_in: u64,
+    pub messages_out: u64,
+    /// `cluster stop --slot` stopped it (`--revive` decides on a successor).
+    pub stopped_alone: bool,
 }
 
 impl Worker {
@@ -83,16 +100,32 @@ impl Worker {
         let _ = self.outbound.send(Outbound::msg(msg));
     }
 
-    fn stop(&mut self, ctx: &Ctx, timeout: Duration) {
+    /// Marks it stopping, with SIGKILL due after `timeout`; false when it
+    /// already was.
+    fn begin_stopping(&mut self, timeout: Duration) -> bool {
         if self.state == WorkerState::Stopping {
-            return;
+            return false;
         }
-        let now = Instant::now();
-        let kill_at = now + timeout;
         self.state = WorkerState::Stopping;
+        self.status = Some("stopping".into());
         self.accepting.store(false, Ordering::Relaxed);
         self.next_ping_at = None;
         self.ready_by = None;
+        self.kill_at = Some(Instant::now() + timeout);
+        true
+    }
+
+    /// It stops on its own (said `STOPPING=1`): it is asked nothing, and
+    /// killed if it is still alive after the shutdown timeout.
+    pub(crate) fn stopping_on_its_own(&mut self, ctx: &Ctx) {
+        self.begin_stopping(ctx.config.shutdown_timeout);
+    }
+
+    fn stop(&mut self, ctx: &Ctx, timeout: Duration) {
+        if !self.begin_stopping(timeout) {
+            return;
+        }
+        let now = Instant::now();
         let deadline_ms = timeout.as_millis().min(u64::MAX as u128) as u64;
         self.send(ToWorker::Stop { deadline_ms });
         if self.hello {
@@ -102,9 +135,17 @@ impl Worker {
             let reminder = (timeout / 2).min(TERM_REMINDER);
             self.term_at = Some(now + reminder);
         } else {
-            ctx.launcher.signal(self.pid, Signal::SIGTERM);
+            ctx.launcher.signal(self.pid, ctx.config.stop_signal);
         }
-        self.kill_at = Some(kill_at);
+    }
+
+    /// Starts (or restarts) its heartbeat check, if the heartbeat is on.
+    pub(crate) fn start_heartbeat(&mut self, ctx: &Ctx) {
+        if let Some(limit) = ctx.config.heartbeat_timeout {
+            let now = Instant::now();
+            self.last_pong = now;
+            self.next_ping_at = Some(now + heartbeat_interval(limit));
+        }
     }
 
     /// Kills it now; `why` goes into its exit line.
@@ -175,6 +216,10 @@ pub(crate) struct Exit {
     pub was_current: bool,
     /// Its slot still exists (not scaled away).
     pub slot_exists: bool,
+    /// It did not exit with status 0.
+    pub failed: bool,
+    /// `cluster stop --slot` stopped it.
+    pub stopped_alone: bool,
 }
 
 /// What came due on a timer, for the supervisor to act on.
@@ -186,10 +231,11 @@ pub(crate) struct Due {
     pub not_ready: Vec<u64>,
 }
 
-/// Every slot and every worker process.
+/// Every slot and every worker process, and the listeners they are given.
 pub(crate) struct Pool {
     pub slots: Vec<Slot>,
     pub workers: HashMap<u64, Worker>,
+    pub listeners: Listeners,
     next_context_id: u64,
     /// When a worker was last ready (the program is known to work).
     last_ready: Option<Instant>,
@@ -201,10 +247,11 @@ fn heartbeat_interval(timeout: Duration) -> Duration {
 }
 
 impl Pool {
-    pub(crate) fn new(slots: usize) -> Pool {
+    pub(crate) fn new(slots: usize, listeners: Listeners) -> Pool {
         Pool {
             slots: (0..slots).map(|_| Slot::default()).collect(),
             workers: HashMap::new(),
+            listeners,
             next_context_id: 1,
             last_ready: None,
         }
@@ -223,14 +270,27 @@ impl Pool {
     pub(crate) fn spawn(&mut self, ctx: &Ctx, slot: u32, replacement: bool) -> Result<u64> {
         let context_id = self.next_context_id;
         self.next_context_id += 1;
-        let spawned =
-            ctx.launcher
-                .spawn(&ctx.config, WorkerId { slot, context_id }, &ctx.events)?;
+        let listen_fds = self.listeners.inherited(&ctx.config.listen, slot)?;
+        let id = WorkerId { slot, context_id };
+        let spawned = ctx
+            .launcher
+            .spawn(&ctx.config, id, listen_fds, &ctx.events)?;
         tracing::debug!(
             "worker {slot} started: pid {}, context {context_id}",
             spawned.pid
         );
         let now = Instant::now();
+        let accepting = Arc::new(AtomicBool::new(true));
+        ctx.hub.attach(
+            context_id,
+            Peer {
+                slot,
+                pid: spawned.pid,
+                name: ctx.config.worker_name(slot),
+                outbound: spawned.outbound.clone(),
+                accepting: accepting.clone(),
+            },
+        );
         self.workers.insert(
             context_id,
             Worker {
@@ -247,9 +307,15 @@ impl Pool {
                 last_pong: now,
                 ping_seq: 0,
                 killed_for: None,
-                accepting: Arc::new(AtomicBool::new(true)),
+                accepting,
                 socket_requests: 0,
                 channel_closed_at: None,
+                notify: spawned.notify.map(Notified::new),
+                reloading: false,
+                status: None,
+                messages_in: 0,
+                messages_out: 0,
+                stopped_alone: false,
             },
         );
         if let Some(s) = self.slot_mut(slot) {
@@ -400,6 +466,30 @@ impl Pool {
         }
     }
 
+    /// Stops one worker on its own (`cluster stop --slot`): asked to stop
+    /// and killed after `timeout`, or, `at_once`, sent SIGTERM now too
+    /// (killed after 1 s).
+    pub(crate) fn stop_alone(
+        &mut self,
+        ctx: &Ctx,
+        context_id: u64,
+        timeout: Duration,
+        at_once: bool,
+    ) {
+        let Some(w) = self.workers.get_mut(&context_id) else {
+            return;
+        };
+        w.stopped_alone = true;
+        if at_once {
+            w.stop(ctx, Duration::from_secs(1));
+            if w.term_at.take().is_some() {
+                ctx.launcher.signal(w.pid, Signal::SIGTERM);
+            }
+        } else {
+            w.stop(ctx, timeout);
+        }
+    }
+
     /// Asks every worker to stop within `timeout`, and cancels respawns.
     pub(crate) fn stop_all(&mut self, ctx: &Ctx, timeout: Duration) {
         for s in &mut self.slots {
@@ -442,13 +532,19 @@ impl Pool {
             s.gave_up = false;
         }
         let w = self.workers.get_mut(&context_id)?;
-        if w.hello {
+        let said_ready = w.notify.as_ref().is_some_and(|n| n.seen.ready);
+        if w.hello || said_ready {
             tracing::info!("worker {} (pid {}) is ready", w.slot, w.pid);
-            if let Some(limit) = ctx.config.heartbeat_timeout {
-                let now = Instant::now();
-                w.last_pong = now;
-                w.next_ping_at = Some(now + heartbeat_interval(limit));
-            }
+        } else {
+            tracing::info!(
+                "worker {} (pid {}) is ready (it ran for --ready-delay {:?})",
+                w.slot,
+                w.pid,
+                ctx.config.assume_ready_after
+            );
+        }
+        if w.hello || w.notify.as_ref().is_some_and(|n| n.armed) {
+            w.start_heartbeat(ctx);
         }
         Some(w.slot)
     }
@@ -489,6 +585,8 @@ impl Pool {
             killed_by_us: w.killed_for.is_some(),
             was_current,
             slot_exists,
+            failed: status.is_none_or(|s| s.code() != Some(0)),
+            stopped_alone: w.stopped_alone,
         })
     }
 
@@ -496,7 +594,6 @@ impl Pool {
     /// after the shutdown timeout, heartbeat pings and kills; reports what
     /// the supervisor must decide on.
     pub(crate) fn tick(&mut self, ctx: &Ctx, now: Instant) -> Due {
-        let timeout = ctx.config.shutdown_timeout;
         let mut due = Due::default();
         for (&id, w) in self.workers.iter_mut() {
             if w.term_at.is_some_and(|t| t <= now) {
@@ -505,7 +602,7 @@ impl Pool {
             }
             if w.kill_at.is_some_and(|t| t <= now) {
                 tracing::warn!(
-                    "worker {} (pid {}) did not stop within {timeout:?}; killing it",
+                    "worker {} (pid {}) did not stop in time; killing it",
                     w.slot,
                     w.pid
                 );
@@ -537,22 +634,33 @@ impl Pool {
             }
             if w.state == WorkerState::Starting
                 && !w.hello
+                && !ctx.config.notify
                 && w.started + ctx.config.assume_ready_after <= now
             {
                 due.assumed_ready.push(id);
             }
             if let (Some(at), Some(limit)) = (w.next_ping_at, ctx.config.heartbeat_timeout) {
                 if at <= now {
+                    if w.notify.as_mut().is_some_and(|n| n.pinged()) {
+                        w.last_pong = now;
+                    }
                     if now.duration_since(w.last_pong) > limit {
+                        let what = if w.hello {
+                            "did not answer heartbeats"
+                        } else {
+                            "did not send WATCHDOG=1"
+                        };
                         tracing::error!(
-                            "worker {} (pid {}) did not answer heartbeats for {limit:?} (its event loop may be blocked); killing it",
+                            "worker {} (pid {}) {what} for {limit:?} (its event loop may be blocked); killing it",
                             w.slot,
                             w.pid
                         );
                         w.kill(ctx, "missed heartbeats");
                     } else {
-                        w.ping_seq += 1;
-                        w.send(ToWorker::Ping { seq: w.ping_seq });
+                        if w.hello {
+                            w.ping_seq += 1;
+                            w.send(ToWorker::Ping { seq: w.ping_seq });
+                        }
                         w.next_ping_at = Some(now + heartbeat_interval(limit));
                     }
                 }
@@ -566,8 +674,8 @@ impl Pool {
         let respawns = self.slots.iter().filter_map(|s| s.respawn_at);
         let assume = config.assume_ready_after;
         let workers = self.workers.values().flat_map(|w| {
-            let assumed =
-                (w.state == WorkerState::Starting && !w.hello).then(|| w.started + assume);
+            let assumed = (w.state == WorkerState::Starting && !w.hello && !config.notify)
+                .then(|| w.started + assume);
             let closed = w.channel_closed_at.map(|t| t + CHANNEL_CLOSED_GRACE);
             [
                 w.kill_at,
@@ -593,32 +701,6 @@ impl Pool {
             .count()
     }
 
-    /// Every worker, by slot, without `/proc` figures.
-    pub(crate) fn status(&self) -> Vec<WorkerInfo> {
-        let mut list: Vec<WorkerInfo> = self
-            .workers
-            .iter()
-            .map(|(&context_id, w)| {
-                let slot = self.slot(w.slot);
-                WorkerInfo {
-                    slot: w.slot,
-                    context_id,
-                    pid: w.pid,
-                    state: w.state,
-                    restarts: slot.map(|s| s.restarts).unwrap_or(0),
-                    uptime: w.started.elapsed(),
-                    rss_bytes: None,
-                    cpu_time: None,
-                    last_exit: slot.and_then(|s| s.last_exit.clone()),
-                    last_exit_code: slot.and_then(|s| s.last_exit_code),
-                    last_exit_signal: slot.and_then(|s| s.last_exit_signal),
-                }
-            })
-            .collect();
-        list.sort_by_key(|w| (w.slot, w.context_id));
-        list
-    }
-
     /// The slots without any worker process: waiting for a respawn, or
     /// given up.
     pub(crate) fn idle_slots(&self) -> Vec<IdleSlot> {
@@ -628,6 +710,7 @@ impl Pool {
             .filter(|(n, _)| !self.workers.values().any(|w| w.slot == *n))
             .map(|(slot, s)| IdleSlot {
                 slot,
+                name: None,
                 restarts: s.restarts,
                 next_start: s.respawn_at.map(|t| t.saturating_duration_since(now)),
                 gave_up: s.gave_up,

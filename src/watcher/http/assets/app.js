@@ -145,9 +145,11 @@ function drawWorkers(s) {
     const h = history_.get(w.pid) || { cpu: [], rss: [] };
     const cpu = w.cpu_percent == null ? '–' : w.cpu_percent.toFixed(1) + '%';
     body.append(el('tr', { 'data-slot': w.slot, 'data-pid': w.pid },
-      el('td', { 'data-label': 'slot' }, w.slot),
+      el('td', { 'data-label': 'slot' }, w.slot, w.name ? el('span', { class: 'name' }, w.name) : ''),
       el('td', { 'data-label': 'pid' }, w.pid || '–'),
-      el('td', { 'data-label': 'state' }, pill(w.state)),
+      el('td', { 'data-label': 'state' }, pill(w.state),
+        w.reloading ? el('span', { class: 'said' }, 'reloading') : '',
+        w.status ? el('span', { class: 'said', title: 'what the worker said its status is' }, w.status) : ''),
       el('td', { 'data-label': 'uptime' }, w.pid ? duration(w.uptime_secs)
         : w.next_start_secs != null ? `starts in ${duration(w.next_start_secs)}` : '–'),
       el('td', { 'data-label': 'restarts' }, w.restarts),
@@ -210,6 +212,32 @@ function drawJobs(j) {
   queues.replaceChildren(...Object.entries(per).map(([q, c]) =>
     el('tr', { 'data-queue': q }, el('td', {}, q), el('td', {}, c.queued), el('td', {}, c.running),
       el('td', {}, c.done), el('td', {}, c.failed), el('td', {}, c.cancelled))));
+  refreshNodes();
+}
+
+// ---- nodes (a shared PostgreSQL store) ----
+
+let nodesAt = 0;
+
+// At most every 2 s: the node list is a query on the store.
+async function refreshNodes() {
+  if (Date.now() - nodesAt < 2000) return;
+  nodesAt = Date.now();
+  let nodes;
+  try { nodes = await api('/api/nodes'); } catch (e) { return; }
+  $('nodes-box').hidden = !nodes.length;
+  $('nodes').tBodies[0].replaceChildren(...nodes.map((n) => {
+    const age = (Date.now() - Date.parse(n.heartbeat_at)) / 1000;
+    const bar = el('span', { class: 'bar' }, el('span', {}));
+    bar.firstChild.style.width = Math.min(100, n.running / Math.max(n.capacity, 1) * 100) + '%';
+    return el('tr', { 'data-node': n.name },
+      el('td', { class: 'wrap' }, n.name),
+      el('td', {}, `${n.host} (pid ${n.pid})`),
+      el('td', {}, pill(n.state)),
+      el('td', {}, n.state === 'alive' ? `${duration(Math.max(0, age))} ago` : '–'),
+      el('td', {}, `${n.running} of ${n.capacity}`, bar),
+      el('td', { class: 'wrap' }, (n.pools || []).map((p) => `${p.name} ×${p.slots}`).join(', ')));
+  }));
 }
 
 function drawRates(rates) {

@@ -1,9 +1,13 @@
 //! The supervisor with fake processes under paused time: backoff, rolling
 //! restart order, readiness timeouts, heartbeat, scaling and stop, each in
 //! milliseconds of real time. The integration tests in `tests/` run the
-//! same paths with real processes.
+//! same paths with real processes. `notify.rs`: workers that speak
+//! `sd_notify` (`--notify`).
+
+mod notify;
 
 use std::collections::HashMap;
+use std::os::fd::OwnedFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
@@ -22,6 +26,7 @@ use crate::watcher::config::Config;
 use crate::watcher::event::{
     outbound, Command, CommandSender, Event, EventSender, OutboundReceiver, Outcome, Scale,
 };
+use crate::watcher::notify::NotifyState;
 use crate::watcher::output::{LogFormat, LogOutput};
 use crate::watcher::process::{Launcher, Spawned, WorkerId};
 
@@ -33,9 +38,21 @@ struct Proc {
     at: Instant,
     events: EventSender,
     outbound: OutboundReceiver,
+    /// Its notify socket's state (`config.notify`).
+    notify: Option<Arc<NotifyState>>,
 }
 
 impl Proc {
+    /// Says `message` on its notify socket, as the reader task passes it on.
+    fn notify(&self, message: &str) {
+        let state = self.notify.as_ref().expect("started with notify");
+        if state.apply(message.as_bytes()) && state.wake() {
+            let _ = self.events.send(Event::Notify {
+                context_id: self.context_id,
+            });
+        }
+    }
+
     fn say(&self, msg: ToWatcher) {
         let _ = self.events.send(Event::Message {
             context_id: self.context_id,
@@ -64,7 +81,7 @@ impl Proc {
     fn received(&mut self) -> Vec<ToWorker> {
         let mut out = Vec::new();
         while let Some(o) = self.outbound.try_recv() {
-            self.outbound.written(o.fds.len());
+            self.outbound.written(o.fds.len(), o.weight);
             out.push(o.msg);
         }
         out
@@ -96,7 +113,13 @@ struct Fake {
 }
 
 impl Launcher for Fake {
-    fn spawn(&self, _config: &Config, id: WorkerId, events: &EventSender) -> Result<Spawned> {
+    fn spawn(
+        &self,
+        config: &Config,
+        id: WorkerId,
+        _listen_fds: Vec<OwnedFd>,
+        events: &EventSender,
+    ) -> Result<Spawned> {
         let WorkerId { slot, context_id } = id;
         let mut state = self.state.lock().unwrap();
         if state.fail_spawns > 0 {
@@ -110,6 +133,7 @@ impl Launcher for Fake {
         let pid = 1000 + state.next_pid;
         state.alive.insert(pid, (context_id, events.clone()));
         let (tx, rx) = outbound();
+        let notify = config.notify.then(|| Arc::new(NotifyState::default()));
         let _ = self.spawns.send(Proc {
             slot,
             context_id,
@@ -117,8 +141,13 @@ impl Launcher for Fake {
             at: Instant::now(),
             events: events.clone(),
             outbound: rx,
+            notify: notify.clone(),
         });
-        Ok(Spawned { pid, outbound: tx })
+        Ok(Spawned {
+            pid,
+            outbound: tx,
+            notify,
+        })
     }
 
     fn signal(&self, pid: u32, sig: Signal) {
@@ -182,6 +211,7 @@ fn start(config: Config) -> Harness {
             messages,
             ready: ready_tx,
         },
+        crate::watcher::hub::Hub::new(Default::default()),
     );
     let (started, _) = oneshot::channel();
     let run = tokio::spawn(supervisor.run(started));
