@@ -156,8 +156,9 @@ pub(crate) enum ToWatcher {
     JobDonePart { ticket: u64, part: String },
 }
 
-/// Most requests one `Requests` message may carry (the worker packs at most
-/// [`REQUEST_BATCH`]); more is a protocol error.
+/// Most requests of one `Requests` message the hub applies (the worker packs
+/// at most [`REQUEST_BATCH`]); each one past it is answered with a busy
+/// error.
 pub(crate) const MAX_REQUESTS: usize = 1024;
 
 /// Most requests a worker packs into one `Requests` message.

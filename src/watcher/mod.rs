@@ -566,6 +566,7 @@ impl ClusterWatcher {
     /// # Errors
     ///
     /// [`Error::is_unknown_target`] when no worker runs in `slot`;
+    /// [`Error::is_config`] when that worker is already stopping;
     /// [`Error::is_closed`] when the watcher is stopping or not started.
     pub async fn stop_worker(&self, slot: u32, timeout: Option<Duration>) -> Result<u32> {
         self.ask(|done| Command::StopWorker {
