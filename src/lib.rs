@@ -52,6 +52,14 @@
 //! [`JobStats`]); the watcher claims them for its pools. `cluster jobs`
 //! is the same from the command line.
 //!
+//! ## Job server
+//!
+//! `cluster --job-server 127.0.0.1:1337` serves an HTTP/1.1 JSON API on
+//! the watcher: [`JobClient`] calls the workers' [`Cluster::jobs`]
+//! handlers by name (in memory) and submits durable jobs; errors are
+//! [`CallError`]s. `docs/openapi.json` describes the API for other
+//! languages.
+//!
 //! ## Errors
 //!
 //! Every fallible call returns [`Error`], inspected with `is_*` predicates.
@@ -67,6 +75,7 @@ pub mod daemon;
 mod error;
 mod ipc;
 mod jobs;
+mod jobserver;
 mod listener;
 #[cfg(feature = "axum")]
 mod listener_axum;
@@ -89,8 +98,8 @@ pub use commands::{
 pub use error::{Error, Result};
 pub use ipc::codec::MAX_MESSAGE_SIZE;
 pub use jobs::{
-    AttemptError, CancelOutcome, Job, JobId, JobQueue, JobState, JobStats, ListFilter, NewJob,
-    Node, NodePool, NodeState, StateCounts, Submitted,
+    AttemptError, CallError, CancelOutcome, Job, JobClient, JobId, JobQueue, JobState, JobStats,
+    ListFilter, NewJob, Node, NodePool, NodeState, RemoteJob, StateCounts, Submitted,
 };
 pub use listener::{BalancedListener, Listener};
 #[cfg(feature = "slog")]

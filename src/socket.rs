@@ -95,16 +95,7 @@ impl Address {
                 socket.listen(backlog).map_err(bind_err)?;
                 Ok(socket.into())
             }
-            Address::Unix(path) => {
-                remove_stale_unix_socket(path).map_err(bind_err)?;
-                let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(bind_err)?;
-                socket.set_nonblocking(true).map_err(bind_err)?;
-                socket
-                    .bind(&SockAddr::unix(path).map_err(bind_err)?)
-                    .map_err(bind_err)?;
-                socket.listen(backlog).map_err(bind_err)?;
-                Ok(socket.into())
-            }
+            Address::Unix(path) => bind_unix(path, backlog as u32, None),
         }
     }
 
@@ -140,6 +131,38 @@ impl Address {
             Address::Unix(_) => StreamKind::Unix,
         }
     }
+}
+
+/// Binds and listens on a Unix socket at `path` that only this user (and
+/// root) may connect to: the file is mode 0600 before `listen`, so nobody
+/// can connect in between. A stale socket file is replaced.
+pub(crate) fn bind_private_unix(path: &Path, backlog: u32) -> Result<OwnedFd> {
+    bind_unix(path, backlog, Some(0o600))
+}
+
+/// Binds and listens on a Unix socket at `path` (replacing a stale socket
+/// file), with the file's mode set to `mode` before `listen` when given.
+fn bind_unix(path: &Path, backlog: u32, mode: Option<u32>) -> Result<OwnedFd> {
+    use std::os::unix::fs::PermissionsExt;
+    let backlog = backlog.min(i32::MAX as u32) as i32;
+    let bind_err = |e: io::Error| {
+        Error::with_io(
+            Kind::Bind,
+            format!("cannot listen on unix://{}", path.display()),
+            e,
+        )
+    };
+    remove_stale_unix_socket(path).map_err(bind_err)?;
+    let socket = Socket::new(Domain::UNIX, Type::STREAM, None).map_err(bind_err)?;
+    socket.set_nonblocking(true).map_err(bind_err)?;
+    socket
+        .bind(&SockAddr::unix(path).map_err(bind_err)?)
+        .map_err(bind_err)?;
+    if let Some(mode) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(bind_err)?;
+    }
+    socket.listen(backlog).map_err(bind_err)?;
+    Ok(socket.into())
 }
 
 /// Removes a Unix socket file left behind by a dead process. Refuses to

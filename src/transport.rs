@@ -1,7 +1,7 @@
 //! The one seam between the shared-state APIs ([`Storage`](crate::Storage),
 //! commands) and where their requests go: in a worker, over its socketpair
 //! to the watcher (`worker/hub_link.rs`); in the watcher, straight into
-//! the hub (`watcher/hub.rs`). A leaf: both sides and both APIs use it,
+//! the hub (`watcher/hub/`). A leaf: both sides and both APIs use it,
 //! so the public types are written once for workers and watcher alike.
 //!
 //! A request is submitted with a [`Replier`] that gets its answer; nothing

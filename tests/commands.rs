@@ -256,8 +256,14 @@ fn revive_never_and_stopping_one_worker_busy_or_idle() {
         "killed only after the timeout: {took:?}"
     );
     assert!(!alive(busy));
+    // The watcher logs the exit once it has reaped it, which can come
+    // just after the CLI saw the process gone.
     assert!(
-        c.stderr().contains("not replaced (--revive never)"),
+        wait_for(START, || c
+            .stderr()
+            .contains("not replaced (--revive never)")
+            .then_some(()))
+        .is_some(),
         "{}",
         c.stderr()
     );

@@ -546,8 +546,12 @@ fn daemon_detaches_serves_and_stops() {
 
     let r = wait_for(START, || http_get(port).ok()).expect("the daemon serves");
     assert_eq!(r.status, 200);
-    let out = launcher.control(&["status"]);
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    // One worker serving is not all ready: status exits 5 until they are.
+    let out = wait_for(START, || {
+        let out = launcher.control(&["status"]);
+        (out.status.code() == Some(0)).then_some(out)
+    })
+    .expect("status exits 0 once every worker is ready");
     assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("watcher pid {pid}")));
 
     let out = launcher.control(&["stop"]);

@@ -247,13 +247,12 @@ fn control_subcommands_status_reload_scale_stop() {
         0o600
     );
 
-    let out = c.control(&["status", "--json"]);
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Started is not ready: status exits 5 (degraded) until both are.
+    let out = wait_for(START, || {
+        let out = c.control(&["status", "--json"]);
+        (out.status.code() == Some(0)).then_some(out)
+    })
+    .unwrap_or_else(|| panic!("status never exited 0:\n{}", c.stderr()));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["pid"], c.pid);
     let pids: HashSet<u64> = v["workers"]

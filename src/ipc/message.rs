@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::log::LogRecord;
 
 /// Protocol version, sent in both `Hello` messages.
-pub(crate) const VERSION: u32 = 4;
+pub(crate) const VERSION: u32 = 5;
 
 /// Largest encoded message, in bytes. A datagram longer than this is a
 /// protocol error on the receiving side and is refused on the sending side.
@@ -65,6 +65,9 @@ pub(crate) enum ToWorker {
     Changes(Vec<Change>),
     /// Watch `watch` ended (its worker did not keep up with its changes).
     WatchEnded { watch: u64, reason: String },
+    /// A part of the arguments of job `ticket`, whose `Job` follows with
+    /// the last part (see `ipc/parts.rs`).
+    JobPart { ticket: u64, part: String },
 }
 
 /// A job for a worker's handler.
@@ -148,10 +151,14 @@ pub(crate) enum ToWatcher {
     CallResults(Vec<CallResult>),
     /// The worker's status as `Cluster::set_status` set it.
     SetStatus(String),
+    /// A part of the result of job `ticket`, whose `JobDone` follows with
+    /// the last part (see `ipc/parts.rs`).
+    JobDonePart { ticket: u64, part: String },
 }
 
-/// Most requests one `Requests` message may carry (the worker packs at most
-/// [`REQUEST_BATCH`]); more is a protocol error.
+/// Most requests of one `Requests` message the hub applies (the worker packs
+/// at most [`REQUEST_BATCH`]); each one past it is answered with a busy
+/// error.
 pub(crate) const MAX_REQUESTS: usize = 1024;
 
 /// Most requests a worker packs into one `Requests` message.
@@ -508,6 +515,10 @@ mod tests {
                 watch: 1,
                 reason: "lagged".into(),
             },
+            ToWorker::JobPart {
+                ticket: 4,
+                part: "[1,".into(),
+            },
         ];
         for m in to_worker {
             assert_eq!(decode::<ToWorker>(&encode(&m).unwrap()).unwrap(), m);
@@ -586,6 +597,10 @@ mod tests {
                 result: Ok("1".into()),
             }]),
             ToWatcher::SetStatus("idle".into()),
+            ToWatcher::JobDonePart {
+                ticket: 5,
+                part: "{\"a\":".into(),
+            },
         ];
         for m in to_watcher {
             assert_eq!(decode::<ToWatcher>(&encode(&m).unwrap()).unwrap(), m);

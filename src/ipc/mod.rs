@@ -10,6 +10,7 @@
 pub(crate) mod codec;
 pub(crate) mod env;
 pub(crate) mod message;
+pub(crate) mod parts;
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};

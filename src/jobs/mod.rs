@@ -26,6 +26,8 @@
 //! See `store/sqlite/` for the threading (`mod.rs`), the schema
 //! (`schema.rs`) and the wake-up channel (`wake.rs`).
 
+mod call_error;
+mod client;
 pub(crate) mod dispatch;
 pub(crate) mod line;
 mod model;
@@ -34,6 +36,8 @@ mod queue;
 pub(crate) mod store;
 mod time;
 
+pub use call_error::CallError;
+pub use client::{JobClient, RemoteJob};
 pub use model::{
     AttemptError, CancelOutcome, Job, JobId, JobState, JobStats, ListFilter, NewJob, Node,
     NodePool, NodeState, StateCounts, Submitted,

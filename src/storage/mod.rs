@@ -4,7 +4,7 @@
 //! ([`ClusterWatcher::storage`](crate::ClusterWatcher::storage)).
 //!
 //! The data lives in the watcher (`store.rs`, run by the hub in
-//! `watcher/hub.rs`), so it survives worker crashes and rolling restarts;
+//! `watcher/hub/`), so it survives worker crashes and rolling restarts;
 //! with `--storage-file` it is also snapshotted to disk (`persist.rs`).
 //! Every operation is applied under one lock in the watcher, so each one
 //! is atomic against every other: two workers that increment a counter

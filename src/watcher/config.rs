@@ -8,16 +8,18 @@ use std::time::Duration;
 
 use super::balance::Balance;
 use super::bind_policy::BindPolicy;
-use super::exec::find_program;
 use super::hub::StorageSettings;
-use super::listen::{self, ListenSpec};
+use super::listen::ListenSpec;
 use super::names::Naming;
 use super::output::{LogFormat, LogOutput};
 use super::revive::Revive;
 use crate::error::{Error, Kind, Result};
-use crate::jobs::dispatch::config::{JobSourceFn, JobsConfig, Source};
-use crate::jobs::dispatch::pools::plan;
+use crate::jobs::dispatch::config::JobsConfig;
+use crate::jobserver::JobServerConfig;
 use crate::socket::DEFAULT_BACKLOG;
+
+mod jobs;
+mod validate;
 
 /// Settings shared by the supervisor and the process spawner.
 #[derive(Debug, Clone)]
@@ -55,6 +57,9 @@ pub(crate) struct Config {
     pub subreaper: bool,
     /// `--jobs` and its options: the job dispatcher runs when set.
     pub jobs: Option<JobsConfig>,
+    /// `--job-server` and its options: the job server runs when set (and
+    /// with it the dispatcher, with or without a store).
+    pub job_server: Option<JobServerConfig>,
     /// `--pool` as given, parsed by `validate` into `jobs.specs`.
     pub pool_args: Vec<String>,
     /// `--allow-bind` patterns, parsed by `validate` into `bind_policy`.
@@ -175,6 +180,7 @@ impl Config {
             systemd: true,
             subreaper: false,
             jobs: None,
+            job_server: None,
             pool_args: Vec::new(),
             allow_bind: Vec::new(),
             bind_policy: BindPolicy::default(),
@@ -404,7 +410,7 @@ impl ClusterWatcherBuilder {
     /// Serve the web dashboard and its JSON API on `http://ADDR/` (see the
     /// README's "Dashboard"). A loopback address needs nothing more; any
     /// other needs [`http_token_file`](Self::http_token_file), else
-    /// [`start`](ClusterWatcher::start) fails with
+    /// [`start`](super::ClusterWatcher::start) fails with
     /// [`Error::is_config`](crate::Error::is_config).
     pub fn http(mut self, addr: SocketAddr) -> Self {
         self.config.http = Some(addr);
@@ -466,152 +472,6 @@ impl ClusterWatcherBuilder {
     /// privileges to bind the listeners; it must run as root.
     pub fn user(mut self, name: impl Into<String>) -> Self {
         self.config.user = Some(name.into());
-        self
-    }
-
-    /// Run jobs from the job store at `url` (`jobs.db`, `sqlite://path`):
-    /// the watcher claims the jobs of its pools' queues and hands them to
-    /// workers that serve [`Cluster::jobs`](crate::Cluster::jobs) (or, with
-    /// [`per_job`](Self::per_job), runs the program once per job). See the
-    /// README's "Jobs" section for the model and its guarantees.
-    pub fn jobs(mut self, url: impl Into<String>) -> Self {
-        self.config.jobs = Some(JobsConfig::new(url.into()));
-        self
-    }
-
-    fn jobs_mut(&mut self) -> &mut JobsConfig {
-        self.config
-            .jobs
-            .get_or_insert_with(|| JobsConfig::new(String::new()))
-    }
-
-    /// A pool, `NAME=RATIO` or `NAME=RATIO:shared` (repeatable; needs
-    /// [`jobs`](Self::jobs)): `ceil(workers × RATIO)` slots that take the
-    /// jobs of queue NAME; a shared pool also takes the other pools'
-    /// excess, in definition order. Without any, one pool `default` has
-    /// every worker.
-    pub fn pool(mut self, spec: impl Into<String>) -> Self {
-        self.config.pool_args.push(spec.into());
-        self
-    }
-
-    /// Run the program once per job (`PROGRAM ARGS... JOBARGS...`) instead
-    /// of persistent workers (default off).
-    pub fn per_job(mut self, on: bool) -> Self {
-        self.jobs_mut().per_job = on;
-        self
-    }
-
-    /// Jobs a persistent worker runs at once (default 1).
-    pub fn job_concurrency(mut self, n: u32) -> Self {
-        self.jobs_mut().concurrency = n.max(1);
-        self
-    }
-
-    /// Jobs claimed per queue beyond what its pools can start now (default
-    /// 0): they wait in the watcher, so a worker that finishes gets the
-    /// next one without a store round trip. They count as `running` in the
-    /// store meanwhile (a watcher crash re-queues them; a clean stop gives
-    /// them back).
-    pub fn job_prefetch(mut self, n: usize) -> Self {
-        self.jobs_mut().prefetch = n;
-        self
-    }
-
-    /// Safe mode (default on): never two running jobs with the same key.
-    pub fn safe_mode(mut self, on: bool) -> Self {
-        self.jobs_mut().safe_mode = on;
-        self
-    }
-
-    /// Attempts of the jobs job sources queue (default 3).
-    pub fn max_attempts(mut self, n: u32) -> Self {
-        self.jobs_mut().max_attempts = n.max(1);
-        self
-    }
-
-    /// Stop an attempt that runs longer than `timeout` (default: none).
-    pub fn job_timeout(mut self, timeout: Duration) -> Self {
-        self.jobs_mut().timeout = Some(timeout).filter(|t| !t.is_zero());
-        self
-    }
-
-    /// The first delay before a failed job runs again (default 1 s;
-    /// doubling per attempt, ±25 % jitter, at most 10 min).
-    pub fn retry_delay(mut self, delay: Duration) -> Self {
-        self.jobs_mut().retry_delay = delay;
-        self
-    }
-
-    /// A job source command, run through `sh -c` once per pool every
-    /// [`job_source_interval`](Self::job_source_interval) with
-    /// `CLUSTER_POOL` and `CLUSTER_LIMIT` set; each JSON line it prints is
-    /// a job, deduplicated by key against queued and running jobs.
-    pub fn job_source_command(mut self, command: impl Into<String>) -> Self {
-        self.jobs_mut()
-            .sources
-            .push(Source::Command(command.into()));
-        self
-    }
-
-    /// A job source in code: called once per pool every interval with the
-    /// pool's name and slot count; the jobs it returns are queued,
-    /// deduplicated by key.
-    ///
-    /// ```no_run
-    /// # fn build() -> Result<(), cluster::Error> {
-    /// use cluster::{ClusterWatcher, NewJob};
-    /// let watcher = ClusterWatcher::builder(std::process::Command::new("./worker"))
-    ///     .jobs("jobs.db")
-    ///     .job_source(|pool: String, limit: usize| async move {
-    ///         (0..limit).map(|i| NewJob::new(serde_json::json!([i])).queue(pool.clone())).collect()
-    ///     })
-    ///     .build()?;
-    /// # Ok(()) }
-    /// ```
-    pub fn job_source<F, Fut>(mut self, f: F) -> Self
-    where
-        F: Fn(String, usize) -> Fut + Send + Sync + 'static,
-        Fut: std::future::Future<Output = Vec<crate::NewJob>> + Send + 'static,
-    {
-        let f: JobSourceFn = std::sync::Arc::new(move |pool, limit| Box::pin(f(pool, limit)));
-        self.jobs_mut().sources.push(Source::Closure(f));
-        self
-    }
-
-    /// How often job sources run (default 5 s).
-    pub fn job_source_interval(mut self, every: Duration) -> Self {
-        self.jobs_mut().source_interval = every.max(Duration::from_millis(10));
-        self
-    }
-
-    /// How long finished jobs are kept before they are deleted (default 7 days).
-    pub fn jobs_retention(mut self, keep: Duration) -> Self {
-        self.jobs_mut().retention = keep;
-        self
-    }
-
-    /// The PostgreSQL schema that holds the job tables (default
-    /// `cluster`, or the URL's `schema=` parameter): watchers with the
-    /// same database and schema share their jobs.
-    pub fn jobs_schema(mut self, schema: impl Into<String>) -> Self {
-        self.jobs_mut().schema = Some(schema.into());
-        self
-    }
-
-    /// This watcher's node name on a shared (PostgreSQL) store (default:
-    /// the host name plus a per-start id). Job processes see it as
-    /// `CLUSTER_NODE`, handlers as [`JobContext::node`](crate::JobContext::node).
-    pub fn node(mut self, name: impl Into<String>) -> Self {
-        self.jobs_mut().node = Some(name.into());
-        self
-    }
-
-    /// How long this node may miss heartbeats before the other nodes
-    /// declare it dead and run its jobs again (default 30 s; at least
-    /// 200 ms).
-    pub fn node_timeout(mut self, timeout: Duration) -> Self {
-        self.jobs_mut().node_timeout = timeout.max(Duration::from_millis(200));
         self
     }
 
@@ -739,173 +599,5 @@ impl ClusterWatcherBuilder {
     pub fn group(mut self, name: impl Into<String>) -> Self {
         self.config.group = Some(name.into());
         self
-    }
-
-    /// Checks the settings and resolves names (before any fork: the
-    /// child between fork and exec may not look names up).
-    pub(super) fn validate(mut self) -> Result<Config> {
-        self.config.credentials =
-            resolve_credentials(self.config.user.as_deref(), self.config.group.as_deref())?;
-        let allowed = self
-            .config
-            .allow_bind
-            .iter()
-            .map(|p| p.parse().map_err(|e: String| Error::new(Kind::Config, e)))
-            .collect::<Result<Vec<_>>>()?;
-        self.config.bind_policy = BindPolicy {
-            allowed,
-            restricted: self.config.credentials.is_some(),
-        };
-        if self.config.workers == 0 {
-            return Err(Error::new(
-                Kind::Config,
-                "the number of workers must be at least 1",
-            ));
-        }
-        self.config.listen = listen::parse_all(&self.config.listen_args, self.config.balance)?;
-        if let Some(name) = &self.config.stop_signal_arg {
-            self.config.stop_signal = parse_signal(name)?;
-        }
-        self.config.naming.check(self.config.workers)?;
-        if let Some(jobs) = self.config.jobs.as_mut() {
-            if jobs.url.is_empty() {
-                return Err(Error::new(
-                    Kind::Config,
-                    "job options need a job store (--jobs URL)",
-                ));
-            }
-            jobs.specs = self
-                .config
-                .pool_args
-                .iter()
-                .map(|p| p.parse().map_err(|e: String| Error::new(Kind::Config, e)))
-                .collect::<Result<Vec<_>>>()?;
-            let (pools, warnings) = plan(&jobs.specs, self.config.workers)?;
-            jobs.pools = pools;
-            jobs.warnings = warnings;
-            // Per-job processes are the dispatcher's; no persistent worker runs.
-            self.config.workers = if jobs.per_job { 0 } else { jobs.slots() };
-        } else if !self.config.pool_args.is_empty() {
-            return Err(Error::new(Kind::Config, "--pool needs --jobs"));
-        }
-        if let Some(path) = &self.config.http_token_file {
-            if self.config.http.is_none() {
-                return Err(Error::new(Kind::Config, "--http-token-file needs --http"));
-            }
-            self.config.http_token = Some(read_token(path)?);
-        }
-        if let Some(addr) = self.config.http {
-            if !addr.ip().is_loopback() && self.config.http_token.is_none() {
-                return Err(Error::new(
-                    Kind::Config,
-                    format!("--http {addr} is not a loopback address: it needs --http-token-file"),
-                ));
-            }
-        }
-        let path = self
-            .config
-            .envs
-            .iter()
-            .find(|(k, _)| k == "PATH")
-            .map(|(_, v)| v.clone())
-            .unwrap_or_else(|| std::env::var_os("PATH"));
-        find_program(
-            &self.config.program,
-            path.as_deref(),
-            self.config.current_dir.as_deref(),
-        )
-        .map_err(|why| Error::new(Kind::Spawn, why))?;
-        for path in &self.config.watch {
-            if let Err(e) = std::fs::metadata(path) {
-                return Err(Error::with_io(
-                    Kind::Config,
-                    format!("cannot watch {}", path.display()),
-                    e,
-                ));
-            }
-        }
-        Ok(self.config)
-    }
-}
-
-/// A signal by name (`SIGQUIT`, `QUIT`, any case) or number.
-fn parse_signal(name: &str) -> Result<nix::sys::signal::Signal> {
-    use nix::sys::signal::Signal;
-    let upper = name.trim().to_ascii_uppercase();
-    let parsed = match upper.parse::<i32>() {
-        Ok(n) => Signal::try_from(n).ok(),
-        Err(_) if upper.starts_with("SIG") => upper.parse().ok(),
-        Err(_) => format!("SIG{upper}").parse().ok(),
-    };
-    parsed.ok_or_else(|| Error::new(Kind::Config, format!("not a signal: {name}")))
-}
-
-/// Resolves `user` and `group` names to ids (before any fork: the child
-/// between fork and exec may not look names up).
-fn resolve_credentials(
-    user: Option<&str>,
-    group: Option<&str>,
-) -> Result<Option<crate::sys::Credentials>> {
-    use nix::unistd::{geteuid, Group, User};
-    if user.is_none() && group.is_none() {
-        return Ok(None);
-    }
-    let who = match (user, group) {
-        (Some(u), Some(g)) => format!("user {u} and group {g}"),
-        (Some(u), None) => format!("user {u}"),
-        (None, Some(g)) => format!("group {g}"),
-        (None, None) => unreachable!(),
-    };
-    if !geteuid().is_root() {
-        return Err(Error::new(
-            Kind::Config,
-            format!(
-                "cannot run the workers as {who}: that needs the watcher to run as root (it runs as uid {})",
-                geteuid()
-            ),
-        ));
-    }
-    let lookup_err = |what: &str, name: &str, e: nix::errno::Errno| {
-        Error::with_io(
-            Kind::Config,
-            format!("cannot look up {what} {name}"),
-            e.into(),
-        )
-    };
-    let user = match user {
-        Some(name) => Some(
-            User::from_name(name)
-                .map_err(|e| lookup_err("user", name, e))?
-                .ok_or_else(|| Error::new(Kind::Config, format!("no such user: {name}")))?,
-        ),
-        None => None,
-    };
-    let gid = match group {
-        Some(name) => Some(
-            Group::from_name(name)
-                .map_err(|e| lookup_err("group", name, e))?
-                .ok_or_else(|| Error::new(Kind::Config, format!("no such group: {name}")))?
-                .gid,
-        ),
-        None => user.as_ref().map(|u| u.gid),
-    };
-    Ok(Some(crate::sys::Credentials {
-        uid: user.map(|u| u.uid.as_raw()),
-        gid: gid.map(|g| g.as_raw()),
-    }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signals_by_name_or_number() {
-        use nix::sys::signal::Signal;
-        assert_eq!(parse_signal("SIGQUIT").unwrap(), Signal::SIGQUIT);
-        assert_eq!(parse_signal("int").unwrap(), Signal::SIGINT);
-        assert_eq!(parse_signal("15").unwrap(), Signal::SIGTERM);
-        assert!(parse_signal("SIGNOPE").unwrap_err().is_config());
-        assert!(parse_signal("99").is_err());
     }
 }

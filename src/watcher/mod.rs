@@ -22,7 +22,7 @@ mod names;
 pub(crate) mod notify;
 pub(crate) mod output;
 pub(crate) mod process;
-mod procfs;
+pub(crate) mod procfs;
 pub(crate) mod recycle;
 mod reload_triggers;
 mod revive;
@@ -612,6 +612,7 @@ impl ClusterWatcher {
     /// # Errors
     ///
     /// [`Error::is_unknown_target`] when no worker runs in `slot`;
+    /// [`Error::is_config`] when that worker is already stopping;
     /// [`Error::is_closed`] when the watcher is stopping or not started.
     pub async fn stop_worker(&self, slot: u32, timeout: Option<Duration>) -> Result<u32> {
         self.ask(|done| Command::StopWorker {

@@ -14,6 +14,7 @@ use super::hub_link::HubState;
 use super::shared::{Granted, Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::{JobFailure, ToWatcher, ToWorker, VERSION};
+use crate::ipc::parts::{Assembly, Joined};
 use crate::ipc::Channel;
 use crate::listener::Handed;
 use crate::socket::Address;
@@ -26,9 +27,14 @@ pub(crate) struct Inbound {
     /// `listen` calls waiting for their reply, by request id, with the
     /// address they asked for.
     pub pending: HashMap<u64, (String, oneshot::Sender<Result<Granted>>)>,
+    /// Arguments of jobs that arrive in parts.
+    pub parts: Assembly,
     /// Storage requests, watches and commands.
     pub hub: HubState,
 }
+
+/// The largest job arguments a worker assembles from parts.
+pub(crate) const MAX_ARGS: usize = 256 * 1024 * 1024;
 
 /// Why the channel must close: the watcher broke the protocol, or a write failed.
 pub(crate) type Broken = String;
@@ -130,8 +136,25 @@ impl Inbound {
             ToWorker::Data(bytes) => {
                 let _ = self.inbox.send(bytes);
             }
-            ToWorker::Job(order) => {
+            ToWorker::JobPart { ticket, part } => self.parts.push(ticket, &part),
+            ToWorker::Job(mut order) => {
                 let ticket = order.ticket;
+                if self.parts.has(ticket) {
+                    let last = std::mem::take(&mut order.args);
+                    match self.parts.finish(ticket, last) {
+                        Joined::Text(args) => order.args = args,
+                        Joined::TooLarge(n) => {
+                            let result = Err(JobFailure::BadArgs(format!(
+                                "the arguments are {n} bytes; a worker takes at most {MAX_ARGS}"
+                            )));
+                            channel
+                                .send(&ToWatcher::JobDone { ticket, result }, &[])
+                                .await
+                                .map_err(write_err)?;
+                            return Ok(());
+                        }
+                    }
+                }
                 let undelivered = match self.shared.jobs.lock() {
                     Ok(jobs) => match jobs.as_ref() {
                         Some(tx) => tx.send(ToJobs::Run(*order)).is_err(),

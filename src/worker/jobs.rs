@@ -22,7 +22,8 @@ use super::link::link;
 use super::shared::{Shared, ToJobs};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::env;
-use crate::ipc::message::{JobFailure, JobOrder, ToWatcher};
+use crate::ipc::message::{JobFailure, JobOrder, ToWatcher, MAX_MESSAGE};
+use crate::ipc::parts::{split, PART};
 use crate::jobs::JobId;
 
 type Outcome = std::result::Result<String, JobFailure>;
@@ -272,7 +273,7 @@ impl Jobs {
             handlers,
             concurrency,
         })?;
-        crate::Cluster::ready();
+        super::termination::ready(link);
         let served = serve(link.clone(), self.handlers, rx).await;
         if let Ok(mut slot) = link.jobs.lock() {
             *slot = None;
@@ -287,70 +288,178 @@ async fn serve(
     handlers: HashMap<String, Handler>,
     mut rx: mpsc::UnboundedReceiver<ToJobs>,
 ) -> Result<()> {
-    let mut tasks: JoinSet<Outcome> = JoinSet::new();
-    let mut running: HashMap<tokio::task::Id, u64> = HashMap::new();
-    let mut aborts: HashMap<u64, AbortHandle> = HashMap::new();
-    let stopped = super::serve_until_stopped(link.clone());
+    let stopped = super::termination::serve_until_stopped(link.clone());
     tokio::pin!(stopped);
     let report = |ticket: u64, result: Outcome| {
+        // A large result goes in parts, the last one in the `JobDone`.
+        let result = match fit(result) {
+            Ok(json) if json.len() > PART => {
+                let parts = split(&json);
+                let (last, head) = parts.split_last().expect("one part at least");
+                for part in head {
+                    let part = part.to_string();
+                    let _ = link.send(ToWatcher::JobDonePart { ticket, part });
+                }
+                Ok(last.to_string())
+            }
+            other => other,
+        };
         let _ = link.send(ToWatcher::JobDone { ticket, result });
+    };
+    let mut jobs = Running {
+        handlers: &handlers,
+        tasks: JoinSet::new(),
+        running: HashMap::new(),
+        aborts: HashMap::new(),
     };
     loop {
         tokio::select! {
             () = &mut stopped => break,
             msg = rx.recv() => match msg {
-                Some(ToJobs::Run(order)) => {
-                    let ticket = order.ticket;
-                    let Some(handler) = handlers.get(&order.name).cloned() else {
-                        report(ticket, Err(JobFailure::NoHandler(format!(
-                            "no handler named {:?} in this worker", order.name
-                        ))));
-                        continue;
-                    };
-                    let JobOrder { job, name, args, queue, pool, node, .. } = order;
-                    let ctx = JobContext {
-                        id: job.map(|(id, _)| JobId::new(id)),
-                        attempt: job.map(|(_, a)| a).unwrap_or(0),
-                        name,
-                        queue,
-                        pool,
-                        node,
-                    };
-                    let abort = tasks.spawn(handler(args, ctx));
-                    running.insert(abort.id(), ticket);
-                    aborts.insert(ticket, abort);
-                }
-                Some(ToJobs::Cancel(ticket)) => {
-                    if let Some(abort) = aborts.get(&ticket) {
-                        abort.abort();
-                    }
-                }
+                Some(msg) => jobs.take(msg, &report),
                 None => break,
             },
-            Some(done) = tasks.join_next_with_id(), if !tasks.is_empty() => {
-                let (ticket, result) = finished(done, &mut running);
-                aborts.remove(&ticket);
+            Some(done) = jobs.tasks.join_next_with_id(), if !jobs.tasks.is_empty() => {
+                let (ticket, result) = finished(done, &mut jobs.running);
+                jobs.aborts.remove(&ticket);
                 report(ticket, result);
             }
         }
     }
-    // Asked to stop: the watcher hands us nothing more; let what runs
-    // finish, within the shutdown timeout (the watcher kills us after it).
+    // Asked to stop: the watcher hands us nothing more, but what it sent
+    // before it saw the stop may still be on its way: those run too, with
+    // what runs, within the shutdown timeout (the watcher kills us after
+    // it). An order the watcher sent is never dropped unanswered while
+    // this worker lives.
     let grace = std::env::var(env::SHUTDOWN_TIMEOUT_MS)
         .ok()
         .and_then(|v| v.parse().ok())
         .map(Duration::from_millis)
         .unwrap_or(Duration::from_secs(10));
     let drain = async {
-        while let Some(done) = tasks.join_next_with_id().await {
-            let (ticket, result) = finished(done, &mut running);
-            report(ticket, result);
+        loop {
+            while let Ok(msg) = rx.try_recv() {
+                jobs.take(msg, &report);
+            }
+            if jobs.tasks.is_empty() {
+                // A last look for orders still in flight from the watcher.
+                match tokio::time::timeout(LATE_ORDERS, rx.recv()).await {
+                    Ok(Some(msg)) => {
+                        jobs.take(msg, &report);
+                        continue;
+                    }
+                    _ => break,
+                }
+            }
+            tokio::select! {
+                msg = rx.recv() => if let Some(msg) = msg { jobs.take(msg, &report) },
+                Some(done) = jobs.tasks.join_next_with_id() => {
+                    let (ticket, result) = finished(done, &mut jobs.running);
+                    jobs.aborts.remove(&ticket);
+                    report(ticket, result);
+                }
+            }
         }
     };
     if tokio::time::timeout(grace, drain).await.is_err() {
-        tasks.abort_all();
+        jobs.tasks.abort_all();
     }
     Ok(())
+}
+
+/// How long a stopping worker with nothing left to run still waits for
+/// orders the watcher sent before it saw the stop.
+const LATE_ORDERS: Duration = Duration::from_millis(50);
+
+/// The jobs a worker runs.
+struct Running<'a> {
+    handlers: &'a HashMap<String, Handler>,
+    tasks: JoinSet<Outcome>,
+    running: HashMap<tokio::task::Id, u64>,
+    aborts: HashMap<u64, AbortHandle>,
+}
+
+impl Running<'_> {
+    /// Starts an order, or cancels a running one.
+    fn take(&mut self, msg: ToJobs, report: &impl Fn(u64, Outcome)) {
+        match msg {
+            ToJobs::Run(order) => {
+                let ticket = order.ticket;
+                let Some(handler) = self.handlers.get(&order.name).cloned() else {
+                    report(
+                        ticket,
+                        Err(JobFailure::NoHandler(format!(
+                            "no handler named {:?} in this worker",
+                            order.name
+                        ))),
+                    );
+                    return;
+                };
+                let JobOrder {
+                    job,
+                    name,
+                    args,
+                    queue,
+                    pool,
+                    node,
+                    ..
+                } = order;
+                let ctx = JobContext {
+                    id: job.map(|(id, _)| JobId::new(id)),
+                    attempt: job.map(|(_, a)| a).unwrap_or(0),
+                    name,
+                    queue,
+                    pool,
+                    node,
+                };
+                let abort = self.tasks.spawn(handler(args, ctx));
+                self.running.insert(abort.id(), ticket);
+                self.aborts.insert(ticket, abort);
+            }
+            ToJobs::Cancel(ticket) => {
+                if let Some(abort) = self.aborts.get(&ticket) {
+                    abort.abort();
+                }
+            }
+        }
+    }
+}
+
+/// Room in one message for a job's outcome besides its text.
+const OUTCOME_OVERHEAD: usize = 64;
+
+/// The largest result a handler may return (the watcher takes no more).
+const MAX_RESULT: usize = 16 * 1024 * 1024;
+
+/// An outcome the watcher takes: a result too large fails the job
+/// (instead of breaking the channel), an error text too long for one
+/// message is cut.
+fn fit(result: Outcome) -> Outcome {
+    let room = MAX_MESSAGE - OUTCOME_OVERHEAD;
+    match result {
+        Ok(json) if json.len() > MAX_RESULT => Err(JobFailure::Failed(format!(
+            "the result is {} bytes of JSON; the watcher takes at most {MAX_RESULT}",
+            json.len()
+        ))),
+        Err(JobFailure::Failed(m)) => Err(JobFailure::Failed(cut(m, room))),
+        Err(JobFailure::Panicked(m)) => Err(JobFailure::Panicked(cut(m, room))),
+        Err(JobFailure::BadArgs(m)) => Err(JobFailure::BadArgs(cut(m, room))),
+        Err(JobFailure::NoHandler(m)) => Err(JobFailure::NoHandler(cut(m, room))),
+        other => other,
+    }
+}
+
+/// `text` cut to at most `max` bytes, on a character boundary.
+fn cut(mut text: String, max: usize) -> String {
+    if text.len() > max {
+        let mut end = max.saturating_sub(3);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push_str("...");
+    }
+    text
 }
 
 /// The ticket and outcome of a finished job task.
@@ -368,6 +477,27 @@ fn finished(
                 JobFailure::Panicked(format!("the handler panicked: {}", panic_text(e)))
             };
             (ticket, Err(failure))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_are_cut_to_fit_one_message() {
+        assert_eq!(fit(Ok("1".into())), Ok("1".into()));
+        let large = format!("\"{}\"", "x".repeat(MAX_MESSAGE));
+        assert_eq!(fit(Ok(large.clone())), Ok(large), "sent in parts");
+        let big = format!("\"{}\"", "x".repeat(MAX_RESULT));
+        assert!(matches!(fit(Ok(big)), Err(JobFailure::Failed(m)) if m.contains("bytes of JSON")));
+        let long = "é".repeat(MAX_MESSAGE);
+        match fit(Err(JobFailure::Failed(long))) {
+            Err(JobFailure::Failed(m)) => {
+                assert!(m.len() <= MAX_MESSAGE - OUTCOME_OVERHEAD && m.ends_with("..."))
+            }
+            other => panic!("{other:?}"),
         }
     }
 }

@@ -116,6 +116,7 @@ fn connect() -> Option<Arc<Shared>> {
                 stop: stop_tx,
                 inbox: inbox_tx,
                 pending: HashMap::new(),
+                parts: crate::ipc::parts::Assembly::new(super::dispatch::MAX_ARGS),
                 hub: HubState::default(),
             },
         },

@@ -18,12 +18,10 @@ mod jobs;
 mod link;
 mod shared;
 mod status;
+mod termination;
 
 pub use jobs::{JobContext, JobError, Jobs};
 pub use status::{Status, MAX_STATUS_LEN};
-
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
 
 use serde::{de::DeserializeOwned, Serialize};
 
@@ -36,7 +34,8 @@ use crate::log::ClusterLogLayer;
 use crate::signal;
 use crate::socket::{Address, DEFAULT_BACKLOG};
 use link::link;
-use shared::{AwaiterGuard, Granted, Shared};
+use shared::{Granted, Shared};
+use termination::serve_until_stopped;
 
 /// Entry point of the worker API. All functions are associated functions:
 /// there is one cluster connection per process.
@@ -248,9 +247,7 @@ impl Cluster {
     /// calls it too, so most programs never need to.
     pub fn ready() {
         if let Some(link) = link() {
-            if !link.ready_sent.swap(true, Ordering::SeqCst) {
-                let _ = link.send(ToWatcher::Ready);
-            }
+            termination::ready(link);
         }
     }
 
@@ -276,37 +273,6 @@ fn standalone_filter() -> crate::log::LogFilter {
         .ok()
         .and_then(|s| crate::log::LogFilter::parse(&s).ok())
         .unwrap_or_default()
-}
-
-/// Waits for the stop request, the watcher's departure or a termination
-/// signal, answering the watcher's pings meanwhile. Holds nothing that is
-/// not `Send` across an await, so `await_termination()` can be given to
-/// `axum::serve(..).with_graceful_shutdown(..)` or spawned.
-pub(crate) async fn serve_until_stopped(link: Arc<Shared>) {
-    let mut stop = link.stop.clone();
-    let mut pings = link.pings.latest.subscribe();
-    link.pings.awaiters.fetch_add(1, Ordering::SeqCst);
-    let _guard = AwaiterGuard(link.clone());
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let termination = signal::termination();
-    tokio::pin!(stopped, termination);
-    loop {
-        tokio::select! {
-            () = &mut stopped => break,
-            _ = &mut termination => break,
-            changed = pings.changed() => {
-                if changed.is_err() {
-                    // The IPC thread is gone; `stop` fires next.
-                    (&mut stopped).await;
-                    break;
-                }
-                let seq = *pings.borrow_and_update();
-                let _ = link.send(ToWatcher::Pong { seq });
-            }
-        }
-    }
 }
 
 /// A typed channel between a worker and its watcher; see [`Cluster::channel`].

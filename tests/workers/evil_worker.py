@@ -27,7 +27,7 @@ import socket
 import sys
 import time
 
-PROTOCOL = 4
+PROTOCOL = 5
 
 # ToWatcher variants
 HELLO, READY, SOCKET_REQUEST, PONG = 0, 1, 2, 3

@@ -18,9 +18,17 @@ use clap::{ArgAction, ArgMatches, CommandFactory, FromArgMatches};
 use crate::cli::Args;
 
 /// Options without an environment variable: the watcher sets
-/// `CLUSTER_POOL` and `CLUSTER_JOB_CONCURRENCY` for its workers, so a
-/// nested watcher must not read them as options.
-const NO_ENV: [&str; 4] = ["command", "pool", "job_concurrency", "config"];
+/// `CLUSTER_POOL`, `CLUSTER_JOB_CONCURRENCY`, `CLUSTER_NAME` and
+/// `CLUSTER_NODE` for its workers and job processes, so a nested watcher
+/// must not read them as options.
+const NO_ENV: [&str; 6] = [
+    "command",
+    "pool",
+    "job_concurrency",
+    "name",
+    "node",
+    "config",
+];
 
 /// The command, with a `CLUSTER_*` variable for each option.
 pub fn command() -> clap::Command {
@@ -205,6 +213,22 @@ mod tests {
             panic!("parses")
         };
         assert_eq!(a.command, ["./other"], "a program on the command line wins");
+    }
+
+    #[test]
+    fn what_the_watcher_sets_for_its_workers_is_no_option_variable() {
+        let cmd = command();
+        let env = |id: &str| {
+            cmd.get_arguments()
+                .find(|a| a.get_id() == id)
+                .and_then(|a| a.get_env())
+                .map(|e| e.to_string_lossy().into_owned())
+        };
+        for id in ["pool", "job_concurrency", "name", "node"] {
+            assert_eq!(env(id), None, "{id}");
+        }
+        assert_eq!(env("workers").as_deref(), Some("CLUSTER_WORKERS"));
+        assert_eq!(env("names").as_deref(), Some("CLUSTER_NAMES"));
     }
 
     #[test]

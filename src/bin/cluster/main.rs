@@ -179,9 +179,23 @@ fn main() -> ExitCode {
     for pattern in &args.allow_bind {
         builder = builder.allow_bind(pattern);
     }
-    if let Some(url) = &args.jobs {
+    for addr in &args.job_server {
+        builder = builder.job_server(addr);
+    }
+    if !args.job_server.is_empty() {
         builder = builder
-            .jobs(url)
+            .job_max_body(args.job_max_body)
+            .job_header_timeout(args.job_header_timeout);
+        if let Some(path) = &args.job_server_token_file {
+            builder = builder.job_server_token_file(path);
+        }
+    }
+    if let Some(url) = &args.jobs {
+        builder = builder.jobs(url);
+    }
+    if args.jobs.is_some() || !args.job_server.is_empty() {
+        builder = builder
+            .job_queue_limit(args.job_queue_limit)
             .per_job(args.per_job)
             .job_concurrency(args.job_concurrency)
             .job_prefetch(args.job_prefetch)

@@ -88,7 +88,7 @@ pub async fn command(
     args: Option<String>,
     timeout: Duration,
 ) -> ExitCode {
-    let args = match args.as_deref().map(|a| json_arg("the arguments", a)) {
+    let args = match args.as_deref().map(|a| json_arg("the argument", a)) {
         None => serde_json::Value::Null,
         Some(Ok(v)) => v,
         Some(Err(code)) => return code,

@@ -39,6 +39,9 @@ impl std::fmt::Debug for Source {
     }
 }
 
+/// In-memory calls that may wait for a worker unless configured otherwise.
+pub(crate) const DEFAULT_CALL_QUEUE_LIMIT: usize = 10_000;
+
 /// Everything the job dispatcher is configured with.
 #[derive(Debug, Clone)]
 pub(crate) struct JobsConfig {
@@ -68,6 +71,8 @@ pub(crate) struct JobsConfig {
     pub retention: Duration,
     /// What the pool plan warned about, logged at start.
     pub warnings: Vec<String>,
+    /// `--job-queue-limit`: in-memory calls that may wait for a worker.
+    pub call_queue_limit: usize,
     /// `--node`: this watcher's node name [default: host name plus a
     /// per-start id].
     pub node: Option<String>,
@@ -95,10 +100,17 @@ impl JobsConfig {
             source_interval: Duration::from_secs(5),
             retention: crate::jobs::store::DEFAULT_RETENTION,
             warnings: Vec::new(),
+            call_queue_limit: DEFAULT_CALL_QUEUE_LIMIT,
             node: None,
             node_timeout: DEFAULT_NODE_TIMEOUT,
             schema: None,
         }
+    }
+
+    /// Whether a store was given (`--jobs`); without one the dispatcher
+    /// runs the job server's in-memory calls only.
+    pub(crate) fn has_store(&self) -> bool {
+        !self.url.is_empty()
     }
 
     /// The workers the pools need in all.

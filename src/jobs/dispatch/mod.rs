@@ -16,18 +16,26 @@
 //! the ones never started are released without counting. On a shared
 //! store the node side (heartbeats, rescue, notifications) runs beside
 //! the loop (`nodes.rs`).
+//!
+//! The job server's in-memory calls ([`Call`], `calls.rs`) run on the same
+//! workers, with the same tickets and capacity; without a store (a job
+//! server without `--jobs`) the dispatcher runs calls only.
 
+mod calls;
 pub(crate) mod config;
+mod event;
 mod nodes;
 pub(crate) mod pools;
 mod runner;
 mod sources;
 mod state;
+mod workers;
 
+pub(crate) use calls::{Call, CallOutcome};
 pub(crate) use config::JobsConfig;
+pub(crate) use event::{HandlersReport, JobsEvent};
 
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,84 +43,45 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::error::{Error, Kind, Result};
-use crate::ipc::message::JobFailure;
 use crate::jobs::store::sqlite::WakeListener;
 use crate::jobs::store::{self, Store, StoreOptions};
 use crate::watcher::config::Config;
-use crate::watcher::event::{CommandSender, OutboundSender};
-use crate::watcher::status::JobsStatus;
+use crate::watcher::event::CommandSender;
 use nodes::{NodeTasks, Wake};
-use runner::ProcessDone;
 use state::Dispatcher;
-
-/// What the supervisor (and the dispatcher's own tasks) tell the dispatcher.
-pub(crate) enum JobsEvent {
-    /// A worker said `JobsReady`.
-    WorkerJoined {
-        context_id: u64,
-        slot: u32,
-        pid: u32,
-        outbound: OutboundSender,
-        accepting: Arc<AtomicBool>,
-        handlers: Vec<String>,
-        concurrency: u32,
-    },
-    /// A worker exited, or its channel closed (everything it sent was
-    /// handled before).
-    WorkerGone { context_id: u64, how: String },
-    /// A worker finished a job.
-    JobDone {
-        context_id: u64,
-        ticket: u64,
-        result: std::result::Result<String, JobFailure>,
-    },
-    /// A per-job process ended.
-    ProcessDone(ProcessDone),
-    /// The counters, for `cluster status` and metrics.
-    /// The dispatcher's report; with the store's counts per state when
-    /// `counts` (a query over every job, run beside the loop).
-    Status {
-        reply: oneshot::Sender<JobsStatus>,
-        counts: bool,
-    },
-    /// The watcher is stopping: claim nothing more, stop job processes
-    /// (SIGTERM, SIGKILL after `timeout`).
-    Stopping { timeout: Duration },
-    /// Every worker has exited: record what is left, release the jobs
-    /// never started, and answer.
-    Shutdown(oneshot::Sender<()>),
-    /// A claim the dispatcher started came back.
-    Claimed {
-        queue: String,
-        limit: usize,
-        result: Result<Vec<crate::jobs::Job>>,
-    },
-    /// A batch of outcomes the dispatcher started writing is written.
-    Flushed(Result<crate::jobs::store::FinishReport>),
-    /// This node had been declared dead (it missed its heartbeats): the
-    /// store queued again the jobs it holds, so the buffered ones go.
-    NodeLost,
-}
 
 /// The running dispatcher: a sender for its events and its task.
 pub(crate) struct JobsHandle {
     tx: mpsc::UnboundedSender<JobsEvent>,
-    store: Arc<dyn Store>,
     task: JoinHandle<()>,
     sources: Option<JoinHandle<()>>,
     url_file: Option<PathBuf>,
-    nodes: NodeTasks,
+    store: Option<Arc<dyn Store>>,
+    written: watch::Receiver<u64>,
+    /// The node side (`None` without a store).
+    nodes: Option<NodeTasks>,
 }
 
 impl JobsHandle {
-    /// The store the dispatcher runs (the dashboard's job queries use it).
-    pub(crate) fn store(&self) -> Arc<dyn Store> {
-        self.store.clone()
-    }
-
     /// Sends an event (dropped when the dispatcher is gone).
     pub(crate) fn send(&self, event: JobsEvent) {
         let _ = self.tx.send(event);
+    }
+
+    /// Where the job server sends its events.
+    pub(crate) fn sender(&self) -> mpsc::UnboundedSender<JobsEvent> {
+        self.tx.clone()
+    }
+
+    /// The store, when the watcher runs one (`--jobs`; the job server's
+    /// durable jobs and the dashboard's job queries use it).
+    pub(crate) fn store(&self) -> Option<Arc<dyn Store>> {
+        self.store.clone()
+    }
+
+    /// Changes each time a batch of job outcomes has been written.
+    pub(crate) fn outcomes_written(&self) -> watch::Receiver<u64> {
+        self.written.clone()
     }
 
     /// Records what is left and releases the jobs never started; waits at
@@ -128,7 +97,9 @@ impl JobsHandle {
         if tokio::time::timeout(timeout, rx).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(1), &mut self.task).await;
         }
-        let _ = tokio::time::timeout(timeout, self.nodes.leave()).await;
+        if let Some(nodes) = &self.nodes {
+            let _ = tokio::time::timeout(timeout, nodes.leave()).await;
+        }
     }
 }
 
@@ -172,7 +143,8 @@ fn node_name() -> String {
 /// store is refused) and re-queues what a dead watcher left running, on
 /// PostgreSQL joins as a node; registers the queues, writes the store's
 /// URL beside the pid file, and starts the dispatcher, its node tasks and
-/// the job sources.
+/// the job sources. Without a store URL it starts the dispatcher for
+/// in-memory calls only.
 ///
 /// # Errors
 ///
@@ -185,6 +157,23 @@ pub(crate) async fn start(
     commands: CommandSender,
     ready: watch::Receiver<bool>,
 ) -> Result<JobsHandle> {
+    let (written_tx, written) = watch::channel(0);
+    if !jobs.has_store() {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let node = jobs.node.clone().unwrap_or_else(node_name);
+        let dispatcher =
+            Dispatcher::new(jobs, watcher, None, node, commands, tx.clone(), written_tx);
+        let task = tokio::spawn(dispatcher.run(rx, None, ready));
+        return Ok(JobsHandle {
+            tx,
+            task,
+            sources: None,
+            url_file: None,
+            store: None,
+            written,
+            nodes: None,
+        });
+    }
     let options = StoreOptions {
         retry_base: jobs.retry_delay,
         schema: jobs.schema.clone(),
@@ -254,16 +243,25 @@ pub(crate) async fn start(
         (None, Some(n)) => Some(Wake::Notify(n)),
         (None, None) => None,
     };
-    let dispatcher = Dispatcher::new(jobs, watcher, store.clone(), node, commands, tx.clone())
-        .with_ended_keys(ended);
+    let dispatcher = Dispatcher::new(
+        jobs,
+        watcher,
+        Some(store.clone()),
+        node,
+        commands,
+        tx.clone(),
+        written_tx,
+    )
+    .with_ended_keys(ended);
     let task = tokio::spawn(dispatcher.run(rx, wake, ready));
     Ok(JobsHandle {
         tx,
-        store,
         task,
         sources,
         url_file,
-        nodes: node_tasks,
+        store: Some(store),
+        written,
+        nodes: Some(node_tasks),
     })
 }
 

@@ -152,6 +152,13 @@ impl Supervisor {
                     result,
                 });
             }
+            ToWatcher::JobDonePart { ticket, part } => {
+                self.services.jobs(JobsEvent::JobDonePart {
+                    context_id,
+                    ticket,
+                    part,
+                });
+            }
             ToWatcher::Data(bytes) => {
                 self.counters.messages_in += 1;
                 w.messages_in += 1;

@@ -285,6 +285,7 @@ impl Supervisor {
             jobs.shutdown(self.ctx.config.shutdown_timeout + Duration::from_secs(2))
                 .await;
         }
+        self.services.stop_job_server().await;
         let upgraded = self.upgrades.handed_to();
         if upgraded.is_some() {
             // The new watcher holds the listeners and their files now.

@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::error::{Error, Kind, Result};
 use crate::jobs::dispatch::{self, JobsEvent, JobsHandle};
 use crate::jobs::store::{self, Store, StoreOptions};
+use crate::jobserver::JobServer;
 use crate::pidfile::PidFile;
 use crate::watcher::config::Config;
 use crate::watcher::control;
@@ -48,7 +49,9 @@ pub(crate) struct HandedServices {
 /// pid file and stops the metrics responder.
 #[derive(Default)]
 pub(crate) struct Services {
-    /// The job dispatcher (`--jobs`), stopped first.
+    /// The job server (`--job-server`), stopped first.
+    job_server: Option<JobServer>,
+    /// The job dispatcher (`--jobs`, `--job-server`), stopped next.
     pub jobs: Option<JobsHandle>,
     /// CPU and memory samples of the workers, for status and the dashboard.
     sampler: Option<Sampler>,
@@ -172,7 +175,7 @@ impl Services {
         }
         services.start_jobs(config, commands, ready).await?;
         if let Some(addr) = config.http {
-            let store = services.jobs.as_ref().map(JobsHandle::store);
+            let store = services.jobs.as_ref().and_then(JobsHandle::store);
             let state = http_state(config, commands, &sampler, store);
             services.http = Some(http::Server::bind(addr, state).await?);
         }
@@ -200,7 +203,14 @@ impl Services {
             ready,
         )
         .await?;
-        tracing::info!("running jobs from {}", jobs.url);
+        if jobs.has_store() {
+            tracing::info!("running jobs from {}", jobs.url);
+        }
+        if let Some(server) = &config.job_server {
+            // In the new watcher of an upgrade, once the old one stopped
+            // its own (it released the store after that).
+            self.job_server = Some(JobServer::start(server, config.backlog, &handle).await?);
+        }
         self.jobs = Some(handle);
         Ok(())
     }
@@ -259,7 +269,7 @@ impl Services {
             });
         }
         if let Some(addr) = config.http {
-            let store = match &config.jobs {
+            let store = match config.jobs.as_ref().filter(|j| j.has_store()) {
                 Some(jobs) => {
                     let options = StoreOptions {
                         retry_base: jobs.retry_delay,
@@ -346,6 +356,16 @@ impl Services {
         if let Some(c) = &mut self.control {
             c.hand_over();
         }
+    }
+
+    /// Stops the job server: no new connection, and the requests being
+    /// served get their answers (every call was answered by the
+    /// dispatcher's shutdown before).
+    pub(crate) async fn stop_job_server(&mut self) {
+        if let Some(server) = self.job_server.as_mut() {
+            server.shutdown().await;
+        }
+        self.job_server = None;
     }
 
     /// Tells the job dispatcher, if one runs.
