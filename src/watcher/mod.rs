@@ -8,6 +8,7 @@
 
 mod balance;
 mod bind_policy;
+pub(crate) mod capture;
 pub(crate) mod config;
 mod control;
 mod control_hub;

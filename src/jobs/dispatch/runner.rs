@@ -26,9 +26,10 @@ use crate::error::{Error, Kind, Result};
 use crate::ipc::env;
 use crate::jobs::Job;
 use crate::sys;
+use crate::watcher::capture::{capture, Tail};
 use crate::watcher::config::Config;
 use crate::watcher::output::Source;
-use crate::watcher::process::{capture, describe_exit, spawn_registered, unregister, Tail};
+use crate::watcher::process::{describe_exit, spawn_registered, unregister};
 
 /// How a job process ended.
 pub(crate) struct ProcessDone {

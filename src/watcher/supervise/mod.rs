@@ -10,11 +10,12 @@
 //! workers, backoff, heartbeat), [`reload`] (rolling restart),
 //! [`listeners`] (the listener registry), [`services`] (pid file,
 //! control socket, metrics, watchdog), [`upgrade`] (the old watcher's side
-//! of a watcher upgrade) and [`takeover`] (the new watcher's side);
-//! [`dispatch`] handles each worker message. Processes are started through the [`Launcher`] in [`Ctx`], so
-//! the unit tests in `tests.rs` run all of this with fake processes under
-//! paused time.
+//! of a watcher upgrade), [`takeover`] (the new watcher's side) and
+//! [`counters`]; [`dispatch`] handles each worker message. Processes are
+//! started through the [`Launcher`] in [`Ctx`], so the unit tests in
+//! `tests/` run all of this with fake processes under paused time.
 
+mod counters;
 mod dispatch;
 mod health;
 mod listeners;
@@ -47,6 +48,7 @@ use crate::watcher::process::{signal_name, Launcher};
 use crate::watcher::status::WorkerState;
 use crate::watcher::systemd::Notifier;
 use crate::watcher::upgrade::Inherited;
+use counters::Counters;
 use listeners::Listeners;
 use reload::Reloads;
 use services::Services;
@@ -56,49 +58,6 @@ use upgrade::Upgrades;
 
 /// The most workers a watcher runs.
 pub(crate) const MAX_WORKERS: usize = 4096;
-
-/// Counters for `--metrics` that have no other home.
-#[derive(Default)]
-struct Counters {
-    messages_in: u64,
-    messages_out: u64,
-    /// Messages from workers dropped because nobody read them: in all, and
-    /// since the last report (logged at most once a second, and at stop).
-    messages_dropped: u64,
-    dropped_unreported: u64,
-    drop_report_at: Option<Instant>,
-    /// Records workers reported dropping from their own queues.
-    worker_log_drops: u64,
-    /// Workers replaced for `--max-requests` or `--max-memory`.
-    recycled: u64,
-    /// Failed reloads already told to the `--on-event` hook.
-    reloads_failed_told: u64,
-}
-
-/// How often dropped messages are reported at most.
-const DROP_REPORT_EVERY: Duration = Duration::from_secs(1);
-
-impl Counters {
-    fn message_dropped(&mut self) {
-        self.messages_dropped += 1;
-        self.dropped_unreported += 1;
-        self.drop_report_at
-            .get_or_insert_with(|| Instant::now() + DROP_REPORT_EVERY);
-    }
-
-    /// Logs the drops since the last report, if any.
-    fn report_drops(&mut self) {
-        self.drop_report_at = None;
-        if self.dropped_unreported > 0 {
-            tracing::warn!(
-                "{} message(s) from workers dropped ({} in all): nobody reads ClusterWatcher::messages() fast enough",
-                self.dropped_unreported,
-                self.messages_dropped
-            );
-            self.dropped_unreported = 0;
-        }
-    }
-}
 
 /// The channels the supervisor is built with.
 pub(crate) struct Channels {
