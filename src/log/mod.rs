@@ -13,14 +13,17 @@
 //!
 //! The files: [`record`] (the record, its typed fields, text formatting),
 //! [`filter`] (the public [`LogFilter`]), [`layer`] (the worker's tracing
-//! layer and slog drain).
+//! layer and slog drain), [`json`] (a record as a JSON line, written
+//! straight into the watcher's buffer).
 
 mod filter;
+mod json;
 mod layer;
 pub(crate) use layer::delegate_filtering;
 mod record;
 
 pub use filter::LogFilter;
+pub(crate) use json::{write_json_line, JsonHead};
 pub use layer::ClusterLogLayer;
 #[cfg(feature = "slog")]
 pub use layer::ClusterSlogDrain;

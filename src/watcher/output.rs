@@ -21,7 +21,8 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::Layer;
 
 use crate::log::{
-    format_text, format_timestamp, level_name, now_nanos, record_from_event, LogFilter, LogRecord,
+    format_text, format_timestamp, level_name, now_nanos, record_from_event, write_json_line,
+    JsonHead, LogFilter, LogRecord,
 };
 
 /// Entries the writer may lag behind before producers drop.
@@ -423,40 +424,62 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
             format_text(&entry.record, &tag, out);
         }
         LogFormat::Json => {
-            let mut ts = String::with_capacity(32);
-            format_timestamp(entry.record.ts_nanos, &mut ts);
-            let mut fields: serde_json::Map<String, serde_json::Value> = entry
-                .record
-                .fields
-                .iter()
-                .map(|(k, v)| (k.clone(), v.to_json()))
-                .collect();
-            let mut message = std::borrow::Cow::Borrowed(entry.record.message.as_str());
             if source_is_line(entry.source) {
                 if let Some((text, object)) = json_object_line(&entry.record.message) {
-                    message = std::borrow::Cow::Owned(text);
-                    fields.extend(object);
+                    format_object_line(entry, source, slot, job, pid, text, object, out);
+                    return;
                 }
             }
-            let line = JsonLine {
-                ts: &ts,
-                level: level_name(entry.record.level),
+            let head = JsonHead {
                 source,
                 slot,
                 job,
                 pid,
-                target: &entry.record.target,
-                message: &message,
-                fields,
-                spans: &entry.record.spans,
             };
-            match serde_json::to_string(&line) {
-                Ok(s) => out.push_str(&s),
-                Err(e) => out.push_str(&format!(
-                    "{{\"level\":\"ERROR\",\"message\":\"unencodable record: {e}\"}}"
-                )),
-            }
+            write_json_line(&head, &entry.record, out);
         }
+    }
+}
+
+/// A printed line that was a JSON object: its keys join the record's
+/// fields (the slow path: a map, as before).
+#[allow(clippy::too_many_arguments)]
+fn format_object_line(
+    entry: &Entry,
+    source: &'static str,
+    slot: Option<u32>,
+    job: Option<i64>,
+    pid: u32,
+    message: String,
+    object: serde_json::Map<String, serde_json::Value>,
+    out: &mut String,
+) {
+    let mut ts = String::with_capacity(32);
+    format_timestamp(entry.record.ts_nanos, &mut ts);
+    let mut fields: serde_json::Map<String, serde_json::Value> = entry
+        .record
+        .fields
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_json()))
+        .collect();
+    fields.extend(object);
+    let line = JsonLine {
+        ts: &ts,
+        level: level_name(entry.record.level),
+        source,
+        slot,
+        job,
+        pid,
+        target: &entry.record.target,
+        message: &message,
+        fields,
+        spans: &entry.record.spans,
+    };
+    match serde_json::to_string(&line) {
+        Ok(s) => out.push_str(&s),
+        Err(e) => out.push_str(&format!(
+            "{{\"level\":\"ERROR\",\"message\":\"unencodable record: {e}\"}}"
+        )),
     }
 }
 
