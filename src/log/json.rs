@@ -29,13 +29,17 @@ pub(crate) fn write_json_line(head: &JsonHead<'_>, record: &LogRecord, out: &mut
     out.push_str(level_name(record.level));
     out.push_str("\",\"source\":");
     push_str(out, head.source);
+    let mut digits = itoa::Buffer::new();
     if let Some(slot) = head.slot {
-        let _ = write!(out, ",\"slot\":{slot}");
+        out.push_str(",\"slot\":");
+        out.push_str(digits.format(slot));
     }
     if let Some(job) = head.job {
-        let _ = write!(out, ",\"job\":{job}");
+        out.push_str(",\"job\":");
+        out.push_str(digits.format(job));
     }
-    let _ = write!(out, ",\"pid\":{}", head.pid);
+    out.push_str(",\"pid\":");
+    out.push_str(digits.format(head.pid));
     if !record.target.is_empty() {
         out.push_str(",\"target\":");
         push_str(out, &record.target);
@@ -92,12 +96,8 @@ fn push_field(first: bool, key: &str, value: &FieldValue, out: &mut String) {
     out.push(':');
     match value {
         FieldValue::Str(s) => push_str(out, s),
-        FieldValue::I64(n) => {
-            let _ = write!(out, "{n}");
-        }
-        FieldValue::U64(n) => {
-            let _ = write!(out, "{n}");
-        }
+        FieldValue::I64(n) => out.push_str(itoa::Buffer::new().format(*n)),
+        FieldValue::U64(n) => out.push_str(itoa::Buffer::new().format(*n)),
         FieldValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
         // Rare: serde_json's own float formatting (a non-finite one is its text).
         FieldValue::F64(_) => match serde_json::to_string(&value.to_json()) {
