@@ -82,6 +82,7 @@ mod listener_axum;
 mod log;
 mod pidfile;
 mod pipe;
+mod pipe_end;
 mod signal;
 mod socket;
 mod storage;
@@ -106,9 +107,10 @@ pub use listener::{BalancedListener, Listener};
 pub use log::ClusterSlogDrain;
 pub use log::{ClusterLogLayer, LogFilter};
 pub use pipe::{
-    pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,
-    TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
+    ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe, TransferableSocket,
+    TransferredSocket, MAX_HANDOFF_DATA,
 };
+pub use pipe_end::{inherited_pipe, pipe_pair};
 pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use storage::{Change, ChangeKind, SetValue, Storage, Versioned, Watch};
 pub use watcher::{
