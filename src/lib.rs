@@ -84,6 +84,7 @@ mod pidfile;
 mod pipe;
 mod pipe_end;
 mod signal;
+mod server_pipe;
 mod socket;
 mod storage;
 // The one module with `unsafe` code: each block says why it is sound.
@@ -111,6 +112,9 @@ pub use pipe::{
     TransferredSocket, MAX_HANDOFF_DATA,
 };
 pub use pipe_end::{inherited_pipe, pipe_pair};
+pub use server_pipe::{
+    ListenerFactory, ServerSocketPipeFactory, ServerSocketPipeProvider, MAX_PIPE_ADDRESSES,
+};
 pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use storage::{Change, ChangeKind, SetValue, Storage, Versioned, Watch};
 pub use watcher::{
