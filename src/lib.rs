@@ -45,6 +45,15 @@
 //! [`ClusterWatcher`] is the supervisor the CLI runs, with a builder,
 //! `start`, `stop`, `wait` and `workers`.
 //!
+//! ## Socket pipes, without the watcher
+//!
+//! Between any two processes, over a `SOCK_SEQPACKET` pipe ([`pipe_pair`],
+//! [`inherited_pipe`]): [`ClientSocketSendPipe`] hands accepted
+//! connections with data to a [`ClientSocketReceivePipe`]; a
+//! [`ServerSocketPipeProvider`] binds listening sockets once and shares
+//! them with every [`ServerSocketPipeFactory`] that asks (one accept queue
+//! for all of them).
+//!
 //! ## Jobs
 //!
 //! [`JobQueue`] submits durable jobs ([`NewJob`]) to a job store (an
@@ -83,8 +92,8 @@ mod log;
 mod pidfile;
 mod pipe;
 mod pipe_end;
-mod signal;
 mod server_pipe;
+mod signal;
 mod socket;
 mod storage;
 // The one module with `unsafe` code: each block says why it is sound.

@@ -33,8 +33,7 @@ use crate::sys;
 /// An error for which [`Error::is_ipc`] is true when `socketpair(2)` fails
 /// (for example at the descriptor limit).
 pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
-    crate::ipc::pair()
-        .map_err(|e| Error::with_io(Kind::Ipc, "cannot create a pipe socketpair", e))
+    crate::ipc::pair().map_err(|e| Error::with_io(Kind::Ipc, "cannot create a pipe socketpair", e))
 }
 
 /// Descriptor numbers [`inherited_pipe`] has taken in this process.
@@ -80,7 +79,8 @@ pub fn inherited_pipe(var: &str) -> Result<OwnedFd> {
     if taken.contains(&raw) {
         return Err(bad(format!("descriptor {raw} was taken already")));
     }
-    let fd = sys::take_inherited_seqpacket(raw).map_err(|e| bad(format!("descriptor {raw}: {e}")))?;
+    let fd =
+        sys::take_inherited_seqpacket(raw).map_err(|e| bad(format!("descriptor {raw}: {e}")))?;
     taken.insert(raw);
     Ok(fd)
 }

@@ -94,7 +94,10 @@ fn example_bin() -> PathBuf {
             cargo.arg("--release");
         }
         let status = cargo.status().expect("run cargo");
-        assert!(status.success(), "cargo build --example server_socket_pipe: {status}");
+        assert!(
+            status.success(),
+            "cargo build --example server_socket_pipe: {status}"
+        );
         common::example("server_socket_pipe")
     })
     .clone()
@@ -191,9 +194,12 @@ fn two_children_share_one_socket_and_one_accept_queue() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while children.len() < 2 {
         let left = deadline.saturating_duration_since(Instant::now());
-        let line = parent
-            .line(left)
-            .unwrap_or_else(|| panic!("children did not report; stderr: {}", parent.stderr_until_closed(Duration::from_millis(100))));
+        let line = parent.line(left).unwrap_or_else(|| {
+            panic!(
+                "children did not report; stderr: {}",
+                parent.stderr_until_closed(Duration::from_millis(100))
+            )
+        });
         if let Some((pid, local, inode)) = parse_child_line(&line) {
             assert_eq!(local, addr, "{line}");
             children.insert(pid, inode);
@@ -229,7 +235,9 @@ fn two_children_share_one_socket_and_one_accept_queue() {
     assert!(status.success(), "{status}");
     for pid in children.keys() {
         assert!(
-            common::wait_for(Duration::from_secs(5), || (!common::alive(*pid)).then_some(())).is_some(),
+            common::wait_for(Duration::from_secs(5), || (!common::alive(*pid))
+                .then_some(()))
+            .is_some(),
             "child {pid} outlived the parent"
         );
     }
@@ -277,7 +285,10 @@ fn a_bind_failure_is_an_err_with_the_parents_reason() {
             .await
             .unwrap_err();
         assert!(err.is_bind(), "{err}");
-        assert!(err.to_string().contains("No such file or directory"), "{err}");
+        assert!(
+            err.to_string().contains("No such file or directory"),
+            "{err}"
+        );
         // The connection still serves.
         factory.listen("127.0.0.1:0").await.unwrap();
     })
@@ -330,20 +341,39 @@ fn garbage_and_hang_ups_do_not_disturb_other_connections() {
         type Attack = (&'static str, Vec<u8>, bool, bool);
         let attacks: Vec<Attack> = vec![
             // (what, bytes, attach a descriptor, then hang up before the reply)
-            ("garbage", b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(), false, false),
+            (
+                "garbage",
+                b"\xff\xff\xff\xff\xff\xff\xff\xff\xff\xff".to_vec(),
+                false,
+                false,
+            ),
             ("oversize", oversize, false, false),
             ("truncated", truncated, false, false),
             ("wrong version", wrong_version, false, false),
             ("empty datagram", Vec::new(), false, false),
-            ("descriptor attached", raw_request(1, "127.0.0.1:0"), true, false),
-            ("hang-up mid-request", raw_request(1, "127.0.0.1:0"), false, true),
+            (
+                "descriptor attached",
+                raw_request(1, "127.0.0.1:0"),
+                true,
+                false,
+            ),
+            (
+                "hang-up mid-request",
+                raw_request(1, "127.0.0.1:0"),
+                false,
+                true,
+            ),
         ];
         let mut tasks = Vec::new();
         let mut kept = Vec::new();
         for (what, bytes, attach, hang_up) in attacks {
             let (mine, theirs) = pipe_pair().unwrap();
             let p = provider.clone();
-            tasks.push((what, hang_up, tokio::spawn(async move { p.provide_for(theirs).await })));
+            tasks.push((
+                what,
+                hang_up,
+                tokio::spawn(async move { p.provide_for(theirs).await }),
+            ));
             let fds = if attach { vec![r.as_raw_fd()] } else { vec![] };
             send_raw(&mine, &bytes, &fds);
             if hang_up {
@@ -352,7 +382,11 @@ fn garbage_and_hang_ups_do_not_disturb_other_connections() {
                 kept.push(mine); // the attacker stays connected
             }
             // Between attacks, the good connection still gets its socket.
-            assert_eq!(inode(&good.listen("127.0.0.1:0").await.unwrap()), before, "after {what}");
+            assert_eq!(
+                inode(&good.listen("127.0.0.1:0").await.unwrap()),
+                before,
+                "after {what}"
+            );
         }
         for (what, hang_up, task) in tasks {
             let result = tokio::time::timeout(Duration::from_secs(5), task)
@@ -372,7 +406,8 @@ fn garbage_and_hang_ups_do_not_disturb_other_connections() {
         // The attackers' connections were closed by the provider.
         for fd in &kept {
             let mut buf = [0u8; 16];
-            let n = nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).unwrap();
+            let n =
+                nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT).unwrap();
             assert_eq!(n, 0, "connection still open");
         }
         assert_eq!(inode(&good.listen("127.0.0.1:0").await.unwrap()), before);
@@ -383,7 +418,9 @@ fn garbage_and_hang_ups_do_not_disturb_other_connections() {
 fn one_provider_serves_many_connections_at_once() {
     run(async {
         let provider = ServerSocketPipeProvider::new();
-        let factories: Vec<_> = (0..16).map(|_| std::sync::Arc::new(connect(&provider))).collect();
+        let factories: Vec<_> = (0..16)
+            .map(|_| std::sync::Arc::new(connect(&provider)))
+            .collect();
         let port = common::free_port();
         let addr = format!("127.0.0.1:{port}");
         let tasks: Vec<_> = factories
@@ -406,7 +443,10 @@ fn one_provider_serves_many_connections_at_once() {
         // The standalone ServerSocketFactory implements it too: it binds
         // here, so the address is in use (SO_REUSEADDR does not share a
         // listening port).
-        let err = Cluster::server_socket_factory().listen(&addr).await.unwrap_err();
+        let err = Cluster::server_socket_factory()
+            .listen(&addr)
+            .await
+            .unwrap_err();
         assert!(err.is_bind(), "{err}");
     })
 }
@@ -448,8 +488,15 @@ fn no_descriptor_leaks_over_10000_requests() {
         while open_fds() != initial && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
-        assert_eq!(open_fds(), initial, "descriptors left after the provider is gone");
+        assert_eq!(
+            open_fds(),
+            initial,
+            "descriptors left after the provider is gone"
+        );
     });
     assert_eq!(run(async { open_fds() }), before);
-    assert!(!dir.path().join("s.sock").exists(), "the provider's socket file is left");
+    assert!(
+        !dir.path().join("s.sock").exists(),
+        "the provider's socket file is left"
+    );
 }

@@ -105,12 +105,8 @@ impl ServerSocketPipeFactory {
     /// Asks for `addr` and waits for the answer to this request.
     async fn request(&self, addr: &str) -> Result<OwnedFd> {
         let ipc = |what: String| move |e| Error::with_io(Kind::Ipc, what, e);
-        let malformed = |why: String| {
-            Error::new(
-                Kind::Ipc,
-                format!("malformed server socket reply: {why}"),
-            )
-        };
+        let malformed =
+            |why: String| Error::new(Kind::Ipc, format!("malformed server socket reply: {why}"));
         let mut state = self.state.lock().await;
         state.last_id += 1;
         let id = state.last_id;
@@ -121,21 +117,24 @@ impl ServerSocketPipeFactory {
         self.channel
             .send_bytes(&bytes, &[])
             .await
-            .map_err(ipc(format!("cannot ask the server socket provider for {addr}")))?;
+            .map_err(ipc(format!(
+                "cannot ask the server socket provider for {addr}"
+            )))?;
         loop {
-            let (len, mut fds) = match self.channel.recv_bytes(&mut state.buf).await {
-                Ok(received) => received,
-                Err(RecvError::Closed) => {
-                    return Err(Error::new(
+            let (len, mut fds) =
+                match self.channel.recv_bytes(&mut state.buf).await {
+                    Ok(received) => received,
+                    Err(RecvError::Closed) => return Err(Error::new(
                         Kind::Ipc,
-                        format!("cannot listen on {addr}: the server socket provider closed the pipe"),
-                    ))
-                }
-                Err(RecvError::Io(e)) => {
-                    return Err(ipc(format!("cannot listen on {addr}: the pipe failed"))(e))
-                }
-                Err(e) => return Err(malformed(e.to_string())),
-            };
+                        format!(
+                            "cannot listen on {addr}: the server socket provider closed the pipe"
+                        ),
+                    )),
+                    Err(RecvError::Io(e)) => {
+                        return Err(ipc(format!("cannot listen on {addr}: the pipe failed"))(e))
+                    }
+                    Err(e) => return Err(malformed(e.to_string())),
+                };
             let reply = wire::decode_reply(&state.buf[..len]).map_err(malformed)?;
             if reply.id < id {
                 // The answer to a cancelled `listen`: its socket closes here.

@@ -227,10 +227,7 @@ impl ServerSocketPipeProvider {
 
     fn sockets(&self) -> MutexGuard<'_, SharedSockets> {
         // Nothing panics while holding it; a poisoned lock is still sound.
-        self.inner
-            .sockets
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        self.inner.sockets.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

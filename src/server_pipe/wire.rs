@@ -212,7 +212,10 @@ mod tests {
         let custom = Error::with_io(
             Kind::Bind,
             "cannot listen on unix:///x",
-            io::Error::new(io::ErrorKind::AlreadyExists, "path exists and is not a socket"),
+            io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "path exists and is not a socket",
+            ),
         );
         let back = Refusal::from_error(&custom).into_error();
         assert!(back.is_bind());
@@ -249,7 +252,9 @@ mod tests {
             &[][..],
             &[VERSION][..],
             &[VERSION, 1, 200][..],
-            &[VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff][..],
+            &[
+                VERSION, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+            ][..],
             &[VERSION, 1, 2, 0xff, 0xfe][..], // not UTF-8
             &wrong_version,
             &trailing,
