@@ -129,6 +129,17 @@ impl Error {
         Self::new(Kind::Closed, context)
     }
 
+    /// The kind, for code that carries an error across a process boundary
+    /// (`server_pipe/wire.rs`).
+    pub(crate) fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The context text, without the source.
+    pub(crate) fn context(&self) -> &str {
+        &self.context
+    }
+
     /// The address given to `listen` could not be parsed.
     pub fn is_invalid_address(&self) -> bool {
         self.kind == Kind::InvalidAddress

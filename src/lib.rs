@@ -45,6 +45,15 @@
 //! [`ClusterWatcher`] is the supervisor the CLI runs, with a builder,
 //! `start`, `stop`, `wait` and `workers`.
 //!
+//! ## Socket pipes, without the watcher
+//!
+//! Between any two processes, over a `SOCK_SEQPACKET` pipe ([`pipe_pair`],
+//! [`inherited_pipe`]): [`ClientSocketSendPipe`] hands accepted
+//! connections with data to a [`ClientSocketReceivePipe`]; a
+//! [`ServerSocketPipeProvider`] binds listening sockets once and shares
+//! them with every [`ServerSocketPipeFactory`] that asks (one accept queue
+//! for all of them).
+//!
 //! ## Jobs
 //!
 //! [`JobQueue`] submits durable jobs ([`NewJob`]) to a job store (an
@@ -82,6 +91,8 @@ mod listener_axum;
 mod log;
 mod pidfile;
 mod pipe;
+mod pipe_end;
+mod server_pipe;
 mod signal;
 mod socket;
 mod storage;
@@ -106,8 +117,12 @@ pub use listener::{BalancedListener, Listener};
 pub use log::ClusterSlogDrain;
 pub use log::{ClusterLogLayer, LogFilter};
 pub use pipe::{
-    pipe_pair, ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe,
-    TransferableSocket, TransferredSocket, MAX_HANDOFF_DATA,
+    ClientSocketPipeListener, ClientSocketReceivePipe, ClientSocketSendPipe, TransferableSocket,
+    TransferredSocket, MAX_HANDOFF_DATA,
+};
+pub use pipe_end::{inherited_pipe, pipe_pair};
+pub use server_pipe::{
+    ListenerFactory, ServerSocketPipeFactory, ServerSocketPipeProvider, MAX_PIPE_ADDRESSES,
 };
 pub use socket::{PeerAddr, Stream, DEFAULT_BACKLOG};
 pub use storage::{Change, ChangeKind, SetValue, Storage, Versioned, Watch};

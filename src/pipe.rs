@@ -84,60 +84,9 @@ fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T> {
     codec::decode(envelope.data).map_err(|e| malformed(format!("data: {e}")))
 }
 
-/// Checks that `fd` is a Unix `SOCK_SEQPACKET` socket.
-fn check_seqpacket(fd: &OwnedFd) -> Result<()> {
-    let sock = SockRef::from(fd);
-    let err = |e| {
-        Error::with_io(
-            Kind::Ipc,
-            "a client socket pipe needs a Unix SOCK_SEQPACKET socket",
-            e,
-        )
-    };
-    let ty = sock.r#type().map_err(err)?;
-    let domain = sock.domain().map_err(err)?;
-    if ty != Type::SEQPACKET || domain != Domain::UNIX {
-        return Err(Error::new(
-            Kind::Ipc,
-            "a client socket pipe needs a Unix SOCK_SEQPACKET socket",
-        ));
-    }
-    Ok(())
-}
-
 /// Wraps a checked pipe descriptor in a [`Channel`] on the current runtime.
 fn channel(fd: OwnedFd) -> Result<Channel> {
-    if tokio::runtime::Handle::try_current().is_err() {
-        return Err(Error::new(
-            Kind::Ipc,
-            "a client socket pipe must be created within a tokio runtime",
-        ));
-    }
-    check_seqpacket(&fd)?;
-    Channel::new(fd)
-        .map_err(|e| Error::with_io(Kind::Ipc, "cannot set up the client socket pipe", e))
-}
-
-/// Creates a connected pair of `SOCK_SEQPACKET` Unix sockets for a
-/// [`ClientSocketSendPipe`] and a [`ClientSocketReceivePipe`], both ends
-/// close-on-exec.
-///
-/// Either end may be used for either direction. To give one end to a child
-/// process it must survive `exec`; when that is impractical, let the child
-/// connect to a [`ClientSocketPipeListener`] instead.
-///
-/// # Errors
-///
-/// An error for which [`Error::is_ipc`] is true when `socketpair(2)` fails
-/// (for example at the descriptor limit).
-pub fn pipe_pair() -> Result<(OwnedFd, OwnedFd)> {
-    crate::ipc::pair().map_err(|e| {
-        Error::with_io(
-            Kind::Ipc,
-            "cannot create a client socket pipe socketpair",
-            e,
-        )
-    })
+    crate::pipe_end::channel(fd, "a client socket pipe")
 }
 
 /// A client socket that can be handed off with [`ClientSocketSendPipe::send`].
@@ -278,7 +227,7 @@ pub struct ClientSocketSendPipe {
 
 impl ClientSocketSendPipe {
     /// Wraps one end of a connected Unix `SOCK_SEQPACKET` socket (from
-    /// [`pipe_pair`], [`ClientSocketPipeListener::accept`], or your own),
+    /// [`pipe_pair`](crate::pipe_pair), [`ClientSocketPipeListener::accept`], or your own),
     /// making it non-blocking. Must be called within a tokio runtime; the
     /// pipe then belongs to that runtime's reactor.
     ///
@@ -364,7 +313,7 @@ impl Drop for BufGuard<'_> {
 
 impl ClientSocketReceivePipe {
     /// Wraps one end of a connected Unix `SOCK_SEQPACKET` socket (from
-    /// [`pipe_pair`] or your own), making it non-blocking. Must be called
+    /// [`pipe_pair`](crate::pipe_pair) or your own), making it non-blocking. Must be called
     /// within a tokio runtime; the pipe then belongs to that runtime's reactor.
     ///
     /// # Errors
@@ -524,7 +473,7 @@ impl<T> TransferredSocket<T> {
 }
 
 /// A listening Unix `SOCK_SEQPACKET` socket at a filesystem path, so that
-/// processes which cannot inherit a [`pipe_pair`] end (a child started with
+/// processes which cannot inherit a [`pipe_pair`](crate::pipe_pair) end (a child started with
 /// `std::process::Command`, an unrelated process) can get a pipe by
 /// connecting with [`ClientSocketReceivePipe::connect`].
 ///
@@ -627,6 +576,7 @@ impl Drop for ClientSocketPipeListener {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipe_end::pipe_pair;
     use std::os::fd::AsRawFd;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

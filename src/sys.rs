@@ -165,6 +165,54 @@ pub(crate) fn take_inherited_fd(raw: RawFd) -> io::Result<OwnedFd> {
     set_cloexec(fd)
 }
 
+/// Takes ownership of a Unix `SOCK_SEQPACKET` socket that this process
+/// inherited through `exec` at descriptor number `raw` (a pipe end a parent
+/// named in an environment variable), and sets `FD_CLOEXEC` on it. Anything
+/// else at `raw` (nothing, a standard stream, another kind of descriptor) is
+/// refused and left alone.
+///
+/// The caller (`pipe_end::inherited_pipe`) guarantees this runs at most
+/// once per descriptor number and process, and never for the number of the
+/// watcher's own socket (`CLUSTER_IPC_FD`), which the worker module takes.
+pub(crate) fn take_inherited_seqpacket(raw: RawFd) -> io::Result<OwnedFd> {
+    if raw < 3 {
+        return Err(io::Error::from_raw_os_error(libc::EBADF));
+    }
+    let int_opt = |name: libc::c_int| -> io::Result<libc::c_int> {
+        let mut value: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `value` and `len` are valid for writes of the sizes
+        // passed; getsockopt on a closed number or a non-socket fails
+        // (EBADF, ENOTSOCK) without side effects, and takes no ownership.
+        let rc = unsafe {
+            libc::getsockopt(
+                raw,
+                libc::SOL_SOCKET,
+                name,
+                (&mut value as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        if rc < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(value)
+    };
+    if int_opt(libc::SO_DOMAIN)? != libc::AF_UNIX || int_opt(libc::SO_TYPE)? != libc::SOCK_SEQPACKET
+    {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a Unix SOCK_SEQPACKET socket",
+        ));
+    }
+    // SAFETY: the descriptor is open (getsockopt succeeded on it) and is the
+    // seqpacket socket the parent passed through exec for this process; the
+    // caller takes each number once (a process-wide set) and never the
+    // worker's IPC descriptor, so no other OwnedFd will ever close it.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    set_cloexec(fd)
+}
+
 /// Device and inode of the file open at descriptor number `raw`, or `None`
 /// when nothing is open there. Does not take ownership of `raw`.
 pub(crate) fn inode_of(raw: RawFd) -> Option<(u64, u64)> {

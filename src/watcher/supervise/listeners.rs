@@ -12,6 +12,11 @@
 //! The `--listen` sockets are the same listeners, bound at start-up and
 //! pinned: held by the command line (a holder that never leaves), so they
 //! are never swept; reuseport ones live as long as their slot.
+//!
+//! The shared listeners live in a [`SharedSockets`], the bind-once,
+//! duplicate-for-everyone core that a `ServerSocketPipeProvider` uses too;
+//! the policy around it (holders, bounds, headroom, sweeping) is this
+//! registry's.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::OwnedFd;
@@ -24,6 +29,7 @@ use tokio::time::Instant;
 use crate::activation::{self, Activated};
 use crate::error::{Error, Kind, Result};
 use crate::ipc::message::BalancedGrant;
+use crate::server_pipe::shared::{dup, SharedSockets};
 use crate::socket::Address;
 use crate::watcher::balance::{Balance, Balancer};
 use crate::watcher::bind_policy::BindPolicy;
@@ -67,7 +73,8 @@ pub(crate) enum Grant {
 pub(crate) struct Listeners {
     balance: Balance,
     backlog: u32,
-    shared: HashMap<Address, OwnedFd>,
+    /// Shared mode and the `--listen` sockets: one listener per address.
+    shared: SharedSockets,
     /// Reuseport mode: one listener per address and slot.
     reuseport: HashMap<(Address, u32), OwnedFd>,
     /// Balanced modes: the watcher's accept loop per address.
@@ -103,7 +110,7 @@ impl Listeners {
         Listeners {
             balance,
             backlog,
-            shared: HashMap::new(),
+            shared: SharedSockets::new(backlog),
             reuseport: HashMap::new(),
             balancers: HashMap::new(),
             next_balancer_id: 1,
@@ -141,7 +148,7 @@ impl Listeners {
             });
             Ok::<_, Error>(())
         };
-        for (addr, fd) in &self.shared {
+        for (addr, fd) in self.shared.iter() {
             push(ListenerKind::Shared, addr, None, fd.try_clone())?;
         }
         for ((addr, slot), fd) in &self.reuseport {
@@ -486,17 +493,12 @@ impl Listeners {
     /// Closes every listener and removes Unix socket files.
     pub(crate) fn shutdown(&mut self) {
         self.reuseport.clear();
-        let addresses: Vec<Address> = self
-            .balancers
-            .drain()
-            .map(|(a, _)| a)
-            .chain(self.shared.drain().map(|(a, _)| a))
-            .collect();
-        for addr in addresses {
+        for (addr, _) in self.balancers.drain() {
             if let Address::Unix(path) = addr {
                 let _ = std::fs::remove_file(path);
             }
         }
+        self.shared.close_all();
     }
 
     fn balancer(&self, id: u64) -> Option<&Balancer> {
@@ -552,13 +554,14 @@ impl Listeners {
 
     /// The listener for `addr`, bound on first request.
     fn shared_for(&mut self, addr: &Address) -> Result<OwnedFd> {
-        if !self.shared.contains_key(addr) {
+        if !self.shared.contains(addr) {
             self.check_room(addr)?;
-            let fd = addr.bind(self.backlog)?;
-            tracing::info!("listening on {addr}");
-            self.shared.insert(addr.clone(), fd);
         }
-        dup(&self.shared[addr], addr)
+        let (fd, bound) = self.shared.grant(addr)?;
+        if bound {
+            tracing::info!("listening on {addr}");
+        }
+        Ok(fd)
     }
 
     /// A duplicate of the socket-activated listener matching `addr`, if
@@ -582,14 +585,4 @@ fn check_headroom(addr: &Address) -> Result<()> {
         )),
         None => Ok(()),
     }
-}
-
-fn dup(fd: &OwnedFd, addr: &Address) -> Result<OwnedFd> {
-    fd.try_clone().map_err(|e| {
-        Error::with_io(
-            Kind::Io,
-            format!("cannot duplicate the listener for {addr}"),
-            e,
-        )
-    })
 }
