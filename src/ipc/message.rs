@@ -17,6 +17,21 @@ pub(crate) const VERSION: u32 = 5;
 /// protocol error on the receiving side and is refused on the sending side.
 pub(crate) const MAX_MESSAGE: usize = 64 * 1024;
 
+/// The first byte of an encoded [`ToWatcher::Logs`]: postcard writes an
+/// enum's variant index first (a one-byte varint below 128). The watcher
+/// reads a `Logs` datagram in place ([`logs_batch`]) instead of decoding
+/// it into owned records; a test keeps this in step with the enum.
+const LOGS_TAG: u8 = 5;
+
+/// The records' bytes of a datagram that holds a [`ToWatcher::Logs`]
+/// (everything after its tag), or `None` for any other message.
+pub(crate) fn logs_batch(datagram: &[u8]) -> Option<&[u8]> {
+    match datagram.split_first() {
+        Some((&LOGS_TAG, records)) => Some(records),
+        _ => None,
+    }
+}
+
 /// Most file descriptors one message may carry.
 pub(crate) const MAX_FDS: usize = 4;
 
@@ -412,6 +427,35 @@ mod raw_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn logs_are_found_by_their_tag_and_nothing_else_is() {
+        let record = LogRecord {
+            level: 3,
+            target: "t".into(),
+            message: "m".into(),
+            fields: Vec::new(),
+            spans: Vec::new(),
+            ts_nanos: 1,
+        };
+        let bytes = postcard::to_stdvec(&ToWatcher::Logs(vec![record.clone()])).unwrap();
+        let records = logs_batch(&bytes).expect("a Logs message");
+        assert_eq!(records, postcard::to_stdvec(&vec![record]).unwrap());
+        for other in [
+            ToWatcher::Hello { version: 5, pid: 1 },
+            ToWatcher::Ready,
+            ToWatcher::Pong { seq: 5 },
+            ToWatcher::Data(vec![5, 5]),
+            ToWatcher::LogsDropped(5),
+            ToWatcher::ConnectionsClosed {
+                listener: 5,
+                count: 5,
+            },
+        ] {
+            assert!(logs_batch(&postcard::to_stdvec(&other).unwrap()).is_none());
+        }
+        assert!(logs_batch(&[]).is_none());
+    }
 
     #[test]
     fn data_is_encoded_as_a_sequence_of_bytes_was() {

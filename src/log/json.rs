@@ -11,7 +11,10 @@
 
 use std::fmt::Write;
 
-use super::record::{format_timestamp, level_name, FieldValue, LogRecord};
+use super::batch::{FieldRef, RecordRef};
+use super::record::{format_timestamp, level_name};
+#[cfg(test)]
+use super::record::{FieldValue, LogRecord};
 
 /// Who a line is from: the keys written before the record's own.
 pub(crate) struct JsonHead<'a> {
@@ -22,7 +25,7 @@ pub(crate) struct JsonHead<'a> {
 }
 
 /// Appends `record` as one JSON object (no newline) to `out`.
-pub(crate) fn write_json_line(head: &JsonHead<'_>, record: &LogRecord, out: &mut String) {
+pub(crate) fn write_json_line(head: &JsonHead<'_>, record: &RecordRef<'_>, out: &mut String) {
     out.push_str("{\"ts\":\"");
     format_timestamp(record.ts_nanos, out);
     out.push_str("\",\"level\":\"");
@@ -42,10 +45,10 @@ pub(crate) fn write_json_line(head: &JsonHead<'_>, record: &LogRecord, out: &mut
     out.push_str(digits.format(head.pid));
     if !record.target.is_empty() {
         out.push_str(",\"target\":");
-        push_str(out, &record.target);
+        push_str(out, record.target);
     }
     out.push_str(",\"message\":");
-    push_str(out, &record.message);
+    push_str(out, record.message);
     write_fields(&record.fields, out);
     if !record.spans.is_empty() {
         out.push_str(",\"spans\":[");
@@ -62,7 +65,7 @@ pub(crate) fn write_json_line(head: &JsonHead<'_>, record: &LogRecord, out: &mut
 
 /// `,"fields":{...}` in key order, the last of equal keys kept (what a
 /// `BTreeMap` built from the list holds); nothing when there are none.
-fn write_fields(fields: &[(String, FieldValue)], out: &mut String) {
+fn write_fields(fields: &[(&str, FieldRef<'_>)], out: &mut String) {
     if fields.is_empty() {
         return;
     }
@@ -70,15 +73,15 @@ fn write_fields(fields: &[(String, FieldValue)], out: &mut String) {
     let sorted = fields.windows(2).all(|w| w[0].0 < w[1].0);
     if sorted {
         for (i, (key, value)) in fields.iter().enumerate() {
-            push_field(i == 0, key, value, out);
+            push_field(i == 0, key, *value, out);
         }
     } else {
-        let mut order: Vec<&(String, FieldValue)> = fields.iter().collect();
+        let mut order: Vec<&(&str, FieldRef<'_>)> = fields.iter().collect();
         // Stable: among equal keys the last one given stays last.
         order.sort_by(|a, b| a.0.cmp(&b.0));
         let mut first = true;
-        for (i, (key, value)) in order.iter().map(|f| (&f.0, &f.1)).enumerate() {
-            if order.get(i + 1).is_some_and(|next| &next.0 == key) {
+        for (i, (key, value)) in order.iter().map(|f| (f.0, f.1)).enumerate() {
+            if order.get(i + 1).is_some_and(|next| next.0 == key) {
                 continue;
             }
             push_field(first, key, value, out);
@@ -88,19 +91,19 @@ fn write_fields(fields: &[(String, FieldValue)], out: &mut String) {
     out.push('}');
 }
 
-fn push_field(first: bool, key: &str, value: &FieldValue, out: &mut String) {
+fn push_field(first: bool, key: &str, value: FieldRef<'_>, out: &mut String) {
     if !first {
         out.push(',');
     }
     push_str(out, key);
     out.push(':');
     match value {
-        FieldValue::Str(s) => push_str(out, s),
-        FieldValue::I64(n) => out.push_str(itoa::Buffer::new().format(*n)),
-        FieldValue::U64(n) => out.push_str(itoa::Buffer::new().format(*n)),
-        FieldValue::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        FieldRef::Str(s) => push_str(out, s),
+        FieldRef::I64(n) => out.push_str(itoa::Buffer::new().format(n)),
+        FieldRef::U64(n) => out.push_str(itoa::Buffer::new().format(n)),
+        FieldRef::Bool(b) => out.push_str(if b { "true" } else { "false" }),
         // Rare: serde_json's own float formatting (a non-finite one is its text).
-        FieldValue::F64(_) => match serde_json::to_string(&value.to_json()) {
+        FieldRef::F64(_) => match serde_json::to_string(&value.to_json()) {
             Ok(s) => out.push_str(&s),
             Err(_) => out.push_str("null"),
         },
@@ -254,7 +257,7 @@ mod tests {
                         for spans in [vec![], spanned.clone()] {
                             r.spans = spans;
                             let mut out = String::new();
-                            write_json_line(head, &r, &mut out);
+                            write_json_line(head, &r.view(), &mut out);
                             assert_eq!(out, reference(head, &r));
                             let _: serde_json::Value = serde_json::from_str(&out).unwrap();
                         }

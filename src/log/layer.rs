@@ -74,7 +74,7 @@ pub(crate) fn deliver(queue: Option<&WorkerLogQueue>, record: LogRecord) {
         }
         None => {
             let mut line = String::with_capacity(128);
-            format_text(&record, "", &mut line);
+            format_text(&record.view(), "", &mut line);
             line.push('\n');
             use std::io::Write;
             let _ = std::io::stderr().lock().write_all(line.as_bytes());

@@ -14,14 +14,17 @@
 //! The files: [`record`] (the record, its typed fields, text formatting),
 //! [`filter`] (the public [`LogFilter`]), [`layer`] (the worker's tracing
 //! layer and slog drain), [`json`] (a record as a JSON line, written
-//! straight into the watcher's buffer).
+//! straight into the watcher's buffer), [`batch`] (a worker's records
+//! read in place from the datagram they came in).
 
+mod batch;
 mod filter;
 mod json;
 mod layer;
 pub(crate) use layer::delegate_filtering;
 mod record;
 
+pub(crate) use batch::{LogBatch, RecordRef};
 pub use filter::LogFilter;
 pub(crate) use json::{write_json_line, JsonHead};
 pub use layer::ClusterLogLayer;

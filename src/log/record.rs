@@ -5,6 +5,8 @@ use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+
+use super::batch::{FieldRef, RecordRef};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::layer::Context;
@@ -24,18 +26,11 @@ pub(crate) enum FieldValue {
     Bool(bool),
 }
 
+#[cfg(test)]
 impl FieldValue {
     /// The value as JSON (a non-finite float becomes its text).
     pub(crate) fn to_json(&self) -> serde_json::Value {
-        match self {
-            FieldValue::Str(s) => serde_json::Value::String(s.clone()),
-            FieldValue::I64(n) => (*n).into(),
-            FieldValue::U64(n) => (*n).into(),
-            FieldValue::F64(f) => serde_json::Number::from_f64(*f)
-                .map(serde_json::Value::Number)
-                .unwrap_or_else(|| serde_json::Value::String(f.to_string())),
-            FieldValue::Bool(b) => (*b).into(),
-        }
+        self.view().to_json()
     }
 }
 
@@ -240,7 +235,7 @@ where
 }
 
 /// Formats a record as one text line (without the trailing newline).
-pub(crate) fn format_text(record: &LogRecord, tag: &str, out: &mut String) {
+pub(crate) fn format_text(record: &RecordRef<'_>, tag: &str, out: &mut String) {
     format_timestamp(record.ts_nanos, out);
     let _ = write!(out, " {:>5} ", level_name(record.level));
     if !tag.is_empty() {
@@ -252,11 +247,11 @@ pub(crate) fn format_text(record: &LogRecord, tag: &str, out: &mut String) {
     if !record.target.is_empty() {
         let _ = write!(out, "{}: ", record.target);
     }
-    push_escaped(&record.message, out);
+    push_escaped(record.message, out);
     for (k, v) in &record.fields {
         let _ = write!(out, " {k}=");
         match v {
-            FieldValue::Str(s) => push_escaped(s, out),
+            FieldRef::Str(s) => push_escaped(s, out),
             other => {
                 let _ = write!(out, "{other}");
             }
@@ -310,7 +305,7 @@ mod tests {
             ts_nanos: 0,
         };
         let mut s = String::new();
-        format_text(&r, "w1 pid 9", &mut s);
+        format_text(&r.view(), "w1 pid 9", &mut s);
         assert_eq!(
             s,
             "1970-01-01T00:00:00.000000Z  WARN [w1 pid 9] req: app: two\\nlines k=v\\r n=3"

@@ -121,20 +121,21 @@ impl ServerSocketPipeFactory {
                 "cannot ask the server socket provider for {addr}"
             )))?;
         loop {
-            let (len, mut fds) =
-                match self.channel.recv_bytes(&mut state.buf).await {
-                    Ok(received) => received,
-                    Err(RecvError::Closed) => return Err(Error::new(
+            let (len, mut fds) = match self.channel.recv_bytes(&mut state.buf).await {
+                Ok(received) => received,
+                Err(RecvError::Closed) => {
+                    return Err(Error::new(
                         Kind::Ipc,
                         format!(
                             "cannot listen on {addr}: the server socket provider closed the pipe"
                         ),
-                    )),
-                    Err(RecvError::Io(e)) => {
-                        return Err(ipc(format!("cannot listen on {addr}: the pipe failed"))(e))
-                    }
-                    Err(e) => return Err(malformed(e.to_string())),
-                };
+                    ))
+                }
+                Err(RecvError::Io(e)) => {
+                    return Err(ipc(format!("cannot listen on {addr}: the pipe failed"))(e))
+                }
+                Err(e) => return Err(malformed(e.to_string())),
+            };
             let reply = wire::decode_reply(&state.buf[..len]).map_err(malformed)?;
             if reply.id < id {
                 // The answer to a cancelled `listen`: its socket closes here.

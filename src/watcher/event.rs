@@ -22,6 +22,7 @@ use super::upgrade::UpgradeEvent;
 use crate::error::{Error, Result};
 use crate::ipc::message::{ToWatcher, ToWorker};
 use crate::ipc::{Channel, RecvError};
+use crate::log::LogBatch;
 
 /// Something a worker's tasks report.
 pub(crate) enum Event {
@@ -29,6 +30,11 @@ pub(crate) enum Event {
         context_id: u64,
         msg: ToWatcher,
         fds: Vec<OwnedFd>,
+    },
+    /// A `Logs` message, checked and kept as it came (see `log::batch`).
+    Logs {
+        context_id: u64,
+        batch: LogBatch,
     },
     ChannelClosed {
         context_id: u64,

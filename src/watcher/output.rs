@@ -22,11 +22,15 @@ use tracing_subscriber::Layer;
 
 use crate::log::{
     format_text, format_timestamp, level_name, now_nanos, record_from_event, write_json_line,
-    JsonHead, LogFilter, LogRecord,
+    JsonHead, LogBatch, LogFilter, LogRecord, RecordRef,
 };
 
 /// Entries the writer may lag behind before producers drop.
 const QUEUE: usize = 64 * 1024;
+
+/// A queued batch counts one entry per this many of its bytes (or per
+/// record, whichever is more): at most about 8 MiB of batches wait.
+const BATCH_BYTES_PER_ENTRY: usize = 128;
 
 /// How the watcher writes its log stream.
 ///
@@ -78,6 +82,13 @@ enum Msg {
     /// Not boxed: the channel allocates a block per 31 messages, a box
     /// would be one more allocation and free per record.
     Entry(Entry),
+    /// A worker's records, formatted from the bytes they came in; counts
+    /// `weight` against the queue's bound.
+    Batch {
+        source: Source,
+        batch: LogBatch,
+        weight: usize,
+    },
     /// Acknowledge once everything queued before it is written.
     Flush(SyncSender<()>),
 }
@@ -230,6 +241,32 @@ impl LogOutput {
         }
     }
 
+    /// Queues a worker's batch of forwarded records (filtered by the
+    /// worker, not again); never blocks. It weighs its records or a record
+    /// per [`BATCH_BYTES_PER_ENTRY`] bytes, whichever is more, so the
+    /// queue's bound also bounds the bytes it holds.
+    pub(crate) fn emit_batch(&self, source: Source, batch: LogBatch) {
+        let shared = &self.shared;
+        let count = batch.len() as u64;
+        let weight = batch.len().max(batch.size() / BATCH_BYTES_PER_ENTRY).max(1);
+        let queued = shared.queued.fetch_add(weight, Ordering::Relaxed) < QUEUE
+            && shared
+                .tx
+                .send(Msg::Batch {
+                    source,
+                    batch,
+                    weight,
+                })
+                .is_ok();
+        if queued {
+            shared.from_workers.fetch_add(count, Ordering::Relaxed);
+        } else {
+            shared.queued.fetch_sub(weight, Ordering::Relaxed);
+            shared.dropped.fetch_add(count, Ordering::Relaxed);
+            shared.dropped_total.fetch_add(count, Ordering::Relaxed);
+        }
+    }
+
     /// Entries from workers (records, stdout and stderr lines) queued for
     /// the stream so far, and entries dropped because the queue was full.
     pub(crate) fn counts(&self) -> (u64, u64) {
@@ -337,6 +374,19 @@ fn write_loop(
                     // else can be done with it.
                     let _ = out.write_all(line.as_bytes());
                 }
+                Msg::Batch {
+                    source,
+                    batch,
+                    weight,
+                } => {
+                    queued.fetch_sub(weight, Ordering::Relaxed);
+                    for record in batch.records() {
+                        line.clear();
+                        format_record(source, &record, format, watcher_pid, &mut line);
+                        line.push('\n');
+                        let _ = out.write_all(line.as_bytes());
+                    }
+                }
                 Msg::Flush(ack) => acks.push(ack),
             }
             if !acks.is_empty() {
@@ -394,37 +444,47 @@ struct JsonLine<'a> {
     message: &'a str,
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
     fields: serde_json::Map<String, serde_json::Value>,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    spans: &'a [String],
+    #[serde(skip_serializing_if = "<[&str]>::is_empty")]
+    spans: &'a [&'a str],
 }
 
 fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut String) {
-    let (source, slot, pid) = match entry.source {
+    format_record(entry.source, &entry.record.view(), format, watcher_pid, out);
+}
+
+fn format_record(
+    from: Source,
+    record: &RecordRef<'_>,
+    format: LogFormat,
+    watcher_pid: u32,
+    out: &mut String,
+) {
+    let (source, slot, pid) = match from {
         Source::Watcher => ("watcher", None, watcher_pid),
         Source::Worker { slot, pid } => ("worker", Some(slot), pid),
         Source::Stdout { slot, pid } => ("stdout", Some(slot), pid),
         Source::Stderr { slot, pid } => ("stderr", Some(slot), pid),
         Source::Job { pid, stderr, .. } => (if stderr { "stderr" } else { "stdout" }, None, pid),
     };
-    let job = match entry.source {
+    let job = match from {
         Source::Job { job, .. } => Some(job),
         _ => None,
     };
     match format {
         LogFormat::Text => {
-            let tag = match (entry.source, slot) {
+            let tag = match (from, slot) {
                 (Source::Watcher, _) => "watcher".to_string(),
                 (Source::Worker { .. }, Some(slot)) => format!("w{slot} {pid}"),
                 (Source::Job { job, .. }, _) => format!("job {job} {pid} {source}"),
                 (_, Some(slot)) => format!("w{slot} {pid} {source}"),
                 (_, None) => String::new(),
             };
-            format_text(&entry.record, &tag, out);
+            format_text(record, &tag, out);
         }
         LogFormat::Json => {
-            if source_is_line(entry.source) {
-                if let Some((text, object)) = json_object_line(&entry.record.message) {
-                    format_object_line(entry, source, slot, job, pid, text, object, out);
+            if source_is_line(from) {
+                if let Some((text, object)) = json_object_line(record.message) {
+                    format_object_line(record, source, slot, job, pid, text, object, out);
                     return;
                 }
             }
@@ -434,7 +494,7 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
                 job,
                 pid,
             };
-            write_json_line(&head, &entry.record, out);
+            write_json_line(&head, record, out);
         }
     }
 }
@@ -443,7 +503,7 @@ fn format_entry(entry: &Entry, format: LogFormat, watcher_pid: u32, out: &mut St
 /// fields (the slow path: a map, as before).
 #[allow(clippy::too_many_arguments)]
 fn format_object_line(
-    entry: &Entry,
+    record: &RecordRef<'_>,
     source: &'static str,
     slot: Option<u32>,
     job: Option<i64>,
@@ -453,25 +513,24 @@ fn format_object_line(
     out: &mut String,
 ) {
     let mut ts = String::with_capacity(32);
-    format_timestamp(entry.record.ts_nanos, &mut ts);
-    let mut fields: serde_json::Map<String, serde_json::Value> = entry
-        .record
+    format_timestamp(record.ts_nanos, &mut ts);
+    let mut fields: serde_json::Map<String, serde_json::Value> = record
         .fields
         .iter()
-        .map(|(k, v)| (k.clone(), v.to_json()))
+        .map(|(k, v)| (k.to_string(), v.to_json()))
         .collect();
     fields.extend(object);
     let line = JsonLine {
         ts: &ts,
-        level: level_name(entry.record.level),
+        level: level_name(record.level),
         source,
         slot,
         job,
         pid,
-        target: &entry.record.target,
+        target: record.target,
         message: &message,
         fields,
-        spans: &entry.record.spans,
+        spans: &record.spans,
     };
     match serde_json::to_string(&line) {
         Ok(s) => out.push_str(&s),

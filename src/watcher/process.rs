@@ -26,7 +26,10 @@ use super::output::Source;
 use super::upgrade::{self, NewWatcher, Plan, ToOld, UpgradeEvent};
 use super::{exec, systemd};
 use crate::error::{Error, Kind, Result};
-use crate::ipc::{self, env, Channel};
+use crate::ipc::codec::{self, DecodeError};
+use crate::ipc::message::{logs_batch, ToWatcher};
+use crate::ipc::{self, env, Channel, RecvError};
+use crate::log::LogBatch;
 use crate::sys;
 
 /// The watcher's handle on a spawned worker process.
@@ -500,7 +503,27 @@ fn spawn(
     drained.push(tokio::spawn(async move {
         let mut buf = Vec::new();
         loop {
-            match reader.recv(&mut buf).await {
+            let received = match reader.recv_bytes(&mut buf).await {
+                Ok((len, fds)) => match logs_batch(&buf[..len]) {
+                    // Records, read in place by the log writer: checked
+                    // here, so a malformed batch fails the channel as any
+                    // malformed message does.
+                    Some(records) if fds.is_empty() => match LogBatch::check(records) {
+                        Ok(batch) => {
+                            if tx.send(Event::Logs { context_id, batch }).is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                        Err(e) => Err(RecvError::Decode(DecodeError::Malformed(e))),
+                    },
+                    _ => codec::decode::<ToWatcher>(&buf[..len])
+                        .map(|msg| (msg, fds))
+                        .map_err(RecvError::Decode),
+                },
+                Err(e) => Err(e),
+            };
+            match received {
                 Ok((msg, fds)) => {
                     let msg = if fds.is_empty() && Hub::takes(&msg) {
                         // A worker that does not read its replies is not

@@ -15,6 +15,7 @@ use super::Supervisor;
 use crate::error::{Error, Kind};
 use crate::ipc::message::{ToWatcher, ToWorker, VERSION};
 use crate::jobs::dispatch::JobsEvent;
+use crate::log::LogBatch;
 use crate::socket::Address;
 use crate::watcher::event::{Incoming, Outbound, MAX_QUEUED_FDS};
 
@@ -34,6 +35,18 @@ fn checked_status(text: String) -> Option<String> {
 }
 
 impl Supervisor {
+    /// A worker's forwarded records, checked by its reader task.
+    pub(super) fn on_logs(&mut self, context_id: u64, batch: LogBatch) {
+        let Some(w) = self.pool.workers.get(&context_id) else {
+            return;
+        };
+        let source = Source::Worker {
+            slot: w.slot,
+            pid: w.pid,
+        };
+        self.ctx.config.output.emit_batch(source, batch);
+    }
+
     pub(super) fn on_message(&mut self, context_id: u64, msg: ToWatcher, mut fds: Vec<OwnedFd>) {
         let Some(w) = self.pool.workers.get_mut(&context_id) else {
             return;

@@ -351,6 +351,7 @@ impl Supervisor {
                 msg,
                 fds,
             } => self.on_message(context_id, msg, fds),
+            Event::Logs { context_id, batch } => self.on_logs(context_id, batch),
             Event::ChannelClosed { context_id, error } => {
                 // Its calls end now: "target died" needs no exit to wait for.
                 self.ctx.hub.detach(context_id, "closed its channel");
