@@ -78,7 +78,7 @@ fn write_fields(fields: &[(&str, FieldRef<'_>)], out: &mut String) {
     } else {
         let mut order: Vec<&(&str, FieldRef<'_>)> = fields.iter().collect();
         // Stable: among equal keys the last one given stays last.
-        order.sort_by(|a, b| a.0.cmp(&b.0));
+        order.sort_by(|a, b| a.0.cmp(b.0));
         let mut first = true;
         for (i, (key, value)) in order.iter().map(|f| (f.0, f.1)).enumerate() {
             if order.get(i + 1).is_some_and(|next| next.0 == key) {
