@@ -9,7 +9,7 @@
 //! 3 short left and then 1 long. (component-server's README gives 2 + 2 for
 //! this case, which contradicts its own rule; we follow the rule.)
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use crate::error::{Error, Kind, Result};
 
@@ -144,10 +144,16 @@ pub(crate) fn pool_of(pools: &[Pool], slot: u32) -> Option<usize> {
 /// pool takes what it can of its own queue; then every shared pool, in
 /// definition order, takes what it can of its queues in order. `free[i]`
 /// is pool i's free capacity, `waiting` the jobs each queue has ready.
+/// A shared pool goes no further than a queue with nothing ready but a
+/// claim under way (`claiming`): that queue may yet have jobs, and its
+/// place in the order says they come first (without this, the jobs
+/// claimed for a later queue went to the shared pool whenever its claim
+/// returned before the earlier queue's).
 pub(crate) fn assign(
     pools: &[Pool],
     free: &[usize],
     waiting: &HashMap<String, usize>,
+    claiming: &HashSet<String>,
 ) -> Vec<(usize, String, usize)> {
     let mut left = waiting.clone();
     let mut out = Vec::new();
@@ -168,6 +174,10 @@ pub(crate) fn assign(
             let mut room = free.get(i).copied().unwrap_or(0);
             for q in &p.queues {
                 take(i, q, &mut room, &mut left);
+                let empty = left.get(q).copied().unwrap_or(0) == 0;
+                if pass_shared && room > 0 && empty && claiming.contains(q) {
+                    break;
+                }
             }
         }
     }
@@ -192,7 +202,7 @@ mod tests {
         let pools = example();
         let waiting = HashMap::from([("short".to_string(), short), ("long".to_string(), long)]);
         let free: Vec<usize> = pools.iter().map(|p| p.slots as usize).collect();
-        assign(&pools, &free, &waiting)
+        assign(&pools, &free, &waiting, &HashSet::new())
             .into_iter()
             .map(|(i, q, n)| (pools[i].name.clone(), q, n))
             .collect()
@@ -222,6 +232,46 @@ mod tests {
                 row("short", "short", 3),
                 row("long", "long", 3),
                 row("shared", "short", 4)
+            ]
+        );
+    }
+
+    #[test]
+    fn a_shared_pool_waits_for_an_earlier_queue_being_claimed() {
+        let pools = example();
+        // The short pool took its 3; 5 long jobs are buffered (3 for the
+        // long pool, 2 prefetched); short's next claim is under way.
+        let free = [0, 3, 4];
+        let waiting = HashMap::from([("short".to_string(), 0), ("long".to_string(), 5)]);
+        let claiming = HashSet::from(["short".to_string()]);
+        let named = |out: Vec<(usize, String, usize)>| -> Vec<(String, String, usize)> {
+            out.into_iter()
+                .map(|(i, q, n)| (pools[i].name.clone(), q, n))
+                .collect()
+        };
+        assert_eq!(
+            named(assign(&pools, &free, &waiting, &claiming)),
+            [row("long", "long", 3)]
+        );
+        // Short turned out dry: the shared pool takes long's.
+        assert_eq!(
+            named(assign(&pools, &free, &waiting, &HashSet::new())),
+            [row("long", "long", 3), row("shared", "long", 2)]
+        );
+        // Its ready jobs are taken first, then the pool waits again.
+        let waiting = HashMap::from([("short".to_string(), 2), ("long".to_string(), 5)]);
+        assert_eq!(
+            named(assign(&pools, &free, &waiting, &claiming)),
+            [row("long", "long", 3), row("shared", "short", 2)]
+        );
+        // A later queue's claim holds nothing back.
+        let claiming = HashSet::from(["long".to_string()]);
+        assert_eq!(
+            named(assign(&pools, &free, &waiting, &claiming)),
+            [
+                row("long", "long", 3),
+                row("shared", "short", 2),
+                row("shared", "long", 2)
             ]
         );
     }

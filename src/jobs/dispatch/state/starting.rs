@@ -46,7 +46,7 @@ impl Dispatcher {
             return;
         }
         let free = self.free();
-        for (pool, queue, n) in assign(&self.jobs.pools, &free, &waiting) {
+        for (pool, queue, n) in assign(&self.jobs.pools, &free, &waiting, &self.claiming) {
             for _ in 0..n {
                 let Some(job) = self.buffers.get_mut(&queue).and_then(|b| b.pop_front()) else {
                     break;
