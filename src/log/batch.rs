@@ -9,11 +9,10 @@
 //! [`RecordRef`] mirrors [`LogRecord`] field for field: postcard is not
 //! self-describing, so the two must decode the same bytes (a test checks
 //! it). Owned records (the watcher's own, printed lines) are formatted
-//! through the same view ([`LogRecord::view`]).
+//! through the same view (`LogRecord::view`, in `record.rs`: this
+//! module is a leaf).
 
 use serde::Deserialize;
-
-use super::record::{FieldValue, LogRecord};
 
 /// A field's value, borrowed (the variants of [`FieldValue`], in order).
 #[derive(Debug, Clone, Copy, PartialEq, Deserialize)]
@@ -65,36 +64,6 @@ pub(crate) struct RecordRef<'a> {
     pub ts_nanos: u64,
 }
 
-impl FieldValue {
-    pub(crate) fn view(&self) -> FieldRef<'_> {
-        match self {
-            FieldValue::Str(s) => FieldRef::Str(s),
-            FieldValue::I64(n) => FieldRef::I64(*n),
-            FieldValue::U64(n) => FieldRef::U64(*n),
-            FieldValue::F64(x) => FieldRef::F64(*x),
-            FieldValue::Bool(b) => FieldRef::Bool(*b),
-        }
-    }
-}
-
-impl LogRecord {
-    /// The record as a view (allocates only when it has fields or spans).
-    pub(crate) fn view(&self) -> RecordRef<'_> {
-        RecordRef {
-            level: self.level,
-            target: &self.target,
-            message: &self.message,
-            fields: self
-                .fields
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.view()))
-                .collect(),
-            spans: self.spans.iter().map(String::as_str).collect(),
-            ts_nanos: self.ts_nanos,
-        }
-    }
-}
-
 /// The records of a batch: the bytes of a `Vec<LogRecord>` as a worker
 /// encoded it, all of them and nothing after. Never panics, whatever the
 /// bytes; the error says what was wrong.
@@ -138,73 +107,5 @@ impl LogBatch {
     /// empty list if it somehow were).
     pub(crate) fn records(&self) -> Vec<RecordRef<'_>> {
         decode_batch(&self.bytes).unwrap_or_default()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn records() -> Vec<LogRecord> {
-        vec![
-            LogRecord {
-                level: 3,
-                target: "app::db".into(),
-                message: "query ünïcødé \"q\"".into(),
-                fields: vec![
-                    ("user".into(), FieldValue::Str("ann".into())),
-                    ("n".into(), FieldValue::I64(-3)),
-                    ("big".into(), FieldValue::U64(u64::MAX)),
-                    ("f".into(), FieldValue::F64(0.25)),
-                    ("ok".into(), FieldValue::Bool(true)),
-                ],
-                spans: vec!["request".into(), "query".into()],
-                ts_nanos: 1_764_000_000_123_456_789,
-            },
-            LogRecord {
-                level: 1,
-                target: String::new(),
-                message: String::new(),
-                fields: Vec::new(),
-                spans: Vec::new(),
-                ts_nanos: 0,
-            },
-        ]
-    }
-
-    #[test]
-    fn a_batch_reads_what_the_worker_encoded() {
-        let owned = records();
-        let bytes = postcard::to_stdvec(&owned).unwrap();
-        let batch = LogBatch::check(&bytes).unwrap();
-        assert_eq!(batch.len(), 2);
-        assert_eq!(batch.size(), bytes.len());
-        let views: Vec<RecordRef<'_>> = owned.iter().map(LogRecord::view).collect();
-        assert_eq!(batch.records(), views);
-    }
-
-    #[test]
-    fn malformed_batches_are_errors_not_panics() {
-        let bytes = postcard::to_stdvec(&records()).unwrap();
-        for cut in 0..bytes.len() {
-            assert!(LogBatch::check(&bytes[..cut]).is_err(), "cut at {cut}");
-        }
-        let mut longer = bytes.clone();
-        longer.push(0);
-        assert!(LogBatch::check(&longer).unwrap_err().contains("trailing"));
-        // Invalid UTF-8 in a string, a huge declared length.
-        let mut bad = bytes.clone();
-        let at = bad.windows(3).position(|w| w == b"app").unwrap();
-        bad[at] = 0xff;
-        assert!(LogBatch::check(&bad).is_err());
-        assert!(LogBatch::check(&[0xff, 0xff, 0xff, 0xff, 0x0f]).is_err());
-        let mut noise = 0x2545_f491_4f6c_dd1du64;
-        for _ in 0..2_000 {
-            noise ^= noise << 13;
-            noise ^= noise >> 7;
-            noise ^= noise << 17;
-            let junk = noise.to_le_bytes();
-            let _ = LogBatch::check(&junk[..(noise % 9) as usize]);
-        }
     }
 }

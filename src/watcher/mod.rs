@@ -18,6 +18,7 @@ mod hooks;
 pub(crate) mod http;
 pub(crate) mod hub;
 pub(crate) mod listen;
+mod log_format;
 mod metrics;
 mod names;
 pub(crate) mod notify;
