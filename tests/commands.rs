@@ -316,4 +316,14 @@ fn stopping_one_worker_with_revive_always_replaces_it() {
     );
     assert!(!alive(old));
     c.wait_workers(2, START);
+    // Said once, as news: an asked-for stop is not a warning. (The log
+    // writer is a thread of its own: wait for the line.)
+    wait_for(START, || c.stderr().contains("replacing it").then_some(()));
+    let err = c.stderr();
+    let lines: Vec<&str> = err.lines().filter(|l| l.contains("replacing it")).collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(
+        lines[0].contains("INFO") && lines[0].contains("(--revive always)"),
+        "{err}"
+    );
 }

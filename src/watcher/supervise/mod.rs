@@ -479,9 +479,9 @@ impl Supervisor {
             return;
         }
         if exit.stopped_alone {
-            tracing::info!("worker {slot} (pid {pid}) {how}; replacing it (--revive {revive})");
+            let why = format!("(pid {pid}) {how}; replacing it (--revive {revive})");
             self.pool
-                .schedule_respawn(&self.ctx, slot, how, Respawn::Killed);
+                .schedule_respawn(&self.ctx, slot, &why, Respawn::Stopped);
             return;
         }
         if let Some(s) = self.pool.slot_mut(slot) {

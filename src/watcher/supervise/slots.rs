@@ -198,6 +198,9 @@ pub(crate) enum Respawn {
     /// Its ready worker was killed from outside: replaced at once (at most
     /// one start per [`MIN_RESPAWN_INTERVAL`] for the slot).
     Killed,
+    /// Its worker was stopped on request (`cluster stop --slot`) and
+    /// `--revive` replaces it: as `Killed`, but said as news, not a warning.
+    Stopped,
 }
 
 /// Shortest time between two starts of one slot's workers.
@@ -389,7 +392,7 @@ impl Pool {
             s.failures = 0;
         }
         let delay = match kind {
-            Respawn::Killed => s
+            Respawn::Killed | Respawn::Stopped => s
                 .last_spawn
                 .map(|t| (t + MIN_RESPAWN_INTERVAL).saturating_duration_since(now))
                 .unwrap_or_default(),
@@ -406,7 +409,9 @@ impl Pool {
         };
         s.current = None;
         s.respawn_at = Some(now + delay);
-        if kind == Respawn::Killed {
+        if kind == Respawn::Stopped {
+            tracing::info!("worker {slot} {why}");
+        } else if kind == Respawn::Killed {
             tracing::warn!("worker {slot} {why}; replacing it");
         } else if s.failures >= 5 {
             tracing::warn!(
