@@ -5,6 +5,7 @@
 //! something while no other test opens or closes descriptors.
 
 mod common;
+use common::fds::{open_fds, run, serial};
 
 use std::future::Future;
 use std::io::{Read, Write};
@@ -12,7 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -24,92 +25,16 @@ use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // The first tokio runtime of a process opens descriptors it keeps for
-    // good (the signal driver's global pipe): open them before any count.
-    static WARM_UP: std::sync::Once = std::sync::Once::new();
-    WARM_UP.call_once(|| {
-        drop(
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        )
-    });
-    guard
-}
-
-/// Runs `test` on a fresh current-thread runtime, holding `SERIAL` from
-/// before the runtime opens its descriptors until after it closed them.
-fn run<F: Future>(test: F) -> F::Output {
-    let _serial = serial();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(test)
-}
-
-/// Open descriptors of this process, as "number -> target" lines (the
-/// target names the leak when a comparison fails).
-fn open_fds() -> Vec<String> {
-    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let target = std::fs::read_link(e.path()).unwrap_or_default();
-            format!(
-                "{} -> {}",
-                e.file_name().to_string_lossy(),
-                target.display()
-            )
-        })
-        .collect();
-    fds.sort();
-    fds
-}
-
-/// Fails when the open descriptors differ from `before` (ignoring the one
-/// that reads /proc/self/fd).
+/// Fails when the open descriptors differ from `before`.
 fn assert_same_fds(before: &[String]) {
-    let skip = |fds: &[String]| -> Vec<String> {
-        fds.iter().filter(|f| !f.contains("/fd")).cloned().collect()
-    };
-    let (before, after) = (skip(before), skip(&open_fds()));
-    assert_eq!(after, before, "descriptors leaked or lost");
+    assert_eq!(open_fds(), before, "descriptors leaked or lost");
 }
 
-/// The `client_handoff` example binary. `cargo test --test pipe` does not
-/// build examples (a plain `cargo test` does), so build it here; cargo
-/// returns at once when it is up to date, and a stale binary never runs.
+/// The `client_handoff` example binary, built for this test binary.
 fn client_handoff_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args([
-            "build",
-            "--quiet",
-            "--example",
-            "client_handoff",
-            "--manifest-path",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-        ]);
-        if !cfg!(debug_assertions) {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo");
-        assert!(
-            status.success(),
-            "cargo build --example client_handoff: {status}"
-        );
-        common::example("client_handoff")
-    })
-    .clone()
+    BIN.get_or_init(|| common::build_example("client_handoff"))
+        .clone()
 }
 
 /// A connected TCP pair on 127.0.0.1: (client, server).

@@ -7,14 +7,14 @@
 //! other test opens or closes descriptors.
 
 mod common;
+use common::fds::{open_fds, run, serial};
 
 use std::collections::{HashMap, HashSet};
-use std::future::Future;
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::{mpsc, Mutex, MutexGuard, OnceLock};
+use std::sync::{mpsc, OnceLock};
 use std::time::{Duration, Instant};
 
 use cluster::{
@@ -24,83 +24,11 @@ use cluster::{
 use nix::sys::signal::Signal;
 use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
-static SERIAL: Mutex<()> = Mutex::new(());
-
-fn serial() -> MutexGuard<'static, ()> {
-    let guard = SERIAL
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner());
-    // The first tokio runtime of a process opens descriptors it keeps for
-    // good (the signal driver's global pipe): open them before any count.
-    static WARM_UP: std::sync::Once = std::sync::Once::new();
-    WARM_UP.call_once(|| {
-        drop(
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap(),
-        )
-    });
-    guard
-}
-
-/// Runs `test` on a fresh current-thread runtime, holding `SERIAL` from
-/// before the runtime opens its descriptors until after it closed them.
-fn run<F: Future>(test: F) -> F::Output {
-    let _serial = serial();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(test)
-}
-
-/// Open descriptors of this process, as "number -> target" lines, without
-/// the one that reads /proc/self/fd.
-fn open_fds() -> Vec<String> {
-    let mut fds: Vec<String> = std::fs::read_dir("/proc/self/fd")
-        .unwrap()
-        .flatten()
-        .map(|e| {
-            let target = std::fs::read_link(e.path()).unwrap_or_default();
-            format!(
-                "{} -> {}",
-                e.file_name().to_string_lossy(),
-                target.display()
-            )
-        })
-        .filter(|f| !f.contains("/fd"))
-        .collect();
-    fds.sort();
-    fds
-}
-
-/// The `server_socket_pipe` example binary, built here (`cargo test --test
-/// server_socket_pipe` does not build examples; cargo returns at once when
-/// it is up to date).
+/// The `server_socket_pipe` example binary, built for this test binary.
 fn example_bin() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let mut cargo = Command::new(env!("CARGO"));
-        cargo.args([
-            "build",
-            "--quiet",
-            "--example",
-            "server_socket_pipe",
-            "--manifest-path",
-            concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
-        ]);
-        if !cfg!(debug_assertions) {
-            cargo.arg("--release");
-        }
-        let status = cargo.status().expect("run cargo");
-        assert!(
-            status.success(),
-            "cargo build --example server_socket_pipe: {status}"
-        );
-        common::example("server_socket_pipe")
-    })
-    .clone()
+    BIN.get_or_init(|| common::build_example("server_socket_pipe"))
+        .clone()
 }
 
 /// The example's parent process; it and its children are killed on drop.

@@ -34,6 +34,27 @@ pub fn example(name: &str) -> PathBuf {
     path
 }
 
+/// The example `name`, built now (`cargo test --test X` does not build
+/// examples, a plain `cargo test` does; cargo returns at once when it is
+/// up to date, so a stale binary never runs). Call it once per binary.
+pub fn build_example(name: &str) -> PathBuf {
+    let mut cargo = Command::new(env!("CARGO"));
+    cargo.args([
+        "build",
+        "--quiet",
+        "--example",
+        name,
+        "--manifest-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"),
+    ]);
+    if !cfg!(debug_assertions) {
+        cargo.arg("--release");
+    }
+    let status = cargo.status().expect("run cargo");
+    assert!(status.success(), "cargo build --example {name}: {status}");
+    example(name)
+}
+
 /// Whether `program --version` runs here; when not, says that the calling
 /// test is skipped.
 pub fn installed(program: &str) -> bool {
@@ -662,4 +683,5 @@ pub fn keep_alive_client(port: u16, load: Arc<Load>) -> std::thread::JoinHandle<
         }
     })
 }
+pub mod fds;
 pub mod pg;
