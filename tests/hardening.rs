@@ -478,6 +478,26 @@ fn an_empty_datagram_is_a_protocol_error_not_silence() {
 }
 
 #[test]
+fn a_malformed_log_batch_is_a_protocol_error_and_good_ones_arrive() {
+    let mut c = watcher()
+        .workers(1)
+        .start("python3", &[evil().to_str().unwrap(), "bad-logs"]);
+    let first = c.wait_workers(1, START)[0];
+    let replaced = wait_for(Duration::from_secs(5), || {
+        let s = c.stderr();
+        s.contains("broke the protocol (malformed message")
+            .then_some(())
+    });
+    assert!(replaced.is_some(), "{}", c.stderr());
+    assert!(c.stderr().contains("evil: a good record"), "{}", c.stderr());
+    wait_for(START, || {
+        let now = c.workers();
+        (now.len() == 1 && now[0] != first).then_some(())
+    })
+    .expect("replaced");
+}
+
+#[test]
 fn balanced_modes_release_a_replaced_workers_descriptors_without_traffic() {
     let (c, _port) = watcher()
         .pid_file()

@@ -42,13 +42,7 @@ impl From<&str> for FieldValue {
 
 impl std::fmt::Display for FieldValue {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            FieldValue::Str(s) => f.write_str(s),
-            FieldValue::I64(n) => write!(f, "{n}"),
-            FieldValue::U64(n) => write!(f, "{n}"),
-            FieldValue::F64(x) => write!(f, "{x}"),
-            FieldValue::Bool(b) => write!(f, "{b}"),
-        }
+        self.view().fmt(f)
     }
 }
 

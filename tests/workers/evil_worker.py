@@ -19,6 +19,8 @@ EVIL_ALL=1):
     empty-datagram         hello, ready, then an empty datagram, then
                            keep answering pings
     garbage                hello, ready, then bytes that decode to nothing
+    bad-logs               hello, ready, one good Logs batch ("a good
+                           record"), then a Logs batch cut inside a record
 """
 
 import os
@@ -31,6 +33,7 @@ PROTOCOL = 5
 
 # ToWatcher variants
 HELLO, READY, SOCKET_REQUEST, PONG = 0, 1, 2, 3
+LOGS = 5
 # ToWorker variants
 W_HELLO, W_SOCKET_REPLY, W_STOP, W_PING = 0, 1, 2, 3
 
@@ -142,6 +145,15 @@ def main():
     elif mode == "garbage":
         send(bytes([READY]))
         send(b"\xff\xff\xff\xff\xff\xff\xff")
+        serve_forever()
+    elif mode == "bad-logs":
+        send(bytes([READY]))
+        # LogRecord: level (u8), target, message, fields, spans, ts_nanos.
+        record = bytes([3]) + string("evil") + string("a good record")
+        record += varint(0) + varint(0) + varint(time.time_ns())
+        send(bytes([LOGS]) + varint(1) + record)
+        # A record whose target says 5 bytes and has 2.
+        send(bytes([LOGS]) + varint(1) + bytes([3]) + varint(5) + b"ab")
         serve_forever()
     else:
         print(f"evil: unknown mode {mode}", file=sys.stderr)
